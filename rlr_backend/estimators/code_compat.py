@@ -1,0 +1,81 @@
+"""What the official RLR code (RTkenny/RLR-Optimizer, aff15b1 "Option 1") computes. For comparison only.
+
+* Sampling with ``eta`` on every step except the last, which is deterministic (eta = 0).
+* FO: DRaFT-1 through the last step, weight ``fo_coeff`` = 0.05.
+* "HO": ``chain_len`` independent single-step PPO-clipped likelihood-ratio terms at steps drawn
+  uniformly from all T steps (with replacement), log-probs averaged over elements (trl), rewards
+  normalised by the batch mean and std, clip 1e-4, weight ``ho_coeff`` (0.001 in the aesthetic script).
+  A draw that hits the deterministic last step gives a NaN log-ratio; the code then drops the whole
+  HO sum for that batch (counted here as ``dropped_ho``).
+* No zeroth-order complement, so the estimate is **biased** (the paper's own "w/o ZO" ablation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..sampling import gaussian_log_prob, sample_chain, step_mean
+from .advantages import compute_advantages
+from .problem import ChainProblem, Estimate, backward_if_finite, evaluate_reward
+from .terms import first_order_loss, ppo_loss
+
+
+@dataclass(frozen=True)
+class CodeCompatConfig:
+    chain_len: int = 2
+    fo_coeff: float = 0.05
+    ho_coeff: float = 0.001
+    clip_range: float = 1e-4
+    last_step_deterministic: bool = True
+
+    def check(self, problem: ChainProblem) -> None:
+        if not problem.reward_differentiable:
+            raise ValueError("code_compat needs a differentiable reward (its FO term backpropagates it)")
+        if self.chain_len < 0:
+            raise ValueError("chain_len must be >= 0")
+
+
+def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeCompatConfig = CodeCompatConfig(),
+                         generator: torch.Generator | None = None, **_: object) -> Estimate:
+    config.check(problem)
+    n = problem.num_steps
+    sched = problem.schedule
+    if config.last_step_deterministic:
+        sched = sched.with_eta([*sched.etas[:-1], 0.0])
+    prob = replace(problem, schedule=sched)
+    with torch.no_grad():
+        traj = sample_chain(prob.model, sched, prob.prompts, x_T, generator=generator)
+        rewards, valid = evaluate_reward(prob, traj.final)
+    metrics = {"nonfinite_rewards": float((~valid).sum()), "dropped_ho": 0.0,
+               "model_calls": float(n + 1 + config.chain_len), "model_calls_with_grad": float(1 + config.chain_len),
+               "steps_in_memory": 1.0}
+    # FO through the last step
+    k = n - 1
+    mean, sigma = step_mean(prob.model, sched, prob.prompts, k, traj.latents[k])
+    x0 = mean + sigma * traj.noises[k] if sigma > 0 else mean
+    r_fo, _ = evaluate_reward(prob, x0)
+    loss = config.fo_coeff * first_order_loss(r_fo, valid)
+    # chain_len single-step PPO terms at uniform random steps
+    adv = compute_advantages(rewards, "batch_norm")
+    d = traj.latents[0][0].numel()
+    ho = torch.zeros((), dtype=loss.dtype)
+    for _ in range(config.chain_len):
+        k = int(torch.randint(0, n, (1,), generator=generator))
+        m, s = step_mean(prob.model, sched, prob.prompts, k, traj.latents[k])
+        if s <= 0:  # the official code's NaN log-prob at the deterministic step -> HO replaced by 0
+            ho = None
+            break
+        logp = gaussian_log_prob(traj.latents[k + 1], m, s) / d
+        term, _ = ppo_loss(logp, traj.log_probs[:, k] / d, adv, config.clip_range)
+        ho = ho + term
+    if ho is None:
+        metrics["dropped_ho"] = 1.0
+    else:
+        loss = loss + config.ho_coeff * ho
+    total = backward_if_finite(loss, metrics, "code_compat")
+    metrics["reward_mean"] = float(rewards[valid].mean()) if valid.any() else float("nan")
+    metrics["reward_std"] = float(rewards[valid].std()) if valid.sum() > 1 else 0.0
+    return Estimate(total, metrics, rewards.detach(), traj)

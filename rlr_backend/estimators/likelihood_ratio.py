@@ -1,0 +1,123 @@
+"""Score-function baselines: DDPO (PPO-clipped, per-step) and pure likelihood ratio (``zo``).
+
+* ``ddpo`` (Black et al. 2023, kvablack/ddpo-pytorch): per step k, recompute log p_theta(x_{k+1}|x_k)
+  on the stored latents, ratio r = exp(logp - logp_old), loss mean_b max(-A r, -A clip(r, 1+-eps)).
+  ddpo-pytorch defaults: advantages normalised per prompt, |A| clipped at 5, clip 1e-4, the loss
+  averaged over timesteps (it accumulates gradients over them) and log-probs averaged over elements.
+  Here log-probs are summed unless ``logprob_reduction='mean'``. On the first update r = 1 and, with
+  a leave-one-out baseline, summed steps and summed log-probs, it is the unbiased REINFORCE estimator.
+  Cost: T no-grad forwards + T forward/backward, one step in memory at a time.
+* ``zo``: REINFORCE on every step, A (dmu_t/dtheta)^T eps_t/sigma_t summed over t (unbiased).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..sampling import Trajectory, gaussian_log_prob, sample_chain, step_mean
+from .advantages import BASELINES, BaselineState, compute_advantages
+from .problem import ChainProblem, Estimate, backward_if_finite, evaluate_reward
+from .terms import likelihood_ratio_loss, ppo_loss
+
+
+def _check_stochastic(problem: ChainProblem, steps, name: str) -> None:
+    bad = [k for k in steps if problem.schedule.sigma[k] <= 0]
+    if bad:
+        raise ValueError(f"{name} needs sigma > 0 at every trained step, but sigma = 0 at steps {bad[:5]}; "
+                         "set eta > 0")
+
+
+@dataclass(frozen=True)
+class DDPOConfig:
+    clip_range: float = 1e-4
+    adv_clip: float | None = 5.0
+    baseline: str = "per_prompt_norm"
+    step_reduction: str = "mean"  # 'mean' (ddpo-pytorch) or 'sum' (the unbiased REINFORCE scale)
+    logprob_reduction: str = "sum"  # 'sum' or 'mean' (ddpo-pytorch / trl: 1/D smaller gradients)
+
+    def __post_init__(self) -> None:
+        if self.clip_range <= 0:
+            raise ValueError("clip_range must be > 0")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {self.baseline!r}; choose one of {list(BASELINES)}")
+        if self.step_reduction not in ("mean", "sum") or self.logprob_reduction not in ("mean", "sum"):
+            raise ValueError("step_reduction and logprob_reduction must be 'mean' or 'sum'")
+
+    def check(self, problem: ChainProblem) -> None:
+        _check_stochastic(problem, range(problem.num_steps), "ddpo")
+
+
+def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, config: DDPOConfig,
+                metrics: dict[str, float]) -> float:
+    """PPO pass over the steps of a stored trajectory (callable again for extra inner epochs)."""
+    n, total = problem.num_steps, 0.0
+    d = traj.latents[0][0].numel()
+    step_scale = 1.0 / n if config.step_reduction == "mean" else 1.0
+    kl = clipfrac = 0.0
+    for k in range(n):
+        mean, sigma = step_mean(problem.model, problem.schedule, problem.prompts, k, traj.latents[k])
+        logp = gaussian_log_prob(traj.latents[k + 1], mean, sigma)
+        old = traj.log_probs[:, k]
+        if config.logprob_reduction == "mean":
+            logp, old = logp / d, old / d
+        loss, stats = ppo_loss(logp, old, advantages, config.clip_range)
+        total += backward_if_finite(step_scale * loss, metrics, "ppo")
+        kl += stats["approx_kl"] / n
+        clipfrac += stats["clipfrac"] / n
+    metrics.update(approx_kl=kl, clipfrac=clipfrac)
+    metrics["model_calls"] = metrics.get("model_calls", 0.0) + n
+    metrics["model_calls_with_grad"] = metrics.get("model_calls_with_grad", 0.0) + n
+    return total
+
+
+def _sample_and_advantages(problem, x_T, generator, baseline, state, adv_clip):
+    with torch.no_grad():
+        traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator)
+        rewards, valid = evaluate_reward(problem, traj.final)
+    adv = compute_advantages(rewards, baseline, groups=problem.groups, state=state, clip=adv_clip)
+    metrics = {"nonfinite_rewards": float((~valid).sum()), "model_calls": float(problem.num_steps),
+               "reward_mean": float(rewards[valid].mean()) if valid.any() else float("nan"),
+               "reward_std": float(rewards[valid].std()) if valid.sum() > 1 else 0.0,
+               "steps_in_memory": 1.0}
+    return traj, rewards, adv, metrics
+
+
+def ddpo_estimate(problem: ChainProblem, x_T: Tensor, *, config: DDPOConfig = DDPOConfig(),
+                  generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
+                  **_: object) -> Estimate:
+    config.check(problem)
+    traj, rewards, adv, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
+                                                         baseline_state, config.adv_clip)
+    loss = ddpo_update(problem, traj, adv, config, metrics)
+    return Estimate(loss, metrics, rewards.detach(), traj, {"advantages": adv})
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    baseline: str = "loo"
+
+    def __post_init__(self) -> None:
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {self.baseline!r}; choose one of {list(BASELINES)}")
+
+    def check(self, problem: ChainProblem) -> None:
+        _check_stochastic(problem, range(problem.num_steps), "zo")
+
+
+def zo_estimate(problem: ChainProblem, x_T: Tensor, *, config: ZOConfig = ZOConfig(),
+                generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
+                **_: object) -> Estimate:
+    """Pure likelihood ratio on every step (no reward gradient needed)."""
+    config.check(problem)
+    traj, rewards, adv, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
+                                                         baseline_state, None)
+    total = 0.0
+    for k in range(problem.num_steps):
+        mean, sigma = step_mean(problem.model, problem.schedule, problem.prompts, k, traj.latents[k])
+        total += backward_if_finite(likelihood_ratio_loss(mean, traj.latents[k + 1], sigma, adv), metrics, "lr")
+    metrics["model_calls"] += problem.num_steps
+    metrics["model_calls_with_grad"] = float(problem.num_steps)
+    return Estimate(total, metrics, rewards.detach(), traj)

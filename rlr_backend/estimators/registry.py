@@ -1,0 +1,43 @@
+"""One table of every estimator: its config class, its function, and the facts a user chooses by."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .backprop import FullBPConfig, TruncatedBPConfig, full_bp_estimate, truncated_bp_estimate
+from .code_compat import CodeCompatConfig, code_compat_estimate
+from .likelihood_ratio import DDPOConfig, ZOConfig, ddpo_estimate, zo_estimate
+from .rlr import RLRConfig, rlr_estimate
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    config_cls: type
+    fn: Callable[..., Any]
+    unbiased: bool
+    needs_differentiable_reward: bool
+    summary: str
+
+
+ESTIMATORS: dict[str, EstimatorSpec] = {
+    "rlr": EstimatorSpec(RLRConfig, rlr_estimate, True, False,
+                         "RLR: first-order last step + half-order sub-chain + zeroth-order rest (paper)"),
+    "code_compat": EstimatorSpec(CodeCompatConfig, code_compat_estimate, False, True,
+                                 "what the official RLR code computes (biased; for comparison)"),
+    "ddpo": EstimatorSpec(DDPOConfig, ddpo_estimate, True, False,
+                          "DDPO: PPO-clipped likelihood ratio on every step (unbiased at ratio 1 with sums)"),
+    "truncated_bp": EstimatorSpec(TruncatedBPConfig, truncated_bp_estimate, False, True,
+                                  "AlignProp/DRaFT-K: backprop through the last K steps (biased)"),
+    "full_bp": EstimatorSpec(FullBPConfig, full_bp_estimate, True, True,
+                             "backprop through the whole chain (memory grows with T)"),
+    "zo": EstimatorSpec(ZOConfig, zo_estimate, True, False,
+                        "pure likelihood ratio (REINFORCE) on every step"),
+}
+
+
+def get_estimator(name: str) -> EstimatorSpec:
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}") from None
