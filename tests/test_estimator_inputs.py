@@ -1,0 +1,109 @@
+"""Bad settings fail early with errors that say what to change; NaNs are counted, never applied."""
+
+import pytest
+import torch
+
+from rlr_backend.estimators import (ChainProblem, DDPOConfig, JSampler, RecomputationMismatch, RewardOutputError,
+                                    RLRConfig, compute_advantages, ddpo_estimate, get_estimator, rlr_estimate)
+from rlr_backend.models.analytic_chain import make_analytic_chain
+
+
+@pytest.fixture
+def chain():
+    return make_analytic_chain(num_steps=8)
+
+
+def problem_for(chain, reward=None, schedule=None, model=None):
+    return ChainProblem(model or chain.model, schedule or chain.schedule, chain.prompts(), reward or chain.reward,
+                        chain.params)
+
+
+def x_T(chain, b=4):
+    return chain.sample_x_T(b, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("h,match", [(0, "h must be >= 1"), (8, "h <= T-1"), (12, "h <= T-1")])
+def test_sub_chain_length_is_checked(chain, h, match):
+    with pytest.raises(ValueError, match=match):
+        cfg = RLRConfig(h=h)
+        rlr_estimate(problem_for(chain), x_T(chain), config=cfg)
+
+
+def test_j_range_outside_the_chain_is_refused(chain):
+    cfg = RLRConfig(h=2, j_dist="range", j_range=(1, 5))
+    with pytest.raises(ValueError, match=r"must lie inside 2\.\.7"):
+        cfg.check(problem_for(chain))
+    with pytest.raises(ValueError, match="needs j_range"):
+        JSampler("range").support(8, 2)
+
+
+def test_deterministic_sampler_is_refused_for_likelihood_ratio_terms(chain):
+    det = chain.schedule.with_eta(0.0)
+    with pytest.raises(ValueError, match="set eta > 0"):
+        RLRConfig().check(problem_for(chain, schedule=det))
+    with pytest.raises(ValueError, match="set eta > 0"):
+        ddpo_estimate(problem_for(chain, schedule=det), x_T(chain))
+
+
+def test_param_1pt_with_batch_baseline_is_refused():
+    with pytest.raises(ValueError, match="baseline='ema'"):
+        RLRConfig(zo_mode="param_1pt", baseline="loo")
+
+
+@pytest.mark.parametrize("bad", [
+    {"zo_mode": "latent"}, {"baseline": "mean"}, {"nu": 0.0}, {"weights": (1.0, -1.0, 1.0)}])
+def test_unknown_or_invalid_options(bad):
+    with pytest.raises(ValueError):
+        RLRConfig(**bad)
+
+
+def test_unknown_estimator_lists_the_choices():
+    with pytest.raises(ValueError, match="choose one of"):
+        get_estimator("ppo")
+
+
+def test_reward_with_wrong_shape_is_refused(chain):
+    with pytest.raises(RewardOutputError, match=r"shape \(4,\)"):
+        rlr_estimate(problem_for(chain, reward=lambda x: chain.reward(x)[:, None]), x_T(chain))
+
+
+def test_nan_rewards_are_counted_and_never_reach_the_gradient(chain):
+    def flaky(x):
+        r = chain.reward(x)
+        return torch.where(torch.arange(len(r)) == 0, torch.full_like(r, float("nan")), r)
+
+    for p in chain.params:
+        p.grad = None
+    est = rlr_estimate(problem_for(chain, reward=flaky), x_T(chain, 6), generator=torch.Generator().manual_seed(1))
+    assert est.metrics["nonfinite_rewards"] == 1
+    assert all(torch.isfinite(p.grad).all() for p in chain.params)
+    assert any(p.grad.abs().sum() > 0 for p in chain.params)
+
+
+def test_nonfinite_loss_is_skipped_and_counted(chain):
+    for p in chain.params:
+        p.grad = None
+    est = rlr_estimate(problem_for(chain, reward=lambda x: chain.reward(x) * float("inf")), x_T(chain),
+                       generator=torch.Generator().manual_seed(1))
+    assert est.metrics["nonfinite_rewards"] == 4
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in chain.params)
+
+
+def test_recomputation_mismatch_is_detected(chain):
+    class Noisy(torch.nn.Module):  # nondeterministic like dropout left on
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t, cond):
+            return self.inner(x, t, cond) + 0.01 * torch.randn_like(x)
+
+    with pytest.raises(RecomputationMismatch, match="not deterministic"):
+        rlr_estimate(problem_for(chain, model=Noisy(chain.model)), x_T(chain), config=RLRConfig(h=3), j=3)
+
+
+def test_leave_one_out_is_per_prompt_and_ignores_nan():
+    r = torch.tensor([1.0, 3.0, 10.0, 20.0, float("nan")])
+    groups = torch.tensor([0, 0, 1, 1, 1])
+    adv = compute_advantages(r, "loo", groups=groups)
+    torch.testing.assert_close(adv, torch.tensor([-2.0, 2.0, -10.0, 10.0, 0.0]))
