@@ -36,6 +36,7 @@ __all__ = [
     "IMAGE_SIZE",
     "ShapeAttrs",
     "render",
+    "render_rgb",
     "make_caption",
     "parse_caption",
     "all_combinations",
@@ -98,18 +99,27 @@ def render(attrs: ShapeAttrs, image_size: int = IMAGE_SIZE) -> np.ndarray:
 
     Positions and sizes are given for a 32x32 image and scaled to ``image_size``.
     """
+    return render_rgb(attrs.shape, COLOR_RGB[attrs.fg], COLOR_RGB[attrs.bg], attrs.cx, attrs.cy, attrs.size, image_size)
+
+
+def render_rgb(shape: str, fg_rgb: Sequence[int], bg_rgb: Sequence[int], cx: float, cy: float, size: float, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Like :func:`render` with arbitrary RGB colours (used e.g. to make a classifier's
+    shape features colour-agnostic)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     s = _SUPERSAMPLE * image_size
     k = s / IMAGE_SIZE
-    img = Image.new("RGB", (s, s), COLOR_RGB[attrs.bg])
+    img = Image.new("RGB", (s, s), tuple(int(v) for v in bg_rgb))
     draw = ImageDraw.Draw(img)
-    cx, cy, r = attrs.cx * k, attrs.cy * k, attrs.size * k
-    fill = COLOR_RGB[attrs.fg]
-    if attrs.shape == "circle":
+    cx, cy, r = cx * k, cy * k, size * k
+    fill = tuple(int(v) for v in fg_rgb)
+    if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif attrs.shape == "square":
+    elif shape == "square":
         h = r * 0.9  # a square of the same "size" looks bigger than a circle; shrink a little
         draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-    else:  # upward equilateral triangle with circumradius r, centred on its centroid
+    else:  # upward equilateral triangle, centred on its centroid; enlarged so its area is
+        r = r * 1.2  # closer to the other shapes' at the same size
         pts = [(cx + r * np.cos(a), cy - r * np.sin(a)) for a in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3)]
         draw.polygon(pts, fill=fill)
     img = img.resize((image_size, image_size), Image.BOX)

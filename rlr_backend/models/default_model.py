@@ -1,0 +1,101 @@
+"""The embedded default text-to-image model: location and loader.
+
+The model is a tiny latent-diffusion model in diffusers ``StableDiffusionPipeline``
+format, committed under ``rlr_backend/assets/default_model`` and reproduced by
+``python -m rlr_backend.models.pretrain_default``.  It draws 32x32 images of
+coloured shapes from captions such as ``"a red circle on a blue background"``
+(grammar: :mod:`rlr_backend.data.shapes`).
+
+Any diffusers tool can load it::
+
+    StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, local_files_only=True)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Folder of the committed default model (inside the installed package).
+DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+
+#: Files a complete model folder must contain (weights in safetensors only).
+REQUIRED_FILES: tuple[str, ...] = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+
+#: Default sampler settings used for the model's quality figures.
+DEFAULT_HEIGHT = DEFAULT_WIDTH = 32
+DEFAULT_NUM_STEPS = 30
+DEFAULT_GUIDANCE = 4.0
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Check that ``path`` is a complete default-model folder; return it as a Path.
+
+    Raises:
+        FileNotFoundError: the folder or a required file is missing (the message
+            lists the missing files and says how to rebuild the model).
+        ValueError: ``model_index.json`` is not valid JSON or is not a
+            StableDiffusionPipeline index.
+    """
+    p = Path(path)
+    hint = "rebuild it with: python -m rlr_backend.models.pretrain_default --out " + str(p)
+    if not p.is_dir():
+        raise FileNotFoundError(f"default model folder {p} does not exist; {hint}")
+    missing = [f for f in REQUIRED_FILES if not (p / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"default model folder {p} is incomplete, missing: {', '.join(missing)}; {hint}")
+    try:
+        index = json.loads((p / "model_index.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p / 'model_index.json'} is not valid JSON ({e}); {hint}") from e
+    if not isinstance(index, dict) or index.get("_class_name") != "StableDiffusionPipeline":
+        raise ValueError(f"{p / 'model_index.json'} is not a StableDiffusionPipeline index; {hint}")
+    return p
+
+
+def load_default_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load the default model as a diffusers ``StableDiffusionPipeline``, offline.
+
+    Args:
+        path: model folder; default :data:`DEFAULT_MODEL_DIR`.
+        device: torch device to move the pipeline to.
+        dtype: parameter dtype (float32 recommended on CPU).
+
+    Returns:
+        The pipeline, with ``safety_checker=None`` and the progress bar disabled.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`check_model_dir`.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    p = check_model_dir(DEFAULT_MODEL_DIR if path is None else path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(p),
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    logger.debug("loaded default model from %s", p)
+    return pipe
