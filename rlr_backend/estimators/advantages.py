@@ -66,7 +66,7 @@ def compute_advantages(rewards: Tensor, kind: str = "loo", *, groups: Tensor | N
         if state is None:
             raise ValueError("the 'ema' baseline needs a BaselineState carried across batches")
         base = state.ema_value
-        adv = _loo(r, valid) if base is None else r - base  # first batch: leave-one-out
+        adv = r if base is None else r - base  # first batch: no baseline (a constant keeps it unbiased)
         if valid.any():
             m = float(r[valid].mean())
             state.ema_value = m if base is None else state.ema_decay * base + (1 - state.ema_decay) * m

@@ -1,0 +1,40 @@
+"""Add a LoRA adapter to a diffusers UNet with peft; only the adapter's parameters train."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # attention, as DDPO/trl
+
+
+def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
+             target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, adapter_name: str = "default",
+             init: str | bool = "gaussian") -> list[torch.nn.Parameter]:
+    """Freeze ``unet``, inject LoRA (delta W = B A * alpha / rank) and return the trainable parameters.
+
+    ``init='gaussian'`` draws A ~ N(0, 1/rank) and sets B = 0, so the adapter starts as a no-op.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    alpha = float(rank if alpha is None else alpha)
+    if alpha <= 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(target_modules))
+    unet.add_adapter(config, adapter_name=adapter_name)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError(f"no module of the UNet matches target_modules={list(target_modules)}")
+    for p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()  # LoRA in fp32 even when the base runs in half precision
+    logger.info("LoRA rank %d alpha %g on %d tensors (%d parameters)", rank, alpha, len(params),
+                sum(p.numel() for p in params))
+    return params
