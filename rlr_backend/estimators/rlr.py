@@ -133,7 +133,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     total = 0.0
 
     # 2. FO on the last step: DRaFT-1 through the reward (and decoder)
-    for k in split.fo:
+    for k in split.fo if w_fo else ():  # a zero-weight term is skipped, not computed
         x_in = lat[k]
         mean, sigma = step_mean(model, sched, prompts, k, x_in)
         x0 = mean + sigma * traj.noises[k] if sigma > 0 else mean
@@ -147,11 +147,11 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params] \
         if sampler.kind == "softmax_gradnorm" else None
     x = lat[split.ho[0]]
-    for k in split.ho[:-1]:
+    for k in split.ho[:-1] if w_ho else ():
         mean, sigma = step_mean(model, sched, prompts, k, x)
         x = mean + sigma * traj.noises[k]
     k_end = split.ho[-1]
-    err = float((x.detach() - lat[k_end]).abs().max()) if config.h > 1 else 0.0
+    err = float((x.detach() - lat[k_end]).abs().max()) if config.h > 1 and w_ho else 0.0
     scale = float(lat[k_end].abs().max()) + 1.0
     metrics["recompute_max_err"] = err
     if err > config.recompute_atol * scale:
@@ -160,11 +160,12 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
             f"(tolerance {config.recompute_atol * scale:.3g}): the model or the prompt schedule is not "
             "deterministic between sampling and recomputation (dropout on? a different prompt per step?)"
         )
-    mean, sigma = step_mean(model, sched, prompts, k_end, x)
-    ho = w_ho * likelihood_ratio_loss(mean, lat[k_end + 1], sigma, adv)
-    total += backward_if_finite(ho, metrics, "half-order")
-    metrics["model_calls"] += config.h
-    metrics["model_calls_with_grad"] += config.h
+    if w_ho:
+        mean, sigma = step_mean(model, sched, prompts, k_end, x)
+        total += backward_if_finite(w_ho * likelihood_ratio_loss(mean, lat[k_end + 1], sigma, adv), metrics,
+                                    "half-order")
+        metrics["model_calls"] += config.h
+        metrics["model_calls_with_grad"] += config.h
     if before is not None:
         norm = math.sqrt(sum(float(((p.grad if p.grad is not None else 0) - b).pow(2).sum())
                              for p, b in zip(params, before)))
@@ -172,7 +173,9 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
         metrics["ho_grad_norm"] = norm
 
     # 4. ZO over C
-    if config.zo_mode == "latent_lr":
+    if not w_zo:
+        pass
+    elif config.zo_mode == "latent_lr":
         for k in split.zo:
             mean, sigma = step_mean(model, sched, prompts, k, lat[k])
             total += backward_if_finite(w_zo * likelihood_ratio_loss(mean, lat[k + 1], sigma, adv), metrics,

@@ -1,0 +1,93 @@
+"""Shared set-up for the benchmarks: a tiny latent-diffusion stack and measurement helpers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from rlr_backend.estimators import ChainProblem
+from rlr_backend.lora import add_lora
+from rlr_backend.models.diffusers_unet import DiffusersUNetDenoiser, TextConditioning
+from rlr_backend.models.tiny import build_tiny_unet
+from rlr_backend.sampling import DDIMSchedule, PromptSchedule
+
+
+@dataclass
+class TinyStack:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    problem: ChainProblem
+    latent_shape: tuple[int, ...]
+
+
+def tiny_stack(num_steps: int = 50, batch: int = 4, pixels: int = 32, guidance: float = 3.0, eta: float = 1.0,
+               seed: int = 0, lora_targets=("to_q", "to_k", "to_v", "to_out.0")) -> TinyStack:
+    """Random-init SD-shaped stack: UNet on (4, px/2, px/2) latents, a VAE decoder to px x px, CFG.
+
+    Reward: brightness of the decoded image (differentiable, through the decoder).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    lat = pixels // 2
+    unet = build_tiny_unet(sample_size=lat, channels=4, seed=seed)
+    params = add_lora(unet, rank=4, target_modules=lora_targets)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                        norm_num_groups=16, sample_size=pixels).requires_grad_(False)
+    with torch.no_grad():  # non-zero LoRA B so every adapter tensor has a gradient (a trained adapter)
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed + 2))
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                          set_alpha_to_one=False, clip_sample=False)
+    schedule = DDIMSchedule.from_diffusers(sched, num_steps, eta=eta)
+    g = torch.Generator().manual_seed(seed + 3)
+    cond = TextConditioning(torch.randn(1, 8, 32, generator=g).expand(batch, -1, -1), torch.zeros(batch, 8, 32))
+
+    def reward(latents: torch.Tensor) -> torch.Tensor:
+        img = (vae.decode(latents / 0.18215).sample + 1) / 2
+        return img.flatten(1).mean(1)
+
+    problem = ChainProblem(DiffusersUNetDenoiser(unet, guidance), schedule, PromptSchedule.constant(cond, num_steps),
+                           reward, params)
+    return TinyStack(unet, vae, problem, (batch, 4, lat, lat))
+
+
+def weights_bytes(*modules: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in list(m.parameters()) + list(m.buffers()))
+
+
+def peak_allocated(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensor memory allocated while ``fn`` runs (CPU analogue of CUDA's max_memory_allocated
+    minus what was live before), from the profiler's allocation and free events in time order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cur = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        # allocations/frees outside any op are "[memory]" events; inside an op they are netted into
+        # its self usage (children excluded), so summing both in start order tracks live bytes
+        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+def timed(fn: Callable[[], object], repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine_line() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s), load average {load:.2f} at start")
