@@ -1,0 +1,34 @@
+"""The backend is a plain library: importing every module must not pull in ComfyUI or Gradio."""
+
+import pkgutil
+import subprocess
+import sys
+
+import rlr_backend
+
+
+def test_backend_imports_without_ui_packages():
+    modules = [m.name for m in pkgutil.walk_packages(rlr_backend.__path__, "rlr_backend.")]
+    assert len(modules) > 10
+    code = (
+        "import sys\n"
+        "for name in ('comfy', 'folder_paths', 'server', 'gradio'):\n"
+        "    sys.modules[name] = None\n"
+        f"for m in {modules!r}:\n"
+        "    __import__(m)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_no_pickle_loading_in_the_backend():
+    import pathlib
+    import re
+
+    root = pathlib.Path(rlr_backend.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        if re.search(r"\bpickle\.loads?\(|torch\.load\(|allow_pickle=True|trust_remote_code=True", text):
+            offenders.append(str(path))
+    assert not offenders, offenders
