@@ -83,3 +83,18 @@ def test_corrupt_index_is_a_value_error(tmp_path):
     (bad / "model_index.json").write_text("{not json")
     with pytest.raises(ValueError, match="model_index.json"):
         load_default_pipeline(bad)
+
+
+def test_committed_tokenizer_files_follow_the_clip_layout():
+    from rlr_backend.models.build_tokenizer import BOS, EOS, N_MERGES, VOCAB_SIZE, bytes_to_unicode
+
+    vocab = json.loads((DEFAULT_MODEL_DIR / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    lines = (DEFAULT_MODEL_DIR / "tokenizer" / "merges.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")
+    assert lines[0].startswith("#version") and len(lines) - 1 == N_MERGES
+    assert len(vocab) == VOCAB_SIZE and vocab[BOS] == 49406 and vocab[EOS] == 49407
+    chars = list(bytes_to_unicode().values())
+    assert len(set(chars)) == 256
+    assert [vocab[c] for c in chars] == list(range(256))
+    assert [vocab[c + "</w>"] for c in chars] == list(range(256, 512))
+    for i in (0, 1000, N_MERGES - 1):
+        assert vocab["".join(lines[1 + i].split())] == 512 + i

@@ -95,7 +95,9 @@ def load_default_pipeline(path: str | Path | None = None, device: str | torch.de
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe = pipe.to(device=device, dtype=dtype)
+    if pipe.unet.dtype != dtype:
+        pipe = pipe.to(dtype=dtype)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     logger.debug("loaded default model from %s", p)
     return pipe
