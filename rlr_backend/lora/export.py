@@ -1,0 +1,101 @@
+"""Export a peft LoRA on a diffusers UNet as a kohya-format .safetensors that ComfyUI, A1111/Forge and
+diffusers all load, and load such a file back.
+
+Keys: ``lora_unet_<diffusers module path with '.'->'_'>.lora_down.weight`` (r, in),
+``.lora_up.weight`` (out, r) and ``.alpha`` (the training alpha; diffusers' converter writes
+alpha = rank, which is wrong whenever alpha != rank, so it is overwritten). Metadata ``ss_*`` as
+kohya's sd-scripts write it, so A1111 detects the base model version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..safe_io import InvalidModelFile, load_tensors, save_tensors
+
+logger = logging.getLogger(__name__)
+
+KOHYA_PREFIX = "lora_unet_"
+
+
+def _lora_modules(unet: torch.nn.Module, adapter: str = "default") -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in unet.named_modules()
+            if hasattr(m, "lora_A") and adapter in getattr(m, "lora_A", {})}
+
+
+def kohya_state_dict(unet: torch.nn.Module, adapter: str = "default",
+                     dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], int, float]:
+    """(state dict in kohya keys, rank, alpha) of the UNet's LoRA adapter."""
+    modules = _lora_modules(unet, adapter)
+    if not modules:
+        raise ValueError("the UNet has no LoRA adapter to export; add one with rlr_backend.lora.add_lora")
+    out, ranks, alphas = {}, set(), set()
+    for name, m in modules.items():
+        key = KOHYA_PREFIX + name.replace(".", "_")
+        down, up = m.lora_A[adapter].weight, m.lora_B[adapter].weight
+        rank, alpha = down.shape[0], float(m.lora_alpha[adapter])
+        ranks.add(rank)
+        alphas.add(alpha)
+        out[f"{key}.lora_down.weight"] = down.detach().to(dtype)
+        out[f"{key}.lora_up.weight"] = up.detach().to(dtype)
+        out[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ValueError(f"mixed LoRA ranks {sorted(ranks)} or alphas {sorted(alphas)} cannot be described by one header")
+    return out, ranks.pop(), alphas.pop()
+
+
+def save_lora(unet: torch.nn.Module, path: str | Path, *, base_model_version: str = "sd_v1",
+              dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> Path:
+    """Write the adapter to ``path`` atomically and return the path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA files are written as .safetensors, got {path.name!r}")
+    sd, rank, alpha = kohya_state_dict(unet, dtype=dtype)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+            "ss_base_model_version": base_model_version, "ss_training_comment": "trained with rlr-backend",
+            "rlr_target_modules": json.dumps(sorted({k.rsplit(".", 2)[0] for k in sd}))}
+    meta.update(metadata or {})
+    save_tensors(sd, path, meta)
+    logger.info("saved LoRA (%d modules, rank %d, alpha %g) to %s", len(sd) // 3, rank, alpha, path)
+    return path
+
+
+def load_lora(unet: torch.nn.Module, path: str | Path, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """Add the LoRA in a kohya file (as written by ``save_lora``) to ``unet``; returns its parameters."""
+    from peft import LoraConfig
+
+    tensors, meta = load_tensors(path)
+    names = {n.replace(".", "_"): n for n, _ in unet.named_modules()}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(KOHYA_PREFIX):
+            raise InvalidModelFile(f"{path}: unexpected key {key!r} (only UNet LoRA keys 'lora_unet_...' are supported)")
+        module_key, _, suffix = key[len(KOHYA_PREFIX):].partition(".")
+        groups.setdefault(module_key, {})[suffix] = value
+    targets, ranks, alphas = {}, set(), set()
+    for module_key, parts in groups.items():
+        if module_key not in names:
+            raise InvalidModelFile(f"{path}: LoRA module {module_key!r} does not exist in this UNet (another base model?)")
+        if not {"lora_down.weight", "lora_up.weight"} <= parts.keys():
+            raise InvalidModelFile(f"{path}: module {module_key!r} lacks lora_down/lora_up weights")
+        rank = parts["lora_down.weight"].shape[0]
+        ranks.add(rank)
+        alphas.add(float(parts["alpha"]) if "alpha" in parts else float(rank))
+        targets[names[module_key]] = parts
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise InvalidModelFile(f"{path}: mixed ranks {sorted(ranks)} / alphas {sorted(alphas)} are not supported")
+    rank, alpha = ranks.pop(), alphas.pop()
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), init_lora_weights=False)
+    unet.add_adapter(config, adapter_name=adapter_name)
+    params = []
+    with torch.no_grad():
+        for name, m in unet.named_modules():
+            if name in targets:
+                m.lora_A[adapter_name].weight.copy_(targets[name]["lora_down.weight"].float())
+                m.lora_B[adapter_name].weight.copy_(targets[name]["lora_up.weight"].float())
+                params += [m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight]
+    return params
