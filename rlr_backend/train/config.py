@@ -1,0 +1,113 @@
+"""Typed, validated training configuration. One source for the CLI options and their help."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..estimators import ESTIMATORS, ZO_MODES
+from .prompts import PromptSpec
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a red circle on a blue background",
+    "a green square on a white background",
+    "a yellow triangle on a black background",
+    "a blue circle on a yellow background",
+)
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs. Validated at construction; saved as config.json in the run folder."""
+
+    model: str | None = _f(None, "diffusers model folder (StableDiffusionPipeline); default: the embedded model")
+    prompts: tuple[PromptSpec, ...] = _f(tuple(PromptSpec(p) for p in DEFAULT_PROMPTS), "training prompts")
+    reward: str = _f("prompt_alignment", "reward name, or weighted sum 'name=w,name=w'")
+    estimator: str = _f("rlr", "gradient estimator", choices=tuple(sorted(ESTIMATORS)))
+    h: int = _f(2, "rlr: half-order sub-chain length")
+    zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
+    nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
+    ho_range: tuple[int, int] | None = _f(None, "rlr: draw the sub-chain start j in a..b (paper order, 1 = last step)")
+    truncation: int = _f(2, "truncated_bp: number of last steps backpropagated")
+    chain_len: int = _f(2, "code_compat: number of single-step PPO terms")
+    steps: int = _f(60, "optimizer updates", min=1)
+    batch_size: int = _f(4, "images sampled per update", min=2)
+    num_inference_steps: int = _f(20, "DDIM sampling steps T", min=2)
+    eta: float = _f(1.0, "DDIM stochasticity (>0 for likelihood-ratio terms)")
+    guidance_scale: float = _f(4.0, "classifier-free guidance scale")
+    lr: float = _f(1e-3, "Adam learning rate")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
+    grad_accum: int = _f(1, "updates accumulated per optimizer step", min=1)
+    lora_rank: int = _f(4, "LoRA rank", min=1)
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: the rank)")
+    seed: int = _f(0, "seed of the run (sampling noise, prompts, j)")
+    eval_every: int = _f(20, "evaluate every N updates (0: only at start and end)")
+    eval_seeds: int = _f(2, "evaluation images per evaluation prompt")
+    ckpt_every: int = _f(10, "checkpoint every N updates")
+    output_dir: Path = _f(Path("runs"), "folder that holds run folders")
+    run_name: str = _f("default", "name of this run's folder inside output_dir")
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {sorted(ESTIMATORS)}")
+        if self.zo_mode not in ZO_MODES:
+            raise ValueError(f"unknown zo_mode {self.zo_mode!r}; choose one of {list(ZO_MODES)}")
+        if not self.prompts:
+            raise ValueError("no prompts given")
+        for spec in fields(self):
+            lo = spec.metadata.get("min")
+            if lo is not None and getattr(self, spec.name) < lo:
+                raise ValueError(f"{spec.name} must be >= {lo}, got {getattr(self, spec.name)}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError("lora_alpha must be > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.eta < 0:
+            raise ValueError("eta must be >= 0")
+        if self.estimator in ("rlr", "ddpo", "zo") and self.eta == 0:
+            raise ValueError(f"{self.estimator} needs a stochastic sampler: set eta > 0 (e.g. 1.0)")
+        name = Path(self.run_name)
+        if name.is_absolute() or len(name.parts) != 1 or name.name in ("", ".", ".."):
+            raise ValueError(f"run_name must be a plain folder name inside output_dir, got {self.run_name!r}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def estimator_config(self):
+        from ..estimators import CodeCompatConfig, DDPOConfig, FullBPConfig, RLRConfig, TruncatedBPConfig, ZOConfig
+
+        if self.estimator == "rlr":
+            baseline = "ema" if self.zo_mode == "param_1pt" else "loo"
+            return RLRConfig(h=self.h, zo_mode=self.zo_mode, nu=self.nu, baseline=baseline,
+                             j_dist="range" if self.ho_range else "uniform", j_range=self.ho_range)
+        return {"code_compat": lambda: CodeCompatConfig(chain_len=self.chain_len),
+                "ddpo": DDPOConfig, "zo": ZOConfig, "full_bp": FullBPConfig,
+                "truncated_bp": lambda: TruncatedBPConfig(k=self.truncation)}[self.estimator]()
+
+    def to_json(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "prompts":
+                v = [[p.coarse, p.mid, p.fine] if p.scheduled else p.fine for p in v]
+            elif isinstance(v, Path):
+                v = str(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        d = dict(data)
+        d["prompts"] = tuple(PromptSpec(p) if isinstance(p, str) else PromptSpec(p[2], p[0], p[1]) for p in d["prompts"])
+        d["output_dir"] = Path(d["output_dir"])
+        if d.get("ho_range") is not None:
+            d["ho_range"] = tuple(d["ho_range"])
+        return cls(**d)

@@ -1,0 +1,54 @@
+"""Pictures of a run: image grids and the reward curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..safe_io import atomic_path
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 2) -> None:
+    """Images (N, 3, H, W) in [0, 1] -> a PNG grid with ``nrow`` images per row, upscaled for viewing."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    cols = max(nrow, 1)
+    rows = (n + cols - 1) // cols
+    canvas = torch.ones(3, rows * (h + 2), cols * (w + 2))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = images[i].detach()
+    arr = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def save_reward_curve(history: list[dict], eval_rewards: dict[int, float], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [r["step"] for r in history if "reward_mean" in r]
+    vals = [r["reward_mean"] for r in history if "reward_mean" in r]
+    if steps:
+        ax.plot(steps, vals, color="0.7", lw=1, label="batch reward")
+        k = max(len(vals) // 10, 1)
+        smooth = [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1]) for i in range(len(vals))]
+        ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"batch reward (mean of {k})")
+    if eval_rewards:
+        es = sorted(eval_rewards)
+        ax.plot(es, [eval_rewards[s] for s in es], "o-", color="tab:red", label="eval reward (fixed seeds)")
+    ax.set_xlabel("update")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,255 @@
+"""The training loop: sample -> reward -> estimator -> optimizer step, with evaluation and checkpoints.
+
+The trainer knows nothing about user interfaces. It reports through callbacks: ``on_step(StepInfo)``
+after every update, ``on_preview(images, step)`` after every evaluation, and stops early when
+``should_stop()`` returns True (a checkpoint and the LoRA are still written).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator
+from ..lora import add_lora, save_lora
+from ..models.diffusers_unet import DiffusersUNetDenoiser, TextConditioning
+from ..rewards import make_reward
+from ..safe_io import save_json
+from ..sampling import DDIMSchedule, PromptSchedule, sample_chain
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .pipeline import load_pipeline
+from .report import save_grid, save_reward_curve
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED = 1234
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    lora_path: Path
+    eval_rewards: dict[int, float]
+    steps_done: int
+    stopped_early: bool
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = None,
+                 on_preview: Callable[[torch.Tensor, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, progress: bool = True, pipeline=None):
+        self.config = config
+        self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
+        self.progress = progress
+        self.reward = make_reward(config.reward)  # unknown reward fails before anything is loaded
+        self.spec = get_estimator(config.estimator)
+        if self.spec.needs_differentiable_reward and not self.reward.differentiable:
+            raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
+                             "is not differentiable; use rlr, ddpo or zo")
+        self.est_config = config.estimator_config()
+        self.pipe = pipeline if pipeline is not None else load_pipeline(config.model)
+        self.unet, self.vae = self.pipe.unet, self.pipe.vae
+        self.vae.requires_grad_(False)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.params = add_lora(self.unet, rank=config.lora_rank, alpha=config.lora_alpha)
+        self.named_params = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
+        self.schedule = DDIMSchedule.from_diffusers(self.pipe.scheduler, config.num_inference_steps, eta=config.eta)
+        self.model = DiffusersUNetDenoiser(self.unet, config.guidance_scale)
+        self.scale = self.vae.config.scaling_factor
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = self.unet.config.sample_size
+        self.latent_shape = (self.unet.config.in_channels, size, size)
+        self.image_size = size * f
+        self._emb_cache: dict[str, torch.Tensor] = {}
+        self.uncond = self.encode([""])[0]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.baseline = BaselineState()
+        self.j_sampler = JSampler(getattr(self.est_config, "j_dist", "uniform"),
+                                  getattr(self.est_config, "j_range", None))
+        # validate estimator settings against the chain before any file is touched
+        check = getattr(self.est_config, "check", None)
+        if check is not None:
+            check(self.problem(list(range(min(2, len(config.prompts)))) * 1))
+
+    # -- model pieces ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._emb_cache]
+        if missing:
+            tok = self.pipe.tokenizer(missing, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                      truncation=True, return_tensors="pt")
+            emb = self.pipe.text_encoder(tok.input_ids)[0]
+            self._emb_cache.update(zip(missing, emb))
+        return torch.stack([self._emb_cache[t] for t in texts])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (differentiable)."""
+        return (self.vae.decode(latents / self.scale).sample / 2 + 0.5).clamp(0, 1)
+
+    def problem(self, prompt_ids: list[int]) -> ChainProblem:
+        specs = [self.config.prompts[i] for i in prompt_ids]
+        captions = [s.fine for s in specs]
+        uncond = self.uncond.expand(len(specs), -1, -1)
+        n = self.config.num_inference_steps
+        if any(s.scheduled for s in specs):
+            conds = [TextConditioning(self.encode([s.versions()[v] for s in specs]), uncond) for v in range(3)]
+            prompts = PromptSchedule.from_fractions(conds, [1 / 3, 1 / 3, 1 / 3], n)
+        else:
+            prompts = PromptSchedule.constant(TextConditioning(self.encode(captions), uncond), n)
+
+        def reward(latents: torch.Tensor) -> torch.Tensor:
+            return self.reward(self.decode(latents), captions)
+
+        return ChainProblem(self.model, self.schedule, prompts, reward, self.params,
+                            reward_differentiable=self.reward.differentiable,
+                            groups=torch.tensor(prompt_ids))
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, torch.Tensor]:
+        cfg = self.config
+        ids = [i for i in range(min(len(cfg.prompts), 4)) for _ in range(cfg.eval_seeds)]
+        g = torch.Generator().manual_seed(EVAL_SEED)
+        x_T = torch.randn((len(ids), *self.latent_shape), generator=g)
+        problem = self.problem(ids)
+        traj = sample_chain(self.model, self.schedule, problem.prompts, x_T, generator=g)
+        images = self.decode(traj.final)
+        rewards = self.reward(images, [cfg.prompts[i].fine for i in ids])
+        return float(rewards[torch.isfinite(rewards)].mean()), images
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainResult:
+        cfg, run_dir = self.config, self.config.run_dir
+        metrics_path, start = run_dir / "metrics.jsonl", 0
+        history: list[dict] = []
+        eval_rewards: dict[int, float] = {}
+        if resume:
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+            saved = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
+            if replace(saved, steps=cfg.steps) != cfg:
+                raise ValueError(f"--resume: the options differ from the run's config.json in {run_dir}; "
+                                 "resume with the same options (only --steps may change)")
+            state = load_checkpoint(ckpt, self.named_params, self.optimizer, self.generator)
+            start = state["step"]
+            self.baseline.load_state_dict(state["baseline"])
+            self.j_sampler.norms = {int(k): v for k, v in state["j_norms"].items()}
+            eval_rewards = {int(k): v for k, v in state["eval_rewards"].items()}
+            if metrics_path.is_file():
+                history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= start]
+            logger.info("resumed %s at step %d", run_dir, start)
+        else:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise FileExistsError(f"run folder {run_dir} already exists; use --resume or another --run-name")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_json(cfg.to_json(), run_dir / "config.json")
+        with open(metrics_path, "w") as f:  # rewrite: drops steps after the checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        logger.info("run %s: %s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
+                    cfg.estimator, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
+                    sum(p.numel() for p in self.params))
+        if start == 0:
+            eval_rewards[0], images = self.evaluate()
+            save_grid(images, run_dir / "grids" / "step-000000.png", nrow=cfg.eval_seeds)
+            if self.on_preview:
+                self.on_preview(images, 0)
+        bar = _progress(cfg.steps, start, self.progress)
+        stopped, step = False, start
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            metrics = self.update()
+            metrics["seconds"] = time.perf_counter() - t0
+            record = {"step": step, **metrics}
+            history.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
+                eval_rewards[step], images = self.evaluate()
+                save_grid(images, run_dir / "grids" / f"step-{step:06d}.png", nrow=cfg.eval_seeds)
+                if self.on_preview:
+                    self.on_preview(images, step)
+            stopped = bool(self.should_stop and self.should_stop())
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
+                save_checkpoint(run_dir, step, self.named_params, self.optimizer, self.generator,
+                                {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
+                                 "eval_rewards": eval_rewards})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+            if self.on_step:
+                self.on_step(StepInfo(step, cfg.steps, metrics, metrics["seconds"]))
+            if stopped:
+                logger.info("stop requested at step %d", step)
+                break
+        if bar is not None:
+            bar.close()
+        lora_path = save_lora(self.unet, run_dir / "lora.safetensors",
+                              metadata={"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name,
+                                        "rlr_steps": str(step)})
+        save_reward_curve(history, eval_rewards, run_dir / "reward_curve.png", title=f"{cfg.estimator} on {self.reward.name}")
+        _before_after(run_dir, step)
+        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped)
+
+    def update(self) -> dict[str, float]:
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        agg: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            ids = torch.randint(0, len(cfg.prompts), (cfg.batch_size,), generator=self.generator).tolist()
+            problem = self.problem(ids)
+            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.generator)
+            est = self.spec.fn(problem, x_T, config=self.est_config, generator=self.generator,
+                               baseline_state=self.baseline, j_sampler=self.j_sampler)
+            for k, v in est.metrics.items():
+                agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if cfg.grad_accum > 1:
+            for g in grads:
+                g.div_(cfg.grad_accum)
+        if not all(torch.isfinite(g).all() for g in grads):
+            agg["skipped_update"] = 1.0
+            logger.warning("non-finite gradient: update skipped")
+            return agg
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        agg["grad_norm"] = float(norm)
+        self.optimizer.step()
+        return agg
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="rlr-train", unit="update")
+
+
+def _before_after(run_dir: Path, step: int) -> None:
+    from PIL import Image
+
+    grids = run_dir / "grids"
+    first, last = grids / "step-000000.png", grids / f"step-{step:06d}.png"
+    if first.is_file() and last.is_file():
+        a, b = Image.open(first), Image.open(last)
+        out = Image.new("RGB", (a.width + b.width + 8, max(a.height, b.height)), "white")
+        out.paste(a, (0, 0))
+        out.paste(b, (a.width + 8, 0))
+        out.save(run_dir / "before_after.png")
