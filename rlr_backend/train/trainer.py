@@ -20,7 +20,7 @@ import torch
 from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator
 from ..lora import add_lora, save_lora
 from ..models.diffusers_unet import DiffusersUNetDenoiser, TextConditioning
-from ..rewards import make_reward
+from ..rewards import Reward, make_reward
 from ..safe_io import save_json
 from ..sampling import DDIMSchedule, PromptSchedule, sample_chain
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -53,11 +53,14 @@ class TrainResult:
 class Trainer:
     def __init__(self, config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = None,
                  on_preview: Callable[[torch.Tensor, int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, progress: bool = True, pipeline=None):
+                 should_stop: Callable[[], bool] | None = None, progress: bool = True, pipeline=None,
+                 reward: Reward | None = None):
+        """``reward`` overrides ``config.reward`` with any object of the Reward interface (e.g. a
+        ``CallableReward`` around your own function); ``pipeline`` reuses a loaded StableDiffusionPipeline."""
         self.config = config
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
         self.progress = progress
-        self.reward = make_reward(config.reward)  # unknown reward fails before anything is loaded
+        self.reward = reward if reward is not None else make_reward(config.reward)  # fails before loading
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
@@ -67,7 +70,7 @@ class Trainer:
         self.unet, self.vae = self.pipe.unet, self.pipe.vae
         self.vae.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
-        self.params = add_lora(self.unet, rank=config.lora_rank, alpha=config.lora_alpha)
+        self.params = add_lora(self.unet, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
         self.named_params = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
         self.schedule = DDIMSchedule.from_diffusers(self.pipe.scheduler, config.num_inference_steps, eta=config.eta)
         self.model = DiffusersUNetDenoiser(self.unet, config.guidance_scale)

@@ -1,0 +1,139 @@
+"""The trainer on the embedded default model: outputs, exact resume (also after a kill), bad input."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlr_backend.cli import train_main
+from rlr_backend.rewards import CallableReward, make_reward
+from rlr_backend.safe_io import load_tensors
+from rlr_backend.train import TrainConfig, Trainer
+
+TINY = dict(batch_size=2, num_inference_steps=4, eval_every=0, eval_seeds=1, ckpt_every=2, lr=1e-2)
+TINY_ARGS = ["--batch-size", "2", "--num-inference-steps", "4", "--eval-every", "0", "--eval-seeds", "1",
+             "--ckpt-every", "2", "--lr", "1e-2", "--quiet", "--threads", "1"]
+
+
+def lora_of(run_dir: Path) -> dict:
+    return load_tensors(run_dir / "lora.safetensors")[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(steps=6, output_dir=out, run_name="ref", **TINY)
+    result = Trainer(cfg, progress=False).run()
+    return cfg, result
+
+
+def test_run_writes_lora_grid_curve_and_metrics(reference_run):
+    cfg, result = reference_run
+    d = result.run_dir
+    for name in ("lora.safetensors", "before_after.png", "reward_curve.png", "metrics.jsonl", "config.json",
+                 "grids/step-000000.png", "grids/step-000006.png", "ckpt/LATEST"):
+        assert (d / name).is_file(), name
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(torch.isfinite(v.float()).all() for v in lora_of(d).values())
+    assert set(result.eval_rewards) == {0, 6}
+
+
+def test_resume_reaches_the_same_lora(reference_run, tmp_path):
+    cfg, result = reference_run
+    part = TrainConfig(steps=4, output_dir=tmp_path, run_name="r", **TINY)
+    Trainer(part, progress=False).run()
+    full = TrainConfig(steps=6, output_dir=tmp_path, run_name="r", **TINY)
+    Trainer(full, progress=False).run(resume=True)
+    a, b = lora_of(result.run_dir), lora_of(tmp_path / "r")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_kill_during_run_then_resume(reference_run, tmp_path):
+    _, result = reference_run
+    cmd = [sys.executable, "-c", "from rlr_backend.cli import train; train()", "--steps", "6",
+           "--output-dir", str(tmp_path), "--run-name", "k", *TINY_ARGS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "k" / "ckpt" / "LATEST"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-000002"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "k" / "lora.safetensors").exists(), "the run finished before it could be killed"
+    assert train_main(["--steps", "6", "--output-dir", str(tmp_path), "--run-name", "k", "--resume", *TINY_ARGS]) == 0
+    a, b = lora_of(result.run_dir), lora_of(tmp_path / "k")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_rewards_are_skipped_and_training_continues(tmp_path):
+    base = make_reward("brightness")
+
+    def flaky(images, prompts):
+        r = base(images, prompts)
+        return torch.where(torch.arange(len(r)) == 0, torch.full_like(r, float("nan")), r)
+
+    cfg = TrainConfig(steps=3, output_dir=tmp_path, run_name="nan", **TINY)
+    seen = []
+    Trainer(cfg, progress=False, reward=CallableReward(flaky, differentiable=True),
+            on_step=lambda info: seen.append(info.metrics)).run()
+    assert len(seen) == 3 and all(m["nonfinite_rewards"] == 1 for m in seen)
+    assert all(torch.isfinite(v.float()).all() for v in lora_of(tmp_path / "nan").values())
+
+
+def test_should_stop_ends_early_with_a_lora(tmp_path):
+    cfg = TrainConfig(steps=50, output_dir=tmp_path, run_name="stop", **TINY)
+    result = Trainer(cfg, progress=False, should_stop=lambda: True).run()
+    assert result.stopped_early and result.steps_done == 1 and result.lora_path.is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--model", "evil.ckpt"], "safetensors"),
+    (["--reward", "aesthetics"], "unknown reward"),
+    (["--prompt", " "], "empty"),
+    (["--lora-rank", "0"], "lora_rank must be >= 1"),
+    (["--run-name", "../elsewhere"], "plain folder name"),
+    (["--estimator", "truncated_bp", "--reward", "jpeg_compressibility"], "not differentiable"),
+])
+def test_bad_options_fail_with_one_line(args, message, tmp_path, capsys):
+    assert train_main([*args, "--output-dir", str(tmp_path), *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_bad_prompt_files(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("a caf\xe9 on a table\n".encode("latin-1"))
+    for path, msg in [(empty, "no prompts"), (latin, "not UTF-8"), (tmp_path / "missing.txt", "does not exist")]:
+        assert train_main(["--prompt-file", str(path), "--output-dir", str(tmp_path), *TINY_ARGS]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_existing_run_folder_is_never_changed_by_a_refused_start(reference_run, capsys):
+    cfg, result = reference_run
+    before = snapshot(result.run_dir)
+    common = ["--output-dir", str(cfg.output_dir), "--run-name", "ref", *TINY_ARGS]
+    assert train_main(["--steps", "6", *common]) == 2  # exists, no --resume
+    assert train_main(["--steps", "6", "--resume", *common, "--lr", "0.5"]) == 2  # other options
+    assert train_main(["--steps", "6", "--resume", "--reward", "nope", *common]) == 2
+    assert snapshot(result.run_dir) == before
+    err = capsys.readouterr().err
+    assert "already exists" in err and "differ" in err
