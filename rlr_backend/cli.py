@@ -56,6 +56,7 @@ def train_parser() -> argparse.ArgumentParser:
     a("--reward", default="prompt_alignment", help=_help("reward"))
     a("--estimator", default="rlr", choices=sorted(ESTIMATORS), help=_help("estimator"))
     a("--h", type=int, default=2, help=_help("h"))
+    a("--fo-steps", type=int, default=1, help=_help("fo_steps"))
     a("--zo-mode", default="latent_lr", choices=ZO_MODES, help=_help("zo_mode"))
     a("--nu", type=float, default=1e-3, help=_help("nu"))
     a("--ho-range", type=_pair, metavar="A,B", help=_help("ho_range"))

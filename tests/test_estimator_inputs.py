@@ -22,7 +22,7 @@ def x_T(chain, b=4):
     return chain.sample_x_T(b, torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("h,match", [(0, "h must be >= 1"), (8, "h <= T-1"), (12, "h <= T-1")])
+@pytest.mark.parametrize("h,match", [(0, "h must be >= 1"), (8, "h <= T-fo_steps = 7"), (12, "h <= T-fo_steps")])
 def test_sub_chain_length_is_checked(chain, h, match):
     with pytest.raises(ValueError, match=match):
         cfg = RLRConfig(h=h)

@@ -137,3 +137,13 @@ def test_each_rlr_term_estimates_exactly_its_own_steps(chain, exact, j, zo_mode)
         cfg = RLRConfig(h=H, zo_mode=zo_mode, nu=0.02, weights=weights)
         est = collect_estimates(chain, rlr_estimate, n_calls=150, batch=256, seed=j, config=cfg, j=j)
         assert z_scores(est, exact[list(steps)].sum(0)).max() < 4, (weights, steps)
+
+
+@pytest.mark.parametrize("j", range(4, T - H + 2))
+def test_rlr_with_a_longer_first_order_part_is_unbiased_for_every_j(chain, exact, j):
+    cfg = RLRConfig(h=H, fo_steps=3)
+    est = collect_estimates(chain, rlr_estimate, n_calls=300, batch=128, seed=20 + j, config=cfg, j=j)
+    assert z_scores(est, exact.sum(0)).max() < 4
+    fo_only = collect_estimates(chain, rlr_estimate, n_calls=100, batch=128, seed=j,
+                                config=RLRConfig(h=H, fo_steps=3, weights=(1.0, 0.0, 0.0)), j=j)
+    assert z_scores(fo_only, exact[T - 3:].sum(0)).max() < 4

@@ -28,25 +28,31 @@ class ChainSplit:
     zo: tuple[int, ...]
 
 
-def split_chain(num_steps: int, h: int, j: int, *, reward_differentiable: bool = True) -> ChainSplit:
-    """Partition the steps for a given j (paper order); raises on an impossible (h, j)."""
-    check_h(h, num_steps)
-    lo, hi = 2, num_steps - h + 1
+def split_chain(num_steps: int, h: int, j: int, *, reward_differentiable: bool = True,
+                fo_steps: int = 1) -> ChainSplit:
+    """Partition the steps for a given j (paper order); raises on an impossible (h, j).
+
+    ``fo_steps`` = K > 1 generalises the first-order part to the last K steps (backprop through
+    them, DRaFT-K style); S and C then cover {K+1..T}. The sum stays unbiased.
+    """
+    check_h(h, num_steps, fo_steps)
+    lo, hi = fo_steps + 1, num_steps - h + 1
     if not lo <= j <= hi:
-        raise ValueError(f"j={j} is outside {lo}..{hi} (paper order, T={num_steps}, h={h})")
-    last = paper_to_sampler(1, num_steps)
+        raise ValueError(f"j={j} is outside {lo}..{hi} (paper order, T={num_steps}, h={h}, fo_steps={fo_steps})")
     ho = tuple(sorted(paper_to_sampler(t, num_steps) for t in range(j, j + h)))
-    fo = (last,) if reward_differentiable else ()
+    fo = tuple(sorted(paper_to_sampler(t, num_steps) for t in range(1, fo_steps + 1))) if reward_differentiable else ()
     zo = tuple(k for k in range(num_steps) if k not in ho and k not in fo)
     return ChainSplit(num_steps, j, h, fo, ho, zo)
 
 
-def check_h(h: int, num_steps: int) -> None:
+def check_h(h: int, num_steps: int, fo_steps: int = 1) -> None:
     if h < 1:
         raise ValueError(f"the half-order sub-chain length h must be >= 1, got {h}")
-    if h >= num_steps:
+    if fo_steps < 1:
+        raise ValueError(f"fo_steps must be >= 1, got {fo_steps}")
+    if h + fo_steps > num_steps:
         raise ValueError(
-            f"h={h} leaves no room for the first-order step: use h <= T-1 = {num_steps - 1} "
+            f"h={h} leaves no room for the first-order step(s): use h <= T-fo_steps = {num_steps - fo_steps} "
             f"(or more sampling steps)"
         )
 
@@ -68,9 +74,9 @@ class JSampler:
     ema_decay: float = 0.9
     norms: dict[int, float] = field(default_factory=dict)
 
-    def support(self, num_steps: int, h: int) -> range:
-        check_h(h, num_steps)
-        lo, hi = 2, num_steps - h + 1
+    def support(self, num_steps: int, h: int, fo_steps: int = 1) -> range:
+        check_h(h, num_steps, fo_steps)
+        lo, hi = fo_steps + 1, num_steps - h + 1
         if self.kind == "range":
             if self.j_range is None:
                 raise ValueError("j distribution 'range' needs j_range=(a, b)")
@@ -84,8 +90,8 @@ class JSampler:
             return range(lo, hi + 1)
         raise ValueError(f"unknown j distribution {self.kind!r}; choose 'uniform', 'range' or 'softmax_gradnorm'")
 
-    def probabilities(self, num_steps: int, h: int) -> tuple[list[int], torch.Tensor]:
-        js = list(self.support(num_steps, h))
+    def probabilities(self, num_steps: int, h: int, fo_steps: int = 1) -> tuple[list[int], torch.Tensor]:
+        js = list(self.support(num_steps, h, fo_steps))
         uniform = torch.full((len(js),), 1.0 / len(js), dtype=torch.float64)
         if self.kind != "softmax_gradnorm" or not self.norms:
             return js, uniform
@@ -94,8 +100,8 @@ class JSampler:
         soft = torch.softmax(logits / self.temperature, 0)
         return js, (1 - self.uniform_floor) * soft + self.uniform_floor * uniform
 
-    def draw(self, num_steps: int, h: int, generator: torch.Generator | None = None) -> int:
-        js, p = self.probabilities(num_steps, h)
+    def draw(self, num_steps: int, h: int, generator: torch.Generator | None = None, fo_steps: int = 1) -> int:
+        js, p = self.probabilities(num_steps, h, fo_steps)
         return js[int(torch.multinomial(p, 1, generator=generator))]
 
     def observe(self, j: int, grad_norm: float) -> None:

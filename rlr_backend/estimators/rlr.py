@@ -50,6 +50,7 @@ class RLRConfig:
     """Knobs of the RLR estimator. ``j`` values are in paper order (t = 1 is the last step)."""
 
     h: int = 2  # half-order sub-chain length (paper recommends 2)
+    fo_steps: int = 1  # first-order (backprop) over the last K steps; the paper uses 1
     zo_mode: str = "latent_lr"  # one of ZO_MODES
     nu: float = 1e-3  # parameter perturbation scale for param_1pt / param_2pt
     zo_directions: int = 1  # param_2pt: random directions averaged per update (each costs 2T forwards)
@@ -61,7 +62,7 @@ class RLRConfig:
     recompute_atol: float = 1e-4  # tolerance of the HO recomputation check (relative to max |x|)
 
     def __post_init__(self) -> None:
-        check_h(self.h, max(self.h + 1, 2))
+        check_h(self.h, self.h + self.fo_steps, self.fo_steps)
         if self.zo_mode not in ZO_MODES:
             raise ValueError(f"unknown zo_mode {self.zo_mode!r}; choose one of {list(ZO_MODES)}")
         if self.baseline not in BASELINES:
@@ -87,7 +88,7 @@ class RLRConfig:
     def check(self, problem: ChainProblem) -> None:
         """Raise if this config cannot run on the problem's chain (call once, before training)."""
         n = problem.num_steps
-        self.j_sampler().support(n, self.h)
+        self.j_sampler().support(n, self.h, self.fo_steps if problem.reward_differentiable else 1)
         sig = problem.schedule.sigma
         # every step but the last may carry a likelihood ratio (HO end or latent ZO)
         need = range(n) if not problem.reward_differentiable else range(n - 1)
@@ -106,9 +107,10 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     config.check(problem)
     n, params = problem.num_steps, list(problem.params)
     sampler = j_sampler or config.j_sampler()
+    fo_steps = config.fo_steps if problem.reward_differentiable else 1
     if j is None:
-        j = sampler.draw(n, config.h, generator)
-    split = split_chain(n, config.h, j, reward_differentiable=problem.reward_differentiable)
+        j = sampler.draw(n, config.h, generator, fo_steps)
+    split = split_chain(n, config.h, j, reward_differentiable=problem.reward_differentiable, fo_steps=fo_steps)
     w_fo, w_ho, w_zo = config.weights
     metrics: dict[str, float] = {"j": float(j), "model_calls": float(n), "model_calls_with_grad": 0.0}
 
@@ -132,16 +134,17 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     lat, sched, prompts, model = traj.latents, problem.schedule, problem.prompts, problem.model
     total = 0.0
 
-    # 2. FO on the last step: DRaFT-1 through the reward (and decoder)
-    for k in split.fo if w_fo else ():  # a zero-weight term is skipped, not computed
-        x_in = lat[k]
-        mean, sigma = step_mean(model, sched, prompts, k, x_in)
-        x0 = mean + sigma * traj.noises[k] if sigma > 0 else mean
-        x0 = torch.where(valid.view(-1, *[1] * (x0.dim() - 1)), x0, x0.detach())
+    # 2. FO on the last step(s): DRaFT-K through the reward (and decoder), from the stored latents
+    if split.fo and w_fo:  # a zero-weight term is skipped, not computed
+        x = lat[split.fo[0]]
+        for k in split.fo:
+            mean, sigma = step_mean(model, sched, prompts, k, x)
+            x = mean + sigma * traj.noises[k] if sigma > 0 else mean
+        x0 = torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, x.detach())
         r_fo, _ = evaluate_reward(problem, x0)
         total += backward_if_finite(w_fo * first_order_loss(r_fo, valid), metrics, "first-order")
-        metrics["model_calls"] += 1
-        metrics["model_calls_with_grad"] += 1
+        metrics["model_calls"] += len(split.fo)
+        metrics["model_calls_with_grad"] += len(split.fo)
 
     # 3. HO over S: recompute the sub-chain with grad from its stored start
     before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params] \
@@ -206,5 +209,5 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
 
     metrics.update(reward_mean=float(rewards[valid].mean()) if valid.any() else float("nan"),
                    reward_std=float(rewards[valid].std()) if valid.sum() > 1 else 0.0,
-                   steps_in_memory=float(max(config.h, 1)))
+                   steps_in_memory=float(max(config.h, len(split.fo))))
     return Estimate(total, metrics, rewards.detach(), traj, {"split": split})

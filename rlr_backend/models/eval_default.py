@@ -127,11 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid", default=None, help="save the first 64 samples as a PNG grid")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--save-json", default=None, help="also write the result to this JSON file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     res = evaluate(args.model, args.n, args.seed, args.steps, args.guidance, args.eta, args.split, args.classifier, args.grid)
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(res, indent=2) + "\n")
     if args.json:
         print(json.dumps(res, indent=2))
         return

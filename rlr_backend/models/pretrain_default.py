@@ -271,6 +271,7 @@ def pretrain(
     warmup: int = 200,
     save_every: int = 1000,
     max_minutes: float | None = None,
+    stop_after: int | None = None,
     tokenizer_from: str | None = None,
     bpe_wheel: str | None = None,
 ) -> Path:
@@ -354,11 +355,11 @@ def pretrain(
                 el = time.time() - t0
                 logger.info("step %d/%d loss %.4f lr %.2e %.3fs/step elapsed %.1f min", step + 1, steps, run_loss / 100, opt.param_groups[0]["lr"], el / (step + 1), el / 60)
                 run_loss = 0.0
-            stop = max_minutes is not None and (time.time() - t_start) / 60 > max_minutes
+            stop = (max_minutes is not None and (time.time() - t_start) / 60 > max_minutes) or (stop_after is not None and step + 1 >= stop_after)
             if (save_every and (step + 1) % save_every == 0) or stop or step == steps - 1:
                 save_pipeline(out, vae, ema_te, tokenizer, tok_keep, ema_unet, scheduler, info(step + 1))
             if stop:
-                logger.warning("stopping at step %d: --max-minutes %.1f reached", step + 1, max_minutes)
+                logger.warning("stopping at step %d of the %d-step schedule (--max-minutes / --stop-after)", step + 1, steps)
                 break
     logger.info("done in %.1f min", (time.time() - t_start) / 60)
     return out
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--save-every", type=int, default=1000)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (and save) after this many steps, keeping the learning-rate schedule of --steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--tokenizer-from", default=str(DEFAULT_MODEL_DIR / "tokenizer"), help="folder with vocab.json + merges.txt")
     ap.add_argument("--bpe-wheel", default="/tmp/oc/open_clip_torch-*.whl", help="open_clip_torch wheel (glob) to build the tokenizer from if --tokenizer-from has no files")
@@ -399,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         ema_decay=args.ema_decay,
         save_every=args.save_every,
         max_minutes=args.max_minutes,
+        stop_after=args.stop_after,
         tokenizer_from=tok_from,
         bpe_wheel=args.bpe_wheel,
     )

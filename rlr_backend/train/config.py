@@ -30,6 +30,7 @@ class TrainConfig:
     reward: str = _f("prompt_alignment", "reward name, or weighted sum 'name=w,name=w'")
     estimator: str = _f("rlr", "gradient estimator", choices=tuple(sorted(ESTIMATORS)))
     h: int = _f(2, "rlr: half-order sub-chain length")
+    fo_steps: int = _f(1, "rlr: backprop (first-order) through the last K steps; the paper uses 1")
     zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
     nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
     ho_range: tuple[int, int] | None = _f(None, "rlr: draw the sub-chain start j in a..b (paper order, 1 = last step)")
@@ -84,7 +85,7 @@ class TrainConfig:
 
         if self.estimator == "rlr":
             baseline = "ema" if self.zo_mode == "param_1pt" else "loo"
-            return RLRConfig(h=self.h, zo_mode=self.zo_mode, nu=self.nu, baseline=baseline,
+            return RLRConfig(h=self.h, fo_steps=self.fo_steps, zo_mode=self.zo_mode, nu=self.nu, baseline=baseline,
                              j_dist="range" if self.ho_range else "uniform", j_range=self.ho_range)
         return {"code_compat": lambda: CodeCompatConfig(chain_len=self.chain_len),
                 "ddpo": DDPOConfig, "zo": ZOConfig, "full_bp": FullBPConfig,
