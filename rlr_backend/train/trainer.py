@@ -89,7 +89,7 @@ class Trainer:
         # validate estimator settings against the chain before any file is touched
         check = getattr(self.est_config, "check", None)
         if check is not None:
-            check(self.problem(list(range(min(2, len(config.prompts)))) * 1))
+            check(self.problem([0]))
 
     # -- model pieces ---------------------------------------------------------------------------
     @torch.no_grad()
