@@ -98,3 +98,11 @@ def test_committed_tokenizer_files_follow_the_clip_layout():
     assert [vocab[c + "</w>"] for c in chars] == list(range(256, 512))
     for i in (0, 1000, N_MERGES - 1):
         assert vocab["".join(lines[1 + i].split())] == 512 + i
+
+
+def test_corrupt_weights_are_a_value_error_naming_the_folder(tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(DEFAULT_MODEL_DIR, bad)
+    (bad / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="could not load the default model"):
+        load_default_pipeline(bad)

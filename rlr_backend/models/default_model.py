@@ -82,19 +82,26 @@ def load_default_pipeline(path: str | Path | None = None, device: str | torch.de
         The pipeline, with ``safety_checker=None`` and the progress bar disabled.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`check_model_dir`.
+        FileNotFoundError / ValueError: see :func:`check_model_dir`; ValueError also when
+            a file is corrupt and diffusers cannot load it.
     """
     from diffusers import StableDiffusionPipeline
 
     p = check_model_dir(DEFAULT_MODEL_DIR if path is None else path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(p),
-        local_files_only=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(p),
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except Exception as e:  # corrupt weights or configs: diffusers/safetensors raise many types
+        raise ValueError(
+            f"could not load the default model from {p} ({type(e).__name__}: {e}); "
+            f"rebuild it with: python -m rlr_backend.models.pretrain_default --out {p}"
+        ) from e
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     pipe = pipe.to(device)
