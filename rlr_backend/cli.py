@@ -62,7 +62,7 @@ def train_parser() -> argparse.ArgumentParser:
     a("--ho-range", type=_pair, metavar="A,B", help=_help("ho_range"))
     a("--truncation", type=int, default=2, help=_help("truncation"))
     a("--chain-len", type=int, default=2, help=_help("chain_len"))
-    for name, typ in [("steps", int), ("batch_size", int), ("num_inference_steps", int), ("eta", float),
+    for name, typ in [("steps", int), ("batch_size", int), ("images_per_prompt", int), ("num_inference_steps", int), ("eta", float),
                       ("guidance_scale", float), ("lr", float), ("grad_clip", float), ("grad_accum", int),
                       ("lora_rank", int), ("lora_alpha", float), ("seed", int), ("eval_every", int),
                       ("eval_seeds", int), ("ckpt_every", int)]:

@@ -108,6 +108,7 @@ def test_should_stop_ends_early_with_a_lora(tmp_path):
     (["--reward", "aesthetics"], "unknown reward"),
     (["--prompt", " "], "empty"),
     (["--lora-rank", "0"], "lora_rank must be >= 1"),
+    (["--images-per-prompt", "3"], "multiple of images_per_prompt"),
     (["--run-name", "../elsewhere"], "plain folder name"),
     (["--estimator", "truncated_bp", "--reward", "jpeg_compressibility"], "not differentiable"),
 ])

@@ -38,6 +38,7 @@ class TrainConfig:
     chain_len: int = _f(2, "code_compat: number of single-step PPO terms")
     steps: int = _f(60, "optimizer updates", min=1)
     batch_size: int = _f(4, "images sampled per update", min=2)
+    images_per_prompt: int = _f(2, "images per prompt in a batch (the baseline compares images of one prompt)", min=1)
     num_inference_steps: int = _f(20, "DDIM sampling steps T", min=2)
     eta: float = _f(1.0, "DDIM stochasticity (>0 for likelihood-ratio terms)")
     guidance_scale: float = _f(4.0, "classifier-free guidance scale")
@@ -64,6 +65,9 @@ class TrainConfig:
             lo = spec.metadata.get("min")
             if lo is not None and getattr(self, spec.name) < lo:
                 raise ValueError(f"{spec.name} must be >= {lo}, got {getattr(self, spec.name)}")
+        if self.batch_size % self.images_per_prompt:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of images_per_prompt "
+                             f"({self.images_per_prompt})")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError("lora_alpha must be > 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -216,7 +216,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            ids = torch.randint(0, len(cfg.prompts), (cfg.batch_size,), generator=self.generator).tolist()
+            # whole groups of images per prompt, so the leave-one-out baseline compares like with like
+            groups = cfg.batch_size // cfg.images_per_prompt
+            ids = torch.randint(0, len(cfg.prompts), (groups,), generator=self.generator)
+            ids = ids.repeat_interleave(cfg.images_per_prompt).tolist()
             problem = self.problem(ids)
             x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.generator)
             est = self.spec.fn(problem, x_T, config=self.est_config, generator=self.generator,
