@@ -51,7 +51,8 @@ def test_param_1pt_with_batch_baseline_is_refused():
 
 
 @pytest.mark.parametrize("bad", [
-    {"zo_mode": "latent"}, {"baseline": "mean"}, {"nu": 0.0}, {"weights": (1.0, -1.0, 1.0)}])
+    {"zo_mode": "latent"}, {"baseline": "mean"}, {"nu": 0.0}, {"weights": (1.0, -1.0, 1.0)},
+    {"j_dist": "softmax"}, {"j_dist": "range"}, {"fo_steps": 0}])
 def test_unknown_or_invalid_options(bad):
     with pytest.raises(ValueError):
         RLRConfig(**bad)

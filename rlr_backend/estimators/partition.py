@@ -57,6 +57,9 @@ def check_h(h: int, num_steps: int, fo_steps: int = 1) -> None:
         )
 
 
+J_DISTRIBUTIONS: tuple[str, ...] = ("uniform", "range", "softmax_gradnorm")
+
+
 @dataclass
 class JSampler:
     """Draws the HO start j (paper order).

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..sampling import sample_chain, step_mean
 from .advantages import BASELINES, BaselineState, compute_advantages
-from .partition import JSampler, check_h, split_chain
+from .partition import J_DISTRIBUTIONS, JSampler, check_h, split_chain
 from .perturbation import direction, perturbed
 from .problem import (ChainProblem, Estimate, RecomputationMismatch, add_to_grad, backward_if_finite,
                       evaluate_reward)
@@ -80,7 +80,10 @@ class RLRConfig:
             raise ValueError("weights must be three non-negative numbers (FO, HO, ZO)")
         if self.weights != (1.0, 1.0, 1.0):
             logger.warning("RLR term weights %s are not equal: the estimator is no longer unbiased", self.weights)
-        JSampler(self.j_dist, self.j_range)  # validates the kind lazily; range checked in check()
+        if self.j_dist not in J_DISTRIBUTIONS:
+            raise ValueError(f"unknown j_dist {self.j_dist!r}; choose one of {list(J_DISTRIBUTIONS)}")
+        if self.j_dist == "range" and self.j_range is None:
+            raise ValueError("j_dist='range' needs j_range=(a, b) (paper order, 1 = last step)")
 
     def j_sampler(self) -> JSampler:
         return JSampler(self.j_dist, self.j_range)
