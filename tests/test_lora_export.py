@@ -80,3 +80,13 @@ def test_pickles_and_corrupt_files_are_refused(tmp_path):
         load_tensors(cut)
     with pytest.raises(ValueError, match=".safetensors"):
         save_lora(unet_with_trained_lora(), tmp_path / "x.ckpt")
+
+
+def test_atomic_writes_leave_no_temp_files_and_usual_permissions(tmp_path):
+    import os
+
+    path = save_lora(unet_with_trained_lora(), tmp_path / "p.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
