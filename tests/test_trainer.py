@@ -138,3 +138,22 @@ def test_existing_run_folder_is_never_changed_by_a_refused_start(reference_run, 
     assert snapshot(result.run_dir) == before
     err = capsys.readouterr().err
     assert "already exists" in err and "differ" in err
+
+
+def test_rlr_sample_with_and_without_the_lora(reference_run, tmp_path, capsys):
+    from PIL import Image
+
+    from rlr_backend.cli import sample_main
+
+    _, result = reference_run
+    common = ["a red circle on a blue background", "--num", "2", "--steps", "4", "--seed", "3"]
+    assert sample_main([*common, "--out", str(tmp_path / "base.png")]) == 0
+    assert sample_main([*common, "--lora", str(result.lora_path), "--out", str(tmp_path / "lora.png")]) == 0
+    assert sample_main([*common, "--lora", str(result.lora_path), "--lora-scale", "0",
+                        "--out", str(tmp_path / "zero.png")]) == 0
+    base, lora, zero = (Image.open(tmp_path / f"{n}.png").tobytes() for n in ("base", "lora", "zero"))
+    assert base != lora and base == zero  # the LoRA changes the samples; scale 0 is the base model
+    pickle = tmp_path / "lora.ckpt"
+    torch.save({"x": torch.zeros(1)}, pickle)
+    assert sample_main([*common, "--lora", str(pickle), "--out", str(tmp_path / "x.png")]) == 2
+    assert "safetensors" in capsys.readouterr().err
