@@ -157,3 +157,13 @@ def test_rlr_sample_with_and_without_the_lora(reference_run, tmp_path, capsys):
     torch.save({"x": torch.zeros(1)}, pickle)
     assert sample_main([*common, "--lora", str(pickle), "--out", str(tmp_path / "x.png")]) == 2
     assert "safetensors" in capsys.readouterr().err
+
+
+def test_resume_survives_a_metrics_line_cut_by_a_crash(tmp_path):
+    cfg = TrainConfig(steps=2, output_dir=tmp_path, run_name="cut", **TINY)
+    Trainer(cfg, progress=False).run()
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "reward_me')  # killed mid-line after step 2's checkpoint
+    Trainer(TrainConfig(steps=3, output_dir=tmp_path, run_name="cut", **TINY), progress=False).run(resume=True)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3]

@@ -94,12 +94,13 @@ class Trainer:
     # -- model pieces ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._emb_cache]
-        if missing:
-            tok = self.pipe.tokenizer(missing, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                      truncation=True, return_tensors="pt")
-            emb = self.pipe.text_encoder(tok.input_ids)[0]
-            self._emb_cache.update(zip(missing, emb))
+        """Text embeddings, cached. Each text is encoded on its own, so its embedding does not depend on
+        which other texts shared a batch (batch shape can change float results; resume must be exact)."""
+        for text in dict.fromkeys(texts):
+            if text not in self._emb_cache:
+                tok = self.pipe.tokenizer([text], padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                          truncation=True, return_tensors="pt")
+                self._emb_cache[text] = self.pipe.text_encoder(tok.input_ids)[0][0]
         return torch.stack([self._emb_cache[t] for t in texts])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,7 @@ class Trainer:
             self.j_sampler.norms = {int(k): v for k, v in state["j_norms"].items()}
             eval_rewards = {int(k): v for k, v in state["eval_rewards"].items()}
             if metrics_path.is_file():
-                history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= start]
+                history = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
             logger.info("resumed %s at step %d", run_dir, start)
         else:
             if run_dir.exists() and any(run_dir.iterdir()):
@@ -238,6 +239,17 @@ class Trainer:
         agg["grad_norm"] = float(norm)
         self.optimizer.step()
         return agg
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a line cut short by a crash is dropped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s: dropping an incomplete line", path)
+    return rows
 
 
 def _progress(total: int, start: int, enabled: bool):
