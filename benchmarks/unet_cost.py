@@ -48,9 +48,7 @@ def measure(steps: int, batch: int, names: list[str], timing: bool = True) -> tu
         def run():
             for q in p.params:
                 q.grad = None
-            fn(p, x_T, generator=torch.Generator().manual_seed(1), baseline_state=BaselineState(), j=None, **kw) \
-                if fn is rlr_estimate else fn(p, x_T, generator=torch.Generator().manual_seed(1),
-                                              baseline_state=BaselineState(), **kw)
+            fn(p, x_T, generator=torch.Generator().manual_seed(1), baseline_state=BaselineState(), **kw)
         return run
 
     sample()  # warm-up

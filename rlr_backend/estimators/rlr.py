@@ -23,6 +23,7 @@ and decoder backward (FO) + h forward/backward holding h steps of activations (H
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
         def step_context(k: int):
             if k in seeds:
                 return perturbed(params, direction(params, seeds[k]), config.nu)
-            return torch.no_grad()
+            return contextlib.nullcontext()
 
     with torch.no_grad():
         traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
@@ -200,7 +201,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
             r_pm = []
             for sign in (1.0, -1.0):
                 def ctx(k: int, s=sign):
-                    return perturbed(params, delta, s * config.nu) if k in zo_set else torch.no_grad()
+                    return perturbed(params, delta, s * config.nu) if k in zo_set else contextlib.nullcontext()
                 with torch.no_grad():
                     chain = sample_chain(model, sched, prompts, x_T, noises=traj.noises, step_context=ctx)
                     r_pm.append(evaluate_reward(problem, chain.final))
