@@ -1,4 +1,4 @@
-"""``rlr-demo``: a two-minute look at the estimator core on CPU, no downloads.
+"""``rlr-demo``: a short look at the estimator core on CPU (about 20 s), no downloads.
 
 1. On the linear-Gaussian chain with a known gradient: the exact gradient beside the mean of RLR,
    DDPO and truncated backprop estimates (RLR and DDPO match; truncated backprop is biased).
