@@ -52,3 +52,20 @@ def save_reward_curve(history: list[dict], eval_rewards: dict[int, float], path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def save_before_after(before: Path, after: Path, path: Path, before_label: str, after_label: str) -> None:
+    """Two evaluation grids side by side, each under a one-line label (e.g. its eval reward)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    a, b = Image.open(before).convert("RGB"), Image.open(after).convert("RGB")
+    font = ImageFont.load_default()
+    top, gap = 16, 8
+    out = Image.new("RGB", (a.width + gap + b.width, top + max(a.height, b.height)), "white")
+    out.paste(a, (0, top))
+    out.paste(b, (a.width + gap, top))
+    draw = ImageDraw.Draw(out)
+    draw.text((2, 2), before_label, fill="black", font=font)
+    draw.text((a.width + gap + 2, 2), after_label, fill="black", font=font)
+    with atomic_path(path) as tmp:
+        out.save(tmp, format="PNG")

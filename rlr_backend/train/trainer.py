@@ -26,7 +26,7 @@ from ..sampling import DDIMSchedule, PromptSchedule, sample_chain
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .pipeline import load_pipeline
-from .report import save_grid, save_reward_curve
+from .report import save_before_after, save_grid, save_reward_curve
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,11 @@ class Trainer:
                               metadata={"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name,
                                         "rlr_steps": str(step)})
         save_reward_curve(history, eval_rewards, run_dir / "reward_curve.png", title=f"{cfg.estimator} on {self.reward.name}")
-        _before_after(run_dir, step)
+        grids = run_dir / "grids"
+        if step in eval_rewards and (grids / f"step-{step:06d}.png").is_file():
+            save_before_after(grids / "step-000000.png", grids / f"step-{step:06d}.png", run_dir / "before_after.png",
+                              f"before: eval reward {eval_rewards[0]:.3f}",
+                              f"after {step} updates: {eval_rewards[step]:.3f}")
         return TrainResult(run_dir, lora_path, eval_rewards, step, stopped)
 
     def update(self) -> dict[str, float]:
@@ -258,16 +262,3 @@ def _progress(total: int, start: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc="rlr-train", unit="update")
-
-
-def _before_after(run_dir: Path, step: int) -> None:
-    from PIL import Image
-
-    grids = run_dir / "grids"
-    first, last = grids / "step-000000.png", grids / f"step-{step:06d}.png"
-    if first.is_file() and last.is_file():
-        a, b = Image.open(first), Image.open(last)
-        out = Image.new("RGB", (a.width + b.width + 8, max(a.height, b.height)), "white")
-        out.paste(a, (0, 0))
-        out.paste(b, (a.width + 8, 0))
-        out.save(run_dir / "before_after.png")
