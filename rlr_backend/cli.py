@@ -134,33 +134,18 @@ def sample_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import torch
-
-        from .lora import load_lora
-        from .models.diffusers_unet import DiffusersUNetDenoiser, TextConditioning
-        from .sampling import DDIMSchedule, PromptSchedule, sample_chain
         from .train.pipeline import load_pipeline
         from .train.report import save_grid
+        from .train.sample import add_lora_file, sample_images, set_lora_strength
 
         if any(not p.strip() for p in args.prompt):
             raise ValueError("empty prompt")
         pipe = load_pipeline(args.model)
         if args.lora is not None:
-            load_lora(pipe.unet, args.lora)
-            pipe.unet.set_adapters(["default"], weights=[args.lora_scale])
-        texts = [p for p in args.prompt for _ in range(args.num)]
-        tok = pipe.tokenizer(texts + [""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            emb = pipe.text_encoder(tok.input_ids)[0]
-            cond = TextConditioning(emb[:-1], emb[-1:].expand(len(texts), -1, -1))
-            schedule = DDIMSchedule.from_diffusers(pipe.scheduler, args.steps, eta=args.eta)
-            g = torch.Generator().manual_seed(args.seed)
-            c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-            traj = sample_chain(DiffusersUNetDenoiser(pipe.unet, args.guidance_scale), schedule,
-                                PromptSchedule.constant(cond, args.steps), torch.randn(len(texts), c, s, s, generator=g),
-                                generator=g)
-            images = (pipe.vae.decode(traj.final / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+            add_lora_file(pipe, args.lora)
+            set_lora_strength(pipe, args.lora_scale)
+        images = sample_images(pipe, args.prompt, num_per_prompt=args.num, steps=args.steps, eta=args.eta,
+                               guidance_scale=args.guidance_scale, seed=args.seed)
         save_grid(images, args.out, nrow=args.num, scale=4)
     except USER_ERRORS as e:
         print(f"rlr-sample: error: {e}", file=sys.stderr)
