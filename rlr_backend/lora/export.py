@@ -48,27 +48,48 @@ def kohya_state_dict(unet: torch.nn.Module, adapter: str = "default",
     return out, ranks.pop(), alphas.pop()
 
 
-def save_lora(unet: torch.nn.Module, path: str | Path, *, base_model_version: str = "sd_v1",
-              dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> Path:
-    """Write the adapter to ``path`` atomically and return the path."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA files are written as .safetensors, got {path.name!r}")
-    sd, rank, alpha = kohya_state_dict(unet, dtype=dtype)
+def kohya_metadata(sd: dict[str, torch.Tensor], rank: int, alpha: float, base_model_version: str = "sd_v1",
+                   metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """The safetensors header kohya's sd-scripts write (A1111 reads ss_base_model_version), plus ``metadata``."""
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
             "ss_base_model_version": base_model_version, "ss_training_comment": "trained with rlr-backend",
             "rlr_target_modules": json.dumps(sorted({k.rsplit(".", 2)[0] for k in sd}))}
     meta.update(metadata or {})
-    save_tensors(sd, path, meta)
+    return meta
+
+
+def save_kohya(sd: dict[str, torch.Tensor], path: str | Path, rank: int, alpha: float, *,
+               base_model_version: str = "sd_v1", metadata: dict[str, str] | None = None) -> Path:
+    """Write a kohya state dict (from ``kohya_state_dict`` or a model's ``lora_state_dict``) atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA files are written as .safetensors, got {path.name!r}")
+    save_tensors(sd, path, kohya_metadata(sd, rank, alpha, base_model_version, metadata))
     logger.info("saved LoRA (%d modules, rank %d, alpha %g) to %s", len(sd) // 3, rank, alpha, path)
     return path
 
 
+def save_lora(unet: torch.nn.Module, path: str | Path, *, base_model_version: str = "sd_v1",
+              dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> Path:
+    """Write the adapter to ``path`` atomically and return the path."""
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"LoRA files are written as .safetensors, got {Path(path).name!r}")
+    sd, rank, alpha = kohya_state_dict(unet, dtype=dtype)
+    return save_kohya(sd, path, rank, alpha, base_model_version=base_model_version, metadata=metadata)
+
+
 def load_lora(unet: torch.nn.Module, path: str | Path, adapter_name: str = "default") -> list[torch.nn.Parameter]:
     """Add the LoRA in a kohya file (as written by ``save_lora``) to ``unet``; returns its parameters."""
+    tensors, _ = load_tensors(path)
+    return load_lora_state_dict(unet, tensors, adapter_name, source=str(path))
+
+
+def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
+                         source: str = "LoRA") -> list[torch.nn.Parameter]:
+    """Add a kohya state dict to ``unet`` as a peft adapter; ``source`` names it in error messages."""
     from peft import LoraConfig
 
-    tensors, meta = load_tensors(path)
+    path = source
     names = {n.replace(".", "_"): n for n, _ in unet.named_modules()}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

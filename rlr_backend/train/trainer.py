@@ -13,16 +13,17 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator
-from ..lora import add_lora, save_lora
-from ..models.diffusers_unet import DiffusersUNetDenoiser, TextConditioning
+from ..lora import save_kohya
+from ..models.diffusers_model import DiffusersModel
+from ..models.trainable import TrainableModel
 from ..rewards import Reward, make_reward
 from ..safe_io import save_json
-from ..sampling import DDIMSchedule, PromptSchedule, sample_chain
+from ..sampling import PromptSchedule, sample_chain
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .pipeline import load_pipeline
@@ -54,9 +55,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = None,
                  on_preview: Callable[[torch.Tensor, int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, progress: bool = True, pipeline=None,
-                 reward: Reward | None = None):
+                 reward: Reward | None = None, model: TrainableModel | None = None,
+                 prompt_split: Sequence[float] = (1 / 3, 1 / 3, 1 / 3)):
         """``reward`` overrides ``config.reward`` with any object of the Reward interface (e.g. a
-        ``CallableReward`` around your own function); ``pipeline`` reuses a loaded StableDiffusionPipeline."""
+        ``CallableReward`` around your own function); ``pipeline`` reuses a loaded StableDiffusionPipeline;
+        ``model`` trains any ``TrainableModel`` instead (``config.model`` is then only a label).
+        ``prompt_split``: fractions of the chain for the coarse / mid / fine prompt versions."""
         self.config = config
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
         self.progress = progress
@@ -66,21 +70,17 @@ class Trainer:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
                              "is not differentiable; use rlr, ddpo or zo")
         self.est_config = config.estimator_config()
-        self.pipe = pipeline if pipeline is not None else load_pipeline(config.model)
-        self.unet, self.vae = self.pipe.unet, self.pipe.vae
-        self.vae.requires_grad_(False)
-        self.pipe.text_encoder.requires_grad_(False)
-        self.params = add_lora(self.unet, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
-        self.named_params = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
-        self.schedule = DDIMSchedule.from_diffusers(self.pipe.scheduler, config.num_inference_steps, eta=config.eta)
-        self.model = DiffusersUNetDenoiser(self.unet, config.guidance_scale)
-        self.scale = self.vae.config.scaling_factor
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = self.unet.config.sample_size
-        self.latent_shape = (self.unet.config.in_channels, size, size)
-        self.image_size = size * f
-        self._emb_cache: dict[str, torch.Tensor] = {}
-        self.uncond = self.encode([""])[0]
+        self.prompt_split = tuple(float(f) for f in prompt_split)
+        PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
+        if model is None:
+            model = DiffusersModel(pipeline if pipeline is not None else load_pipeline(config.model))
+        self.t2i = model
+        self.pipe = getattr(model, "pipe", None)  # the diffusers pipeline, when there is one
+        self.named_params = model.add_lora(config.lora_rank, config.lora_alpha, config.seed)
+        self.params = [p for _, p in self.named_params]
+        self.schedule = model.schedule(config.num_inference_steps, config.eta)
+        self.model = model.denoiser(config.guidance_scale)
+        self.latent_shape = tuple(model.latent_shape)
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.baseline = BaselineState()
@@ -92,31 +92,19 @@ class Trainer:
             check(self.problem([0]))
 
     # -- model pieces ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """Text embeddings, cached. Each text is encoded on its own, so its embedding does not depend on
-        which other texts shared a batch (batch shape can change float results; resume must be exact)."""
-        for text in dict.fromkeys(texts):
-            if text not in self._emb_cache:
-                tok = self.pipe.tokenizer([text], padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                          truncation=True, return_tensors="pt")
-                self._emb_cache[text] = self.pipe.text_encoder(tok.input_ids)[0][0]
-        return torch.stack([self._emb_cache[t] for t in texts])
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (differentiable)."""
-        return (self.vae.decode(latents / self.scale).sample / 2 + 0.5).clamp(0, 1)
+        return self.t2i.decode(latents)
 
     def problem(self, prompt_ids: list[int]) -> ChainProblem:
         specs = [self.config.prompts[i] for i in prompt_ids]
         captions = [s.fine for s in specs]
-        uncond = self.uncond.expand(len(specs), -1, -1)
         n = self.config.num_inference_steps
         if any(s.scheduled for s in specs):
-            conds = [TextConditioning(self.encode([s.versions()[v] for s in specs]), uncond) for v in range(3)]
-            prompts = PromptSchedule.from_fractions(conds, [1 / 3, 1 / 3, 1 / 3], n)
+            conds = [self.t2i.conditioning([s.versions()[v] for s in specs]) for v in range(3)]
+            prompts = PromptSchedule.from_fractions(conds, self.prompt_split, n)
         else:
-            prompts = PromptSchedule.constant(TextConditioning(self.encode(captions), uncond), n)
+            prompts = PromptSchedule.constant(self.t2i.conditioning(captions), n)
 
         def reward(latents: torch.Tensor) -> torch.Tensor:
             return self.reward(self.decode(latents), captions)
@@ -205,9 +193,12 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        lora_path = save_lora(self.unet, run_dir / "lora.safetensors",
-                              metadata={"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name,
-                                        "rlr_steps": str(step)})
+        sd, rank, alpha = self.t2i.lora_state_dict()
+        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, "rlr_steps": str(step)}
+        if stopped:
+            meta["rlr_interrupted_at_step"] = str(step)
+        lora_path = save_kohya(sd, run_dir / "lora.safetensors", rank, alpha,
+                               base_model_version=self.t2i.base_model_version, metadata=meta)
         save_reward_curve(history, eval_rewards, run_dir / "reward_curve.png", title=f"{cfg.estimator} on {self.reward.name}")
         grids = run_dir / "grids"
         if step in eval_rewards and (grids / f"step-{step:06d}.png").is_file():

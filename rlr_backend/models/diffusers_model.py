@@ -1,0 +1,66 @@
+"""``TrainableModel`` for a diffusers StableDiffusionPipeline (SD1.x/SD2.x layout; the embedded default)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..lora import add_lora, kohya_state_dict, load_lora_state_dict
+from ..sampling import DDIMSchedule
+from .diffusers_unet import DiffusersUNetDenoiser, TextConditioning
+
+
+class DiffusersModel:
+    """Wraps a loaded pipeline; LoRA through peft on ``pipe.unet``. Text embeddings are cached per text."""
+
+    base_model_version = "sd_v1"
+
+    def __init__(self, pipe):
+        self.pipe, self.unet, self.vae = pipe, pipe.unet, pipe.vae
+        self.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = self.unet.config.sample_size
+        self.latent_shape = (self.unet.config.in_channels, size, size)
+        self.image_size = size * f
+        self._emb_cache: dict[str, Tensor] = {}
+
+    def schedule(self, num_steps: int, eta: float) -> DDIMSchedule:
+        return DDIMSchedule.from_diffusers(self.pipe.scheduler, num_steps, eta=eta)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        """Text embeddings, cached. Each text is encoded on its own, so its embedding does not depend on
+        which other texts shared a batch (batch shape can change float results; resume must be exact)."""
+        tokenizer = self.pipe.tokenizer
+        for text in dict.fromkeys(texts):
+            if text not in self._emb_cache:
+                tok = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+                self._emb_cache[text] = self.pipe.text_encoder(tok.input_ids)[0][0]
+        return torch.stack([self._emb_cache[t] for t in texts])
+
+    def conditioning(self, texts: Sequence[str]) -> TextConditioning:
+        uncond = self.encode([""]).expand(len(texts), -1, -1)
+        return TextConditioning(self.encode(list(texts)), uncond)
+
+    def denoiser(self, guidance_scale: float) -> DiffusersUNetDenoiser:
+        return DiffusersUNetDenoiser(self.unet, guidance_scale)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return (self.vae.decode(latents / self.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+
+    def add_lora(self, rank: int, alpha: float | None, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
+        add_lora(self.unet, rank=rank, alpha=alpha, seed=seed)
+        return [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
+
+    def lora_state_dict(self, dtype: torch.dtype = torch.float16) -> tuple[dict[str, Tensor], int, float]:
+        return kohya_state_dict(self.unet, dtype=dtype)
+
+    def load_lora(self, state_dict: dict[str, Tensor], strength: float = 1.0) -> None:
+        adapters = getattr(self.unet, "peft_config", {}) or {}
+        name = f"applied_{len(adapters)}"
+        load_lora_state_dict(self.unet, state_dict, adapter_name=name, source="LoRA")
+        self.unet.set_adapters([name], weights=[strength])
