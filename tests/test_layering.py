@@ -12,7 +12,7 @@ def test_backend_imports_without_ui_packages():
     assert len(modules) > 10
     code = (
         "import sys\n"
-        "for name in ('comfy', 'folder_paths', 'server', 'gradio'):\n"
+        "for name in ('comfy', 'comfy_api', 'comfy_nodes', 'folder_paths', 'server', 'gradio', 'gradio_app'):\n"
         "    sys.modules[name] = None\n"
         f"for m in {modules!r}:\n"
         "    __import__(m)\n"
@@ -32,3 +32,16 @@ def test_no_pickle_loading_in_the_backend():
         if re.search(r"\bpickle\.loads?\(|torch\.load\(|allow_pickle=True|trust_remote_code=True", text):
             offenders.append(str(path))
     assert not offenders, offenders
+
+
+def test_node_logic_imports_without_comfyui():
+    """comfy_nodes.logic (what the nodes do) needs only the backend; ComfyUI names stay in nodes.py and glue."""
+    code = (
+        "import sys\n"
+        "for name in ('comfy', 'comfy_api', 'folder_paths', 'server', 'gradio'):\n"
+        "    sys.modules[name] = None\n"
+        "import comfy_nodes, comfy_nodes.logic\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0, result.stderr[-2000:]

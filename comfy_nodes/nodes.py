@@ -1,0 +1,268 @@
+"""The RLR node pack: V3 schemas over ``logic.py``. Imported only inside ComfyUI (or with a stand-in)."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+from rlr_backend.estimators import ESTIMATORS, ZO_MODES
+from rlr_backend.rewards import REWARD_HELP, REWARDS
+
+from . import logic
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "RLR"
+MODEL = io.Custom("RLR_MODEL")
+REWARD = io.Custom("RLR_REWARD")
+ESTIMATOR = io.Custom("RLR_ESTIMATOR")
+PROMPTS = io.Custom("RLR_PROMPTS")
+LORA = io.Custom("LORA_MODEL")  # the core socket: LoraModelLoader and SaveLoRA take it
+BIG = 2**31 - 1
+
+
+def _int(name: str, field: str | None = None, *, max: int = 10_000, default=None, tooltip: str | None = None,
+         min: int | None = None) -> io.Int.Input:
+    spec = logic.config_field(field or name)
+    lo = spec["min"] if min is None else min
+    return io.Int.Input(name, default=spec["default"] if default is None else default,
+                        min=lo if lo is not None else 0, max=max, tooltip=tooltip or spec["tooltip"])
+
+
+def _float(name: str, field: str | None = None, *, min: float = 0.0, max: float = 100.0, step: float = 0.01,
+           default=None, tooltip: str | None = None) -> io.Float.Input:
+    spec = logic.config_field(field or name)
+    return io.Float.Input(name, default=spec["default"] if default is None else default, min=min, max=max,
+                          step=step, tooltip=tooltip or spec["tooltip"])
+
+
+def _folder_paths():
+    import folder_paths
+
+    return folder_paths
+
+
+def _diffusers_roots() -> list[str]:
+    try:
+        return list(_folder_paths().get_folder_paths("diffusers"))
+    except KeyError:
+        return []
+
+
+class LoadModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RLR_LoadModel", display_name="RLR Load Model", category=CATEGORY,
+            description="A diffusers model for RLR training: the tiny embedded default, or a "
+                        "StableDiffusionPipeline folder from models/diffusers (safetensors only).",
+            inputs=[io.Combo.Input("model", options=[logic.EMBEDDED, *logic.list_model_folders(_diffusers_roots())],
+                                   default=logic.EMBEDDED,
+                                   tooltip="the embedded default (32x32 coloured shapes, loads in a second) or a "
+                                           "folder in models/diffusers")],
+            outputs=[MODEL.Output(display_name="rlr_model", tooltip="a recipe that loads a fresh copy per run")])
+
+    @classmethod
+    def execute(cls, model: str) -> io.NodeOutput:
+        if model == logic.EMBEDDED:
+            return io.NodeOutput(logic.DiffusersSource(None))
+        folder = logic.resolve_model_folder(_diffusers_roots(), model)
+        from rlr_backend.models.default_model import check_model_dir
+
+        check_model_dir(folder)
+        return io.NodeOutput(logic.DiffusersSource(str(folder)))
+
+
+class FromComfyModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RLR_FromComfyModel", display_name="RLR From Comfy Model", category=CATEGORY,
+            description="Train through the MODEL, CLIP and VAE of a Load Checkpoint node (SD1.x, SD2.x, SDXL). "
+                        "The inputs are never modified: training works on a clone with LoRA weight wrappers.",
+            inputs=[io.Model.Input("model", tooltip="the diffusion model from Load Checkpoint (SD1.x/SD2.x/SDXL UNet)"),
+                    io.Clip.Input("clip", tooltip="the text encoder of the same checkpoint"),
+                    io.Vae.Input("vae", tooltip="the VAE of the same checkpoint"),
+                    io.Int.Input("width", default=512, min=64, max=2048, step=64,
+                                 tooltip="image width used for training and sampling (smaller is faster)"),
+                    io.Int.Input("height", default=512, min=64, max=2048, step=64,
+                                 tooltip="image height used for training and sampling")],
+            outputs=[MODEL.Output(display_name="rlr_model")])
+
+    @classmethod
+    def execute(cls, model, clip, vae, width: int, height: int) -> io.NodeOutput:
+        from .comfy_model import ComfySource
+
+        return io.NodeOutput(ComfySource(model, clip, vae, width, height))
+
+
+class Reward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        help_text = "; ".join(f"{k}: {v}" for k, v in REWARD_HELP.items())
+        return io.Schema(
+            node_id="RLR_Reward", display_name="RLR Reward", category=CATEGORY,
+            description="A reward from the backend's registry; chain nodes for a weighted sum.",
+            inputs=[io.Combo.Input("reward", options=sorted(REWARDS), default="prompt_alignment", tooltip=help_text),
+                    io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
+                                   tooltip="weight of this reward in the sum (negative to penalise)"),
+                    REWARD.Input("add_to", optional=True, tooltip="rewards to add this one to (weighted sum)")],
+            outputs=[REWARD.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, reward: str, weight: float, add_to=None) -> io.NodeOutput:
+        return io.NodeOutput(logic.add_reward(add_to, reward, weight))
+
+
+class Estimator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        summary = "; ".join(f"{k}: {v.summary}" for k, v in sorted(ESTIMATORS.items()))
+        return io.Schema(
+            node_id="RLR_Estimator", display_name="RLR Estimator", category=CATEGORY,
+            description="The gradient estimator: RLR (the paper) or a baseline, with its knobs.",
+            inputs=[io.Combo.Input("estimator", options=sorted(ESTIMATORS), default="rlr", tooltip=summary),
+                    _int("h", max=100), _int("fo_steps", max=100, min=0),
+                    io.Combo.Input("zo_mode", options=list(ZO_MODES), default="latent_lr",
+                                   tooltip=logic.config_field("zo_mode")["tooltip"]),
+                    _float("nu", min=1e-6, max=1.0, step=1e-4),
+                    _int("truncation", max=100, min=1), _int("chain_len", max=100, min=1)],
+            outputs=[ESTIMATOR.Output(display_name="estimator")])
+
+    @classmethod
+    def execute(cls, estimator: str, h: int, fo_steps: int, zo_mode: str, nu: float, truncation: int,
+                chain_len: int) -> io.NodeOutput:
+        return io.NodeOutput(logic.estimator_settings(estimator, h=h, fo_steps=fo_steps, zo_mode=zo_mode, nu=nu,
+                                                      truncation=truncation, chain_len=chain_len))
+
+
+class PromptSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RLR_PromptSchedule", display_name="RLR Prompt Schedule", category=CATEGORY,
+            description="A training prompt with coarse / mid / fine versions for the early / middle / late "
+                        "sampling steps (the paper's Diffusive Chain-of-Thought); chain nodes for more prompts.",
+            inputs=[io.String.Input("fine", multiline=True, default="a red circle on a blue background",
+                                    tooltip="the full prompt; the reward judges images against it. 'coarse | mid | "
+                                            "fine' on one line also works"),
+                    io.String.Input("coarse", default="", tooltip="prompt for the first steps (empty: the fine one)"),
+                    io.String.Input("mid", default="", tooltip="prompt for the middle steps (empty: the fine one)"),
+                    io.Float.Input("coarse_end", default=0.33, min=0.01, max=0.98, step=0.01,
+                                   tooltip="fraction of the sampling steps that use the coarse prompt"),
+                    io.Float.Input("mid_end", default=0.67, min=0.02, max=0.99, step=0.01,
+                                   tooltip="fraction of the steps after which the fine prompt takes over"),
+                    io.Int.Input("ho_start", default=0, min=0, max=1000,
+                                 tooltip="RLR: lowest paper step j of the half-order sub-chain (1 = last step); "
+                                         "0 and 0: uniform over the chain"),
+                    io.Int.Input("ho_end", default=0, min=0, max=1000,
+                                 tooltip="RLR: highest paper step j of the half-order sub-chain"),
+                    PROMPTS.Input("add_to", optional=True, tooltip="prompts to add this one to")],
+            outputs=[PROMPTS.Output(display_name="prompts")])
+
+    @classmethod
+    def execute(cls, fine: str, coarse: str, mid: str, coarse_end: float, mid_end: float, ho_start: int,
+                ho_end: int, add_to=None) -> io.NodeOutput:
+        return io.NodeOutput(logic.add_prompt(add_to, fine, coarse, mid, coarse_end, mid_end, ho_start, ho_end))
+
+
+class Trainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RLR_Trainer", display_name="RLR Trainer", category=CATEGORY,
+            description="Reward fine-tuning of a LoRA. Progress bar with previews; Cancel stops after the current "
+                        "update and saves the partial LoRA to loras/rlr/.",
+            inputs=[MODEL.Input("rlr_model", tooltip="from RLR Load Model or RLR From Comfy Model"),
+                    REWARD.Input("reward", tooltip="from RLR Reward"),
+                    PROMPTS.Input("prompts", tooltip="from RLR Prompt Schedule"),
+                    ESTIMATOR.Input("estimator", optional=True, tooltip="from RLR Estimator (default: RLR)"),
+                    _int("steps", max=100_000), _float("lr", min=1e-6, max=1.0, step=1e-5),
+                    _int("lora_rank", max=256), _int("seed", max=BIG, min=0),
+                    _int("batch_size", max=256), _int("images_per_prompt", max=256),
+                    _int("num_inference_steps", max=1000), _float("guidance_scale", max=30.0, step=0.1),
+                    _float("eta", max=1.0, step=0.05),
+                    _int("preview_every", "eval_every", max=100_000, min=0,
+                         tooltip="evaluate and show a preview every N updates (0: only at start and end)"),
+                    io.String.Input("run_name", default="rlr", tooltip="name of the run folder in output/rlr_runs/ "
+                                                                       "and of the partial LoRA if cancelled")],
+            outputs=[LORA.Output(display_name="lora", tooltip="kohya-format LoRA (connect to RLR Save LoRA or "
+                                                              "Load LoRA Model)"),
+                     io.Image.Output(display_name="reward_curve", tooltip="batch and evaluation reward per update"),
+                     io.Image.Output(display_name="before_after", tooltip="evaluation images before | after")],
+            hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    def execute(cls, rlr_model, reward, prompts, steps: int, lr: float, lora_rank: int, seed: int, batch_size: int,
+                images_per_prompt: int, num_inference_steps: int, guidance_scale: float, eta: float,
+                preview_every: int, run_name: str, estimator=None) -> io.NodeOutput:
+        from . import comfy_glue
+
+        out = comfy_glue.run_training(
+            rlr_model, reward, prompts, estimator, node_id=cls.hidden.unique_id, run_name=run_name,
+            options=dict(steps=steps, lr=lr, lora_rank=lora_rank, seed=seed, batch_size=batch_size,
+                         images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, eta=eta, eval_every=preview_every))
+        return io.NodeOutput(out.lora, out.curve, out.grid)
+
+
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RLR_Sampler", display_name="RLR Sampler", category=CATEGORY,
+            description="Images from the model with an optional LoRA, for before/after comparisons (DDIM).",
+            inputs=[MODEL.Input("rlr_model", tooltip="from RLR Load Model or RLR From Comfy Model"),
+                    io.String.Input("prompt", multiline=True, default="a red circle on a blue background",
+                                    tooltip="the prompt"),
+                    io.Int.Input("seed", default=0, min=0, max=BIG, tooltip="seed of the initial noise"),
+                    io.Int.Input("num_images", default=4, min=1, max=64, tooltip="images to generate"),
+                    io.Int.Input("steps", default=20, min=2, max=1000, tooltip="DDIM steps"),
+                    _float("guidance_scale", max=30.0, step=0.1),
+                    _float("eta", max=1.0, step=0.05),
+                    LORA.Input("lora", optional=True, tooltip="a LoRA from RLR Trainer (or any kohya LoRA)"),
+                    io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                                   tooltip="LoRA strength (0: the base model)")],
+            outputs=[io.Image.Output(display_name="images")],
+            hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    def execute(cls, rlr_model, prompt: str, seed: int, num_images: int, steps: int, guidance_scale: float,
+                eta: float, lora=None, strength: float = 1.0) -> io.NodeOutput:
+        from . import comfy_glue
+
+        images = comfy_glue.run_sampling(rlr_model, prompt, node_id=cls.hidden.unique_id, lora=lora,
+                                         strength=strength, seed=seed, num_images=num_images, num_steps=steps,
+                                         guidance_scale=guidance_scale, eta=eta)
+        return io.NodeOutput(images)
+
+
+class SaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RLR_SaveLoRA", display_name="RLR Save LoRA", category=CATEGORY, is_output_node=True,
+            description="Write the LoRA (kohya format) to models/loras/rlr/ so Load LoRA lists it.",
+            inputs=[LORA.Input("lora", tooltip="from RLR Trainer"),
+                    io.String.Input("filename", default="rlr_lora",
+                                    tooltip="file name without folders; '.safetensors' is added"),
+                    io.Boolean.Input("overwrite", default=False, tooltip="replace an existing file of that name")],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="the name Load LoRA lists, e.g. rlr/x.safetensors")])
+
+    @classmethod
+    def execute(cls, lora, filename: str, overwrite: bool) -> io.NodeOutput:
+        root = _folder_paths().get_folder_paths("loras")[0]
+        target = logic.lora_target(root, filename, overwrite)
+        logic.save_lora_file(lora, target)
+        name = f"{logic.LORA_SUBFOLDER}/{target.name}"
+        return io.NodeOutput(name, ui={"text": [f"saved loras/{name}"]})
+
+
+NODES: list[type[io.ComfyNode]] = [LoadModel, FromComfyModel, Reward, Estimator, PromptSchedule, Trainer, Sampler,
+                                   SaveLoRA]
+
+
+class RLRExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
