@@ -43,32 +43,37 @@ def train_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="rlr-train",
         description="Fine-tune a diffusion model's LoRA so its samples score higher on a reward. With no "
-                    "arguments: the embedded default model, prompt-alignment reward, RLR, a few minutes on CPU.",
+                    "arguments: the embedded default model, reward prompt_alignment + brightness, RLR, a few minutes on CPU.",
         epilog=f"Rewards: {rewards}. Prompt files: one prompt per line, or 'coarse | mid | fine' for the "
                "per-step prompt schedule. Outputs in OUTPUT_DIR/RUN_NAME: lora.safetensors, before_after.png, "
                "reward_curve.png, grids/, metrics.jsonl, config.json, ckpt/.",
     )
     a = ap.add_argument
-    a("--model", help=_help("model"))
+
+    def option(name: str, **kw) -> None:
+        """An option of TrainConfig: its help and default come from the config (one source of defaults)."""
+        a("--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=_help(name), **kw)
+
+    option("model")
     a("--prompt", action="append", dest="prompt_list", metavar="TEXT",
       help="a training prompt (repeatable); 'coarse | mid | fine' gives per-step versions")
     a("--prompt-file", type=Path, help="UTF-8 file with one prompt per line")
-    a("--reward", default="prompt_alignment", help=_help("reward"))
-    a("--estimator", default="rlr", choices=sorted(ESTIMATORS), help=_help("estimator"))
-    a("--h", type=int, default=2, help=_help("h"))
-    a("--fo-steps", type=int, default=1, help=_help("fo_steps"))
-    a("--zo-mode", default="latent_lr", choices=ZO_MODES, help=_help("zo_mode"))
-    a("--nu", type=float, default=1e-3, help=_help("nu"))
-    a("--ho-range", type=_pair, metavar="A,B", help=_help("ho_range"))
-    a("--truncation", type=int, default=2, help=_help("truncation"))
-    a("--chain-len", type=int, default=2, help=_help("chain_len"))
-    for name, typ in [("steps", int), ("batch_size", int), ("images_per_prompt", int), ("num_inference_steps", int), ("eta", float),
-                      ("guidance_scale", float), ("lr", float), ("grad_clip", float), ("grad_accum", int),
-                      ("lora_rank", int), ("lora_alpha", float), ("seed", int), ("eval_every", int),
-                      ("eval_seeds", int), ("ckpt_every", int)]:
-        a("--" + name.replace("_", "-"), type=typ, default=argparse.SUPPRESS, help=_help(name))
-    a("--output-dir", type=Path, default=Path("runs"), help=_help("output_dir"))
-    a("--run-name", default="default", help=_help("run_name"))
+    option("reward")
+    option("estimator", choices=sorted(ESTIMATORS))
+    option("h", type=int)
+    option("fo_steps", type=int)
+    option("zo_mode", choices=ZO_MODES)
+    option("nu", type=float)
+    option("ho_range", type=_pair, metavar="A,B")
+    option("truncation", type=int)
+    option("chain_len", type=int)
+    for name, typ in [("steps", int), ("batch_size", int), ("images_per_prompt", int), ("num_inference_steps", int),
+                      ("eta", float), ("guidance_scale", float), ("lr", float), ("grad_clip", float),
+                      ("grad_accum", int), ("lora_rank", int), ("lora_alpha", float), ("seed", int),
+                      ("eval_every", int), ("eval_seeds", int), ("ckpt_every", int)]:
+        option(name, type=typ)
+    option("output_dir", type=Path)
+    option("run_name")
     a("--resume", action="store_true", help="continue the run in OUTPUT_DIR/RUN_NAME from its last checkpoint")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--quiet", action="store_true", help="no progress bar")

@@ -17,9 +17,10 @@ from rlr_backend.rewards import CallableReward, make_reward
 from rlr_backend.safe_io import load_tensors
 from rlr_backend.train import TrainConfig, Trainer
 
-TINY = dict(batch_size=2, num_inference_steps=4, eval_every=0, eval_seeds=1, ckpt_every=2, lr=1e-2)
-TINY_ARGS = ["--batch-size", "2", "--num-inference-steps", "4", "--eval-every", "0", "--eval-seeds", "1",
-             "--ckpt-every", "2", "--lr", "1e-2", "--quiet", "--threads", "1"]
+TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_every=0, eval_seeds=1,
+            ckpt_every=2, lr=1e-2)
+TINY_ARGS = ["--batch-size", "2", "--images-per-prompt", "2", "--fo-steps", "1", "--num-inference-steps", "4",
+             "--eval-every", "0", "--eval-seeds", "1", "--ckpt-every", "2", "--lr", "1e-2", "--quiet", "--threads", "1"]
 
 
 def lora_of(run_dir: Path) -> dict:
@@ -63,19 +64,40 @@ def test_resume_reaches_the_same_lora(reference_run, tmp_path):
     assert steps == list(range(1, 7))
 
 
+# Runs the CLI in a child process whose 4th update hangs (after the step-2 checkpoint), so the kill
+# always lands mid-run however slow or fast the machine is.
+HANG_AT_UPDATE_4 = """
+import sys, time
+from pathlib import Path
+import rlr_backend.train.trainer as trainer
+flag, calls, update = Path(sys.argv.pop(1)), [0], trainer.Trainer.update
+def hanging_update(self):
+    calls[0] += 1
+    if calls[0] == 4:
+        flag.touch()
+        time.sleep(600)
+    return update(self)
+trainer.Trainer.update = hanging_update
+from rlr_backend.cli import train
+train()
+"""
+
+
 def test_kill_during_run_then_resume(reference_run, tmp_path):
     _, result = reference_run
-    cmd = [sys.executable, "-c", "from rlr_backend.cli import train; train()", "--steps", "6",
+    flag = tmp_path / "hanging"
+    cmd = [sys.executable, "-c", HANG_AT_UPDATE_4, str(flag), "--steps", "6",
            "--output-dir", str(tmp_path), "--run-name", "k", *TINY_ARGS]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = tmp_path / "k" / "ckpt" / "LATEST"
     deadline = time.time() + 240
-    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-000002"):
+    while time.time() < deadline and not flag.exists() and proc.poll() is None:
         time.sleep(0.05)
+    assert flag.exists(), "the child never reached its 4th update"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "k" / "lora.safetensors").exists(), "the run finished before it could be killed"
+    assert (tmp_path / "k" / "ckpt" / "LATEST").read_text().strip() == "step-000002"
+    assert not (tmp_path / "k" / "lora.safetensors").exists()
     assert train_main(["--steps", "6", "--output-dir", str(tmp_path), "--run-name", "k", "--resume", *TINY_ARGS]) == 0
     a, b = lora_of(result.run_dir), lora_of(tmp_path / "k")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -109,11 +131,12 @@ def test_should_stop_ends_early_with_a_lora(tmp_path):
     (["--prompt", " "], "empty"),
     (["--lora-rank", "0"], "lora_rank must be >= 1"),
     (["--images-per-prompt", "3"], "multiple of images_per_prompt"),
+    (["--fo-steps", "3"], "h + fo_steps <= num_inference_steps"),
     (["--run-name", "../elsewhere"], "plain folder name"),
     (["--estimator", "truncated_bp", "--reward", "jpeg_compressibility"], "not differentiable"),
 ])
 def test_bad_options_fail_with_one_line(args, message, tmp_path, capsys):
-    assert train_main([*args, "--output-dir", str(tmp_path), *TINY_ARGS]) == 2
+    assert train_main([*TINY_ARGS, *args, "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
@@ -167,3 +190,11 @@ def test_resume_survives_a_metrics_line_cut_by_a_crash(tmp_path):
     Trainer(TrainConfig(steps=3, output_dir=tmp_path, run_name="cut", **TINY), progress=False).run(resume=True)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from rlr_backend.cli import build_config, train_parser
+
+    assert build_config(train_parser().parse_args([])) == TrainConfig()
+    assert build_config(train_parser().parse_args(["--fo-steps", "2", "--lr", "0.01"])) == \
+        TrainConfig(fo_steps=2, lr=0.01)

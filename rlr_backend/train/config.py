@@ -27,22 +27,22 @@ class TrainConfig:
 
     model: str | None = _f(None, "diffusers model folder (StableDiffusionPipeline); default: the embedded model")
     prompts: tuple[PromptSpec, ...] = _f(tuple(PromptSpec(p) for p in DEFAULT_PROMPTS), "training prompts")
-    reward: str = _f("prompt_alignment", "reward name, or weighted sum 'name=w,name=w'")
+    reward: str = _f("prompt_alignment=1,brightness=1", "reward name, or weighted sum 'name=w,name=w'")
     estimator: str = _f("rlr", "gradient estimator", choices=tuple(sorted(ESTIMATORS)))
     h: int = _f(2, "rlr: half-order sub-chain length")
-    fo_steps: int = _f(1, "rlr: backprop (first-order) through the last K steps; the paper uses 1")
+    fo_steps: int = _f(4, "rlr: backprop (first-order) through the last K steps (the paper uses 1; 4 learns faster, still unbiased)")
     zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
     nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
     ho_range: tuple[int, int] | None = _f(None, "rlr: draw the sub-chain start j in a..b (paper order, 1 = last step)")
     truncation: int = _f(2, "truncated_bp: number of last steps backpropagated")
     chain_len: int = _f(2, "code_compat: number of single-step PPO terms")
     steps: int = _f(60, "optimizer updates", min=1)
-    batch_size: int = _f(4, "images sampled per update", min=2)
-    images_per_prompt: int = _f(2, "images per prompt in a batch (the baseline compares images of one prompt)", min=1)
+    batch_size: int = _f(8, "images sampled per update", min=2)
+    images_per_prompt: int = _f(4, "images per prompt in a batch (the baseline compares images of one prompt)", min=1)
     num_inference_steps: int = _f(20, "DDIM sampling steps T", min=2)
     eta: float = _f(1.0, "DDIM stochasticity (>0 for likelihood-ratio terms)")
     guidance_scale: float = _f(4.0, "classifier-free guidance scale")
-    lr: float = _f(1e-3, "Adam learning rate")
+    lr: float = _f(3e-3, "Adam learning rate")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
     grad_accum: int = _f(1, "updates accumulated per optimizer step", min=1)
     lora_rank: int = _f(4, "LoRA rank", min=1)
@@ -67,7 +67,10 @@ class TrainConfig:
                 raise ValueError(f"{spec.name} must be >= {lo}, got {getattr(self, spec.name)}")
         if self.batch_size % self.images_per_prompt:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of images_per_prompt "
-                             f"({self.images_per_prompt})")
+                             f"({self.images_per_prompt}): change either")
+        if self.estimator == "rlr" and self.h + self.fo_steps > self.num_inference_steps:
+            raise ValueError(f"rlr needs h + fo_steps <= num_inference_steps, got {self.h} + {self.fo_steps} > "
+                             f"{self.num_inference_steps}: lower h or fo_steps, or sample with more steps")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError("lora_alpha must be > 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
