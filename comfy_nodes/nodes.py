@@ -43,6 +43,16 @@ def _folder_paths():
     return folder_paths
 
 
+NO_LORA = "(none)"
+
+
+def _lora_files() -> list[str]:
+    try:
+        return [f for f in _folder_paths().get_filename_list("loras") if f.endswith(".safetensors")]
+    except KeyError:
+        return []
+
+
 def _diffusers_roots() -> list[str]:
     try:
         return list(_folder_paths().get_folder_paths("diffusers"))
@@ -222,6 +232,9 @@ class Sampler(io.ComfyNode):
                     _float("guidance_scale", max=30.0, step=0.1),
                     _float("eta", max=1.0, step=0.05),
                     LORA.Input("lora", optional=True, tooltip="a LoRA from RLR Trainer (or any kohya LoRA)"),
+                    io.Combo.Input("lora_file", options=[NO_LORA, *_lora_files()], default=NO_LORA, optional=True,
+                                   tooltip="or a LoRA file from models/loras (.safetensors; used when no lora is "
+                                           "connected)"),
                     io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                    tooltip="LoRA strength (0: the base model)")],
             outputs=[io.Image.Output(display_name="images")],
@@ -229,8 +242,11 @@ class Sampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, rlr_model, prompt: str, seed: int, num_images: int, steps: int, guidance_scale: float,
-                eta: float, lora=None, strength: float = 1.0) -> io.NodeOutput:
+                eta: float, lora=None, strength: float = 1.0, lora_file: str = NO_LORA) -> io.NodeOutput:
         from . import comfy_glue
+
+        if lora is None and lora_file not in (None, NO_LORA):
+            lora = logic.read_lora(_folder_paths().get_full_path_or_raise("loras", lora_file))
 
         images = comfy_glue.run_sampling(rlr_model, prompt, node_id=cls.hidden.unique_id, lora=lora,
                                          strength=strength, seed=seed, num_images=num_images, num_steps=steps,

@@ -11,3 +11,17 @@ def get_output_directory():
 
 def get_folder_paths(name):
     return [os.path.join(base, "models", name)]
+
+
+def get_filename_list(name):
+    root = get_folder_paths(name)[0]
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def get_full_path_or_raise(name, filename):
+    path = os.path.join(get_folder_paths(name)[0], filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Model in folder '{name}' with filename '{filename}' not found.")
+    return path

@@ -32,8 +32,9 @@ def random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Small random weights (1/sqrt(fan_in)), unit norm scales, zero biases: finite, non-trivial outputs."""
     g = torch.Generator().manual_seed(seed)
     out = {}
+    params = {n for n, _ in module.named_parameters()}
     for name, t in module.state_dict().items():
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if name not in params or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # buffers as built
             out[name] = t.clone()
         elif t.dim() >= 2 and t.numel() > 0:
             out[name] = torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel())
@@ -76,3 +77,32 @@ def build(kind: str = "sd1", seed: int = 0):
         vae_sd = random_state(AutoencoderKL(**params), seed + 2)
         vae = comfy.sd.VAE(sd=vae_sd, config={"params": params}, dtype=torch.float32)
     return model, clip, vae
+
+
+def save_sd15_shaped_checkpoint(path, seed: int = 0) -> int:
+    """A random-weight checkpoint that ComfyUI's Load Checkpoint detects as SD1.5 (model_channels 320,
+    context 768, SD1 CLIP and VAE at full size; two UNet levels instead of four to stay small).
+    Returns the number of UNet parameters."""
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models as sm
+    import comfy.supported_models_base as smb
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import save_file
+
+    unet = {**UNET_SD1, "model_channels": 320, "context_dim": 768, "num_heads": 8}
+    config = sm.SD15(unet)
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    base.load_state_dict(random_state(base, seed), strict=False)
+    clip = comfy.sd.CLIP(smb.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+                         model_options={"dtype": torch.float32})
+    clip.cond_stage_model.load_state_dict(random_state(clip.cond_stage_model, seed + 1), strict=False)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae_model = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    vae_sd = random_state(vae_model, seed + 2)
+    sd = base.state_dict_for_saving(clip.get_sd(), vae_sd, None)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(path))
+    return sum(p.numel() for p in base.diffusion_model.parameters())

