@@ -13,7 +13,7 @@ from rlr_backend.train.checkpoint import latest_checkpoint
 from rlr_backend.train.pipeline import load_pipeline
 from rlr_backend.train.runner import RunInProgress, RunManager, eval_captions
 
-TINY = dict(batch_size=2, num_inference_steps=4, eval_seeds=1, lr=1e-2)
+TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_seeds=1, lr=1e-2)
 
 
 def wait_until(pred, timeout=120.0):
