@@ -97,12 +97,23 @@ def build_config(args: argparse.Namespace):
     return TrainConfig(**kw)
 
 
+def _quiet_libraries() -> None:
+    """Offline mode, and no loading bars or torchvision notices from diffusers/transformers in our output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for noisy in ("httpx", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)  # "requires torchvision"
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    for noisy in ("httpx", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_libraries()
     try:
         import torch
 
@@ -137,7 +148,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid (default samples.png)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_libraries()
     try:
         from .train.pipeline import load_pipeline
         from .train.report import save_grid
