@@ -48,7 +48,7 @@ class TrainConfig:
     lora_rank: int = _f(4, "LoRA rank", min=1)
     lora_alpha: float | None = _f(None, "LoRA alpha (default: the rank)")
     seed: int = _f(0, "seed of the run (sampling noise, prompts, j)")
-    eval_every: int = _f(20, "evaluate every N updates (0: only at start and end)")
+    eval_every: int = _f(10, "evaluate every N updates (0: only at start and end)")
     eval_seeds: int = _f(2, "evaluation images per evaluation prompt")
     ckpt_every: int = _f(10, "checkpoint every N updates")
     output_dir: Path = _f(Path("runs"), "folder that holds run folders")
