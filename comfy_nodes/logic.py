@@ -243,10 +243,10 @@ def train(source: ModelSource, config: TrainConfig, *, split: Sequence[float] = 
     so its weights are ordinary tensors).
     """
     check_source(source, "RLR Trainer")
-    reward = make_reward(config.reward)  # unknown names fail before the model loads
     trainer = model = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
+            reward = make_reward(config.reward)  # weights must be ordinary tensors too; fails before the model loads
             model = source.load()
             trainer = Trainer(config, model=model, reward=reward, on_step=on_step, on_preview=on_preview,
                               should_stop=should_stop, progress=False, prompt_split=split)

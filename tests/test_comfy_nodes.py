@@ -90,7 +90,7 @@ def test_pack_root_is_v3_only_and_inert_outside_comfyui():
     assert (root / "web" / "rlr_reward_chart.js").is_file()
 
 
-def chain(nodes, reward="brightness", **prompt_kw):
+def chain(nodes, reward="prompt_alignment", **prompt_kw):
     model = run(nodes.LoadModel, model="(embedded default)").args[0]
     r = run(nodes.Reward, reward=reward, weight=1.0).args[0]
     r = run(nodes.Reward, reward="saturation", weight=0.2, add_to=r).args[0]
@@ -110,7 +110,7 @@ def test_train_save_sample_chain(pack):
     import comfy.utils
 
     model, r, est, p = chain(nodes)
-    assert r == (("brightness", 1.0), ("saturation", 0.2)) and p.ho_range == (2, 3) and len(p.prompts) == 2
+    assert r == (("prompt_alignment", 1.0), ("saturation", 0.2)) and p.ho_range == (2, 3) and len(p.prompts) == 2
     comfy.utils.UPDATES.clear()
     out = run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est, **FAST)
     lora, curve, grid = out.args

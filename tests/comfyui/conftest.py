@@ -75,8 +75,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(comfy_inprocess, tmp_path_factory):
-    """ComfyUI main.py --cpu on a free loopback port; this repo symlinked as a custom node pack; models,
-    outputs and the user folder in a temp dir; an SD1.5-shaped random checkpoint made for the test."""
+    """ComfyUI main.py --cpu on a free loopback port with --base-directory in a temp dir (models, output,
+    custom_nodes with this repo symlinked in as a pack); an SD1.5-shaped random checkpoint made for the test."""
     import tiny_comfy
 
     base = tmp_path_factory.mktemp("comfyui")
@@ -87,16 +87,11 @@ def server(comfy_inprocess, tmp_path_factory):
     t0 = time.perf_counter()
     tiny_comfy.save_sd15_shaped_checkpoint(base / "models" / "checkpoints" / "sd15_random.safetensors")
     print(f"[comfyui tier] SD1.5-shaped checkpoint written in {time.perf_counter() - t0:.1f} s")
-    cfg = base / "extra_model_paths.yaml"
-    cfg.write_text(f"rlr_test:\n    base_path: {base}\n    checkpoints: models/checkpoints\n    loras: models/loras\n"
-                   f"    diffusers: models/diffusers\n    custom_nodes: custom_nodes\n")
     port = _free_port()
     log = base / "server.log"
     env = {**os.environ, "PYTHONPATH": comfy_inprocess["stub"], "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [comfy_inprocess["python"], "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--extra-model-paths-config", str(cfg), "--output-directory", str(base / "output"),
-           "--temp-directory", str(base / "temp"), "--input-directory", str(base / "input"),
-           "--user-directory", str(base / "user"), "--disable-auto-launch", "--preview-method", "none",
+           "--base-directory", str(base), "--disable-auto-launch", "--preview-method", "none",
            "--database-url", "sqlite:///:memory:"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=comfy_inprocess["comfyui_dir"], env=env, stdout=f, stderr=subprocess.STDOUT)

