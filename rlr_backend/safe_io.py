@@ -33,14 +33,17 @@ def check_safetensors(path: str | Path) -> Path:
         raise FileNotFoundError(f"{p}: no such file")
     with open(p, "rb") as f:
         head = f.read(9)
+    # A valid header first: its 8-byte length may itself start with b"\x80" or b"PK" (a file is never
+    # unpickled here, so accepting a safetensors-shaped file is safe; safetensors parses it).
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n <= p.stat().st_size - 8 and n <= 100_000_000:
+            return p
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise InvalidModelFile(f"{p}: this is a pickle (torch.save) file, not safetensors; convert it to .safetensors")
     if len(head) < 9:
         raise InvalidModelFile(f"{p}: file is too short to be safetensors (incomplete download?)")
-    (n,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or n > p.stat().st_size - 8 or n > 100_000_000:
-        raise InvalidModelFile(f"{p}: not a safetensors file (bad header)")
-    return p
+    raise InvalidModelFile(f"{p}: not a safetensors file (bad header)")
 
 
 def _umask() -> int:

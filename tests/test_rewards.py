@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlr_backend.rewards import REWARDS, CallableReward, make_reward
+from rlr_backend.rewards import REWARD_HELP, REWARDS, CallableReward, make_reward
 
 
 def test_rule_rewards_order_images_as_named():
@@ -51,6 +51,18 @@ def test_custom_callable_reward():
         CallableReward(42)
 
 
-def test_every_registered_reward_builds():
+def test_every_registered_reward_builds(monkeypatch):
+    """Every factory builds (model rewards lazily); make_reward builds the weightless ones and, without
+    a weights folder, refuses the model rewards (tests/test_reward_models.py builds them from tiny weights)."""
+    from rlr_backend.rewards import MissingRewardWeights
+    from rlr_backend.rewards.models import MODEL_REWARDS
+
+    monkeypatch.delenv("RLR_REWARD_MODELS", raising=False)
+    assert set(MODEL_REWARDS) <= set(REWARDS) and set(REWARDS) <= set(REWARD_HELP)
     for name in REWARDS:
-        assert make_reward(name).name
+        assert REWARDS[name]().name == name or name in ("red", "blue")  # TargetColor is named target_color
+        if name in MODEL_REWARDS:
+            with pytest.raises(MissingRewardWeights, match=name):
+                make_reward(name)
+        else:
+            assert make_reward(name).name

@@ -1,11 +1,18 @@
 """The reward registry used by the CLI, the ComfyUI nodes and the Gradio app.
 
 ``make_reward("prompt_alignment")`` or a weighted sum ``make_reward("prompt_alignment=1,brightness=0.2")``.
+
+Every factory takes ``(device="cpu", models_dir=None)``. Building a model reward from ``REWARDS`` touches
+no file (the UIs do it to read ``name`` and ``differentiable``); ``make_reward`` also checks the weights
+of model rewards (``aesthetic``, ``clip_score``, ``pickscore``, ``hpsv2``, ``image_reward``), so a
+missing or wrong file fails before anything else loads. Their weights come from ``models_dir`` and
+``$RLR_REWARD_MODELS`` (see :mod:`rlr_backend.rewards.models` and docs/rewards.md).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -13,22 +20,40 @@ from .base import Reward, WeightedSum
 from .rules import Brightness, Contrast, Darkness, JpegSize, Saturation, TargetColor
 
 
-def _alignment(device: str | torch.device = "cpu") -> Reward:
+ModelsDir = Union[str, Path, Sequence[Union[str, Path]], None]
+
+
+def _alignment(device: str | torch.device = "cpu", models_dir: ModelsDir = None) -> Reward:
     from .alignment import PromptAlignmentReward  # loads the committed classifier weights
 
     return PromptAlignmentReward(device=device)
 
 
+def _model(name: str) -> Callable[..., Reward]:
+    def factory(device: str | torch.device = "cpu", models_dir: ModelsDir = None) -> Reward:
+        from .models import model_reward  # transformers is imported only when the weights are checked
+
+        return model_reward(name, models_dir=models_dir, device=device)
+
+    factory.__name__ = f"make_{name}"
+    return factory
+
+
 REWARDS: dict[str, Callable[..., Reward]] = {
     "prompt_alignment": _alignment,
-    "brightness": lambda device="cpu": Brightness(),
-    "darkness": lambda device="cpu": Darkness(),
-    "saturation": lambda device="cpu": Saturation(),
-    "contrast": lambda device="cpu": Contrast(),
-    "red": lambda device="cpu": TargetColor((1.0, 0.0, 0.0)),
-    "blue": lambda device="cpu": TargetColor((0.0, 0.0, 1.0)),
-    "jpeg_compressibility": lambda device="cpu": JpegSize(-1.0),
-    "jpeg_incompressibility": lambda device="cpu": JpegSize(+1.0),
+    "brightness": lambda device="cpu", models_dir=None: Brightness(),
+    "darkness": lambda device="cpu", models_dir=None: Darkness(),
+    "saturation": lambda device="cpu", models_dir=None: Saturation(),
+    "contrast": lambda device="cpu", models_dir=None: Contrast(),
+    "red": lambda device="cpu", models_dir=None: TargetColor((1.0, 0.0, 0.0)),
+    "blue": lambda device="cpu", models_dir=None: TargetColor((0.0, 0.0, 1.0)),
+    "jpeg_compressibility": lambda device="cpu", models_dir=None: JpegSize(-1.0),
+    "jpeg_incompressibility": lambda device="cpu", models_dir=None: JpegSize(+1.0),
+    "aesthetic": _model("aesthetic"),
+    "clip_score": _model("clip_score"),
+    "pickscore": _model("pickscore"),
+    "hpsv2": _model("hpsv2"),
+    "image_reward": _model("image_reward"),
 }
 
 REWARD_HELP: dict[str, str] = {
@@ -38,11 +63,23 @@ REWARD_HELP: dict[str, str] = {
     "red": "closeness of the pixels to pure red", "blue": "closeness of the pixels to pure blue",
     "jpeg_compressibility": "minus the JPEG size in kB (DDPO; not differentiable)",
     "jpeg_incompressibility": "the JPEG size in kB (DDPO; not differentiable)",
+    "aesthetic": "LAION aesthetic score, about 1-10: MLP on CLIP ViT-L/14 image features (DDPO, AlignProp; "
+                 "prompt ignored; differentiable; local weights, docs/rewards.md)",
+    "clip_score": "2.5 x cosine similarity of CLIP image and prompt embeddings (any local CLIP; differentiable)",
+    "pickscore": "PickScore, about 18-23: human preference, CLIP-H fine-tuned on Pick-a-Pic (local weights; "
+                 "differentiable)",
+    "hpsv2": "HPSv2 / v2.1 human preference score, about 0.2-0.3 (open_clip ViT-H/14; local weights; differentiable)",
+    "image_reward": "ImageReward human preference, about -2 to 2 (BLIP; local weights; differentiable)",
 }
 
 
-def make_reward(spec: str, device: str | torch.device = "cpu") -> Reward:
-    """Build a reward from ``name`` or ``name=weight,name=weight``; unknown names list the choices."""
+def make_reward(spec: str, device: str | torch.device = "cpu", models_dir: ModelsDir = None) -> Reward:
+    """Build a reward from ``name`` or ``name=weight,name=weight``; unknown names list the choices.
+
+    Model rewards look for their weights in ``models_dir`` (a folder or several, e.g. ComfyUI's
+    ``models/``), then ``$RLR_REWARD_MODELS``; they are checked here (headers only) and loaded on the
+    first call. Raises ``MissingRewardWeights`` (a ``FileNotFoundError``) or ``InvalidModelFile``.
+    """
     spec = (spec or "").strip()
     if not spec:
         raise ValueError(f"no reward given; choose one of {sorted(REWARDS)}")
@@ -56,5 +93,9 @@ def make_reward(spec: str, device: str | torch.device = "cpu") -> Reward:
             w = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"reward weight for {name!r} must be a number, got {weight!r}") from None
-        parts.append((REWARDS[name](device=device), w))
+        reward = REWARDS[name](device=device, models_dir=models_dir)
+        check = getattr(reward, "check", None)
+        if callable(check):
+            check()
+        parts.append((reward, w))
     return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedSum(parts)
