@@ -16,7 +16,7 @@ with ``is_decoder=False`` as ``BlipForImageTextRetrieval`` does).
 
 Accepted weights: ``ImageReward.safetensors``, the ``state_dict`` of THUDM's ``ImageReward.pt``
 converted to safetensors with its original names (``blip.visual_encoder.*``, ``blip.text_encoder.*``,
-``mlp.layers.*``; ``blip.vision_proj``/``blip.text_proj`` are ignored), plus bert-base-uncased's
+``mlp.layers.*``; other tensors such as ``blip.vision_proj`` are ignored), plus bert-base-uncased's
 ``vocab.txt`` beside it. The architecture is read from the tensor shapes (64-wide attention heads, as
 BLIP's ViT-B/L and BERT-base have). Not supported: ImageReward's ``med_config.json`` variants with
 other head widths, and the ReFL training code.
@@ -47,7 +47,6 @@ ARCHITECTURE = ("ImageReward: BLIP ViT (blip.visual_encoder.*), BERT encoder wit
                 "(blip.text_encoder.*), MLP head (mlp.layers.*)")
 
 _VIS, _TXT = "blip.visual_encoder.", "blip.text_encoder."
-_IGNORED = ("blip.vision_proj.", "blip.text_proj.")
 
 
 def _vit_name(name: str) -> str:
@@ -68,7 +67,12 @@ def _vit_name(name: str) -> str:
 
 
 def convert_image_reward(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """ImageReward.pt names -> :class:`ImageRewardModel` names (works on meta tensors too)."""
+    """ImageReward.pt names -> :class:`ImageRewardModel` names (works on meta tensors too).
+
+    Only the three parts the score uses are kept (ImageReward's own loader is ``strict=False``, so
+    other tensors in the file, e.g. ``blip.vision_proj``, are not an error); inside them, every
+    tensor must fit.
+    """
     out = {}
     for key, value in state_dict.items():
         if key.startswith(_VIS):
@@ -76,9 +80,7 @@ def convert_image_reward(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         elif key.startswith(_TXT):
             if not key.endswith("position_ids"):
                 out["text_encoder." + key[len(_TXT):]] = value
-        elif key.startswith(_IGNORED):
-            continue
-        else:
+        elif key.startswith("mlp."):
             out[key] = value
     return out
 
