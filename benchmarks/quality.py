@@ -1,0 +1,80 @@
+"""Estimator quality: bias and variance of the gradient, and variance x cost.
+
+Two problems: the linear-Gaussian chain with a closed-form gradient (benchmarks.analytic_chain),
+and the embedded default model's UNet with a LoRA, where the "true" gradient is the mean of full
+backprop over many seeds. Cost is the measured seconds per update on the UNet (forward-equivalents
+on the chain), so Var x cost compares estimators at equal compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from rlr_backend.estimators import (BaselineState, CodeCompatConfig, DDPOConfig, FullBPConfig, RLRConfig,
+                                    TruncatedBPConfig, ZOConfig, code_compat_estimate, ddpo_estimate,
+                                    full_bp_estimate, rlr_estimate, truncated_bp_estimate, zo_estimate)
+
+from . import analytic_chain
+from .stacks import build_stack
+
+logger = logging.getLogger(__name__)
+
+UNET_CASES = {
+    "full_bp": (full_bp_estimate, {"config": FullBPConfig()}),
+    "rlr latent_lr h=2": (rlr_estimate, {"config": RLRConfig(h=2)}),
+    "rlr latent_lr h=2 fo_steps=4": (rlr_estimate, {"config": RLRConfig(h=2, fo_steps=4)}),
+    "rlr param_2pt h=2": (rlr_estimate, {"config": RLRConfig(h=2, zo_mode="param_2pt")}),
+    "rlr param_1pt h=2": (rlr_estimate, {"config": RLRConfig(h=2, zo_mode="param_1pt", baseline="ema")}),
+    "ddpo (ratio 1, sums, LOO)": (ddpo_estimate, {"config": DDPOConfig(clip_range=1.0, adv_clip=None, baseline="loo",
+                                                                       step_reduction="sum")}),
+    "zo": (zo_estimate, {"config": ZOConfig()}),
+    "truncated_bp K=2": (truncated_bp_estimate, {"config": TruncatedBPConfig(k=2)}),
+    "code_compat": (code_compat_estimate, {"config": CodeCompatConfig()}),
+}
+
+
+def gradients(stack, fn, kw: dict, seeds: int) -> tuple[torch.Tensor, float]:
+    """(seeds, n_params) gradient estimates of the reward (ascent direction) and seconds per update."""
+    p = stack.problem
+    out, state, t0 = [], BaselineState(), time.perf_counter()
+    for s in range(seeds):
+        for q in p.params:
+            q.grad = None
+        g = torch.Generator().manual_seed(1000 + s)
+        fn(p, torch.randn(stack.latent_shape, generator=g), generator=g, baseline_state=state, **kw)
+        out.append(-torch.cat([q.grad.flatten() if q.grad is not None else torch.zeros(q.numel()) for q in p.params]))
+    return torch.stack(out).double(), (time.perf_counter() - t0) / seeds
+
+
+def unet_quality(num_steps: int, batch: int, seeds: int) -> list[dict]:
+    logging.getLogger("rlr_backend.estimators.rlr").setLevel(logging.ERROR)
+    stack = build_stack("default", num_steps=num_steps, batch=batch)
+    truth_est, truth_secs = gradients(stack, *UNET_CASES["full_bp"], seeds=4 * seeds)
+    truth, truth_se2 = truth_est.mean(0), truth_est.var(0) / truth_est.shape[0]
+    rows = []
+    for name, (fn, kw) in UNET_CASES.items():
+        est, secs = (truth_est[:seeds], truth_secs) if name == "full_bp" else gradients(stack, fn, kw, seeds)
+        mean, var = est.mean(0), est.var(0)
+        se2 = var / seeds + truth_se2
+        # squared bias in units of its variance, averaged over coordinates: about 1 when unbiased
+        z2 = ((mean - truth) ** 2 / se2.clamp_min(1e-30)).mean()
+        trace_var = float(var.sum())
+        is_truth = name == "full_bp"  # the reference itself: no bias figure
+        rows.append({"estimator": name, "trace_var": trace_var, "seconds": secs, "var_x_seconds": trace_var * secs,
+                     "cos_to_truth": None if is_truth else float(torch.nn.functional.cosine_similarity(mean, truth, dim=0)),
+                     "mean_sq_z": None if is_truth else float(z2),
+                     "relative_bias": None if is_truth else float((mean - truth).norm() / truth.norm())})
+        logger.info("%s: var %.3g, %.2fs, mean z^2 %s", name, trace_var, secs, rows[-1]["mean_sq_z"])
+    return rows
+
+
+def run_suite(quick: bool) -> dict:
+    calls, batch = (200, 16) if quick else (1000, 64)
+    truth_norm, chain_rows = analytic_chain.measure(calls, batch)
+    T, B, seeds = (10, 4, 12) if quick else (20, 4, 48)
+    return {"analytic_chain": {"calls": calls, "batch": batch, "exact_gradient_norm": truth_norm, "rows": chain_rows},
+            "unet": {"model": "default", "T": T, "batch": B, "seeds": seeds, "truth": f"mean of full_bp over {4 * seeds} seeds",
+                     "rows": unet_quality(T, B, seeds)}}

@@ -1,0 +1,205 @@
+"""Render docs/benchmarks.md and its plots from the JSON results of benchmarks.run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from rlr_backend.safe_io import atomic_path
+
+from .efficiency import summarize
+
+HEADLINE_T = 20
+
+
+def _load(results: Path, suite: str) -> dict | None:
+    for budget in ("full", "quick"):
+        p = results / f"{suite}-{budget}.json"
+        if p.is_file():
+            return json.loads(p.read_text())
+    return None
+
+
+def _about(r: dict) -> str:
+    m = r["machine"]
+    return (f"*{r['budget']} run, {r['started']}, {r['seconds'] / 60:.1f} min; {m['cpu']}, {m['cores']} cores, "
+            f"{m['threads']} torch thread(s), load {m['load_at_start']:.2f} -> {r.get('load_at_end', float('nan')):.2f}; "
+            f"torch {m['torch']}, diffusers {m['diffusers']}, commit {m['commit']}. Command: `{r['command']}`.*")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _plt().close(fig)
+
+
+def _fmt(x, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def cost_section(r: dict, images: Path) -> list[str]:
+    rows = r["rows"]
+    lines = ["## Cost of one update", "", _about(r), "",
+             "Ratios to a no-grad sample of the same batch (plus the reward), the baseline re-timed next to each "
+             "case. Predicted time ratio: the cost model in `benchmarks/cost.py` (forwards + 2 x backpropagated "
+             "forwards, over T), counted by each estimator.", ""]
+    groups = sorted({(x["model"], x["T"], x["batch"], x["pixels"]) for x in rows})
+    for model, T, batch, px in groups:
+        mine = [x for x in rows if (x["model"], x["T"], x["batch"], x["pixels"]) == (model, T, batch, px)]
+        lines += [f"**{model}, {px} px, T={T}, batch {batch}** (no-grad sample: {mine[0]['sample_seconds']:.2f} s, "
+                  f"{mine[0]['sample_bytes'] / 1e6:.0f} MB)", "",
+                  "| estimator | time / sample | predicted | memory / sample | memory (MB) | steps in memory |",
+                  "|---|---|---|---|---|---|"]
+        for x in mine:
+            lines.append(f"| {x['estimator']} | {x['time_ratio']:.2f}x | {x['predicted_time_ratio']:.2f}x | "
+                         f"{x['memory_ratio']:.2f}x | {x['bytes'] / 1e6:.0f} | {x['steps_in_memory']:.0f} |")
+        lines.append("")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for model in sorted({x["model"] for x in rows}):
+        mine = [x for x in rows if x["model"] == model]
+        ax.scatter([x["predicted_time_ratio"] for x in mine], [x["time_ratio"] for x in mine], label=model, s=14)
+    lim = max(max(x["predicted_time_ratio"], x["time_ratio"]) for x in rows) * 1.1
+    ax.plot([0, lim], [0, lim], color="0.6", lw=1)
+    ax.set_xlabel("predicted time / sample")
+    ax.set_ylabel("measured time / sample")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, images / "bench_cost_model.png")
+    lines += ["![measured against predicted time ratio](images/bench_cost_model.png)", ""]
+    return lines
+
+
+def quality_section(r: dict, images: Path) -> list[str]:
+    ac, un = r["analytic_chain"], r["unet"]
+    lines = ["## Gradient quality: bias, variance, variance x cost", "", _about(r), "",
+             f"**Analytic chain** (exact gradient known; {ac['calls']} updates x batch {ac['batch']}; exact gradient "
+             f"norm {ac['exact_gradient_norm']:.3f}; z = largest |mean - exact| / standard error, below 4 when "
+             "unbiased; cost in forward-equivalents).", "",
+             "| estimator | meant unbiased | max z | trace Var | cost | Var x cost |", "|---|---|---|---|---|---|"]
+    for x in ac["rows"]:
+        lines.append(f"| {x['estimator']} | {'yes' if x['meant_unbiased'] else 'no'} | {x['max_z']:.1f} | "
+                     f"{x['trace_var']:.3g} | {x['cost']:.0f} | {x['var_x_cost']:.3g} |")
+    lines += ["", f"**Embedded default model's UNet + LoRA** (T={un['T']}, batch {un['batch']}, {un['seeds']} seeds per "
+              f"estimator; truth = {un['truth']}; brightness reward through the VAE decoder). Mean z^2 is the "
+              "squared bias over its variance averaged over the LoRA parameters: about 1 when unbiased.", "",
+              "| estimator | trace Var | s / update | Var x seconds | relative to ddpo | mean z^2 | cos(mean, truth) |",
+              "|---|---|---|---|---|---|---|"]
+    ddpo = next((x for x in un["rows"] if x["estimator"].startswith("ddpo")), None)
+    for x in un["rows"]:
+        rel = x["var_x_seconds"] / ddpo["var_x_seconds"] if ddpo else None
+        lines.append(f"| {x['estimator']} | {x['trace_var']:.3g} | {x['seconds']:.2f} | {x['var_x_seconds']:.3g} | "
+                     f"{_fmt(rel, '.3g')} | {_fmt(x['mean_sq_z'], '.2f')} | {_fmt(x['cos_to_truth'], '.2f')} |")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    names = [x["estimator"] for x in un["rows"]]
+    ax.barh(names, [x["var_x_seconds"] for x in un["rows"]], color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("trace Var x seconds per update (lower is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    _save(fig, images / "bench_variance_cost.png")
+    lines += ["", "![variance x cost on the UNet](images/bench_variance_cost.png)", ""]
+    return lines
+
+
+def efficiency_section(r: dict, images: Path) -> list[str]:
+    s = r["settings"]
+    lines = ["## Sample efficiency on the embedded default model", "", _about(r), "",
+             f"{s['updates']} updates x batch {s['batch']} ({s['images_per_prompt']} images per prompt), T={s['T']}, "
+             f"seeds {s['seeds']}, evaluation every {s['eval_every']} updates on fixed seeds. Level = 90% of the way "
+             "from the start to the best mean final reward of any estimator; samples = generated images.", "",
+             "| reward | estimator | final eval reward, mean (min, max) | samples to level | vs ddpo | "
+             "diversity at the end | wall time (s) |", "|---|---|---|---|---|---|---|"]
+    summary = summarize(r)
+    for x in summary:
+        ddpo = next((y for y in summary if y["reward"] == x["reward"] and y["estimator"] == "ddpo"), None)
+        ratio = (x["samples_to_level"] / ddpo["samples_to_level"]
+                 if ddpo and ddpo["samples_to_level"] and x["samples_to_level"] else None)
+        reach = (f"{x['samples_to_level']:.0f}" if x["samples_to_level"] is not None
+                 else f"not reached ({x['seeds_reaching_level']}/{x['seeds']} seeds)")
+        lines.append(f"| {x['reward']} | {x['estimator']} | {x['final_mean']:.4f} ({x['final_min']:.4f}, "
+                     f"{x['final_max']:.4f}) | {reach} | {_fmt(ratio, '.2f')} | {x['final_diversity']:.3f} | "
+                     f"{x['wall_seconds']:.0f} |")
+    plt = _plt()
+    for reward in sorted({x["reward"] for x in r["runs"]}):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for est in sorted({x["estimator"] for x in r["runs"] if x["reward"] == reward}):
+            runs = [x for x in r["runs"] if x["reward"] == reward and x["estimator"] == est]
+            samples = [p["samples"] for p in runs[0]["points"]]
+            vals = [[run["points"][i]["eval_reward"] for run in runs] for i in range(len(samples))]
+            line, = ax.plot(samples, [statistics.mean(v) for v in vals], label=est)
+            ax.fill_between(samples, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("generated samples")
+        ax.set_ylabel(f"eval {reward}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save(fig, images / f"bench_efficiency_{reward}.png")
+        lines += ["", f"![eval {reward} against samples](images/bench_efficiency_{reward}.png)"]
+    return lines + [""]
+
+
+def scaling_section(r: dict, images: Path) -> list[str]:
+    rows = r["rows"]
+    lines = ["## Scaling", "", _about(r), "",
+             f"Extra memory of an update over a no-grad sample, fitted on the `{r['fit_model']}` points as "
+             "c x T^a x batch^b x pixels^d (log-space least squares):", "",
+             "| estimator | exponents | max fit error | largest T under 24 GB (batch 1, same model and size) |",
+             "|---|---|---|---|"]
+    for est, f in r["fits"].items():
+        ex = ", ".join(f"{k} {v:.2f}" for k, v in f["exponents"].items())
+        lim = r["largest_T_under_24GB"].get(est)
+        lines.append(f"| {est} | {ex} | {f['max_relative_error'] * 100:.0f}% | {lim if lim is not None else '< 10'} |")
+    plt = _plt()
+    axes = [k for k in ("T", "batch", "pixels") if len({x[k] for x in rows if x["model"] == r["fit_model"]}) > 1]
+    fig, axs = plt.subplots(1, max(len(axes), 1), figsize=(4 * max(len(axes), 1), 3.4), squeeze=False)
+    for ax, key in zip(axs[0], axes):
+        centre = {k: statistics.median_low([x[k] for x in rows if x["model"] == r["fit_model"]])
+                  for k in ("T", "batch", "pixels")}
+        for est in r["fits"]:
+            pts = sorted((x[key], x["bytes"] / 1e6) for x in rows if x["estimator"] == est and x["model"] == r["fit_model"]
+                         and all(x[k] == centre[k] for k in ("T", "batch", "pixels") if k != key))
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=est, ms=3)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("peak memory (MB)")
+        ax.grid(alpha=0.3)
+    axs[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, images / "bench_scaling.png")
+    lines += ["", "![memory against T, batch and resolution](images/bench_scaling.png)", "",
+              "| model | px | T | batch | estimator | time / sample | memory (MB) |", "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['model']} | {x['pixels']} | {x['T']} | {x['batch']} | {x['estimator']} | "
+                     f"{x['time_ratio']:.2f}x | {x['bytes'] / 1e6:.0f} |")
+    return lines + [""]
+
+
+def render(results: Path, out: Path) -> None:
+    images = out.parent / "images"
+    lines = ["# Benchmarks", "", "Every figure on this page comes from `python -m benchmarks.run` "
+             "(`--suite quick` in minutes, `--suite full` in an hour or more on 2 CPU cores); the JSON behind it is in "
+             "`benchmarks/results/`. Ratios are measured in one run, so load on a shared machine cancels out.", ""]
+    sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,
+                "scaling": scaling_section}
+    for suite, fn in sections.items():
+        r = _load(results, suite)
+        lines += fn(r, images) if r else [f"## {suite}", "", f"(no results yet: `python -m benchmarks.run --only {suite}`)", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")

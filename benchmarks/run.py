@@ -1,0 +1,96 @@
+"""Run the benchmark suites and regenerate docs/benchmarks.md from their JSON results.
+
+    python -m benchmarks.run --suite quick      # minutes: every suite on a small budget
+    python -m benchmarks.run --suite full       # an hour or more on 2 CPU cores
+    python -m benchmarks.run --suite full --only cost scaling
+    python -m benchmarks.run --report-only      # re-render the page from benchmarks/results/
+
+Each suite writes benchmarks/results/<suite>-<quick|full>.json with the machine, versions, seeds,
+command and the measured rows; the page is rendered from the newest result of each suite. The
+efficiency suite saves after every training run and skips runs already saved (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rlr_backend.safe_io import save_json
+
+from . import cost, efficiency, quality, report, scaling
+
+RESULTS = Path(__file__).parent / "results"
+SUITES = ("cost", "quality", "efficiency", "scaling")
+
+
+def machine() -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load_at_start": os.getloadavg()[0],
+            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "commit": commit}
+
+
+def run(suite: str, budget: str) -> Path:
+    path = RESULTS / f"{suite}-{budget}.json"
+    meta = {"suite": suite, "budget": budget, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine()}
+    t0 = time.perf_counter()
+    quick = budget == "quick"
+
+    def save(data: dict) -> None:
+        save_json({**meta, "seconds": time.perf_counter() - t0, "load_at_end": os.getloadavg()[0], **data}, path)
+
+    if suite == "efficiency":
+        done = []
+        if path.is_file():
+            done = json.loads(path.read_text()).get("runs", [])
+        data = efficiency.run_suite(quick, done=done, save=save)
+    else:
+        data = {"cost": cost, "quality": quality, "scaling": scaling}[suite].run_suite(quick)
+    save(data)
+    logging.info("%s (%s) done in %.0f s -> %s", suite, budget, time.perf_counter() - t0, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("quick", "full"), default="quick")
+    ap.add_argument("--only", nargs="+", choices=SUITES, default=list(SUITES))
+    ap.add_argument("--report-only", action="store_true", help="only re-render docs/benchmarks.md")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("matplotlib", "PIL", "rlr_backend.train.trainer", "rlr_backend.estimators.rlr",
+                  "transformers.utils.import_utils"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    if not args.report_only:
+        for suite in args.only:
+            run(suite, args.suite)
+    report.render(RESULTS, args.out)
+
+
+if __name__ == "__main__":
+    main()
