@@ -59,7 +59,7 @@ def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: 
             "points": [points[k] for k in sorted(points)]}
 
 
-def run_suite(quick: bool, done: list[dict] | None = None, save=None) -> dict:
+def run_suite(quick: bool, done: list[dict] | None = None, save=None, rewards: tuple[str, ...] = REWARDS) -> dict:
     """Runs every (reward, estimator, seed) not in ``done``; ``save(results)`` after each run (resumable)."""
     if quick:
         seeds, steps, every, batch, per_prompt, T = [0], 4, 2, 4, 2, 8
@@ -68,7 +68,7 @@ def run_suite(quick: bool, done: list[dict] | None = None, save=None) -> dict:
     runs = list(done or [])
     have = {(r["reward"], r["estimator"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory() as tmp:
-        for reward in REWARDS:
+        for reward in rewards:
             differentiable = make_reward(reward).differentiable
             for est in ESTIMATORS:
                 if not differentiable and est in ("truncated_bp", "code_compat"):
@@ -111,3 +111,15 @@ def summarize(result: dict) -> list[dict]:
                         "wall_seconds": sum(r["wall_seconds"] for r in mine) / len(mine),
                         "final_diversity": sum(r["points"][-1].get("diversity", float("nan")) for r in mine) / len(mine)})
     return out
+
+
+def run_collapse(quick: bool) -> dict:
+    """The paper's collapse claim: a longer run of truncated_bp and rlr on prompt alignment. Does the
+    eval reward fall after rising, and does diversity shrink?"""
+    steps, every, T = (6, 3, 8) if quick else (200, 20, 20)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for est in ("truncated_bp", "rlr"):
+            runs.append(train_curve(est, "prompt_alignment", 0, steps, every, 8, 4, T, Path(tmp)))
+    return {"settings": {"updates": steps, "eval_every": every, "batch": 8, "images_per_prompt": 4, "T": T,
+                         "seeds": [0]}, "runs": runs}

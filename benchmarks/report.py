@@ -14,10 +14,19 @@ HEADLINE_T = 20
 
 
 def _load(results: Path, suite: str) -> dict | None:
+    """The full result of a suite if there is one, else the quick one; efficiency files split by
+    reward (``efficiency-full-<reward>.json``) are merged."""
     for budget in ("full", "quick"):
         p = results / f"{suite}-{budget}.json"
         if p.is_file():
             return json.loads(p.read_text())
+        parts = sorted(results.glob(f"{suite}-{budget}-*.json"))
+        if parts:
+            loaded = [json.loads(q.read_text()) for q in parts]
+            merged = dict(loaded[0])
+            merged["runs"] = [run for r in loaded for run in r["runs"]]
+            merged["seconds"] = sum(r["seconds"] for r in loaded)
+            return merged
     return None
 
 
@@ -152,6 +161,35 @@ def efficiency_section(r: dict, images: Path) -> list[str]:
     return lines + [""]
 
 
+def collapse_section(r: dict, images: Path) -> list[str]:
+    s = r["settings"]
+    lines = ["## A longer run: does the reward collapse?", "", _about(r), "",
+             f"Prompt alignment, {s['updates']} updates x batch {s['batch']}, T={s['T']}, seed 0. The paper reports "
+             "that truncated backprop's reward falls after rising on long runs; diversity = mean pairwise RMS "
+             "distance between the evaluation images of one prompt.", "",
+             "| estimator | eval reward at start | peak (update) | at the end | diversity start -> end |", "|---|---|---|---|---|"]
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for run in r["runs"]:
+        pts = run["points"]
+        peak = max(pts, key=lambda p: p["eval_reward"])
+        lines.append(f"| {run['estimator']} | {pts[0]['eval_reward']:.4f} | {peak['eval_reward']:.4f} ({peak['step']}) | "
+                     f"{pts[-1]['eval_reward']:.4f} | {pts[0].get('diversity', float('nan')):.3f} -> "
+                     f"{pts[-1].get('diversity', float('nan')):.3f} |")
+        a1.plot([p["step"] for p in pts], [p["eval_reward"] for p in pts], "o-", ms=3, label=run["estimator"])
+        a2.plot([p["step"] for p in pts], [p.get("diversity", float("nan")) for p in pts], "o-", ms=3,
+                label=run["estimator"])
+    a1.set_ylabel("eval prompt alignment")
+    a2.set_ylabel("diversity")
+    for ax in (a1, a2):
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, images / "bench_collapse.png")
+    return lines + ["", "![eval reward and diversity on a long run](images/bench_collapse.png)", ""]
+
+
 def scaling_section(r: dict, images: Path) -> list[str]:
     rows = r["rows"]
     lines = ["## Scaling", "", _about(r), "",
@@ -196,7 +234,7 @@ def render(results: Path, out: Path) -> None:
              "(`--suite quick` in minutes, `--suite full` in an hour or more on 2 CPU cores); the JSON behind it is in "
              "`benchmarks/results/`. Ratios are measured in one run, so load on a shared machine cancels out.", ""]
     sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,
-                "scaling": scaling_section}
+                "collapse": collapse_section, "scaling": scaling_section}
     for suite, fn in sections.items():
         r = _load(results, suite)
         lines += fn(r, images) if r else [f"## {suite}", "", f"(no results yet: `python -m benchmarks.run --only {suite}`)", ""]

@@ -30,7 +30,7 @@ from rlr_backend.safe_io import save_json
 from . import cost, efficiency, quality, report, scaling
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = ("cost", "quality", "efficiency", "scaling")
+SUITES = ("cost", "quality", "efficiency", "collapse", "scaling")
 
 
 def machine() -> dict:
@@ -49,8 +49,13 @@ def machine() -> dict:
             "transformers": transformers.__version__, "peft": peft.__version__, "commit": commit}
 
 
-def run(suite: str, budget: str) -> Path:
-    path = RESULTS / f"{suite}-{budget}.json"
+def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS) -> Path:
+    """Run one suite and save its JSON; the efficiency suite saves one file per reward (two processes can
+    share the work: ``--only efficiency --rewards prompt_alignment`` and ``... jpeg_compressibility``)."""
+    if suite == "efficiency" and len(rewards) == 1:
+        path = RESULTS / f"{suite}-{budget}-{rewards[0]}.json"
+    else:
+        path = RESULTS / f"{suite}-{budget}.json"
     meta = {"suite": suite, "budget": budget, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine()}
@@ -64,9 +69,10 @@ def run(suite: str, budget: str) -> Path:
         done = []
         if path.is_file():
             done = json.loads(path.read_text()).get("runs", [])
-        data = efficiency.run_suite(quick, done=done, save=save)
+        data = efficiency.run_suite(quick, done=done, save=save, rewards=rewards)
     else:
-        data = {"cost": cost, "quality": quality, "scaling": scaling}[suite].run_suite(quick)
+        data = {"cost": cost.run_suite, "quality": quality.run_suite, "scaling": scaling.run_suite,
+                "collapse": efficiency.run_collapse}[suite](quick)
     save(data)
     logging.info("%s (%s) done in %.0f s -> %s", suite, budget, time.perf_counter() - t0, path)
     return path
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=("quick", "full"), default="quick")
     ap.add_argument("--only", nargs="+", choices=SUITES, default=list(SUITES))
+    ap.add_argument("--rewards", nargs="+", choices=efficiency.REWARDS, default=list(efficiency.REWARDS),
+                    help="efficiency suite: the rewards to train on (one reward per process splits the work)")
     ap.add_argument("--report-only", action="store_true", help="only re-render docs/benchmarks.md")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if not args.report_only:
         for suite in args.only:
-            run(suite, args.suite)
+            run(suite, args.suite, tuple(args.rewards))
     report.render(RESULTS, args.out)
 
 
