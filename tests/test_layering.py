@@ -1,5 +1,6 @@
 """The backend is a plain library: importing every module must not pull in ComfyUI or Gradio."""
 
+import pathlib
 import pkgutil
 import subprocess
 import sys
@@ -44,4 +45,25 @@ def test_node_logic_imports_without_comfyui():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_gradio_app_imports_gradio_only_to_build_the_page():
+    """The app's form helpers work with gradio poisoned; only build_ui/main import it."""
+    code = (
+        "import sys\n"
+        "for name in ('comfy', 'folder_paths', 'server', 'gradio'):\n"
+        "    sys.modules[name] = None\n"
+        "import gradio_app, pathlib\n"
+        "errors, kw = gradio_app.check_form(gradio_app.form_defaults(), gradio_app.Settings(pathlib.Path('runs')))\n"
+        "assert errors == {} and kw['prompts'], errors\n"
+        "try:\n"
+        "    gradio_app.build_ui(gradio_app.Settings(pathlib.Path('runs')))\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('build_ui ran without gradio')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=pathlib.Path(rlr_backend.__file__).parent.parent)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,260 @@
+"""The Gradio app through gradio_client on loopback: streamed training, stop, downloads, one run at a time,
+bad input, the compare tab, and what the server refuses to serve. The app runs in a subprocess started
+from a folder that is not the repo, as a user would run it."""
+
+import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gradio_client import Client
+from gradio_client.exceptions import ValidationError
+
+import gradio_app as ga
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_every=2, eval_seeds=1,
+            lr=1e-2, prompts="a red circle on a blue background\na green square on a white background")
+
+
+def form(**changes) -> list:
+    values = {**ga.form_defaults(), **TINY, **changes}
+    return [values[k] for k in ga.FORM_KEYS]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses in LISTEN state on ``port``, from /proc/net/tcp{,6} (hex, little-endian IPv4)."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:
+                if len(addr) == 8:
+                    out.add(".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    out.add("ipv6:" + addr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    home = tmp_path_factory.mktemp("app")  # the working folder: not the repo
+    (home / "canary.txt").write_text("CANARY-CWD")
+    out = home / "runs"
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    log = open(home / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "gradio_app.py"), "--port", str(port), "--output-dir",
+                             str(out), "--threads", "1"], cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"the app did not start: {(home / 'app.log').read_text()[-2000:]}")
+    yield {"url": url, "port": port, "out": out, "home": home, "proc": proc, "log": home / "app.log"}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def runs_in(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")} if out.is_dir() else set()
+
+
+def gallery_step(outputs) -> int | None:
+    """Step shown on the right of the last gallery update ("...: step 0 (left) vs step N (right)")."""
+    for o in reversed(outputs):
+        if isinstance(o[1], list) and o[1]:
+            return int(o[1][0]["caption"].split("vs step ")[1].split()[0])
+    return None
+
+
+def wait_for(pred, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- without a server ------------------------------------------------------------------------------
+def test_default_form_is_valid_and_bad_fields_get_their_own_message(tmp_path):
+    settings = ga.Settings(tmp_path)
+    errors, kw = ga.check_form(ga.form_defaults(), settings)
+    assert errors == {} and kw["model"] is None and kw["prompts"]
+    cases = {
+        "prompts": {"prompts": "  \n# only a comment\n"},
+        "model": {"model": "../../etc"},
+        "steps": {"steps": 0},
+        "w:brightness": {"w:brightness": float("nan")},
+        "lr": {"lr": "abc"},
+        "batch_size": {"batch_size": 3},
+        "ho_from": {"ho_from": 5, "ho_to": 2},
+        "estimator": {"estimator": "truncated_bp", "w:jpeg_compressibility": 1.0},
+    }
+    for key, change in cases.items():
+        errors, _ = ga.check_form({**ga.form_defaults(), **change}, settings)
+        assert key in errors, (key, errors)
+        assert all("\n" not in m for m in errors.values())
+    errors, _ = ga.check_form({**ga.form_defaults(), **{f"w:{r}": 0 for r in ga.REWARDS}}, settings)
+    assert any("at least one reward" in m for m in errors.values())
+    assert not any(tmp_path.iterdir())  # validating writes nothing
+
+
+def test_model_list_shows_folders_under_the_models_dir_only(tmp_path):
+    for name in ("sd-tiny", ".hidden", "nested/deep"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "model_index.json").write_text("{}")
+    (tmp_path / "not-a-model").mkdir()
+    models = ga.list_models(tmp_path)
+    assert list(models) == [ga.DEFAULT_MODEL, "sd-tiny", "nested/deep"]
+    (tmp_path / "sd-tiny" / "model_index.json").unlink()
+    errors, _ = ga.check_form({**ga.form_defaults(), "model": "sd-tiny"}, ga.Settings(tmp_path / "o", tmp_path))
+    assert "model" in errors
+
+
+def test_network_exposure_needs_auth(tmp_path, capsys):
+    assert ga.parser().parse_args([]).host == "127.0.0.1"
+    assert ga.main(["--host", "0.0.0.0", "--output-dir", str(tmp_path)]) == 2
+    assert "--auth" in capsys.readouterr().err
+    assert ga.main(["--host", "0.0.0.0", "--auth", "nopassword", "--output-dir", str(tmp_path)]) == 2
+    assert ga._loopback("127.0.0.1") and ga._loopback("::1") and ga._loopback("localhost")
+    assert not ga._loopback("0.0.0.0") and not ga._loopback("192.168.1.5")
+
+
+# -- through gradio_client ---------------------------------------------------------------------------
+def test_default_bind_is_loopback_only(app):
+    assert listening_addresses(app["port"]) == {"127.0.0.1"}
+
+
+def test_train_streams_survives_a_closed_tab_stops_and_the_lora_loads(app):
+    before = runs_in(app["out"])
+    client = Client(app["url"], verbose=False)
+    t0 = time.monotonic()
+    job = client.submit(*form(steps=400), api_name="/train")
+    first_refresh = wait_for(lambda: (gallery_step(job.outputs()) or 0) >= 2, what="a refreshed gallery")
+    assert first_refresh
+    elapsed = time.monotonic() - t0
+    rows = wait_for(lambda: next((o[2]["data"] for o in reversed(job.outputs()) if isinstance(o[2], dict)
+                                  and o[2].get("data")), None), what="curve rows")
+    series = {r[2] for r in rows}
+    assert {"rlr batch reward", "rlr eval reward"} <= series
+    # closing the tab (the client leaves) does not stop training; a new page sees the run
+    job.cancel()
+    watcher = Client(app["url"], verbose=False).submit(api_name="/watch")
+    wait_for(lambda: any("<b>running</b>" in o[0] for o in watcher.outputs()), what="the run in a new page")
+    step_seen = wait_for(lambda: (gallery_step(watcher.outputs()) or 0) >= 4, what="training going on")
+    assert step_seen
+    msg = client.predict(api_name="/stop")
+    k = int(msg.split("after update ")[1].split()[0])
+    final = watcher.result()
+    assert "<b>stopped</b>" in final[0], final[0]
+    done = int(final[0].split("update ")[1].split(" / 400")[0])
+    assert k <= done <= k + 1  # the update in progress ends the run (k + 1 if a checkpoint save raced the click)
+    (new_run,) = runs_in(app["out"]) - before
+    lora = next(Path(f) for f in final[4] if f.endswith("lora.safetensors"))
+    from rlr_backend.lora import load_lora
+    from rlr_backend.safe_io import load_tensors
+    from rlr_backend.train.pipeline import load_pipeline
+
+    tensors, meta = load_tensors(lora)
+    assert int(meta["rlr_steps"]) <= k and meta.get("rlr_interrupted_at_step") == meta["rlr_steps"]
+    load_lora(load_pipeline(None).unet, lora)
+    assert tensors.keys() == load_tensors(app["out"] / new_run / "lora.safetensors")[0].keys()
+    print(f"first refreshed gallery (step 2 of a tiny run) {elapsed:.1f} s after submit")
+
+
+def test_two_submissions_never_train_at_once(app):
+    before = runs_in(app["out"])
+    clients = [Client(app["url"], verbose=False) for _ in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        finals = list(pool.map(lambda c: c.submit(*form(steps=3), api_name="/train").result(), clients))
+    assert len(runs_in(app["out"]) - before) == 1
+    notes = [f[0] for f in finals]
+    assert sum("already in progress" in n for n in notes) == 1, notes
+    assert all("<b>done</b>" in n for n in notes)  # the second tab watched the first one's run to its end
+
+
+def test_bad_input_is_refused_before_anything_starts(app):
+    before = runs_in(app["out"])
+    client = Client(app["url"], verbose=False)
+    for change, text in [({"steps": 0}, "steps: must be >= 1"), ({"prompts": "\n \n"}, "prompts: enter at least one prompt"),
+                         ({"w:prompt_alignment": "NaN"}, "w_prompt_alignment: weight must be a finite"), ({"batch_size": 3}, "batch_size .*multiple")]:
+        with pytest.raises(ValidationError, match=text):
+            client.predict(*form(**change), api_name="/train")
+    with pytest.raises(httpx.HTTPStatusError, match="400 Bad Request"):  # not one of the dropdown's choices
+        client.predict(*form(model="/etc"), api_name="/train")
+    assert runs_in(app["out"]) == before
+
+
+def test_compare_tab_and_compare_estimators(app):
+    client = Client(app["url"], verbose=False)
+    final = client.submit(*form(steps=2), "ddpo", api_name="/compare_estimators").result()
+    assert "<b>done</b>" in final[0] and "run 2 of 2" in final[0]
+    runs = [r for r in runs_in(app["out"]) if "-cmp-" in r]
+    assert sorted(r.split("-cmp-")[1] for r in runs) == ["ddpo", "rlr"]
+    series = {row[2] for row in client.submit(api_name="/watch").result()[2]["data"]}
+    assert {"rlr batch reward", "rlr eval reward", "ddpo batch reward", "ddpo eval reward"} <= series
+    run = sorted(runs)[0]
+    same = client.predict(run, "a red circle on a blue background", 3, 0.0, 1, api_name="/compare_lora")
+    diff = client.predict(run, "a red circle on a blue background", 3, 2.0, 1, api_name="/compare_lora")
+    assert len(same) == len(diff) == 2
+    read = [[Path(item["image"]).read_bytes() for item in g] for g in (same, diff)]
+    assert read[0][0] == read[0][1] and read[1][0] == read[0][0] and read[1][1] != read[1][0]
+    with pytest.raises(Exception, match="unknown run"):
+        client.predict("../x", "a red circle", 0, 1.0, 1, api_name="/compare_lora")
+
+
+def test_files_outside_the_output_folder_are_refused(app):
+    out, home = app["out"], app["home"]
+    run = next(r for r in runs_in(out) if (out / r / "lora.safetensors").is_file())
+    staged = out / ".gradio" / "downloads" / run / f"{run}-lora.safetensors"
+    assert staged.is_file()
+
+    def get(path: str) -> httpx.Response:
+        return httpx.get(app["url"] + "gradio_api/file=" + path, timeout=10)
+
+    assert get(str(staged)).status_code == 200  # what the app hands out is served
+    refused = [
+        "/etc/passwd", str(home / "canary.txt"), str(REPO / "pyproject.toml"),
+        str(REPO / "rlr_backend" / "assets" / "default_model" / "model_index.json"),
+        str(out / run / "config.json"), str(out / run / "ckpt" / "LATEST"),  # run folders: only staged copies
+        f"{out}/.gradio/../{run}/config.json", f"{out}/.gradio/..%2f{run}/config.json", f"{out}/.gradio/%2e%2e/{run}",
+        "../../../../etc/passwd", "file:///etc/passwd",
+    ]
+    for path in refused:
+        r = get(path)
+        assert r.status_code in (403, 404), (path, r.status_code)
+        assert b"CANARY" not in r.content and b"root:" not in r.content
+
+
+def test_the_app_logged_no_exception(app):
+    """Last in the file: nothing above made the app log a traceback (user errors are messages, not crashes)."""
+    text = app["log"].read_text()
+    for block in text.split("Traceback (most recent call last):")[1:]:
+        error = next(line for line in block.splitlines() if line and not line.startswith(" "))
+        assert error.startswith("gradio.exceptions.Error: "), block[-3000:]  # gr.Error: a message to the user
