@@ -23,11 +23,11 @@ BIG = 2**31 - 1
 
 
 def _int(name: str, field: str | None = None, *, max: int = 10_000, default=None, tooltip: str | None = None,
-         min: int | None = None) -> io.Int.Input:
+         min: int | None = None, **kw) -> io.Int.Input:
     spec = logic.config_field(field or name)
     lo = spec["min"] if min is None else min
     return io.Int.Input(name, default=spec["default"] if default is None else default,
-                        min=lo if lo is not None else 0, max=max, tooltip=tooltip or spec["tooltip"])
+                        min=lo if lo is not None else 0, max=max, tooltip=tooltip or spec["tooltip"], **kw)
 
 
 def _float(name: str, field: str | None = None, *, min: float = 0.0, max: float = 100.0, step: float = 0.01,
@@ -189,7 +189,7 @@ class Trainer(io.ComfyNode):
                     PROMPTS.Input("prompts", tooltip="from RLR Prompt Schedule"),
                     ESTIMATOR.Input("estimator", optional=True, tooltip="from RLR Estimator (default: RLR)"),
                     _int("steps", max=100_000), _float("lr", min=1e-6, max=1.0, step=1e-5),
-                    _int("lora_rank", max=256), _int("seed", max=BIG, min=0),
+                    _int("lora_rank", max=256), _int("seed", max=BIG, min=0, control_after_generate=True),
                     _int("batch_size", max=256), _int("images_per_prompt", max=256),
                     _int("num_inference_steps", max=1000), _float("guidance_scale", max=30.0, step=0.1),
                     _float("eta", max=1.0, step=0.05),
@@ -226,7 +226,7 @@ class Sampler(io.ComfyNode):
             inputs=[MODEL.Input("rlr_model", tooltip="from RLR Load Model or RLR From Comfy Model"),
                     io.String.Input("prompt", multiline=True, default="a red circle on a blue background",
                                     tooltip="the prompt"),
-                    io.Int.Input("seed", default=0, min=0, max=BIG, tooltip="seed of the initial noise"),
+                    io.Int.Input("seed", default=0, min=0, max=BIG, control_after_generate=True, tooltip="seed of the initial noise"),
                     io.Int.Input("num_images", default=4, min=1, max=64, tooltip="images to generate"),
                     io.Int.Input("steps", default=20, min=2, max=1000, tooltip="DDIM steps"),
                     _float("guidance_scale", max=30.0, step=0.1),

