@@ -377,6 +377,11 @@ def test_wrong_shapes_name_the_expected_architecture(models, tmp_path):
     with pytest.raises(InvalidModelFile, match=r"expected architecture, CLIP .*fc1\.weight: file \[128, 64\], expected \[96, 64\]"):
         make_reward("clip_score", models_dir=tmp_path)
 
+    (tmp_path / "pickscore").mkdir()
+    (tmp_path / "pickscore" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(InvalidModelFile, match="describes a 'bert' model; a CLIP model"):
+        make_reward("pickscore", models_dir=tmp_path)
+
     (tmp_path / "image_reward").mkdir()
     save_file(image_reward_state_dict(gen, vocab=17, bad_mlp=True), str(tmp_path / "image_reward" / "ImageReward.safetensors"))
     with pytest.raises(InvalidModelFile, match=r"improved-aesthetic-predictor MLP head.*mlp\.layers\.2\.weight"):

@@ -349,6 +349,8 @@ def find(reward: str, explicit: Path | None, roots: list[Path], *, need_text: bo
                                    f"for reward {reward!r} or pass path=")
         if found:
             return inspect(found[0], need_text=need_text, hidden_act=hidden_act)
+        if (folder / "config.json").is_file():  # a transformers folder of another model: let inspect say which
+            inspect(folder, need_text=need_text, hidden_act=hidden_act)
         refuse_pickles(folder)
         others = sorted(folder.glob("*.safetensors"))
         if others:  # a file that is not (the right) CLIP: let inspect say why
