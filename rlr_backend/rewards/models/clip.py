@@ -212,10 +212,10 @@ def inspect(path: Path, *, need_text: bool, hidden_act: str | None = None) -> Cl
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InvalidModelFile(f"{path}: a CLIP folder needs config.json and model.safetensors (transformers format)")
+        config = _folder_config(path)
         weight_files = folder_weight_files(path)
         shapes = shapes_of(weight_files)
         layout = "transformers"
-        config = _folder_config(path)
         pre = path / "preprocessor_config.json"
         if pre.is_file():
             raw = json.loads(pre.read_text())
