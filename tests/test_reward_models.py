@@ -394,16 +394,18 @@ def test_wrong_shapes_name_the_expected_architecture(models, tmp_path):
 
 
 class _Canary:
+    """Unpickling this creates a file: proof that nothing was unpickled if the file is absent."""
+
+    path = None
+
     def __reduce__(self):
-        return (os.system, (f"touch {CANARY}",))
-
-
-CANARY = Path("/tmp/rlr_reward_models_pickle_canary")
+        return (os.system, (f"touch {self.path}",))
 
 
 def test_pickles_are_refused_and_never_unpickled(models, tmp_path):
-    CANARY.unlink(missing_ok=True)
-    payload = pickle.dumps({"layers.0.weight": _Canary()})
+    canary = _Canary()
+    canary.path = tmp_path / "canary"
+    payload = pickle.dumps({"layers.0.weight": canary})
     (tmp_path / "aesthetic").mkdir()
     (tmp_path / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth").write_bytes(payload)
     with pytest.raises(InvalidModelFile, match=r"sac\+logos\+ava1-l14-linearMSE\.pth.*Convert them to \.safetensors"):
@@ -417,7 +419,7 @@ def test_pickles_are_refused_and_never_unpickled(models, tmp_path):
     (tmp_path / "pickscore" / "pytorch_model.bin").write_bytes(payload)
     with pytest.raises(InvalidModelFile, match=r"only pickle weights \(pytorch_model\.bin\)"):
         make_reward("pickscore", models_dir=tmp_path)
-    assert not CANARY.exists()
+    assert not canary.path.exists()
 
 
 def test_a_safetensors_header_length_starting_with_a_pickle_byte_is_not_a_pickle(tmp_path):
