@@ -237,3 +237,39 @@ def test_symlinked_lora_folder_pointing_outside_is_refused(tmp_path):
     (tmp_path / "loras" / "rlr").symlink_to(outside)
     with pytest.raises(ValueError, match="outside"):
         lora_target(tmp_path / "loras", "x")
+
+
+def test_loading_the_pack_has_no_side_effects(tmp_path):
+    """As ComfyUI loads it (package from the repo root, comfy_api importable): no network, no processes and
+    no file writes during import, V3 entry point only; the node list and schemas build without writing."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    code = f"""
+import asyncio, builtins, importlib.util, os, socket, subprocess, sys
+sys.path.insert(0, {str(STANDIN)!r})
+import folder_paths
+folder_paths.base = {str(tmp_path)!r}
+
+def refuse(*a, **k):
+    raise AssertionError("side effect during import: " + repr(a[:2]))
+
+saved = socket.socket, socket.create_connection, subprocess.Popen, os.system
+socket.socket = socket.create_connection = subprocess.Popen = os.system = refuse
+real_open = builtins.open
+def guarded_open(file, mode="r", *a, **k):
+    if any(c in mode for c in "wax+"):
+        refuse(file, mode)
+    return real_open(file, mode, *a, **k)
+builtins.open = guarded_open
+spec = importlib.util.spec_from_file_location("pack", {str(root / "__init__.py")!r},
+                                              submodule_search_locations=[{str(root)!r}])
+m = importlib.util.module_from_spec(spec); sys.modules["pack"] = m; spec.loader.exec_module(m)
+assert not hasattr(m, "NODE_CLASS_MAPPINGS") and m.WEB_DIRECTORY == "./web"
+socket.socket, socket.create_connection, subprocess.Popen, os.system = saved  # asyncio's loop needs a socketpair
+nodes = asyncio.run(asyncio.run(m.comfy_entrypoint()).get_node_list())
+assert len(nodes) == 8 and all(n.define_schema().node_id.startswith("RLR_") for n in nodes)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not any(tmp_path.iterdir())  # nothing written, not even the folders
