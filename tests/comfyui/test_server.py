@@ -216,8 +216,8 @@ def test_comfy_checkpoint_train_then_core_lora_loader_loads_every_key(server):
         "lora_name"][0]  # the standard loader lists it
     run2 = Run(server, loader).wait(900)
     assert "execution_success" in run2.types(), [m for m in run2.messages if m["type"] == "execution_error"]
-    new_log = server.log_text()[log_before:]
-    assert "lora key not loaded" not in new_log, new_log[-2000:]
+    assert "lora key not loaded" not in server.log_text()  # neither Load LoRA Model (graph 1) nor LoraLoader
+    assert log_before > 0
     import comfy.lora
     import comfy.sd
 
