@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 
 from ..lora import load_lora
-from ..models.diffusers_unet import DiffusersUNetDenoiser, TextConditioning
-from ..sampling import DDIMSchedule, PromptSchedule, sample_chain
+from ..models.diffusers_model import DiffusersModel
+from ..models.trainable import sample_images as model_samples
 
 
 def add_lora_file(pipe, path: str | Path) -> None:
@@ -22,7 +22,6 @@ def set_lora_strength(pipe, strength: float) -> None:
     pipe.unet.set_adapters(["default"], weights=[float(strength)])
 
 
-@torch.no_grad()
 def sample_images(pipe, prompts: Sequence[str], *, num_per_prompt: int = 1, steps: int = 20, eta: float = 1.0,
                   guidance_scale: float = 4.0, seed: int = 0) -> torch.Tensor:
     """Images (len(prompts) * num_per_prompt, 3, H, W) in [0, 1], prompt-major.
@@ -30,19 +29,8 @@ def sample_images(pipe, prompts: Sequence[str], *, num_per_prompt: int = 1, step
     The initial noise and the DDIM noise come from one generator seeded with ``seed``, so two calls
     with the same arguments differ only by the weights of ``pipe`` (e.g. the LoRA strength).
     """
-    if not prompts or any(not p.strip() for p in prompts):
-        raise ValueError("empty prompt")
     if num_per_prompt < 1 or steps < 1:
         raise ValueError(f"num_per_prompt and steps must be >= 1, got {num_per_prompt} and {steps}")
     texts = [p for p in prompts for _ in range(num_per_prompt)]
-    tok = pipe.tokenizer(texts + [""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    emb = pipe.text_encoder(tok.input_ids)[0]
-    cond = TextConditioning(emb[:-1], emb[-1:].expand(len(texts), -1, -1))
-    schedule = DDIMSchedule.from_diffusers(pipe.scheduler, steps, eta=eta)
-    g = torch.Generator().manual_seed(seed)
-    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    traj = sample_chain(DiffusersUNetDenoiser(pipe.unet, guidance_scale), schedule,
-                        PromptSchedule.constant(cond, steps), torch.randn(len(texts), c, s, s, generator=g),
-                        generator=g)
-    return (pipe.vae.decode(traj.final / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    return model_samples(DiffusersModel(pipe), texts, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
+                         seed=seed)
