@@ -236,8 +236,9 @@ def build_config(*, prompts: PromptPlan, reward: Sequence[tuple[str, float]], es
 def train(source: ModelSource, config: TrainConfig, *, split: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
           on_step: Callable[[StepInfo], None] | None = None,
           on_preview: Callable[[torch.Tensor, int], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
+          should_stop: Callable[[], bool] | None = None, reward_models_dir: str | None = None) -> TrainOutcome:
     """One training run in ``config.run_dir`` on a freshly loaded model; memory is released afterwards.
+    Preference-model rewards look for their weights in ``reward_models_dir`` (ComfyUI's models folder).
 
     Runs with autograd on even inside ComfyUI's ``torch.inference_mode()`` (the model is loaded in here,
     so its weights are ordinary tensors).
@@ -246,7 +247,7 @@ def train(source: ModelSource, config: TrainConfig, *, split: Sequence[float] = 
     trainer = model = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            reward = make_reward(config.reward)  # weights must be ordinary tensors too; fails before the model loads
+            reward = make_reward(config.reward, models_dir=reward_models_dir)  # weights must be ordinary tensors too; fails before the model loads
             model = source.load()
             trainer = Trainer(config, model=model, reward=reward, on_step=on_step, on_preview=on_preview,
                               should_stop=should_stop, progress=False, prompt_split=split)
