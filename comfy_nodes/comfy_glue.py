@@ -81,8 +81,7 @@ def run_training(source, reward, prompts, estimator, *, node_id, run_name: str, 
         state.setdefault("preview", None)
 
     try:
-        out = logic.train(source, config, split=prompts.split if prompts is not None else (1 / 3,) * 3,
-                          on_step=on_step, on_preview=on_preview, should_stop=should_stop,
+        out = logic.train(source, config, on_step=on_step, on_preview=on_preview, should_stop=should_stop,
                           reward_models_dir=getattr(folder_paths, "models_dir", None))
     finally:
         free_memory()

@@ -230,11 +230,11 @@ def build_config(*, prompts: PromptPlan, reward: Sequence[tuple[str, float]], es
         raise ValueError("RLR Trainer: the reward input is not a reward; connect RLR Reward")
     est = dict(estimator or {"estimator": "rlr"})
     return TrainConfig(model=model_label, prompts=prompts.prompts, reward=reward_spec(reward),
-                       ho_range=prompts.ho_range, output_dir=run_dir.parent, run_name=run_dir.name, **est, **options)
+                       ho_range=prompts.ho_range, prompt_split=prompts.split, output_dir=run_dir.parent,
+                       run_name=run_dir.name, **est, **options)
 
 
-def train(source: ModelSource, config: TrainConfig, *, split: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
-          on_step: Callable[[StepInfo], None] | None = None,
+def train(source: ModelSource, config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = None,
           on_preview: Callable[[torch.Tensor, int], None] | None = None,
           should_stop: Callable[[], bool] | None = None, reward_models_dir: str | None = None) -> TrainOutcome:
     """One training run in ``config.run_dir`` on a freshly loaded model; memory is released afterwards.
@@ -250,7 +250,7 @@ def train(source: ModelSource, config: TrainConfig, *, split: Sequence[float] = 
             reward = make_reward(config.reward, models_dir=reward_models_dir)  # weights must be ordinary tensors too; fails before the model loads
             model = source.load()
             trainer = Trainer(config, model=model, reward=reward, on_step=on_step, on_preview=on_preview,
-                              should_stop=should_stop, progress=False, prompt_split=split)
+                              should_stop=should_stop, progress=False)
             result = trainer.run()
             sd, meta = load_tensors(result.lora_path)
         run = result.run_dir

@@ -38,6 +38,14 @@ def _pair(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        a, b, c = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'a,b,c' with three numbers, got {text!r}") from None
+    return a, b, c
+
+
 def train_parser() -> argparse.ArgumentParser:
     rewards = "; ".join(f"{k}: {v}" for k, v in REWARD_HELP.items())
     ap = argparse.ArgumentParser(
@@ -64,6 +72,7 @@ def train_parser() -> argparse.ArgumentParser:
     option("fo_steps", type=int)
     option("zo_mode", choices=ZO_MODES)
     option("nu", type=float)
+    option("prompt_split", type=_fractions, metavar="A,B,C")
     option("ho_range", type=_pair, metavar="A,B")
     option("truncation", type=int)
     option("chain_len", type=int)

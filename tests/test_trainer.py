@@ -132,6 +132,7 @@ def test_should_stop_ends_early_with_a_lora(tmp_path):
     (["--lora-rank", "0"], "lora_rank must be >= 1"),
     (["--images-per-prompt", "3"], "multiple of images_per_prompt"),
     (["--fo-steps", "3"], "h + fo_steps <= num_inference_steps"),
+    (["--prompt-split", "0.5,0.5,0.5"], "sum to 1"),
     (["--run-name", "../elsewhere"], "plain folder name"),
     (["--estimator", "truncated_bp", "--reward", "jpeg_compressibility"], "not differentiable"),
 ])
@@ -198,3 +199,6 @@ def test_cli_defaults_are_the_config_defaults():
     assert build_config(train_parser().parse_args([])) == TrainConfig()
     assert build_config(train_parser().parse_args(["--fo-steps", "2", "--lr", "0.01"])) == \
         TrainConfig(fo_steps=2, lr=0.01)
+    split = build_config(train_parser().parse_args(["--prompt-split", "0.5,0.25,0.25"]))
+    assert split.prompt_split == (0.5, 0.25, 0.25)
+    assert TrainConfig.from_json(json.loads(json.dumps(split.to_json()))) == split

@@ -33,6 +33,8 @@ class TrainConfig:
     fo_steps: int = _f(4, "rlr: backprop (first-order) through the last K steps (the paper uses 1; 4 learns faster, still unbiased)")
     zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
     nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
+    prompt_split: tuple[float, float, float] = _f((1 / 3, 1 / 3, 1 / 3), "fractions of the sampling steps for the "
+                                                 "coarse / mid / fine versions of a prompt")
     ho_range: tuple[int, int] | None = _f(None, "rlr: draw the sub-chain start j in a..b (paper order, 1 = last step)")
     truncation: int = _f(2, "truncated_bp: number of last steps backpropagated")
     chain_len: int = _f(2, "code_compat: number of single-step PPO terms")
@@ -71,6 +73,9 @@ class TrainConfig:
         if self.estimator == "rlr" and self.h + self.fo_steps > self.num_inference_steps:
             raise ValueError(f"rlr needs h + fo_steps <= num_inference_steps, got {self.h} + {self.fo_steps} > "
                              f"{self.num_inference_steps}: lower h or fo_steps, or sample with more steps")
+        split = tuple(self.prompt_split)
+        if len(split) != 3 or any(not (f >= 0) for f in split) or abs(sum(split) - 1) > 1e-6:
+            raise ValueError(f"prompt_split must be three fractions >= 0 that sum to 1, got {list(split)}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError("lora_alpha must be > 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -118,4 +123,6 @@ class TrainConfig:
         d["output_dir"] = Path(d["output_dir"])
         if d.get("ho_range") is not None:
             d["ho_range"] = tuple(d["ho_range"])
+        if "prompt_split" in d:
+            d["prompt_split"] = tuple(d["prompt_split"])
         return cls(**d)

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -55,12 +55,10 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = None,
                  on_preview: Callable[[torch.Tensor, int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, progress: bool = True, pipeline=None,
-                 reward: Reward | None = None, model: TrainableModel | None = None,
-                 prompt_split: Sequence[float] = (1 / 3, 1 / 3, 1 / 3)):
+                 reward: Reward | None = None, model: TrainableModel | None = None):
         """``reward`` overrides ``config.reward`` with any object of the Reward interface (e.g. a
         ``CallableReward`` around your own function); ``pipeline`` reuses a loaded StableDiffusionPipeline;
-        ``model`` trains any ``TrainableModel`` instead (``config.model`` is then only a label).
-        ``prompt_split``: fractions of the chain for the coarse / mid / fine prompt versions."""
+        ``model`` trains any ``TrainableModel`` instead (``config.model`` is then only a label)."""
         self.config = config
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
         self.progress = progress
@@ -70,7 +68,7 @@ class Trainer:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
                              "is not differentiable; use rlr, ddpo or zo")
         self.est_config = config.estimator_config()
-        self.prompt_split = tuple(float(f) for f in prompt_split)
+        self.prompt_split = tuple(float(f) for f in config.prompt_split)
         PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
         if model is None:
             model = DiffusersModel(pipeline if pipeline is not None else load_pipeline(config.model))
