@@ -14,6 +14,7 @@ import argparse
 import functools
 import html
 import inspect
+import io
 import ipaddress
 import json
 import logging
@@ -84,21 +85,33 @@ def _int_field(name: str) -> bool:
     return _CFG[name].type == "int"
 
 
-def form_defaults() -> dict[str, object]:
-    base = TrainConfig()
-    values: dict[str, object] = {"model": DEFAULT_MODEL,
-                                 "prompts": "\n".join(" | ".join(p.versions()) if p.scheduled else p.fine
-                                                      for p in base.prompts)}
+def _reward_weights(spec: str) -> dict[str, float]:
     weights = {}
-    for item in base.reward.split(","):
+    for item in spec.split(","):
         name, _, w = item.strip().partition("=")
         weights[name.strip()] = float(w) if w else 1.0
+    return weights
+
+
+def config_to_form(cfg: TrainConfig, settings: "Settings") -> dict[str, object]:
+    """Form values that reproduce ``cfg`` (a reopened page shows the settings of the run in progress)."""
+    models = {None if p is None else str(p): label for label, p in list_models(settings.models_dir).items()}
+    values: dict[str, object] = {"model": models.get(cfg.model, DEFAULT_MODEL),
+                                 "prompts": "\n".join(" | ".join(p.versions()) if p.scheduled else p.fine
+                                                      for p in cfg.prompts)}
+    weights = _reward_weights(cfg.reward)
     values.update({f"w:{r}": weights.get(r, 0.0) for r in REWARDS})
-    values["estimator"] = base.estimator
+    values["estimator"] = cfg.estimator
     for name in (*MAIN_FIELDS, *ADVANCED_FIELDS):
-        values[name] = APP_DEFAULTS.get(name, getattr(base, name))
-    values["lora_alpha"] = base.lora_alpha or 0
-    values["ho_from"], values["ho_to"] = base.ho_range or (0, 0)
+        values[name] = getattr(cfg, name)
+    values["lora_alpha"] = cfg.lora_alpha or 0
+    values["ho_from"], values["ho_to"] = cfg.ho_range or (0, 0)
+    return values
+
+
+def form_defaults() -> dict[str, object]:
+    values = config_to_form(TrainConfig(), Settings(Path("runs")))
+    values.update(APP_DEFAULTS)
     return values
 
 
@@ -240,7 +253,8 @@ def _to_pil(images, scale: int):
 
 
 def before_vs_now(run) -> list[tuple[object, str]]:
-    """One picture per evaluation prompt: its fixed-seed samples before training (left) and now (right)."""
+    """One picture per evaluation prompt: its fixed-seed samples before training (top row) and now
+    (bottom row), so the same seed is in the same column."""
     from PIL import Image
 
     if run.before is None:
@@ -248,24 +262,49 @@ def before_vs_now(run) -> list[tuple[object, str]]:
     k = run.config.eval_seeds
     scale = max(1, 128 // run.before.shape[-1])
     before, now = _to_pil(run.before, scale), _to_pil(run.latest, scale)
-    w, h, gap, mid = before[0].width, before[0].height, 4, 24
+    w, h, gap, mid = before[0].width, before[0].height, 4, 12
     items = []
     for p, caption in enumerate(eval_captions(run.config)[::k]):
-        canvas = Image.new("RGB", (2 * k * w + 2 * (k - 1) * gap + mid, h), "white")
+        canvas = Image.new("RGB", (k * w + (k - 1) * gap, 2 * h + mid), "white")
         for j in range(k):
             canvas.paste(before[p * k + j], (j * (w + gap), 0))
-            canvas.paste(now[p * k + j], (k * (w + gap) - gap + mid + j * (w + gap), 0))
-        items.append((canvas, f"{caption}: step 0 (left) vs step {run.latest_step} (right)"))
+            canvas.paste(now[p * k + j], (j * (w + gap), h + mid))
+        items.append((canvas, f"{caption}: step 0 (top) vs step {run.latest_step} (bottom)"))
     return items
 
 
-def curve_rows(job) -> list[dict]:
-    rows = []
-    for run in job.runs:
-        rows += [{"step": s, "reward": v, "series": f"{run.label} batch reward"} for s, v in run.train_rewards]
-        rows += [{"step": s, "reward": v, "series": f"{run.label} eval reward"} for s, v in run.eval_rewards
-                 if math.isfinite(v)]
-    return rows
+def curve_figure(job):
+    """The live reward curve: per run, the batch reward of every update (faint) and the eval reward on
+    the fixed seeds (dots). Matplotlib's object API, no pyplot: safe from any thread. (Gradio 6.31's
+    LinePlot stops drawing lines when its data is updated, so the app sends this as an image.)"""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3), dpi=100)
+    ax = fig.add_subplot()
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, run in enumerate(job.runs):
+        c = colors[i % len(colors)]
+        if run.train_rewards:
+            ax.plot(*zip(*run.train_rewards), color=c, alpha=0.35, lw=1, label=f"{run.label}: batch reward")
+        evals = [(s, v) for s, v in run.eval_rewards if math.isfinite(v)]
+        if evals:
+            ax.plot(*zip(*evals), "o-", color=c, lw=2, ms=4, label=f"{run.label}: eval reward (fixed seeds)")
+    ax.set_xlabel("update")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def curve_image(job):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    curve_figure(job).savefig(buf, format="png")
+    buf.seek(0)
+    return Image.open(buf)
 
 
 def _duration(seconds: float) -> str:
@@ -323,7 +362,7 @@ def stage_downloads(settings: Settings, run_dir: Path, names=("lora.safetensors"
         src = run_dir / name
         if src.is_file():
             dest.mkdir(parents=True, exist_ok=True)
-            target = dest / (f"{run_dir.name}-{name}" if name == "lora.safetensors" else name)
+            target = dest / f"{run_dir.name}-{name}"
             shutil.copy2(src, target)
             out.append(str(target))
     return out
@@ -333,7 +372,6 @@ def stage_downloads(settings: Settings, run_dir: Path, names=("lora.safetensors"
 def build_ui(settings: Settings, manager: RunManager | None = None):
     """The gr.Blocks page; ``manager`` owns the training worker (one per app)."""
     import gradio as gr
-    import pandas as pd
 
     def trainer(cfg, **kw):
         from rlr_backend.train import Trainer
@@ -350,6 +388,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
     def component(name: str):
         f = _CFG[name]
         label, info = LABELS.get(name, name.replace("_", " ").capitalize()), f.metadata["help"]
+        info = None if info.lower() == label.lower() else info
         if "choices" in f.metadata:
             return gr.Dropdown(list(f.metadata["choices"]), value=defaults[name], label=label, info=info)
         return gr.Number(value=defaults[name], label=label, info=info, step=1 if _int_field(name) else None)
@@ -373,7 +412,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
             if key == "gallery":
                 values.append(before_vs_now(job.current))
             elif key == "curve":
-                values.append(pd.DataFrame(curve_rows(job), columns=["step", "reward", "series"]))
+                values.append(curve_image(job))
             elif key == "log":
                 values.append(scrub("\n".join(job.log[-200:]), settings))
             else:
@@ -439,6 +478,13 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
             return "no run in progress"
         return f"stopping after update {job.current.step + 1} (the update in progress); the LoRA will be saved"
 
+    def restore_form():
+        job = manager.job
+        if job is None:
+            return [gr.skip()] * len(FORM_KEYS)
+        values = config_to_form(job.runs[0].config, settings)
+        return [values[k] for k in FORM_KEYS]
+
     def refresh_models(current):
         names = list(list_models(settings.models_dir))
         return gr.Dropdown(choices=names, value=current if current in names else DEFAULT_MODEL)
@@ -455,7 +501,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
             raise gr.Error(f"unknown run {name!r}; press refresh")
         run_dir = settings.output_dir / name
         files = stage_downloads(settings, run_dir)
-        pics = {Path(f).name: f for f in files}
+        pics = {Path(f).name.removeprefix(f"{name}-"): f for f in files}
         cfg = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
         summary = (f"**{html.escape(name)}**: {cfg.estimator}, reward {html.escape(cfg.reward)}, {cfg.steps} updates "
                    f"of batch {cfg.batch_size}" + ("" if (run_dir / "lora.safetensors").is_file()
@@ -507,7 +553,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
 
     with gr.Blocks(title="RLR reward fine-tuning", analytics_enabled=False) as demo:
         gr.Markdown("## RLR reward fine-tuning\nPick prompts and a reward, press **Train**, and watch the same "
-                    "seeds' samples move toward the reward (left: before training, right: now).")
+                    "seeds' samples move toward the reward (top: before training, bottom: now).")
         with gr.Row():
             with gr.Column(scale=2, min_width=360):
                 inputs: dict[str, object] = {}
@@ -517,7 +563,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                                                   scale=4)
                     model_refresh = gr.Button("refresh", scale=1, size="sm")
                 inputs["prompts"] = gr.Textbox(
-                    defaults["prompts"], lines=4, max_lines=12, label="Prompts", elem_id="prompts",
+                    defaults["prompts"], lines=4, max_lines=12, label="Prompts",
                     info="one per line; 'coarse | mid | fine' gives three versions used over the first, middle and "
                          "last third of the sampling steps (the reward sees the fine one)")
                 rule = [r for r in REWARDS if not _is_model_reward(r)]
@@ -548,10 +594,6 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                         inputs["ho_from"] = gr.Number(defaults["ho_from"], label="HO step range: from", info=help_ho,
                                                       step=1)
                         inputs["ho_to"] = gr.Number(defaults["ho_to"], label="HO step range: to", step=1)
-                with gr.Row():
-                    train_btn = gr.Button("Train", variant="primary", elem_id="train")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                notice = gr.Markdown(elem_id="notice")
                 with gr.Accordion("Compare estimators", open=False):
                     gr.Markdown("Train RLR, then a baseline, on the same prompts, seeds and sample budget; "
                                 "the live curve overlays both.")
@@ -559,13 +601,17 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                                            label="Baseline")
                     compare_btn = gr.Button("Run RLR, then the baseline")
             with gr.Column(scale=3):
+                with gr.Row():
+                    train_btn = gr.Button("Train", variant="primary", elem_id="train")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                notice = gr.Markdown(elem_id="notice")
                 with gr.Tabs():
                     with gr.Tab("Live"):
                         status = gr.HTML(status_html(None, settings))
-                        gallery = gr.Gallery(label="Fixed-seed samples: before (left) vs now (right)", columns=2, format="png",
+                        gallery = gr.Gallery(label="Fixed-seed samples: before (top row) vs now (bottom row)", columns=4, format="png",
                                              height="auto", object_fit="contain", elem_id="gallery")
-                        curve = gr.LinePlot(pd.DataFrame(columns=["step", "reward", "series"]), x="step", y="reward",
-                                            color="series", title="Reward", height=280, elem_id="curve")
+                        curve = gr.Image(label="Reward", type="pil", format="png", interactive=False,
+                                         elem_id="curve", buttons=["download"])
                         log = gr.Textbox(label="Log", lines=5, max_lines=10, autoscroll=True, interactive=False)
                         files = gr.File(label="Downloads (LoRA, grid, curve)", file_count="multiple",
                                         interactive=False)
@@ -593,6 +639,8 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                         cmp_gallery = gr.Gallery(label="Base (first row) vs base + LoRA", columns=4, height="auto", format="png")
 
         form = [inputs[k] for k in FORM_KEYS]
+        for key, comp in inputs.items():
+            comp.elem_id = "f-" + key.replace(":", "-")  # stable handles for browser tests and custom CSS
         _name_parameters(train, FORM_KEYS)  # API parameter names; validation messages name the field
         _name_parameters(compare, (*FORM_KEYS, "baseline"))
         outs = [status, gallery, curve, log, files]
@@ -603,6 +651,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                           show_progress="hidden")
         stop_btn.click(stop, None, notice, api_name="stop", concurrency_limit=None)
         demo.load(stream, None, outs, api_name="watch", concurrency_limit=None, show_progress="hidden")
+        demo.load(restore_form, None, form, api_visibility="private", show_progress="hidden")
         model_refresh.click(refresh_models, inputs["model"], inputs["model"], api_name="refresh_models")
         for btn in (runs_refresh, cmp_refresh):
             btn.click(refresh_runs, [run_dd, cmp_run], [run_dd, cmp_run], api_name=False)

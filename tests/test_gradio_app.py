@@ -3,6 +3,7 @@ bad input, the compare tab, and what the server refuses to serve. The app runs i
 from a folder that is not the repo, as a user would run it."""
 
 import concurrent.futures
+import contextlib
 import os
 import socket
 import subprocess
@@ -49,34 +50,43 @@ def listening_addresses(port: int) -> set[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    home = tmp_path_factory.mktemp("app")  # the working folder: not the repo
-    (home / "canary.txt").write_text("CANARY-CWD")
+@contextlib.contextmanager
+def launch_app(home: Path, *args: str):
+    """Run ``gradio_app.py`` in ``home`` (not the repo) on a free loopback port until the block ends."""
     out = home / "runs"
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     log = open(home / "app.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "gradio_app.py"), "--port", str(port), "--output-dir",
-                             str(out), "--threads", "1"], cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             str(out), "--threads", "1", *args], cwd=home, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail(f"the app did not start: {(home / 'app.log').read_text()[-2000:]}")
-    yield {"url": url, "port": port, "out": out, "home": home, "proc": proc, "log": home / "app.log"}
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"the app did not start: {(home / 'app.log').read_text()[-2000:]}")
+        yield {"url": url, "port": port, "out": out, "home": home, "proc": proc, "log": home / "app.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    home = tmp_path_factory.mktemp("app")  # the working folder: not the repo
+    (home / "canary.txt").write_text("CANARY-CWD")
+    with launch_app(home) as running:
+        yield running
 
 
 def runs_in(out: Path) -> set[str]:
@@ -84,7 +94,7 @@ def runs_in(out: Path) -> set[str]:
 
 
 def gallery_step(outputs) -> int | None:
-    """Step shown on the right of the last gallery update ("...: step 0 (left) vs step N (right)")."""
+    """Step of the "now" row of the last gallery update ("...: step 0 (top) vs step N (bottom)")."""
     for o in reversed(outputs):
         if isinstance(o[1], list) and o[1]:
             return int(o[1][0]["caption"].split("vs step ")[1].split()[0])
@@ -125,6 +135,20 @@ def test_default_form_is_valid_and_bad_fields_get_their_own_message(tmp_path):
     assert not any(tmp_path.iterdir())  # validating writes nothing
 
 
+def test_the_curve_overlays_every_run_of_a_job(tmp_path):
+    from rlr_backend.train.runner import JobState
+
+    cfg = ga.TrainConfig(output_dir=tmp_path)
+    job = JobState(1, [("rlr", cfg), ("ddpo", cfg)])
+    job.runs[0].train_rewards, job.runs[0].eval_rewards = [(1, 0.5), (2, 0.6)], [(0, 0.4), (2, 0.7)]
+    job.runs[1].train_rewards, job.runs[1].eval_rewards = [(1, 0.3)], [(0, 0.4), (2, float("nan"))]
+    lines = ga.curve_figure(job).axes[0].lines
+    assert [line.get_label() for line in lines] == ["rlr: batch reward", "rlr: eval reward (fixed seeds)",
+                                                   "ddpo: batch reward", "ddpo: eval reward (fixed seeds)"]
+    assert list(lines[3].get_xdata()) == [0]  # a non-finite eval reward is left out
+    assert ga.curve_image(job).size == (700, 300)
+
+
 def test_model_list_shows_folders_under_the_models_dir_only(tmp_path):
     for name in ("sd-tiny", ".hidden", "nested/deep"):
         (tmp_path / name).mkdir(parents=True)
@@ -159,10 +183,9 @@ def test_train_streams_survives_a_closed_tab_stops_and_the_lora_loads(app):
     first_refresh = wait_for(lambda: (gallery_step(job.outputs()) or 0) >= 2, what="a refreshed gallery")
     assert first_refresh
     elapsed = time.monotonic() - t0
-    rows = wait_for(lambda: next((o[2]["data"] for o in reversed(job.outputs()) if isinstance(o[2], dict)
-                                  and o[2].get("data")), None), what="curve rows")
-    series = {r[2] for r in rows}
-    assert {"rlr batch reward", "rlr eval reward"} <= series
+    curve = wait_for(lambda: next((o[2] for o in reversed(job.outputs()) if isinstance(o[2], str)), None),
+                     what="a reward curve")
+    assert Path(curve).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # closing the tab (the client leaves) does not stop training; a new page sees the run
     job.cancel()
     watcher = Client(app["url"], verbose=False).submit(api_name="/watch")
@@ -217,8 +240,10 @@ def test_compare_tab_and_compare_estimators(app):
     assert "<b>done</b>" in final[0] and "run 2 of 2" in final[0]
     runs = [r for r in runs_in(app["out"]) if "-cmp-" in r]
     assert sorted(r.split("-cmp-")[1] for r in runs) == ["ddpo", "rlr"]
-    series = {row[2] for row in client.submit(api_name="/watch").result()[2]["data"]}
-    assert {"rlr batch reward", "rlr eval reward", "ddpo batch reward", "ddpo eval reward"} <= series
+    watched = client.submit(api_name="/watch").result()  # a new page shows the finished job
+    assert "rlr: done after 2 updates" in watched[3] and "ddpo: done after 2 updates" in watched[3]
+    assert sorted(Path(f).name.split("-cmp-")[1] for f in watched[4] if f.endswith(".safetensors")) == [
+        "ddpo-lora.safetensors", "rlr-lora.safetensors"]
     run = sorted(runs)[0]
     same = client.predict(run, "a red circle on a blue background", 3, 0.0, 1, api_name="/compare_lora")
     diff = client.predict(run, "a red circle on a blue background", 3, 2.0, 1, api_name="/compare_lora")
