@@ -61,10 +61,9 @@ def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: 
 
 def run_suite(quick: bool, done: list[dict] | None = None, save=None, rewards: tuple[str, ...] = REWARDS) -> dict:
     """Runs every (reward, estimator, seed) not in ``done``; ``save(results)`` after each run (resumable)."""
-    if quick:
-        seeds, steps, every, batch, per_prompt, T = [0], 4, 2, 4, 2, 8
-    else:
-        seeds, steps, every, batch, per_prompt, T = [0, 1, 2], 60, 10, 8, 4, 20
+    cfg = settings(quick)
+    seeds, steps, every, batch, per_prompt, T = (cfg[k] for k in ("seeds", "updates", "eval_every", "batch",
+                                                                  "images_per_prompt", "T"))
     runs = list(done or [])
     have = {(r["reward"], r["estimator"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +84,7 @@ def run_suite(quick: bool, done: list[dict] | None = None, save=None, rewards: t
 def settings(quick: bool) -> dict:
     if quick:
         return {"seeds": [0], "updates": 4, "eval_every": 2, "batch": 4, "images_per_prompt": 2, "T": 8}
-    return {"seeds": [0, 1, 2], "updates": 60, "eval_every": 10, "batch": 8, "images_per_prompt": 4, "T": 20}
+    return {"seeds": [0, 1, 2], "updates": 40, "eval_every": 5, "batch": 8, "images_per_prompt": 4, "T": 20}
 
 
 def summarize(result: dict) -> list[dict]:
