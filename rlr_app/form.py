@@ -1,0 +1,226 @@
+"""The app's form, free of any UI library: the choices the server lists (models, runs), the form's keys
+and defaults (from ``TrainConfig``'s field metadata), and ``check_form``, which turns form values into
+``TrainConfig`` arguments with one message per field. Nothing here loads a model or writes a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from rlr_backend.estimators import ESTIMATORS
+from rlr_backend.rewards import REWARDS, make_reward
+from rlr_backend.train import TrainConfig, parse_prompt
+
+DEFAULT_MODEL = "default (embedded)"
+MAX_PROMPTS, MAX_PROMPT_CHARS = 64, 1000
+CFG_FIELDS = {f.name: f for f in fields(TrainConfig)}
+MAIN_FIELDS = ("steps", "lr", "lora_rank", "seed", "eval_every")
+ADVANCED_FIELDS = ("batch_size", "images_per_prompt", "num_inference_steps", "eta", "guidance_scale", "h",
+                   "fo_steps", "zo_mode", "nu", "truncation", "chain_len", "grad_clip", "grad_accum", "lora_alpha",
+                   "eval_seeds", "ckpt_every")
+#: Form keys in the order of the Train event's inputs (gradio_client callers pass them positionally).
+FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), "estimator", *MAIN_FIELDS,
+                              *ADVANCED_FIELDS, "ho_from", "ho_to")
+LABELS = {"steps": "Steps (optimizer updates)", "lr": "Learning rate", "lora_rank": "LoRA rank",
+          "eval_every": "Refresh the gallery every N updates", "lora_alpha": "LoRA alpha (0: the rank)"}
+APP_DEFAULTS = {"eval_every": 5}  # the app evaluates more often than the CLI so the gallery moves
+# Held while models or rewards are built: diffusers' loaders patch torch.nn globally for a moment (new
+# parameters land on the "meta" device) and its lazy imports are not thread-safe, so two threads must
+# not load at once (seen: a reward built during a pipeline load failed with "Cannot copy out of meta tensor").
+MODEL_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class Settings:
+    output_dir: Path
+    models_dir: Path | None = None
+
+
+# -- choices the server computes (never a user-typed path) ----------------------------------------
+def list_models(models_dir: Path | None) -> dict[str, Path | None]:
+    """Dropdown label -> model folder: the embedded default, then diffusers folders under ``models_dir``."""
+    out: dict[str, Path | None] = {DEFAULT_MODEL: None}
+    if models_dir is not None and models_dir.is_dir():
+        for index in sorted(models_dir.glob("*/model_index.json")) + sorted(models_dir.glob("*/*/model_index.json")):
+            rel = index.parent.relative_to(models_dir).as_posix()
+            if not any(part.startswith(".") for part in rel.split("/")):
+                out[rel] = index.parent
+    return out
+
+
+def list_runs(output_dir: Path, with_lora: bool = False) -> list[str]:
+    """Run folders under ``output_dir`` (newest first); ``with_lora``: only those with a LoRA."""
+    if not output_dir.is_dir():
+        return []
+    runs = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and (p / "config.json").is_file() and (not with_lora or (p / "lora.safetensors").is_file())]
+    return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def is_int_field(name: str) -> bool:
+    return CFG_FIELDS[name].type == "int"
+
+
+def _reward_weights(spec: str) -> dict[str, float]:
+    weights = {}
+    for item in spec.split(","):
+        name, _, w = item.strip().partition("=")
+        weights[name.strip()] = float(w) if w else 1.0
+    return weights
+
+
+def config_to_form(cfg: TrainConfig, settings: "Settings") -> dict[str, object]:
+    """Form values that reproduce ``cfg`` (a reopened page shows the settings of the run in progress)."""
+    models = {None if p is None else str(p): label for label, p in list_models(settings.models_dir).items()}
+    values: dict[str, object] = {"model": models.get(cfg.model, DEFAULT_MODEL),
+                                 "prompts": "\n".join(" | ".join(p.versions()) if p.scheduled else p.fine
+                                                      for p in cfg.prompts)}
+    weights = _reward_weights(cfg.reward)
+    values.update({f"w:{r}": weights.get(r, 0.0) for r in REWARDS})
+    values["estimator"] = cfg.estimator
+    for name in (*MAIN_FIELDS, *ADVANCED_FIELDS):
+        values[name] = getattr(cfg, name)
+    values["lora_alpha"] = cfg.lora_alpha or 0
+    values["ho_from"], values["ho_to"] = cfg.ho_range or (0, 0)
+    return values
+
+
+def form_defaults() -> dict[str, object]:
+    values = config_to_form(TrainConfig(), Settings(Path("runs")))
+    values.update(APP_DEFAULTS)
+    return values
+
+
+# -- form -> TrainConfig, with one message per field -----------------------------------------------
+def number(value, integer: bool) -> tuple[float | int | None, str | None]:
+    if value is None or value == "":
+        return None, "enter a number"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None, f"must be a number, got {value!r}"
+    if not math.isfinite(x):
+        return None, f"must be a finite number, got {value}"
+    if integer:
+        if x != int(x):
+            return None, f"must be a whole number, got {value}"
+        return int(x), None
+    return x, None
+
+
+def parse_prompts(text: str) -> list:
+    lines = [ln.strip() for ln in (text or "").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ValueError("enter at least one prompt (one per line)")
+    if len(lines) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} prompts, got {len(lines)}")
+    for i, line in enumerate(lines, 1):
+        if len(line) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt {i} has {len(line)} characters; at most {MAX_PROMPT_CHARS}")
+        if any(unicodedata.category(c) in ("Cc", "Cf") for c in line):
+            raise ValueError(f"prompt {i} contains control characters")
+    return [parse_prompt(line) for line in lines]
+
+
+@functools.lru_cache(maxsize=None)
+def reward_facts(name: str) -> tuple[bool, bool]:
+    """(differentiable, is a model reward with local weights) of a registry reward."""
+    with MODEL_LOCK:
+        reward = REWARDS[name]()  # model rewards touch no file until checked
+    return bool(reward.differentiable), callable(getattr(reward, "check", None))
+
+
+def _differentiable(name: str) -> bool:
+    return reward_facts(name)[0]
+
+
+def is_model_reward(name: str) -> bool:
+    return reward_facts(name)[1]
+
+
+def check_form(values: dict, settings: Settings, estimator: str | None = None) -> tuple[dict[str, str], dict]:
+    """(errors by form key, TrainConfig keyword arguments). Nothing here loads a model or writes a file."""
+    errors: dict[str, str] = {}
+    kw: dict[str, object] = {}
+    models = list_models(settings.models_dir)
+    model = values.get("model")
+    if model not in models:
+        errors["model"] = f"unknown model {model!r}; choose one from the list"
+    elif models[model] is not None and not (models[model] / "model_index.json").is_file():
+        errors["model"] = f"model folder {model!r} is missing; press refresh"
+    else:
+        kw["model"] = None if models[model] is None else str(models[model])
+    try:
+        kw["prompts"] = tuple(parse_prompts(values.get("prompts", "")))
+    except ValueError as e:
+        errors["prompts"] = str(e)
+    parts = []
+    for r in REWARDS:
+        w, err = number(values.get(f"w:{r}"), integer=False)
+        if err:
+            errors[f"w:{r}"] = f"weight {err}"
+        elif w:
+            parts.append((r, w))
+    if not parts and not any(k.startswith("w:") for k in errors):
+        errors[f"w:{next(iter(REWARDS))}"] = "set at least one reward weight (not 0)"
+    kw["reward"] = ",".join(f"{r}={w!r}" for r, w in parts)
+    for r, _ in parts:
+        if is_model_reward(r):
+            try:  # model rewards check their weight files (headers only; no model is built)
+                make_reward(r)
+            except (ValueError, FileNotFoundError) as e:
+                errors[f"w:{r}"] = str(e).replace("\n", " ")
+    est = estimator or values.get("estimator")
+    if est not in ESTIMATORS:
+        errors["estimator"] = f"unknown estimator {est!r}; choose one of {sorted(ESTIMATORS)}"
+    else:
+        kw["estimator"] = est
+        if parts and ESTIMATORS[est].needs_differentiable_reward and not all(_differentiable(r) for r, _ in parts):
+            errors["estimator"] = f"{est} back-propagates the reward; choose differentiable rewards or rlr/ddpo/zo"
+    for name in (*MAIN_FIELDS, *ADVANCED_FIELDS):
+        if "choices" in CFG_FIELDS[name].metadata:
+            if values.get(name) not in CFG_FIELDS[name].metadata["choices"]:
+                errors[name] = f"choose one of {list(CFG_FIELDS[name].metadata['choices'])}"
+            kw[name] = values.get(name)
+            continue
+        x, err = number(values.get(name), is_int_field(name))
+        lo = CFG_FIELDS[name].metadata.get("min")
+        if err is None and lo is not None and x < lo:
+            err = f"must be >= {lo}, got {x}"
+        if err:
+            errors[name] = err
+        kw[name] = x
+    if "lora_alpha" not in errors:
+        kw["lora_alpha"] = kw["lora_alpha"] or None
+    a, err_a = number(values.get("ho_from"), True)
+    b, err_b = number(values.get("ho_to"), True)
+    if err_a or err_b:
+        errors["ho_from" if err_a else "ho_to"] = err_a or err_b
+    elif a or b:
+        n = kw.get("num_inference_steps")
+        if not (isinstance(n, int) and 1 <= a <= b <= n):
+            errors["ho_from"] = f"need 1 <= from <= to <= sampling steps, got {a}..{b}"
+        kw["ho_range"] = (a, b)
+    if not errors:
+        try:
+            TrainConfig(**kw, output_dir=settings.output_dir, run_name="check")
+        except ValueError as e:
+            msg = str(e)
+            key = next((k for k in FORM_KEYS if msg.startswith(k) or f"({k})" in msg.split(" must")[0]), "estimator")
+            errors[key] = msg
+    return errors, kw
+
+
+def new_run_name(output_dir: Path, tag: str) -> str:
+    base = time.strftime("%Y%m%d-%H%M%S") + "-" + tag
+    name, i = base, 2
+    while (output_dir / name).exists():
+        name, i = f"{base}-{i}", i + 1
+    return name
