@@ -225,8 +225,10 @@ def test_two_submissions_never_train_at_once(app):
 def test_bad_input_is_refused_before_anything_starts(app):
     before = runs_in(app["out"])
     client = Client(app["url"], verbose=False)
-    for change, text in [({"steps": 0}, "steps: must be >= 1"), ({"prompts": "\n \n"}, "prompts: enter at least one prompt"),
-                         ({"w:prompt_alignment": "NaN"}, "w_prompt_alignment: weight must be a finite"), ({"batch_size": 3}, "batch_size .*multiple")]:
+    cases = [({"steps": 0}, "steps: must be >= 1"), ({"prompts": "\n \n"}, "prompts: enter at least one prompt"),
+             ({"w:prompt_alignment": "NaN"}, "w_prompt_alignment: weight must be a finite"),  # JSON has no NaN
+             ({"batch_size": 3}, "batch_size .*multiple")]
+    for change, text in cases:
         with pytest.raises(ValidationError, match=text):
             client.predict(*form(**change), api_name="/train")
     with pytest.raises(httpx.HTTPStatusError, match="400 Bad Request"):  # not one of the dropdown's choices
@@ -275,6 +277,21 @@ def test_files_outside_the_output_folder_are_refused(app):
         r = get(path)
         assert r.status_code in (403, 404), (path, r.status_code)
         assert b"CANARY" not in r.content and b"root:" not in r.content
+
+
+def test_other_origins_get_no_cross_origin_grant(app):
+    """A page on another site cannot drive the app from a visitor's browser (CSRF): the JSON API needs a
+    CORS preflight, and only the app's own origin is granted."""
+    before = runs_in(app["out"])
+    join = app["url"] + "gradio_api/queue/join"
+    for origin in ("https://evil.example", "null", app["url"].rstrip("/")):
+        pre = httpx.options(join, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                           "Access-Control-Request-Headers": "content-type"}, timeout=10)
+        post = httpx.post(join, json={"data": [], "fn_index": 0, "session_hash": "csrf"},
+                          headers={"Origin": origin}, timeout=10)
+        granted = {pre.headers.get("access-control-allow-origin"), post.headers.get("access-control-allow-origin")}
+        assert granted == ({origin} if origin.startswith("http://127.0.0.1") else {None}), (origin, granted)
+    assert runs_in(app["out"]) == before
 
 
 def test_the_app_logged_no_exception(app):

@@ -119,7 +119,8 @@ def test_a_compare_job_trains_its_runs_one_after_the_other(tmp_path):
     assert [r.status for r in snap.runs] == ["done", "done"] and active == ["cmp-rlr", "cmp-ddpo"]
     assert manager.max_active == 1 and manager.active == 0
     # a stop during the first run skips the second
-    runs = [(label, TrainConfig(**{**cfg.__dict__, "steps": 500, "run_name": cfg.run_name + "-2"})) for label, cfg in runs]
+    runs = [(label, TrainConfig(**{**cfg.__dict__, "steps": 500, "run_name": cfg.run_name + "-2"}))
+            for label, cfg in runs]
     job = manager.start(runs)
     wait_until(lambda: job.runs[0].step >= 1)
     manager.stop()
