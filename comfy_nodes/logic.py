@@ -60,10 +60,9 @@ class DiffusersSource:
         return EMBEDDED if self.path is None else Path(self.path).name
 
     def load(self) -> TrainableModel:
-        from rlr_backend.models.diffusers_model import DiffusersModel
-        from rlr_backend.train.pipeline import load_pipeline
+        from rlr_backend.models.loader import load_model
 
-        return DiffusersModel(load_pipeline(self.path))
+        return load_model(self.path)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def train_main(argv: list[str] | None = None) -> int:
 def sample_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlr-sample", description="Generate images with a model and an optional LoRA.")
     ap.add_argument("prompt", nargs="+", help="prompt(s)")
-    ap.add_argument("--model", help="diffusers model folder (default: the embedded model)")
+    ap.add_argument("--model", help="diffusers folder (SD1.x/SD2.x/SDXL) or single-file .safetensors (default: the embedded model)")
     ap.add_argument("--lora", type=Path, help="LoRA .safetensors (kohya format, e.g. from rlr-train)")
     ap.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     ap.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")

@@ -78,18 +78,49 @@ def save_lora(unet: torch.nn.Module, path: str | Path, *, base_model_version: st
     return save_kohya(sd, path, rank, alpha, base_model_version=base_model_version, metadata=metadata)
 
 
-def load_lora(unet: torch.nn.Module, path: str | Path, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """Add the LoRA in a kohya file (as written by ``save_lora``) to ``unet``; returns its parameters."""
-    tensors, _ = load_tensors(path)
-    return load_lora_state_dict(unet, tensors, adapter_name, source=str(path))
+#: kohya ``ss_base_model_version`` prefix -> the architecture it names (for error messages)
+MODEL_FAMILIES: dict[str, str] = {"sdxl": "SDXL", "sd_v2": "SD2.x", "sd_v1": "SD1.x"}
+
+
+def model_family(base_model_version: str) -> str:
+    """``sdxl_base_v1-0`` -> ``SDXL``, ``sd_v2`` -> ``SD2.x``, ``sd_v1`` -> ``SD1.x``; unknown values are returned as is."""
+    for prefix, name in MODEL_FAMILIES.items():
+        if base_model_version.startswith(prefix):
+            return name
+    return base_model_version
+
+
+def check_lora_version(metadata: dict[str, str], model_version: str, source: str = "LoRA") -> None:
+    """Refuse a LoRA whose header says it was trained on another architecture than the model's."""
+    lora_version = metadata.get("ss_base_model_version")
+    if lora_version and model_family(lora_version) != model_family(model_version):
+        raise InvalidModelFile(f"{source}: this LoRA was made for {model_family(lora_version)} "
+                               f"(ss_base_model_version={lora_version!r}) but the model is {model_family(model_version)} "
+                               f"({model_version}); use a LoRA trained on a {model_family(model_version)} model")
+
+
+def load_lora(unet: torch.nn.Module, path: str | Path, adapter_name: str = "default",
+              model_version: str | None = None) -> list[torch.nn.Parameter]:
+    """Add the LoRA in a kohya file (as written by ``save_lora``) to ``unet``; returns its parameters.
+    With ``model_version`` (the model's ``ss_base_model_version``) a LoRA whose header names another
+    architecture is refused before anything changes."""
+    tensors, metadata = load_tensors(path)
+    if model_version is not None:
+        check_lora_version(metadata, model_version, str(path))
+    return load_lora_state_dict(unet, tensors, adapter_name, source=str(path), model_version=model_version)
 
 
 def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
-                         source: str = "LoRA") -> list[torch.nn.Parameter]:
-    """Add a kohya state dict to ``unet`` as a peft adapter; ``source`` names it in error messages."""
+                         source: str = "LoRA", model_version: str | None = None) -> list[torch.nn.Parameter]:
+    """Add a kohya state dict to ``unet`` as a peft adapter; ``source`` names it in error messages.
+    Every module name and shape is checked before the UNet is touched; ``model_version`` names the
+    model's architecture in the error."""
     from peft import LoraConfig
 
     path = source
+    arch = f" (the model is {model_family(model_version)}; was the LoRA made for another base model, e.g. SDXL vs SD1.5?)" \
+        if model_version else " (another base model?)"
+    modules = dict(unet.named_modules())
     names = {n.replace(".", "_"): n for n, _ in unet.named_modules()}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -100,9 +131,14 @@ def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]
     targets, ranks, alphas = {}, set(), set()
     for module_key, parts in groups.items():
         if module_key not in names:
-            raise InvalidModelFile(f"{path}: LoRA module {module_key!r} does not exist in this UNet (another base model?)")
+            raise InvalidModelFile(f"{path}: LoRA module {module_key!r} does not exist in this UNet{arch}")
         if not {"lora_down.weight", "lora_up.weight"} <= parts.keys():
             raise InvalidModelFile(f"{path}: module {module_key!r} lacks lora_down/lora_up weights")
+        w = getattr(modules[names[module_key]], "weight", None)
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if w is not None and (up.shape[0] != w.shape[0] or down[0].numel() != w[0].numel()):
+            raise InvalidModelFile(f"{path}: LoRA module {module_key!r} has shape {tuple(up.shape)} x "
+                                   f"{tuple(down.shape)} but the layer is {tuple(w.shape)}{arch}")
         rank = parts["lora_down.weight"].shape[0]
         ranks.add(rank)
         alphas.add(float(parts["alpha"]) if "alpha" in parts else float(rank))

@@ -1,4 +1,6 @@
-"""``TrainableModel`` for a diffusers StableDiffusionPipeline (SD1.x/SD2.x layout; the embedded default)."""
+"""``TrainableModel`` for a diffusers StableDiffusionPipeline (SD1.x/SD2.x layout; the embedded default).
+SDXL pipelines use :class:`rlr_backend.models.sdxl_model.SDXLModel`; :func:`rlr_backend.models.loader.load_model`
+picks the right one."""
 
 from __future__ import annotations
 
@@ -17,8 +19,15 @@ class DiffusersModel:
 
     base_model_version = "sd_v1"
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, base_model_version: str | None = None):
+        """``base_model_version`` (kohya's ``ss_base_model_version``) defaults to ``sd_v2`` for a
+        v-prediction or 1024-wide cross-attention UNet (SD2.x), else ``sd_v1``."""
         self.pipe, self.unet, self.vae = pipe, pipe.unet, pipe.vae
+        if base_model_version is None:
+            v_pred = getattr(pipe.scheduler.config, "prediction_type", "epsilon") == "v_prediction"
+            sd2 = v_pred or self.unet.config.cross_attention_dim == 1024
+            base_model_version = "sd_v2" if sd2 else "sd_v1"
+        self.base_model_version = base_model_version
         self.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         f = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -62,5 +71,6 @@ class DiffusersModel:
     def load_lora(self, state_dict: dict[str, Tensor], strength: float = 1.0) -> None:
         adapters = getattr(self.unet, "peft_config", {}) or {}
         name = f"applied_{len(adapters)}"
-        load_lora_state_dict(self.unet, state_dict, adapter_name=name, source="LoRA")
+        load_lora_state_dict(self.unet, state_dict, adapter_name=name, source="LoRA",
+                             model_version=self.base_model_version)
         self.unet.set_adapters([name], weights=[strength])

@@ -25,7 +25,8 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     """Everything a run needs. Validated at construction; saved as config.json in the run folder."""
 
-    model: str | None = _f(None, "diffusers model folder (StableDiffusionPipeline); default: the embedded model")
+    model: str | None = _f(None, "local model: a diffusers folder (SD1.x, SD2.x, SDXL) or a single-file "
+                                 ".safetensors checkpoint; default: the embedded model")
     prompts: tuple[PromptSpec, ...] = _f(tuple(PromptSpec(p) for p in DEFAULT_PROMPTS), "training prompts")
     reward: str = _f("prompt_alignment=1,brightness=1", "reward name, or weighted sum 'name=w,name=w'")
     estimator: str = _f("rlr", "gradient estimator", choices=tuple(sorted(ESTIMATORS)))

@@ -8,13 +8,14 @@ from typing import Sequence
 import torch
 
 from ..lora import load_lora
-from ..models.diffusers_model import DiffusersModel
+from ..models.loader import model_for_pipeline
 from ..models.trainable import sample_images as model_samples
 
 
 def add_lora_file(pipe, path: str | Path) -> None:
-    """Add the LoRA in a kohya ``.safetensors`` file to ``pipe.unet`` as adapter ``default`` (strength 1)."""
-    load_lora(pipe.unet, path)
+    """Add the LoRA in a kohya ``.safetensors`` file to ``pipe.unet`` as adapter ``default`` (strength 1);
+    a LoRA made for another architecture (by its header, module names or shapes) is refused unchanged."""
+    load_lora(pipe.unet, path, model_version=model_for_pipeline(pipe).base_model_version)
 
 
 def set_lora_strength(pipe, strength: float) -> None:
@@ -32,5 +33,5 @@ def sample_images(pipe, prompts: Sequence[str], *, num_per_prompt: int = 1, step
     if num_per_prompt < 1 or steps < 1:
         raise ValueError(f"num_per_prompt and steps must be >= 1, got {num_per_prompt} and {steps}")
     texts = [p for p in prompts for _ in range(num_per_prompt)]
-    return model_samples(DiffusersModel(pipe), texts, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
+    return model_samples(model_for_pipeline(pipe), texts, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
                          seed=seed)

@@ -19,14 +19,13 @@ import torch
 
 from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator
 from ..lora import save_kohya
-from ..models.diffusers_model import DiffusersModel
 from ..models.trainable import TrainableModel
 from ..rewards import Reward, make_reward
 from ..safe_io import save_json
 from ..sampling import PromptSchedule, sample_chain
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .pipeline import load_pipeline
+from .pipeline import load_pipeline, model_for_pipeline
 from .report import save_before_after, save_grid, save_reward_curve
 
 logger = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ class Trainer:
                  should_stop: Callable[[], bool] | None = None, progress: bool = True, pipeline=None,
                  reward: Reward | None = None, model: TrainableModel | None = None):
         """``reward`` overrides ``config.reward`` with any object of the Reward interface (e.g. a
-        ``CallableReward`` around your own function); ``pipeline`` reuses a loaded StableDiffusionPipeline;
+        ``CallableReward`` around your own function); ``pipeline`` reuses a loaded StableDiffusion(XL)Pipeline;
         ``model`` trains any ``TrainableModel`` instead (``config.model`` is then only a label)."""
         self.config = config
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
@@ -71,7 +70,7 @@ class Trainer:
         self.prompt_split = tuple(float(f) for f in config.prompt_split)
         PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
         if model is None:
-            model = DiffusersModel(pipeline if pipeline is not None else load_pipeline(config.model))
+            model = model_for_pipeline(pipeline if pipeline is not None else load_pipeline(config.model))
         self.t2i = model
         self.pipe = getattr(model, "pipe", None)  # the diffusers pipeline, when there is one
         self.named_params = model.add_lora(config.lora_rank, config.lora_alpha, config.seed)

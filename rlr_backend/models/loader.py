@@ -1,0 +1,124 @@
+"""Load a text-to-image model from local files, offline, as the ``TrainableModel`` of its architecture.
+
+``load_model(path)`` is the one entry point for the trainer, ``rlr-sample`` and the UIs:
+
+* ``None``: the embedded default model (SD1.x layout);
+* a diffusers folder whose ``model_index.json`` names ``StableDiffusionPipeline`` (SD1.x, SD2.x incl.
+  v-prediction: the scheduler config says which) or ``StableDiffusionXLPipeline`` (SDXL base);
+* a single-file ``.safetensors`` checkpoint (ComfyUI/A1111 layout), see
+  :mod:`rlr_backend.models.single_file`.
+
+Weights are read from ``.safetensors`` only; pickles (.ckpt/.bin/.pt) are refused before anything is
+loaded, and nothing is ever downloaded (``local_files_only=True``, ``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..safe_io import PICKLE_SUFFIXES, InvalidModelFile
+
+logger = logging.getLogger(__name__)
+
+#: model_index.json ``_class_name`` -> (architecture, components that must hold config + safetensors weights)
+PIPELINE_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "StableDiffusionPipeline": ("SD1.x/SD2.x", ("unet", "vae", "text_encoder")),
+    "StableDiffusionXLPipeline": ("SDXL", ("unet", "vae", "text_encoder", "text_encoder_2")),
+}
+_TOKENIZERS = {"StableDiffusionPipeline": ("tokenizer",), "StableDiffusionXLPipeline": ("tokenizer", "tokenizer_2")}
+
+
+def check_pipeline_dir(path: str | Path) -> str:
+    """Check a diffusers folder before loading it; return its pipeline class name.
+
+    Raises FileNotFoundError (missing folder/files, listed), InvalidModelFile (pickle weights) or
+    ValueError (unsupported pipeline class, naming the supported ones)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model folder {p} does not exist")
+    index_path = p / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{p} is not a diffusers model folder (no model_index.json); give a diffusers folder "
+                                "or a single-file .safetensors checkpoint")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{index_path} is not valid JSON ({e})") from e
+    cls = index.get("_class_name") if isinstance(index, dict) else None
+    if cls not in PIPELINE_LAYOUTS:
+        raise ValueError(f"{p}: unsupported architecture {cls!r}; supported diffusers pipelines: "
+                         f"{', '.join(f'{k} ({v[0]})' for k, v in PIPELINE_LAYOUTS.items())}")
+    pickles = [f.name for f in p.rglob("*") if f.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise InvalidModelFile(f"{p} contains pickle weights ({', '.join(pickles[:3])}); only .safetensors is accepted")
+    missing = []
+    for comp in PIPELINE_LAYOUTS[cls][1]:
+        if not (p / comp / "config.json").is_file():
+            missing.append(f"{comp}/config.json")
+        if not any((p / comp).glob("*.safetensors")):
+            missing.append(f"{comp}/*.safetensors")
+    for tok in _TOKENIZERS[cls]:
+        if not (p / tok).is_dir():
+            missing.append(f"{tok}/")
+    if not (p / "scheduler" / "scheduler_config.json").is_file():
+        missing.append("scheduler/scheduler_config.json")
+    if missing:
+        raise FileNotFoundError(f"model folder {p} ({cls}) is incomplete, missing: {', '.join(missing)}")
+    return cls
+
+
+def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """The diffusers pipeline for ``model`` (see the module docstring), on CPU, progress bar off."""
+    from .default_model import load_default_pipeline
+
+    if model is None:
+        return load_default_pipeline()
+    p = Path(model)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise InvalidModelFile(f"{p}: pickle-based checkpoints (.ckpt/.pt/.bin) are not accepted; use a diffusers "
+                               "folder or a single-file checkpoint with .safetensors weights")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if p.is_file() or p.suffix.lower() == ".safetensors":
+        from .single_file import load_single_file
+
+        return load_single_file(p, dtype=dtype)
+    cls = check_pipeline_dir(p)
+    import diffusers
+
+    kwargs = dict(local_files_only=True)
+    if cls == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        kwargs.update(add_watermarker=False)
+    try:
+        pipe = getattr(diffusers, cls).from_pretrained(str(p), dtype=dtype, **kwargs)
+    except Exception as e:  # corrupt weights or configs: diffusers/safetensors raise many types
+        raise ValueError(f"could not load the {cls} folder {p} ({type(e).__name__}: {e})") from e
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("loaded %s (%s) from %s", cls, PIPELINE_LAYOUTS[cls][0], p)
+    return pipe
+
+
+def model_for_pipeline(pipe):
+    """The ``TrainableModel`` wrapping a loaded pipeline: ``SDXLModel`` for SDXL, else ``DiffusersModel``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .diffusers_model import DiffusersModel
+    from .sdxl_model import SDXLModel
+
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return SDXLModel(pipe)
+    if isinstance(pipe, StableDiffusionPipeline):
+        return DiffusersModel(pipe)
+    raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(PIPELINE_LAYOUTS)}")
+
+
+def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """Load ``model`` (None: the embedded default; a diffusers folder; a single-file .safetensors) as
+    the ``TrainableModel`` of its architecture."""
+    return model_for_pipeline(load_pipeline(model, dtype=dtype))
