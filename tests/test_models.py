@@ -7,12 +7,14 @@ import shutil
 
 import pytest
 import torch
+from ldm_export import save_ldm_checkpoint  # tests/ helper: diffusers pipeline -> one LDM-layout file
 
 from rlr_backend.lora import save_kohya
 from rlr_backend.models.loader import load_model
 from rlr_backend.models.sdxl_model import SDXLConditioning, SDXLModel
+from rlr_backend.models.single_file import UnsupportedCheckpoint
 from rlr_backend.models.tiny_pipelines import ARCHS, save_tiny_pipeline
-from rlr_backend.safe_io import InvalidModelFile, load_tensors
+from rlr_backend.safe_io import InvalidModelFile, load_tensors, save_tensors
 from rlr_backend.train import TrainConfig, Trainer
 from rlr_backend.train.sample import add_lora_file
 
@@ -123,3 +125,79 @@ def test_pickle_weights_in_a_folder_are_refused(folders, tmp_path):
     (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02")
     with pytest.raises(InvalidModelFile, match="pickle"):
         load_model(bad)
+
+
+# -- single-file checkpoints (ComfyUI/A1111 layout) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: save_ldm_checkpoint(load_model(folders[arch]).pipe, root / f"{arch}.safetensors") for arch in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_single_file_load_train_export_reload(folders, checkpoints, arch, tmp_path):
+    cls, version, prediction = EXPECTED[arch]
+    model = load_model(checkpoints[arch], image_size=32)
+    assert (type(model).__name__, model.base_model_version, model.latent_shape) == (cls, version, (4, 16, 16))
+    assert model.schedule(4, 1.0).prediction_type == prediction
+    folder_model = load_model(folders[arch])
+    torch.testing.assert_close(denoise(model), denoise(folder_model))  # same network, same conditioning
+    torch.testing.assert_close(model.decode(torch.ones(1, 4, 16, 16)), folder_model.decode(torch.ones(1, 4, 16, 16)))
+    result = Trainer(TrainConfig(model=str(checkpoints[arch]), steps=1, output_dir=tmp_path, run_name=arch, **TINY),
+                     model=model, progress=False).run()
+    # the LoRA trained on the single file applies to the same model loaded from its diffusers folder
+    add_lora_file(folder_model.pipe, result.lora_path)
+    torch.testing.assert_close(denoise(folder_model), denoise(model), atol=2e-3, rtol=2e-3)
+
+
+def test_single_file_native_size_and_v_pred_marker(folders, tmp_path):
+    pipe = load_model(folders["sd1"]).pipe
+    path = save_ldm_checkpoint(pipe, tmp_path / "v.safetensors", v_pred_marker=True)
+    model = load_model(path)  # native SD1 size: 512 px
+    assert model.latent_shape == (4, 256, 256) and model.image_size == 512
+    assert model.schedule(4, 1.0).prediction_type == "v_prediction"  # ComfyUI's v_pred key
+    assert load_model(path, image_size=32, prediction_type="epsilon").schedule(4, 1.0).prediction_type == "epsilon"
+    with pytest.raises(ValueError, match="only apply to single-file"):
+        load_model(folders["sd1"], image_size=32)
+
+
+def _variant(src, dst, edit):
+    tensors, _ = load_tensors(src)
+    save_tensors(edit(dict(tensors)), dst)
+    return dst
+
+
+@pytest.mark.parametrize("case, match", [
+    ("inpainting", r"9 input channels"),
+    ("refiner", r"SDXL refiner"),
+    ("unet_only", r"no text encoder beside it"),
+    ("sd3", r"no Stable Diffusion UNet keys"),
+    ("lora", r"this is a LoRA"),
+    ("missing_vae_tensor", r"VAE weights do not match"),
+])
+def test_unsupported_single_files_are_refused(checkpoints, tmp_path, case, match):
+    def edit(t):
+        if case == "inpainting":
+            w = t["model.diffusion_model.input_blocks.0.0.weight"]
+            t["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(w.shape[0], 9, *w.shape[2:])
+        elif case == "refiner":
+            t = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in t.items()
+                 if not k.startswith("conditioner.embedders.0.")}
+        elif case == "unet_only":
+            t = {k: v for k, v in t.items() if k.startswith("model.diffusion_model.")}
+        elif case == "sd3":
+            t = {"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": torch.zeros(6, 2)}
+        elif case == "lora":
+            t = {"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 4)}
+        else:
+            t.pop("first_stage_model.decoder.conv_out.bias")
+        return t
+
+    src = checkpoints["sdxl" if case == "refiner" else "sd1"]
+    bad = _variant(src, tmp_path / f"{case}.safetensors", edit)
+    out = tmp_path / "runs"
+    with pytest.raises(UnsupportedCheckpoint, match=match) as e:
+        Trainer(TrainConfig(model=str(bad), steps=1, output_dir=out, **TINY), progress=False)
+    assert "SD1.x, SD2.x or SDXL base" in str(e.value)
+    assert not out.exists()

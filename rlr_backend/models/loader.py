@@ -72,8 +72,9 @@ def check_pipeline_dir(path: str | Path) -> str:
     return cls
 
 
-def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """The diffusers pipeline for ``model`` (see the module docstring), on CPU, progress bar off."""
+def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.float32, **single_file):
+    """The diffusers pipeline for ``model`` (see the module docstring), on CPU, progress bar off.
+    ``single_file`` options (``image_size``, ``prediction_type``) apply to single-file checkpoints only."""
     from .default_model import load_default_pipeline
 
     if model is None:
@@ -86,7 +87,10 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
     if p.is_file() or p.suffix.lower() == ".safetensors":
         from .single_file import load_single_file
 
-        return load_single_file(p, dtype=dtype)
+        return load_single_file(p, dtype=dtype, **single_file)
+    if single_file:
+        raise ValueError(f"{', '.join(single_file)} only apply to single-file checkpoints; a diffusers folder's "
+                         "configs decide them")
     cls = check_pipeline_dir(p)
     import diffusers
 
@@ -118,7 +122,7 @@ def model_for_pipeline(pipe):
     raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(PIPELINE_LAYOUTS)}")
 
 
-def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32):
+def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32, **single_file):
     """Load ``model`` (None: the embedded default; a diffusers folder; a single-file .safetensors) as
-    the ``TrainableModel`` of its architecture."""
-    return model_for_pipeline(load_pipeline(model, dtype=dtype))
+    the ``TrainableModel`` of its architecture (``single_file``: see :func:`load_pipeline`)."""
+    return model_for_pipeline(load_pipeline(model, dtype=dtype, **single_file))

@@ -31,7 +31,7 @@ def _text_config(hidden: int, act: str, projection_dim: int | None = None):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                          num_attention_heads=max(1, hidden // 16), max_position_embeddings=16, vocab_size=49408,
+                          num_attention_heads=max(1, hidden // 64), max_position_embeddings=16, vocab_size=49408,
                           hidden_act=act, projection_dim=projection_dim or hidden, bos_token_id=49406,
                           eos_token_id=49407, pad_token_id=49407)
 
@@ -54,7 +54,7 @@ def build_tiny_pipeline(arch: str, seed: int = 0):
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
     torch.manual_seed(seed)  # diffusers/transformers initialise from the global RNG
     common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                  norm_num_groups=16)
+                  norm_num_groups=32)
     if arch == "sdxl":
         unet = UNet2DConditionModel(**common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
