@@ -147,6 +147,10 @@ def sample_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlr-sample", description="Generate images with a model and an optional LoRA.")
     ap.add_argument("prompt", nargs="+", help="prompt(s)")
     ap.add_argument("--model", help="diffusers folder (SD1.x/SD2.x/SDXL) or single-file .safetensors (default: the embedded model)")
+    ap.add_argument("--image-size", type=int, help="single-file checkpoints: image size in pixels (default: the "
+                    "architecture's native size, SD1.x 512, SD2.x-v 768, SDXL 1024)")
+    ap.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                    help="single-file checkpoints: override the detected prediction type (SD2-base 512: epsilon)")
     ap.add_argument("--lora", type=Path, help="LoRA .safetensors (kohya format, e.g. from rlr-train)")
     ap.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     ap.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
@@ -165,7 +169,9 @@ def sample_main(argv: list[str] | None = None) -> int:
 
         if any(not p.strip() for p in args.prompt):
             raise ValueError("empty prompt")
-        pipe = load_pipeline(args.model)
+        single = {k: v for k, v in (("image_size", args.image_size), ("prediction_type", args.prediction_type))
+                  if v is not None}
+        pipe = load_pipeline(args.model, **single)
         if args.lora is not None:
             add_lora_file(pipe, args.lora)
             set_lora_strength(pipe, args.lora_scale)

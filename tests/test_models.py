@@ -201,3 +201,21 @@ def test_unsupported_single_files_are_refused(checkpoints, tmp_path, case, match
         Trainer(TrainConfig(model=str(bad), steps=1, output_dir=out, **TINY), progress=False)
     assert "SD1.x, SD2.x or SDXL base" in str(e.value)
     assert not out.exists()
+
+
+def test_rlr_sample_on_single_file_and_bad_lora(checkpoints, folders, tmp_path, capsys):
+    from rlr_backend.cli import sample_main
+
+    out = tmp_path / "s.png"
+    ckpt = str(checkpoints["sdxl"])
+    assert sample_main(["a red circle", "--model", ckpt, "--image-size", "32", "--num", "1", "--steps", "2",
+                        "--out", str(out)]) == 0
+    assert out.is_file()
+    sd1 = load_model(folders["sd1"])
+    sd1.add_lora(2, None, seed=0)
+    sd, rank, alpha = sd1.lora_state_dict()
+    lora = save_kohya(sd, tmp_path / "sd1.safetensors", rank, alpha, base_model_version="sd_v1")
+    bad = tmp_path / "bad.png"
+    assert sample_main(["a red circle", "--model", ckpt, "--image-size", "32", "--lora", str(lora),
+                        "--out", str(bad)]) == 2
+    assert "made for SD1.x" in capsys.readouterr().err and not bad.exists()
