@@ -66,7 +66,7 @@ class LoadModel(io.ComfyNode):
         return io.Schema(
             node_id="RLR_LoadModel", display_name="RLR Load Model", category=CATEGORY,
             description="A diffusers model for RLR training: the tiny embedded default, or a "
-                        "StableDiffusionPipeline folder from models/diffusers (safetensors only).",
+                        "SD1.x/SD2.x/SDXL diffusers folder from models/diffusers (safetensors only).",
             inputs=[io.Combo.Input("model", options=[logic.EMBEDDED, *logic.list_model_folders(_diffusers_roots())],
                                    default=logic.EMBEDDED,
                                    tooltip="the embedded default (32x32 coloured shapes, loads in a second) or a "
@@ -78,9 +78,9 @@ class LoadModel(io.ComfyNode):
         if model == logic.EMBEDDED:
             return io.NodeOutput(logic.DiffusersSource(None))
         folder = logic.resolve_model_folder(_diffusers_roots(), model)
-        from rlr_backend.models.default_model import check_model_dir
+        from rlr_backend.models.loader import check_pipeline_dir
 
-        check_model_dir(folder)
+        check_pipeline_dir(folder)  # SD1.x/SD2.x/SDXL diffusers folders
         return io.NodeOutput(logic.DiffusersSource(str(folder)))
 
 
