@@ -98,15 +98,20 @@ def summarize(result: dict) -> list[dict]:
         for r in runs:
             finals.setdefault(r["estimator"], []).append(r["points"][-1]["eval_reward"])
         best = max(sum(v) / len(v) for v in finals.values())
+        ddpo_final = sum(finals["ddpo"]) / len(finals["ddpo"]) if "ddpo" in finals else None
         level = start + 0.9 * (best - start)
         for est, vals in finals.items():
             mine = [r for r in runs if r["estimator"] == est]
             reached = [next((p["samples"] for p in r["points"] if p["eval_reward"] >= level), None) for r in mine]
             hit = [x for x in reached if x is not None]
+            to_ddpo = None
+            if ddpo_final is not None:  # the paper's target: samples to reach DDPO's final reward
+                got = [next((p["samples"] for p in r["points"] if p["eval_reward"] >= ddpo_final), None) for r in mine]
+                to_ddpo = sum(got) / len(got) if None not in got else None
             out.append({"reward": reward, "estimator": est, "final_mean": sum(vals) / len(vals),
                         "final_min": min(vals), "final_max": max(vals), "start": start, "level": level,
                         "samples_to_level": sum(hit) / len(hit) if len(hit) == len(reached) else None,
-                        "seeds_reaching_level": len(hit), "seeds": len(reached),
+                        "seeds_reaching_level": len(hit), "seeds": len(reached), "samples_to_ddpo_final": to_ddpo,
                         "wall_seconds": sum(r["wall_seconds"] for r in mine) / len(mine),
                         "final_diversity": sum(r["points"][-1].get("diversity", float("nan")) for r in mine) / len(mine)})
     return out

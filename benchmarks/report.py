@@ -26,6 +26,7 @@ def _load(results: Path, suite: str) -> dict | None:
             merged = dict(loaded[0])
             merged["runs"] = [run for r in loaded for run in r["runs"]]
             merged["seconds"] = sum(r["seconds"] for r in loaded)
+            merged["command"] = "; ".join(r["command"] for r in loaded)
             return merged
     return None
 
@@ -131,7 +132,7 @@ def efficiency_section(r: dict, images: Path) -> list[str]:
              f"seeds {s['seeds']}, evaluation every {s['eval_every']} updates on fixed seeds. Level = 90% of the way "
              "from the start to the best mean final reward of any estimator; samples = generated images.", "",
              "| reward | estimator | final eval reward, mean (min, max) | samples to level | vs ddpo | "
-             "diversity at the end | wall time (s) |", "|---|---|---|---|---|---|---|"]
+             "samples to ddpo's final reward | diversity at the end | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
     summary = summarize(r)
     for x in summary:
         ddpo = next((y for y in summary if y["reward"] == x["reward"] and y["estimator"] == "ddpo"), None)
@@ -140,7 +141,8 @@ def efficiency_section(r: dict, images: Path) -> list[str]:
         reach = (f"{x['samples_to_level']:.0f}" if x["samples_to_level"] is not None
                  else f"not reached ({x['seeds_reaching_level']}/{x['seeds']} seeds)")
         lines.append(f"| {x['reward']} | {x['estimator']} | {x['final_mean']:.4f} ({x['final_min']:.4f}, "
-                     f"{x['final_max']:.4f}) | {reach} | {_fmt(ratio, '.2f')} | {x['final_diversity']:.3f} | "
+                     f"{x['final_max']:.4f}) | {reach} | {_fmt(ratio, '.2f')} | {_fmt(x.get('samples_to_ddpo_final'), '.0f')} | "
+                     f"{x['final_diversity']:.3f} | "
                      f"{x['wall_seconds']:.0f} |")
     plt = _plt()
     for reward in sorted({x["reward"] for x in r["runs"]}):
