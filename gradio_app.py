@@ -24,7 +24,8 @@ from pathlib import Path
 from rlr_app.form import (ADVANCED_FIELDS, CFG_FIELDS, DEFAULT_MODEL, FORM_KEYS, LABELS, MAIN_FIELDS, MODEL_LOCK,
                           Settings, check_form, config_to_form, form_defaults, is_int_field, is_model_reward,
                           list_models, list_runs, new_run_name, number, parse_prompts, reward_facts)
-from rlr_app.render import before_vs_now, curve_figure, curve_image, scrub, stage_downloads, status_html, to_pil
+from rlr_app.render import (before_vs_now, curve_figure, curve_image, png_file, scrub, stage_downloads, status_html,
+                            to_pil)
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARD_HELP, REWARDS, make_reward
 from rlr_backend.train import TrainConfig
@@ -78,9 +79,9 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                 continue
             last[key] = out[key]
             if key == "gallery":
-                values.append(before_vs_now(job.current))
+                values.append([(png_file(im, settings), cap) for im, cap in before_vs_now(job.current)])
             elif key == "curve":
-                values.append(curve_image(job))
+                values.append(png_file(curve_image(job), settings))
             elif key == "log":
                 values.append(scrub("\n".join(job.log[-200:]), settings))
             else:
@@ -224,8 +225,9 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
         set_lora_strength(pipe, strength)
         tuned = sample_images(pipe, [prompt_spec.fine], **kw)
         scale = max(1, 128 // base.shape[-1])
-        return ([(im, f"base #{i + 1}") for i, im in enumerate(to_pil(base, scale))]
-                + [(im, f"base + LoRA x{strength:g} #{i + 1}") for i, im in enumerate(to_pil(tuned, scale))])
+        return ([(png_file(im, settings), f"base #{i + 1}") for i, im in enumerate(to_pil(base, scale))]
+                + [(png_file(im, settings), f"base + LoRA x{strength:g} #{i + 1}")
+                   for i, im in enumerate(to_pil(tuned, scale))])
 
     with gr.Blocks(title="RLR reward fine-tuning", analytics_enabled=False) as demo:
         gr.Markdown("## RLR reward fine-tuning\nPick prompts and a reward, press **Train**, and watch the same "
@@ -287,7 +289,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                         gallery = gr.Gallery(label="Fixed-seed samples: before (top row) vs now (bottom row)",
                                              columns=4, format="png",
                                              height="auto", object_fit="contain", elem_id="gallery")
-                        curve = gr.Image(label="Reward", type="pil", format="png", interactive=False,
+                        curve = gr.Image(label="Reward", type="filepath", format="png", interactive=False,
                                          elem_id="curve", buttons=["download"])
                         log = gr.Textbox(label="Log", lines=5, max_lines=10, autoscroll=True, interactive=False)
                         files = gr.File(label="Downloads (LoRA, grid, curve)", file_count="multiple",

@@ -3,6 +3,7 @@ the status line, and the copies of a run's results that the app may serve."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import math
@@ -10,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from rlr_backend.safe_io import atomic_path
 from rlr_backend.train.runner import eval_captions
 
 from .form import Settings
@@ -122,16 +124,38 @@ def scrub(text: str, settings: Settings) -> str:
     return text
 
 
+def served_folder(settings: Settings) -> Path:
+    """The app's cache folder: the only folder it serves files from."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR", settings.output_dir / ".gradio"))
+
+
 def stage_downloads(settings: Settings, run_dir: Path, names=("lora.safetensors", "before_after.png",
                                                               "reward_curve.png")) -> list[str]:
-    """Copy a run's results into the app's cache folder, the only folder the app serves files from."""
-    dest = Path(os.environ.get("GRADIO_TEMP_DIR", settings.output_dir / ".gradio")) / "downloads" / run_dir.name
+    """Copy a run's results into the served folder. Each copy replaces the last atomically, so a browser
+    still downloading the previous copy reads it whole."""
+    dest = served_folder(settings) / "downloads" / run_dir.name
     out = []
     for name in names:
         src = run_dir / name
         if src.is_file():
-            dest.mkdir(parents=True, exist_ok=True)
             target = dest / f"{run_dir.name}-{name}"
-            shutil.copy2(src, target)
+            with atomic_path(target) as tmp:
+                shutil.copy2(src, tmp)
             out.append(str(target))
     return out
+
+
+def png_file(image, settings: Settings) -> str:
+    """``image`` (PIL) as a PNG in the served folder, named by its content and written atomically.
+
+    The app hands Gradio file paths, not PIL images: Gradio 6.31 saves a PIL output to a path named by its
+    hash with a plain truncating write, so an unchanged image (the "before" row, re-sent with every
+    refresh) was rewritten while a browser downloaded it ("Too much data for declared Content-Length")."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = buf.getvalue()
+    target = served_folder(settings) / "images" / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not target.is_file():
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+    return str(target)

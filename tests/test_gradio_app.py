@@ -161,6 +161,34 @@ def test_model_list_shows_folders_under_the_models_dir_only(tmp_path):
     assert "model" in errors
 
 
+def test_served_pictures_and_downloads_are_never_rewritten_in_place(tmp_path, monkeypatch):
+    """A browser may be downloading a file while the next refresh sends it again: an unchanged picture keeps
+    its file, a re-staged download replaces it atomically (an open reader keeps the whole old copy)."""
+    from PIL import Image
+
+    from rlr_app.render import png_file, stage_downloads
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "served"))
+    settings = ga.Settings(tmp_path / "out")
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    first = png_file(red, settings)
+    inode = os.stat(first).st_ino
+    assert png_file(red.copy(), settings) == first and os.stat(first).st_ino == inode
+    assert png_file(blue, settings) != first
+    assert Image.open(first).getpixel((0, 0)) == (255, 0, 0)
+    run = tmp_path / "out" / "run1"
+    run.mkdir(parents=True)
+    (run / "lora.safetensors").write_bytes(b"A" * 1000)
+    (staged,) = stage_downloads(settings, run)
+    with open(staged, "rb") as reader:  # a download in progress
+        (run / "lora.safetensors").write_bytes(b"B" * 3000)
+        assert stage_downloads(settings, run) == [staged]
+        assert reader.read() == b"A" * 1000
+    assert Path(staged).read_bytes() == b"B" * 3000
+    assert Path(staged).parent.parent.parent == tmp_path / "served"
+    assert not [p for p in (tmp_path / "served").rglob(".tmp-*")]
+
+
 def test_network_exposure_needs_auth(tmp_path, capsys):
     assert ga.parser().parse_args([]).host == "127.0.0.1"
     assert ga.main(["--host", "0.0.0.0", "--output-dir", str(tmp_path)]) == 2
