@@ -16,6 +16,7 @@ from pathlib import Path
 from .estimators import ESTIMATORS, ZO_MODES
 from .rewards import REWARD_HELP
 from .safe_io import InvalidModelFile
+from .train.memory import OPTIMIZERS, PRECISIONS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, InvalidModelFile)
 
@@ -81,6 +82,11 @@ def train_parser() -> argparse.ArgumentParser:
                       ("grad_accum", int), ("lora_rank", int), ("lora_alpha", float), ("seed", int),
                       ("eval_every", int), ("eval_seeds", int), ("ckpt_every", int)]:
         option(name, type=typ)
+    option("device")
+    option("precision", choices=PRECISIONS)
+    option("gradient_checkpointing", action=argparse.BooleanOptionalAction)
+    option("offload_text_encoders", action=argparse.BooleanOptionalAction)
+    option("optimizer", choices=OPTIMIZERS)
     option("output_dir", type=Path)
     option("run_name")
     a("--resume", action="store_true", help="continue the run in OUTPUT_DIR/RUN_NAME from its last checkpoint")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -69,6 +71,20 @@ def evaluate_reward(problem: ChainProblem, x0: Tensor) -> tuple[Tensor, Tensor]:
     return r, torch.isfinite(r.detach())
 
 
+_LOSS_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar("rlr_loss_scale", default=1.0)
+
+
+@contextlib.contextmanager
+def loss_scaling(scale: float):
+    """Inside the block every gradient an estimator adds is multiplied by ``scale`` (fp16 training: the
+    trainer divides it out again, see ``train.memory.DynamicLossScale``). Reported loss values are not."""
+    token = _LOSS_SCALE.set(float(scale))
+    try:
+        yield
+    finally:
+        _LOSS_SCALE.reset(token)
+
+
 def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str) -> float:
     """Backpropagate ``loss`` unless it is NaN/inf; skipped terms are counted in ``metrics``."""
     value = float(loss.detach())
@@ -77,12 +93,14 @@ def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str) -> fl
         logger.warning("skipping a non-finite %s term (value %s)", name, value)
         return 0.0
     if loss.requires_grad:
-        loss.backward()
+        scale = _LOSS_SCALE.get()
+        (loss * scale if scale != 1.0 else loss).backward()
     return value
 
 
 def add_to_grad(params: Sequence[Tensor], updates: Sequence[Tensor], scale: float) -> None:
     """param.grad += scale * update (for estimators that produce a gradient directly)."""
+    scale *= _LOSS_SCALE.get()
     for p, u in zip(params, updates):
         if p.grad is None:
             p.grad = torch.zeros_like(p)

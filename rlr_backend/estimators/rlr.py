@@ -61,6 +61,7 @@ class RLRConfig:
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # FO, HO, ZO; unequal weights are biased
     adv_clip: float | None = None  # clip |A|; biased when it bites
     recompute_atol: float = 1e-4  # tolerance of the HO recomputation check (relative to max |x|)
+    use_checkpoint: bool = False  # recompute each FO/HO step's activations in backward: ~1 step held, +1 forward each
 
     def __post_init__(self) -> None:
         check_h(self.h, self.h + self.fo_steps, self.fo_steps)
@@ -142,12 +143,12 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     if split.fo and w_fo:  # a zero-weight term is skipped, not computed
         x = lat[split.fo[0]]
         for k in split.fo:
-            mean, sigma = step_mean(model, sched, prompts, k, x)
+            mean, sigma = step_mean(model, sched, prompts, k, x, use_checkpoint=config.use_checkpoint)
             x = mean + sigma * traj.noises[k] if sigma > 0 else mean
         x0 = torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, x.detach())
         r_fo, _ = evaluate_reward(problem, x0)
         total += backward_if_finite(w_fo * first_order_loss(r_fo, valid), metrics, "first-order")
-        metrics["model_calls"] += len(split.fo)
+        metrics["model_calls"] += len(split.fo) * (2 if config.use_checkpoint else 1)
         metrics["model_calls_with_grad"] += len(split.fo)
 
     # 3. HO over S: recompute the sub-chain with grad from its stored start
@@ -155,7 +156,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
         if sampler.kind == "softmax_gradnorm" else None
     x = lat[split.ho[0]]
     for k in split.ho[:-1] if w_ho else ():
-        mean, sigma = step_mean(model, sched, prompts, k, x)
+        mean, sigma = step_mean(model, sched, prompts, k, x, use_checkpoint=config.use_checkpoint)
         x = mean + sigma * traj.noises[k]
     k_end = split.ho[-1]
     err = float((x.detach() - lat[k_end]).abs().max()) if config.h > 1 and w_ho else 0.0
@@ -168,10 +169,10 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
             "deterministic between sampling and recomputation (dropout on? a different prompt per step?)"
         )
     if w_ho:
-        mean, sigma = step_mean(model, sched, prompts, k_end, x)
+        mean, sigma = step_mean(model, sched, prompts, k_end, x, use_checkpoint=config.use_checkpoint)
         total += backward_if_finite(w_ho * likelihood_ratio_loss(mean, lat[k_end + 1], sigma, adv), metrics,
                                     "half-order")
-        metrics["model_calls"] += config.h
+        metrics["model_calls"] += config.h * (2 if config.use_checkpoint else 1)
         metrics["model_calls_with_grad"] += config.h
     if before is not None:
         norm = math.sqrt(sum(float(((p.grad if p.grad is not None else 0) - b).pow(2).sum())
@@ -213,5 +214,5 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
 
     metrics.update(reward_mean=float(rewards[valid].mean()) if valid.any() else float("nan"),
                    reward_std=float(rewards[valid].std()) if valid.sum() > 1 else 0.0,
-                   steps_in_memory=float(max(config.h, len(split.fo))))
+                   steps_in_memory=1.0 if config.use_checkpoint else float(max(config.h, len(split.fo))))
     return Estimate(total, metrics, rewards.detach(), traj, {"split": split})

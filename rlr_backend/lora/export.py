@@ -40,8 +40,8 @@ def kohya_state_dict(unet: torch.nn.Module, adapter: str = "default",
         rank, alpha = down.shape[0], float(m.lora_alpha[adapter])
         ranks.add(rank)
         alphas.add(alpha)
-        out[f"{key}.lora_down.weight"] = down.detach().to(dtype)
-        out[f"{key}.lora_up.weight"] = up.detach().to(dtype)
+        out[f"{key}.lora_down.weight"] = down.detach().to("cpu", dtype)
+        out[f"{key}.lora_up.weight"] = up.detach().to("cpu", dtype)
         out[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
     if len(ranks) != 1 or len(alphas) != 1:
         raise ValueError(f"mixed LoRA ranks {sorted(ranks)} or alphas {sorted(alphas)} cannot be described by one header")

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..lora import add_lora, kohya_state_dict, load_lora_state_dict
 from ..sampling import DDIMSchedule
@@ -58,8 +59,18 @@ class DiffusersModel:
     def denoiser(self, guidance_scale: float) -> DiffusersUNetDenoiser:
         return DiffusersUNetDenoiser(self.unet, guidance_scale)
 
+    #: decode one image at a time, recomputing its activations in backward (``gradient_checkpointing``)
+    decode_one_at_a_time: bool = False
+
     def decode(self, latents: Tensor) -> Tensor:
-        return (self.vae.decode(latents / self.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        """Latents -> float32 images in [0, 1] on the latents' device, differentiable."""
+        def run(z: Tensor) -> Tensor:
+            z = z.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+            return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
+
+        if self.decode_one_at_a_time and torch.is_grad_enabled() and latents.shape[0] > 1:
+            return torch.cat([checkpoint(run, z, use_reentrant=False) for z in latents.split(1)])
+        return run(latents)
 
     def add_lora(self, rank: int, alpha: float | None, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
         add_lora(self.unet, rank=rank, alpha=alpha, seed=seed)

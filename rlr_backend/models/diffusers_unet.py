@@ -27,7 +27,8 @@ class DiffusersUNetDenoiser:
     """eps_hat = eps_u + w (eps_c - eps_u), one batched UNet call of size 2B (as diffusers' pipelines).
 
     ``prediction_type`` is the scheduler's; the schedule applies it, the adapter only returns the
-    UNet output. Inputs are cast to the UNet's dtype and the output back to float32.
+    UNet output. Inputs are cast to the UNet's dtype and device (text embeddings are cached on the CPU)
+    and the output back to float32.
     """
 
     def __init__(self, unet: torch.nn.Module, guidance_scale: float = 1.0):
@@ -41,8 +42,8 @@ class DiffusersUNetDenoiser:
         t = torch.full((x.shape[0],), int(timestep), device=x.device, dtype=torch.long)
         guided = cond.uncond is not None and self.guidance_scale != 1.0
         if not guided:
-            return self.unet(x.to(dtype), t, encoder_hidden_states=cond.embeds.to(dtype)).sample.float()
+            return self.unet(x.to(dtype), t, encoder_hidden_states=cond.embeds.to(x.device, dtype)).sample.float()
         out = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
-                        encoder_hidden_states=torch.cat([cond.uncond, cond.embeds]).to(dtype)).sample.float()
+                        encoder_hidden_states=torch.cat([cond.uncond, cond.embeds]).to(x.device, dtype)).sample.float()
         uncond, text = out.chunk(2)
         return uncond + self.guidance_scale * (text - uncond)

@@ -48,7 +48,7 @@ class SDXLConditioning:
 class SDXLUNetDenoiser:
     """eps_hat = eps_u + w (eps_c - eps_u) from one batched SDXL UNet call of size 2B, with
     ``added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}``. Returns what the scheduler's
-    ``prediction_type`` names, in float32."""
+    ``prediction_type`` names, in float32 (conditioning is moved to the latents' device and the UNet's dtype)."""
 
     def __init__(self, unet: torch.nn.Module, guidance_scale: float = 1.0):
         if guidance_scale < 0:
@@ -60,13 +60,13 @@ class SDXLUNetDenoiser:
         dtype = next(self.unet.parameters()).dtype
         t = torch.full((x.shape[0],), int(timestep), device=x.device, dtype=torch.long)
         if cond.uncond is None or self.guidance_scale == 1.0:
-            added = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
-            return self.unet(x.to(dtype), t, encoder_hidden_states=cond.embeds.to(dtype),
+            added = {"text_embeds": cond.pooled.to(x.device, dtype), "time_ids": cond.time_ids.to(x.device, dtype)}
+            return self.unet(x.to(dtype), t, encoder_hidden_states=cond.embeds.to(x.device, dtype),
                              added_cond_kwargs=added).sample.float()
-        added = {"text_embeds": torch.cat([cond.uncond_pooled, cond.pooled]).to(dtype),
-                 "time_ids": torch.cat([cond.time_ids, cond.time_ids]).to(dtype)}
+        added = {"text_embeds": torch.cat([cond.uncond_pooled, cond.pooled]).to(x.device, dtype),
+                 "time_ids": torch.cat([cond.time_ids, cond.time_ids]).to(x.device, dtype)}
         out = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
-                        encoder_hidden_states=torch.cat([cond.uncond, cond.embeds]).to(dtype),
+                        encoder_hidden_states=torch.cat([cond.uncond, cond.embeds]).to(x.device, dtype),
                         added_cond_kwargs=added).sample.float()
         uncond, text = out.chunk(2)
         return uncond + self.guidance_scale * (text - uncond)

@@ -61,6 +61,13 @@ def step_mean(model: Denoiser, schedule: DDIMSchedule, prompts: PromptSchedule, 
     return run(x), sigma
 
 
+def standard_normal(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A standard-normal tensor shaped like ``like``, drawn on the generator's device and moved to
+    ``like``'s: a CPU generator gives the same noise whether the model runs on the CPU or a GPU."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
 def sample_chain(
     model: Denoiser,
     schedule: DDIMSchedule,
@@ -93,8 +100,7 @@ def sample_chain(
         with ctx, torch.set_grad_enabled(k in grad_set):
             mean, sigma = step_mean(model, schedule, prompts, k, x, use_checkpoint=use_checkpoint)
             if sigma > 0:
-                eps = noises[k] if noises is not None else torch.randn(
-                    mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                eps = noises[k] if noises is not None else standard_normal(mean, generator)
             else:
                 eps = torch.zeros_like(mean)
             x_next = mean + sigma * eps if sigma > 0 else mean

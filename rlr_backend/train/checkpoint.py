@@ -24,11 +24,11 @@ def save_checkpoint(run_dir: Path, step: int, named_params: Sequence[tuple[str, 
                     optimizer: torch.optim.Optimizer, generator: torch.Generator, state: dict) -> Path:
     ckpt = run_dir / "ckpt" / f"step-{step:06d}"
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_tensors({n: p.detach() for n, p in named_params}, ckpt / "lora.safetensors")
+    save_tensors({n: p.detach().cpu() for n, p in named_params}, ckpt / "lora.safetensors")
     opt_state, opt_tensors = optimizer.state_dict(), {}
     for idx, s in opt_state["state"].items():
         for k, v in s.items():
-            opt_tensors[f"{idx}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            opt_tensors[f"{idx}.{k}"] = v.cpu() if isinstance(v, torch.Tensor) else torch.tensor(v)
     save_tensors(opt_tensors, ckpt / "optim.safetensors")
     save_tensors({"generator": generator.get_state()}, ckpt / "rng.safetensors")
     save_json({**state, "step": step, "param_groups": opt_state["param_groups"]}, ckpt / "state.json")

@@ -6,7 +6,10 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from ..estimators import ESTIMATORS, ZO_MODES
+from .memory import OPTIMIZERS, PRECISIONS
 from .prompts import PromptSpec
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -54,6 +57,14 @@ class TrainConfig:
     eval_every: int = _f(10, "evaluate every N updates (0: only at start and end)")
     eval_seeds: int = _f(2, "evaluation images per evaluation prompt")
     ckpt_every: int = _f(10, "checkpoint every N updates")
+    device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")
+    precision: str = _f("fp32", "weights of the frozen model: fp32, bf16 or fp16 (LoRA and optimizer stay fp32; "
+                                "bf16/fp16 halve the weights' memory on a GPU)", choices=tuple(PRECISIONS))
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (UNet blocks, backpropagated "
+                                             "steps, the VAE per image): less memory, ~1 more forward per step")
+    offload_text_encoders: bool = _f(True, "keep the text encoders on the CPU in fp32 (prompts are encoded "
+                                           "once and cached)")
+    optimizer: str = _f("adam", "adam, or adam8bit (bitsandbytes, CUDA)", choices=OPTIMIZERS)
     output_dir: Path = _f(Path("runs"), "folder that holds run folders")
     run_name: str = _f("default", "name of this run's folder inside output_dir")
 
@@ -81,6 +92,15 @@ class TrainConfig:
             raise ValueError("lora_alpha must be > 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
         if self.eta < 0:
             raise ValueError("eta must be >= 0")
         if self.estimator in ("rlr", "ddpo", "zo") and self.eta == 0:
@@ -99,10 +119,12 @@ class TrainConfig:
         if self.estimator == "rlr":
             baseline = "ema" if self.zo_mode == "param_1pt" else "loo"
             return RLRConfig(h=self.h, fo_steps=self.fo_steps, zo_mode=self.zo_mode, nu=self.nu, baseline=baseline,
-                             j_dist="range" if self.ho_range else "uniform", j_range=self.ho_range)
+                             j_dist="range" if self.ho_range else "uniform", j_range=self.ho_range,
+                             use_checkpoint=self.gradient_checkpointing)
+        ckpt = self.gradient_checkpointing
         return {"code_compat": lambda: CodeCompatConfig(chain_len=self.chain_len),
-                "ddpo": DDPOConfig, "zo": ZOConfig, "full_bp": FullBPConfig,
-                "truncated_bp": lambda: TruncatedBPConfig(k=self.truncation)}[self.estimator]()
+                "ddpo": DDPOConfig, "zo": ZOConfig, "full_bp": lambda: FullBPConfig(use_checkpoint=ckpt),
+                "truncated_bp": lambda: TruncatedBPConfig(k=self.truncation, use_checkpoint=ckpt)}[self.estimator]()
 
     def to_json(self) -> dict:
         out = {}

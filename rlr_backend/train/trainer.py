@@ -7,6 +7,7 @@ after every update, ``on_preview(images, step)`` after every evaluation, and sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator
+from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator, loss_scaling
 from ..lora import save_kohya
 from ..models.trainable import TrainableModel
 from ..rewards import Reward, make_reward
@@ -25,6 +26,7 @@ from ..safe_io import save_json
 from ..sampling import PromptSchedule, sample_chain
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .memory import DynamicLossScale, autocast, make_optimizer, prepare_model
 from .pipeline import load_pipeline, model_for_pipeline
 from .report import save_before_after, save_grid, save_reward_curve
 
@@ -61,7 +63,11 @@ class Trainer:
         self.config = config
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
         self.progress = progress
-        self.reward = reward if reward is not None else make_reward(config.reward)  # fails before loading
+        if reward is None:
+            from .memory import resolve_device
+
+            reward = make_reward(config.reward, device=resolve_device(config.device))  # fails before loading
+        self.reward = reward
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
@@ -75,10 +81,14 @@ class Trainer:
         self.pipe = getattr(model, "pipe", None)  # the diffusers pipeline, when there is one
         self.named_params = model.add_lora(config.lora_rank, config.lora_alpha, config.seed)
         self.params = [p for _, p in self.named_params]
+        self.device = prepare_model(model, self.params, device=config.device, precision=config.precision,
+                                    gradient_checkpointing=config.gradient_checkpointing,
+                                    offload_text_encoders=config.offload_text_encoders)
         self.schedule = model.schedule(config.num_inference_steps, config.eta)
         self.model = model.denoiser(config.guidance_scale)
         self.latent_shape = tuple(model.latent_shape)
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+        self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
+        self.loss_scale = DynamicLossScale() if config.precision == "fp16" else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.baseline = BaselineState()
         self.j_sampler = JSampler(getattr(self.est_config, "j_dist", "uniform"),
@@ -116,12 +126,13 @@ class Trainer:
         cfg = self.config
         ids = [i for i in range(min(len(cfg.prompts), 4)) for _ in range(cfg.eval_seeds)]
         g = torch.Generator().manual_seed(EVAL_SEED)
-        x_T = torch.randn((len(ids), *self.latent_shape), generator=g)
+        x_T = torch.randn((len(ids), *self.latent_shape), generator=g).to(self.device)
         problem = self.problem(ids)
-        traj = sample_chain(self.model, self.schedule, problem.prompts, x_T, generator=g)
-        images = self.decode(traj.final)
-        rewards = self.reward(images, [cfg.prompts[i].fine for i in ids])
-        return float(rewards[torch.isfinite(rewards)].mean()), images
+        with autocast(self.device, cfg.precision):
+            traj = sample_chain(self.model, self.schedule, problem.prompts, x_T, generator=g)
+            images = self.decode(traj.final)
+            rewards = self.reward(images, [cfg.prompts[i].fine for i in ids]).float()
+        return float(rewards[torch.isfinite(rewards)].mean()), images.float().cpu()
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
@@ -140,6 +151,8 @@ class Trainer:
             state = load_checkpoint(ckpt, self.named_params, self.optimizer, self.generator)
             start = state["step"]
             self.baseline.load_state_dict(state["baseline"])
+            if self.loss_scale is not None and "loss_scale" in state:
+                self.loss_scale.load_state_dict(state["loss_scale"])
             self.j_sampler.norms = {int(k): v for k, v in state["j_norms"].items()}
             eval_rewards = {int(k): v for k, v in state["eval_rewards"].items()}
             if metrics_path.is_file():
@@ -179,6 +192,7 @@ class Trainer:
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
                 save_checkpoint(run_dir, step, self.named_params, self.optimizer, self.generator,
                                 {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
+                                 **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
                                  "eval_rewards": eval_rewards})
             if bar is not None:
                 bar.update(1)
@@ -214,15 +228,20 @@ class Trainer:
             ids = torch.randint(0, len(cfg.prompts), (groups,), generator=self.generator)
             ids = ids.repeat_interleave(cfg.images_per_prompt).tolist()
             problem = self.problem(ids)
-            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.generator)
-            est = self.spec.fn(problem, x_T, config=self.est_config, generator=self.generator,
-                               baseline_state=self.baseline, j_sampler=self.j_sampler)
+            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.generator).to(self.device)
+            scaling = loss_scaling(self.loss_scale.scale) if self.loss_scale else contextlib.nullcontext()
+            with autocast(self.device, cfg.precision), scaling:
+                est = self.spec.fn(problem, x_T, config=self.est_config, generator=self.generator,
+                                   baseline_state=self.baseline, j_sampler=self.j_sampler)
             for k, v in est.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
         grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.grad_accum > 1:
             for g in grads:
                 g.div_(cfg.grad_accum)
+        if self.loss_scale is not None and not self.loss_scale.unscale_and_update(self.params):
+            agg["skipped_update"] = 1.0
+            return agg
         if not all(torch.isfinite(g).all() for g in grads):
             agg["skipped_update"] = 1.0
             logger.warning("non-finite gradient: update skipped")

@@ -1,0 +1,143 @@
+"""Where the model lives and what it keeps in memory: device, precision, recomputation, optimizer.
+
+The options a consumer GPU needs (docs/memory.md has the measured memory model):
+
+* ``precision``: frozen weights (UNet, VAE, text encoders) in fp16/bf16, the LoRA parameters and their
+  optimizer state in fp32, model calls under ``torch.autocast``. fp16 also gets a dynamic loss scale
+  (``DynamicLossScale``), because small LoRA gradients underflow in fp16; bf16 does not need one.
+* ``gradient_checkpointing``: diffusers' block checkpointing inside every UNet call with a graph, the
+  estimators' step-level checkpointing of a backpropagated window, and the VAE decoded one image at a
+  time with checkpointing. Gradients are unchanged; each backpropagated step costs one more forward.
+* ``offload_text_encoders``: text encoders stay on the CPU (prompts are encoded once and cached); only
+  the UNet and the VAE go to the GPU.
+* ``optimizer = "adam8bit"``: bitsandbytes' 8-bit Adam when it is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from typing import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS: tuple[str, ...] = ("adam", "adam8bit")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA GPU if there is one, else the CPU; ``cuda``/``cuda:N``/``mps`` must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this torch has no CUDA GPU (torch {torch.__version__}); use "
+                             "--device cpu, or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) found")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps': not available in this torch build or on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str, precision: str,
+                  gradient_checkpointing: bool, offload_text_encoders: bool) -> torch.device:
+    """Move and cast a diffusers-backed ``TrainableModel`` after its LoRA was added: frozen weights to
+    ``precision`` on ``device``, ``trainable`` in fp32, checkpointing on if asked. Returns the device the
+    trainer must put its tensors on.
+
+    Offloaded text encoders stay on the CPU in fp32 (prompts are encoded once and cached, so they cost
+    CPU memory only). Models that are not diffusers pipelines (the ComfyUI adapter) run where their
+    adapter puts them (the CPU); for them only the defaults are accepted, not silently ignored."""
+    unet, vae = getattr(model, "unet", None), getattr(model, "vae", None)
+    if unet is None or vae is None or getattr(model, "pipe", None) is None:
+        if device not in ("auto", "cpu") or precision != "fp32" or gradient_checkpointing:
+            raise ValueError(f"{type(model).__name__} manages its own device and precision; the device, precision "
+                             "and gradient_checkpointing options apply to diffusers models")
+        return torch.device("cpu")
+    target = resolve_device(device)
+    dtype = PRECISIONS[precision]
+    pipe = model.pipe
+    encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+    keep = {id(p) for p in trainable}
+    for module in (unet, vae, *([] if offload_text_encoders else encoders)):
+        for p in module.parameters():
+            if id(p) not in keep and p.dtype.is_floating_point:
+                p.data = p.data.to(dtype)
+        for b in module.buffers():
+            if b.dtype.is_floating_point:
+                b.data = b.data.to(dtype)
+    for p in trainable:
+        p.data = p.data.float()
+    unet.to(target)
+    vae.to(target)
+    for enc in encoders:
+        enc.to("cpu" if offload_text_encoders else target)
+    model.decode_one_at_a_time = gradient_checkpointing
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    logger.info("model on %s, frozen weights %s, LoRA fp32%s%s", target, precision,
+                ", gradient checkpointing" if gradient_checkpointing else "",
+                ", text encoders on the CPU" if offload_text_encoders and target.type != "cpu" else "")
+    return target
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for model calls (a no-op in fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+class DynamicLossScale:
+    """fp16 loss scaling as torch's GradScaler does it, for estimators that call ``backward`` themselves:
+    losses are multiplied by ``scale`` (see ``estimators.problem.loss_scaling``), gradients divided by it;
+    a non-finite gradient halves the scale (the update is skipped), ``growth_interval`` finite updates in
+    a row double it. It starts at 2^10, not GradScaler's 2^16: likelihood-ratio gradients carry 1/sigma
+    factors and overflowed fp16 at 2^16 on the default model's first update."""
+
+    def __init__(self, scale: float = 2.0**10, growth_interval: int = 500):
+        self.scale, self.growth_interval, self.good_steps = float(scale), growth_interval, 0
+
+    def unscale_and_update(self, params: Sequence[torch.Tensor]) -> bool:
+        """Divide the gradients by the scale; return False (and lower the scale) if any is not finite."""
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in grads:
+            g.div_(self.scale)
+        if not all(torch.isfinite(g).all() for g in grads):
+            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+            logger.info("fp16 gradient overflow: loss scale lowered to %g", self.scale)
+            return False
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale, self.good_steps = self.scale * 2, 0
+        return True
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def make_optimizer(name: str, params: Sequence[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam, or bitsandbytes' 8-bit Adam (moments in 8 bits) when ``name == "adam8bit"``."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adam8bit":
+        try:
+            bnb = importlib.import_module("bitsandbytes")
+        except ImportError:
+            raise ValueError("optimizer 'adam8bit' needs bitsandbytes (pip install bitsandbytes; it needs a "
+                             "CUDA GPU); or use optimizer 'adam'") from None
+        return bnb.optim.Adam8bit(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
