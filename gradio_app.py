@@ -214,7 +214,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
         if compare_cache.get("key") != key:
             compare_cache.clear()
             with MODEL_LOCK:
-                pipe = load_pipeline(cfg.model)
+                pipe = load_pipeline(cfg.model, **cfg.single_file_options())
                 add_lora_file(pipe, lora)
             compare_cache.update(key=key, pipe=pipe)
         pipe = compare_cache["pipe"]

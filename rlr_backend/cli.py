@@ -64,6 +64,8 @@ def train_parser() -> argparse.ArgumentParser:
         a("--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=_help(name), **kw)
 
     option("model")
+    option("image_size", type=int)
+    option("prediction_type", choices=("epsilon", "v_prediction"))
     a("--prompt", action="append", dest="prompt_list", metavar="TEXT",
       help="a training prompt (repeatable); 'coarse | mid | fine' gives per-step versions")
     a("--prompt-file", type=Path, help="UTF-8 file with one prompt per line")

@@ -219,3 +219,19 @@ def test_rlr_sample_on_single_file_and_bad_lora(checkpoints, folders, tmp_path, 
     assert sample_main(["a red circle", "--model", ckpt, "--image-size", "32", "--lora", str(lora),
                         "--out", str(bad)]) == 2
     assert "made for SD1.x" in capsys.readouterr().err and not bad.exists()
+
+
+def test_rlr_train_on_a_single_file_at_a_chosen_size(checkpoints, folders, tmp_path, capsys):
+    """`rlr-train --model file.safetensors --image-size N` trains at N px; a folder refuses the option."""
+    from rlr_backend.cli import train_main
+
+    args = ["--batch-size", "2", "--images-per-prompt", "2", "--fo-steps", "1", "--num-inference-steps", "4",
+            "--eval-every", "0", "--eval-seeds", "1", "--steps", "1", "--quiet", "--output-dir", str(tmp_path)]
+    assert train_main([*args, "--model", str(checkpoints["sd2v"]), "--image-size", "32", "--prediction-type",
+                       "epsilon", "--run-name", "sd2"]) == 0
+    cfg = json.loads((tmp_path / "sd2" / "config.json").read_text())
+    assert (cfg["image_size"], cfg["prediction_type"]) == (32, "epsilon")
+    trainer = Trainer(TrainConfig.from_json({**cfg, "run_name": "again"}), progress=False)
+    assert trainer.latent_shape == (4, 16, 16) and trainer.schedule.prediction_type == "epsilon"  # 32 px, not 768
+    assert train_main([*args, "--model", str(folders["sd1"]), "--image-size", "32", "--run-name", "f"]) == 2
+    assert "only apply to single-file" in capsys.readouterr().err and not (tmp_path / "f").exists()

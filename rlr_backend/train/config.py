@@ -30,6 +30,10 @@ class TrainConfig:
 
     model: str | None = _f(None, "local model: a diffusers folder (SD1.x, SD2.x, SDXL) or a single-file "
                                  ".safetensors checkpoint; default: the embedded model")
+    image_size: int | None = _f(None, "single-file checkpoints: training resolution in pixels (default: the "
+                                      "architecture's native size)")
+    prediction_type: str | None = _f(None, "single-file checkpoints: epsilon or v_prediction (default: detected; "
+                                           "SD2-base 512 files need epsilon)", choices=("epsilon", "v_prediction"))
     prompts: tuple[PromptSpec, ...] = _f(tuple(PromptSpec(p) for p in DEFAULT_PROMPTS), "training prompts")
     reward: str = _f("prompt_alignment=1,brightness=1", "reward name, or weighted sum 'name=w,name=w'")
     estimator: str = _f("rlr", "gradient estimator", choices=tuple(sorted(ESTIMATORS)))
@@ -94,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
+            raise ValueError(f"image_size must be a multiple of 8 (pixels), got {self.image_size}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -108,6 +116,11 @@ class TrainConfig:
         name = Path(self.run_name)
         if name.is_absolute() or len(name.parts) != 1 or name.name in ("", ".", ".."):
             raise ValueError(f"run_name must be a plain folder name inside output_dir, got {self.run_name!r}")
+
+    def single_file_options(self) -> dict:
+        """The loader options that apply to single-file checkpoints (a diffusers folder refuses them)."""
+        return {k: v for k, v in (("image_size", self.image_size), ("prediction_type", self.prediction_type))
+                if v is not None}
 
     @property
     def run_dir(self) -> Path:

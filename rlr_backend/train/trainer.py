@@ -76,7 +76,7 @@ class Trainer:
         self.prompt_split = tuple(float(f) for f in config.prompt_split)
         PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
         if model is None:
-            model = model_for_pipeline(pipeline if pipeline is not None else load_pipeline(config.model))
+            model = model_for_pipeline(pipeline if pipeline is not None else load_pipeline(config.model, **config.single_file_options()))
         self.t2i = model
         self.pipe = getattr(model, "pipe", None)  # the diffusers pipeline, when there is one
         self.named_params = model.add_lora(config.lora_rank, config.lora_alpha, config.seed)
