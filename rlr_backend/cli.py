@@ -1,7 +1,9 @@
 """Command-line entry points: ``rlr-train`` and ``rlr-sample``.
 
 Errors a user can fix (bad options, missing files, unknown names) print one line and exit with
-code 2, before any existing run folder is touched.
+code 2, before any existing run folder is touched. ``python -m rlr_backend.cli ARGS`` is ``rlr-train
+ARGS``, the form ``accelerate launch -m rlr_backend.cli`` and ``torchrun -m rlr_backend.cli`` use for
+data-parallel training (docs/training.md).
 """
 
 from __future__ import annotations
@@ -143,6 +145,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"rlr-train: error: {e}", file=sys.stderr)
         return 2
+    from .train.distributed import is_main_process
+
+    if not is_main_process():  # data-parallel: the main process reports
+        return 0
     first, last = result.eval_rewards.get(0), result.eval_rewards.get(result.steps_done)
     print(f"LoRA: {result.lora_path}")
     print(f"grid before/after: {result.run_dir / 'before_after.png'}; curve: {result.run_dir / 'reward_curve.png'}")
@@ -201,3 +207,7 @@ def _entry(fn):
 
 train = _entry(train_main)
 sample = _entry(sample_main)
+
+
+if __name__ == "__main__":  # python -m rlr_backend.cli, e.g. under accelerate launch or torchrun
+    train()

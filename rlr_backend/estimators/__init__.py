@@ -5,13 +5,13 @@ from .backprop import FullBPConfig, TruncatedBPConfig, full_bp_estimate, truncat
 from .code_compat import CodeCompatConfig, code_compat_estimate
 from .likelihood_ratio import DDPOConfig, ZOConfig, ddpo_estimate, ddpo_update, zo_estimate
 from .partition import ChainSplit, JSampler, split_chain
-from .problem import (ChainProblem, Estimate, RecomputationMismatch, RewardOutputError, evaluate_reward,
+from .problem import (BatchShard, ChainProblem, Estimate, RecomputationMismatch, RewardOutputError, evaluate_reward,
                       loss_scaling)
 from .registry import ESTIMATORS, EstimatorSpec, get_estimator
 from .rlr import ZO_MODES, RLRConfig, rlr_estimate
 
 __all__ = [
-    "BASELINES", "BaselineState", "ChainProblem", "ChainSplit", "CodeCompatConfig", "DDPOConfig", "ESTIMATORS",
+    "BASELINES", "BaselineState", "BatchShard", "ChainProblem", "ChainSplit", "CodeCompatConfig", "DDPOConfig", "ESTIMATORS",
     "Estimate", "EstimatorSpec", "FullBPConfig", "JSampler", "RLRConfig", "RecomputationMismatch",
     "RewardOutputError", "TruncatedBPConfig", "ZOConfig", "ZO_MODES", "code_compat_estimate", "compute_advantages",
     "ddpo_estimate", "ddpo_update", "evaluate_reward", "full_bp_estimate", "get_estimator", "loss_scaling", "rlr_estimate",

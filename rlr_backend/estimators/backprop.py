@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import sample_chain
-from .problem import ChainProblem, Estimate, backward_if_finite, evaluate_reward
+from .problem import ChainProblem, Estimate, backward_if_finite, evaluate_reward, reward_metrics
 from .terms import first_order_loss
 
 
@@ -47,13 +47,12 @@ def _backprop_last(problem: ChainProblem, x_T: Tensor, k: int, use_checkpoint: b
                    generator: torch.Generator | None) -> Estimate:
     n = problem.num_steps
     traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
-                        grad_steps=range(n - k, n), use_checkpoint=use_checkpoint)
+                        grad_steps=range(n - k, n), use_checkpoint=use_checkpoint, noise_shard=problem.noise_shard)
     rewards, valid = evaluate_reward(problem, traj.final)
-    metrics = {"nonfinite_rewards": float((~valid).sum()), "model_calls": float(n + (k if use_checkpoint else 0)),
+    metrics = {"model_calls": float(n + (k if use_checkpoint else 0)),
                "model_calls_with_grad": float(k), "steps_in_memory": float(1 if use_checkpoint else k)}
     loss = backward_if_finite(first_order_loss(rewards, valid), metrics, "backprop")
-    metrics["reward_mean"] = float(rewards.detach()[valid].mean()) if valid.any() else float("nan")
-    metrics["reward_std"] = float(rewards.detach()[valid].std()) if valid.sum() > 1 else 0.0
+    metrics.update(reward_metrics(problem.gather(rewards.detach())))
     return Estimate(loss, metrics, rewards.detach(), traj)
 
 

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import gaussian_log_prob, sample_chain, step_mean
-from .advantages import compute_advantages
-from .problem import ChainProblem, Estimate, backward_if_finite, evaluate_reward
+from .problem import ChainProblem, Estimate, backward_if_finite, batch_advantages, evaluate_reward, reward_metrics
 from .terms import first_order_loss, ppo_loss
 
 
@@ -47,9 +46,9 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
         sched = sched.with_eta([*sched.etas[:-1], 0.0])
     prob = replace(problem, schedule=sched)
     with torch.no_grad():
-        traj = sample_chain(prob.model, sched, prob.prompts, x_T, generator=generator)
+        traj = sample_chain(prob.model, sched, prob.prompts, x_T, generator=generator, noise_shard=prob.noise_shard)
         rewards, valid = evaluate_reward(prob, traj.final)
-    metrics = {"nonfinite_rewards": float((~valid).sum()), "dropped_ho": 0.0,
+    metrics = {"dropped_ho": 0.0,
                "model_calls": float(n + 1 + config.chain_len), "model_calls_with_grad": float(1 + config.chain_len),
                "steps_in_memory": 1.0}
     # FO through the last step
@@ -59,7 +58,7 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
     r_fo, _ = evaluate_reward(prob, x0)
     loss = config.fo_coeff * first_order_loss(r_fo, valid)
     # chain_len single-step PPO terms at uniform random steps
-    adv = compute_advantages(rewards, "batch_norm")
+    adv, all_rewards = batch_advantages(prob, rewards, "batch_norm")  # normalised by the whole batch's mean, std
     d = traj.latents[0][0].numel()
     ho = torch.zeros((), dtype=loss.dtype)
     for _ in range(config.chain_len):
@@ -76,6 +75,5 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
     else:
         loss = loss + config.ho_coeff * ho
     total = backward_if_finite(loss, metrics, "code_compat")
-    metrics["reward_mean"] = float(rewards[valid].mean()) if valid.any() else float("nan")
-    metrics["reward_std"] = float(rewards[valid].std()) if valid.sum() > 1 else 0.0
+    metrics.update(reward_metrics(all_rewards))
     return Estimate(total, metrics, rewards.detach(), traj)

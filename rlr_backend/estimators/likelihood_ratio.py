@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..sampling import Trajectory, gaussian_log_prob, sample_chain, step_mean
-from .advantages import BASELINES, BaselineState, compute_advantages
-from .problem import ChainProblem, Estimate, backward_if_finite, evaluate_reward
+from .advantages import BASELINES, BaselineState
+from .problem import ChainProblem, Estimate, backward_if_finite, batch_advantages, evaluate_reward, reward_metrics
 from .terms import likelihood_ratio_loss, ppo_loss
 
 
@@ -73,15 +73,16 @@ def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, con
     return total
 
 
-def _sample_and_advantages(problem, x_T, generator, baseline, state, adv_clip):
+def _sample_and_advantages(problem: ChainProblem, x_T: Tensor, generator: torch.Generator | None, baseline: str,
+                           state: BaselineState | None, adv_clip: float | None
+                           ) -> tuple[Trajectory, Tensor, Tensor, dict[str, float]]:
+    """Sample the (shard of the) batch without grad; advantages and reward metrics over the whole batch."""
     with torch.no_grad():
-        traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator)
-        rewards, valid = evaluate_reward(problem, traj.final)
-    adv = compute_advantages(rewards, baseline, groups=problem.groups, state=state, clip=adv_clip)
-    metrics = {"nonfinite_rewards": float((~valid).sum()), "model_calls": float(problem.num_steps),
-               "reward_mean": float(rewards[valid].mean()) if valid.any() else float("nan"),
-               "reward_std": float(rewards[valid].std()) if valid.sum() > 1 else 0.0,
-               "steps_in_memory": 1.0}
+        traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
+                            noise_shard=problem.noise_shard)
+        rewards, _ = evaluate_reward(problem, traj.final)
+    adv, all_rewards = batch_advantages(problem, rewards, baseline, state=state, clip=adv_clip)
+    metrics = {**reward_metrics(all_rewards), "model_calls": float(problem.num_steps), "steps_in_memory": 1.0}
     return traj, rewards, adv, metrics
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..models.denoiser import Denoiser
 from ..sampling import DDIMSchedule, PromptSchedule, Trajectory
+from .advantages import BaselineState, compute_advantages
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,33 @@ class RecomputationMismatch(RuntimeError):
     """A recomputed sub-chain did not reproduce the stored latents (non-determinism or a changed prompt map)."""
 
 
+@dataclass(frozen=True)
+class BatchShard:
+    """This process's rows ``start .. start+size`` of a batch of ``total`` samples split across processes.
+
+    ``gather`` concatenates a per-sample tensor (size, ...) of every process, in process order, into
+    (total, ...); ``mean`` averages a tensor elementwise over the processes. The trainer supplies
+    them (``rlr_backend.train.distributed``); the estimators call them, in the same order on every
+    process, so that batch statistics (baselines, reward means, zeroth-order coefficients) are those
+    of the whole batch and a data-parallel run computes what one process would.
+    """
+
+    start: int
+    size: int
+    total: int
+    gather: Callable[[Tensor], Tensor]
+    mean: Callable[[Tensor], Tensor]
+
+    def __post_init__(self) -> None:
+        if not (self.size >= 1 and 0 <= self.start and self.start + self.size <= self.total):
+            raise ValueError(f"a shard of rows {self.start}..{self.start + self.size} does not fit a batch of {self.total}")
+
+    @property
+    def rows(self) -> slice:
+        """This shard's rows of a whole-batch tensor."""
+        return slice(self.start, self.start + self.size)
+
+
 @dataclass
 class ChainProblem:
     """A sampler, its conditioning, a reward on x_0 and the parameters being trained.
@@ -32,7 +60,8 @@ class ChainProblem:
     ``reward`` maps the final latents x_0 (B, ...) to rewards (B,); decoding to pixels is inside it.
     ``params`` are the trainable tensors: gradients are accumulated into their ``.grad`` and
     parameter-space zeroth-order estimators perturb them. ``groups`` (B,) are prompt ids, used by
-    per-prompt baselines.
+    per-prompt baselines. ``shard`` (None: the whole batch is here) says which rows of a batch split
+    across processes this one holds; ``x_T``, ``groups`` and the reward then cover those rows only.
     """
 
     model: Denoiser
@@ -42,10 +71,28 @@ class ChainProblem:
     params: Sequence[Tensor]
     reward_differentiable: bool = True
     groups: Tensor | None = None
+    shard: BatchShard | None = None
 
     @property
     def num_steps(self) -> int:
         return self.schedule.num_steps
+
+    @property
+    def noise_shard(self) -> tuple[int, int] | None:
+        """``sample_chain``'s (start, full_batch), or None for an unsplit batch."""
+        return None if self.shard is None else (self.shard.start, self.shard.total)
+
+    def gather(self, per_sample: Tensor) -> Tensor:
+        """The whole batch's values of a per-sample tensor (itself when the batch is not split)."""
+        return per_sample if self.shard is None else self.shard.gather(per_sample)
+
+    def local(self, whole_batch: Tensor) -> Tensor:
+        """This process's rows of a whole-batch tensor (itself when the batch is not split)."""
+        return whole_batch if self.shard is None else whole_batch[self.shard.rows]
+
+    def mean_over_shards(self, value: Tensor) -> Tensor:
+        """The mean over processes of a tensor computed from this shard (itself when not split)."""
+        return value if self.shard is None else self.shard.mean(value)
 
 
 @dataclass
@@ -83,6 +130,29 @@ def loss_scaling(scale: float):
         yield
     finally:
         _LOSS_SCALE.reset(token)
+
+
+def batch_advantages(problem: ChainProblem, rewards: Tensor, kind: str, *, state: BaselineState | None = None,
+                     clip: float | None = None) -> tuple[Tensor, Tensor]:
+    """(advantages of this shard's samples, rewards of the whole batch).
+
+    The baseline is computed on the whole batch's rewards and prompt ids (gathered from every
+    process when the batch is split), so leave-one-out, batch and per-prompt statistics and the
+    carried ``state`` are the same on every process and equal to an unsplit run's.
+    """
+    all_rewards = problem.gather(rewards)
+    groups = problem.gather(problem.groups) if problem.groups is not None else None
+    adv = compute_advantages(all_rewards, kind, groups=groups, state=state, clip=clip)
+    return problem.local(adv), all_rewards
+
+
+def reward_metrics(rewards: Tensor) -> dict[str, float]:
+    """Mean, std and number of non-finite values of a batch's rewards (pass the whole batch's)."""
+    r = rewards.detach()
+    valid = torch.isfinite(r)
+    return {"nonfinite_rewards": float((~valid).sum()),
+            "reward_mean": float(r[valid].mean()) if valid.any() else float("nan"),
+            "reward_std": float(r[valid].std()) if valid.sum() > 1 else 0.0}
 
 
 def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str) -> float:

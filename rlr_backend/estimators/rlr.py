@@ -33,11 +33,11 @@ import torch
 from torch import Tensor
 
 from ..sampling import sample_chain, step_mean
-from .advantages import BASELINES, BaselineState, compute_advantages
+from .advantages import BASELINES, BaselineState
 from .partition import J_DISTRIBUTIONS, JSampler, check_h, split_chain
 from .perturbation import direction, perturbed
 from .problem import (ChainProblem, Estimate, RecomputationMismatch, add_to_grad, backward_if_finite,
-                      evaluate_reward)
+                      batch_advantages, evaluate_reward, reward_metrics)
 from .terms import first_order_loss, likelihood_ratio_loss
 
 logger = logging.getLogger(__name__)
@@ -131,11 +131,12 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
 
     with torch.no_grad():
         traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
-                            step_context=step_context)
+                            step_context=step_context, noise_shard=problem.noise_shard)
         rewards, valid = evaluate_reward(problem, traj.final)
-    metrics["nonfinite_rewards"] = float((~valid).sum())
-    adv = compute_advantages(rewards, config.baseline, groups=problem.groups, state=baseline_state,
-                             clip=config.adv_clip)
+    # batch statistics over the whole batch (gathered from every process when it is split)
+    adv, all_rewards = batch_advantages(problem, rewards, config.baseline, state=baseline_state, clip=config.adv_clip)
+    all_valid = torch.isfinite(all_rewards.detach())
+    metrics["nonfinite_rewards"] = float((~all_valid).sum())
     lat, sched, prompts, model = traj.latents, problem.schedule, problem.prompts, problem.model
     total = 0.0
 
@@ -175,8 +176,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
         metrics["model_calls"] += config.h * (2 if config.use_checkpoint else 1)
         metrics["model_calls_with_grad"] += config.h
     if before is not None:
-        norm = math.sqrt(sum(float(((p.grad if p.grad is not None else 0) - b).pow(2).sum())
-                             for p, b in zip(params, before)))
+        norm = _ho_grad_norm(problem, params, before)
         sampler.observe(j, norm)
         metrics["ho_grad_norm"] = norm
 
@@ -191,7 +191,8 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
         metrics["model_calls"] += len(split.zo)
         metrics["model_calls_with_grad"] += len(split.zo)
     elif config.zo_mode == "param_1pt" and split.zo:
-        coef = float(adv[valid].mean()) if valid.any() else 0.0
+        all_adv = problem.gather(adv)
+        coef = float(all_adv[all_valid].mean()) if all_valid.any() else 0.0
         for k in split.zo:  # loss gradient = -(ascent direction)
             add_to_grad(params, direction(params, seeds[k]), -w_zo * coef / config.nu)
     elif config.zo_mode == "param_2pt" and split.zo:
@@ -206,13 +207,25 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
                 with torch.no_grad():
                     chain = sample_chain(model, sched, prompts, x_T, noises=traj.noises, step_context=ctx)
                     r_pm.append(evaluate_reward(problem, chain.final))
-            (r_plus, v_plus), (r_minus, v_minus) = r_pm
-            ok = valid & v_plus & v_minus
+            (r_plus, _), (r_minus, _) = r_pm
+            r_plus, r_minus = problem.gather(r_plus), problem.gather(r_minus)
+            ok = all_valid & torch.isfinite(r_plus) & torch.isfinite(r_minus)
             diff = float(((r_plus - r_minus)[ok]).mean()) if ok.any() else 0.0
             add_to_grad(params, delta, -w_zo * diff / (2 * config.nu) / config.zo_directions)
         metrics["model_calls"] += 2 * n * config.zo_directions
 
-    metrics.update(reward_mean=float(rewards[valid].mean()) if valid.any() else float("nan"),
-                   reward_std=float(rewards[valid].std()) if valid.sum() > 1 else 0.0,
+    metrics.update(reward_metrics(all_rewards),
                    steps_in_memory=1.0 if config.use_checkpoint else float(max(config.h, len(split.fo))))
     return Estimate(total, metrics, rewards.detach(), traj, {"split": split})
+
+
+def _ho_grad_norm(problem: ChainProblem, params: list[Tensor], before: list[Tensor]) -> float:
+    """Norm of the half-order term's gradient (the change of ``.grad`` since ``before``).
+
+    With a split batch each shard's change is averaged over the processes first, so every process
+    observes the norm of the whole batch's term and its j distribution stays the same.
+    """
+    deltas = [(p.grad if p.grad is not None else 0) - b for p, b in zip(params, before)]
+    if problem.shard is not None:
+        deltas = [problem.mean_over_shards(d) for d in deltas]
+    return math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))

@@ -3,6 +3,10 @@
 The trainer knows nothing about user interfaces. It reports through callbacks: ``on_step(StepInfo)``
 after every update, ``on_preview(images, step)`` after every evaluation, and stops early when
 ``should_stop()`` returns True (a checkpoint and the LoRA are still written).
+
+Launched as several processes (``accelerate launch --multi_gpu``, torchrun) it trains data-parallel:
+each process samples a shard of every batch, gradients are averaged, and files, evaluation and the
+callbacks happen on the main process (see ``distributed.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from ..safe_io import save_json
 from ..sampling import PromptSchedule, sample_chain
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .memory import DynamicLossScale, autocast, make_optimizer, prepare_model
+from .distributed import DataParallel
+from .memory import DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device
 from .pipeline import load_pipeline, model_for_pipeline
 from .report import save_before_after, save_grid, save_reward_curve
 
@@ -61,12 +66,14 @@ class Trainer:
         ``CallableReward`` around your own function); ``pipeline`` reuses a loaded StableDiffusion(XL)Pipeline;
         ``model`` trains any ``TrainableModel`` instead (``config.model`` is then only a label)."""
         self.config = config
+        self.dp = DataParallel.from_environment(config.batch_size, config.images_per_prompt)  # no-op alone
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
         self.progress = progress
+        device = config.device
+        if self.dp.enabled and device == "auto" and torch.cuda.is_available():
+            device = f"cuda:{self.dp.local_rank}"  # one GPU per process
         if reward is None:
-            from .memory import resolve_device
-
-            reward = make_reward(config.reward, device=resolve_device(config.device))  # fails before loading
+            reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
         self.reward = reward
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
@@ -81,7 +88,7 @@ class Trainer:
         self.pipe = getattr(model, "pipe", None)  # the diffusers pipeline, when there is one
         self.named_params = model.add_lora(config.lora_rank, config.lora_alpha, config.seed)
         self.params = [p for _, p in self.named_params]
-        self.device = prepare_model(model, self.params, device=config.device, precision=config.precision,
+        self.device = prepare_model(model, self.params, device=device, precision=config.precision,
                                     gradient_checkpointing=config.gradient_checkpointing,
                                     offload_text_encoders=config.offload_text_encoders)
         self.schedule = model.schedule(config.num_inference_steps, config.eta)
@@ -136,6 +143,57 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
+        cfg, run_dir, dp = self.config, self.config.run_dir, self.dp
+        metrics_path = run_dir / "metrics.jsonl"
+        start, history, eval_rewards = dp.on_main(lambda: self._open_run(resume))
+        if dp.enabled:
+            self._share_state_from_main()
+        logger.info("run %s: %s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
+                    cfg.estimator, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
+                    sum(p.numel() for p in self.params))
+        if start == 0:
+            eval_rewards[0] = dp.on_main(lambda: self._evaluate_and_save(0))
+        bar = _progress(cfg.steps, start, self.progress and dp.is_main)
+        stopped, step = False, start
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            metrics = self.update()
+            metrics["seconds"] = time.perf_counter() - t0
+            record = {"step": step, **metrics}
+            history.append(record)
+            dp.on_main(lambda: _append_jsonl(metrics_path, record))
+            if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
+                eval_rewards[step] = dp.on_main(lambda: self._evaluate_and_save(step))
+            stopped = dp.any(bool(self.should_stop and self.should_stop()))
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
+                dp.on_main(lambda: save_checkpoint(
+                    run_dir, step, self.named_params, self.optimizer, self.generator,
+                    {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
+                     **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
+                     "eval_rewards": eval_rewards}))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+            if self.on_step and dp.is_main:
+                self.on_step(StepInfo(step, cfg.steps, metrics, metrics["seconds"]))
+            if stopped:
+                logger.info("stop requested at step %d", step)
+                break
+        if bar is not None:
+            bar.close()
+        if dp.enabled:
+            drift = dp.max_parameter_difference(self.params)
+            if drift and dp.is_main:
+                logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
+        lora_path = dp.on_main(lambda: self._write_outputs(history, eval_rewards, step, stopped))
+        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped)
+
+    def _open_run(self, resume: bool) -> tuple[int, list[dict], dict[int, float]]:
+        """Create the run folder, or load its latest checkpoint into this trainer (main process only).
+
+        Returns (the last finished step, the metrics rows up to it, the evaluation rewards so far)
+        and leaves ``metrics.jsonl`` holding exactly those rows.
+        """
         cfg, run_dir = self.config, self.config.run_dir
         metrics_path, start = run_dir / "metrics.jsonl", 0
         history: list[dict] = []
@@ -165,45 +223,36 @@ class Trainer:
             save_json(cfg.to_json(), run_dir / "config.json")
         with open(metrics_path, "w") as f:  # rewrite: drops steps after the checkpoint
             f.writelines(json.dumps(r) + "\n" for r in history)
-        logger.info("run %s: %s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
-                    cfg.estimator, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
-                    sum(p.numel() for p in self.params))
-        if start == 0:
-            eval_rewards[0], images = self.evaluate()
-            save_grid(images, run_dir / "grids" / "step-000000.png", nrow=cfg.eval_seeds)
-            if self.on_preview:
-                self.on_preview(images, 0)
-        bar = _progress(cfg.steps, start, self.progress)
-        stopped, step = False, start
-        for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            metrics = self.update()
-            metrics["seconds"] = time.perf_counter() - t0
-            record = {"step": step, **metrics}
-            history.append(record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
-                eval_rewards[step], images = self.evaluate()
-                save_grid(images, run_dir / "grids" / f"step-{step:06d}.png", nrow=cfg.eval_seeds)
-                if self.on_preview:
-                    self.on_preview(images, step)
-            stopped = bool(self.should_stop and self.should_stop())
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
-                save_checkpoint(run_dir, step, self.named_params, self.optimizer, self.generator,
-                                {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
-                                 **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
-                                 "eval_rewards": eval_rewards})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
-            if self.on_step:
-                self.on_step(StepInfo(step, cfg.steps, metrics, metrics["seconds"]))
-            if stopped:
-                logger.info("stop requested at step %d", step)
-                break
-        if bar is not None:
-            bar.close()
+        return start, history, eval_rewards
+
+    def _share_state_from_main(self) -> None:
+        """Give every process the main process's LoRA, Adam moments, RNG state, baseline and j statistics
+        (a resumed checkpoint is read by the main process only, so no shared disk is needed)."""
+        dp = self.dp
+        state = dp.broadcast({"optim": self.optimizer.state_dict(), "rng": self.generator.get_state(),
+                              "baseline": self.baseline.state_dict(), "j_norms": dict(self.j_sampler.norms),
+                              "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None}
+                             if dp.is_main else None)
+        if not dp.is_main:
+            if self.loss_scale is not None:
+                self.loss_scale.load_state_dict(state["loss_scale"])
+            self.optimizer.load_state_dict(state["optim"])
+            self.generator.set_state(state["rng"])
+            self.baseline.load_state_dict(state["baseline"])
+            self.j_sampler.norms = dict(state["j_norms"])
+        dp.sync_parameters(self.params)
+
+    def _evaluate_and_save(self, step: int) -> float:
+        """Evaluate, write the grid of ``step`` and show it (main process); returns the eval reward."""
+        reward, images = self.evaluate()
+        save_grid(images, self.config.run_dir / "grids" / f"step-{step:06d}.png", nrow=self.config.eval_seeds)
+        if self.on_preview:
+            self.on_preview(images, step)
+        return reward
+
+    def _write_outputs(self, history: list[dict], eval_rewards: dict[int, float], step: int, stopped: bool) -> Path:
+        """The LoRA, the reward curve and the before/after grid of a finished run; returns the LoRA's path."""
+        cfg, run_dir = self.config, self.config.run_dir
         sd, rank, alpha = self.t2i.lora_state_dict()
         meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, "rlr_steps": str(step)}
         if stopped:
@@ -216,31 +265,37 @@ class Trainer:
             save_before_after(grids / "step-000000.png", grids / f"step-{step:06d}.png", run_dir / "before_after.png",
                               f"before: eval reward {eval_rewards[0]:.3f}",
                               f"after {step} updates: {eval_rewards[step]:.3f}")
-        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped)
+        return lora_path
 
     def update(self) -> dict[str, float]:
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
+        shard = self.dp.shard(cfg.batch_size)  # None unless data-parallel
         for _ in range(cfg.grad_accum):
             # whole groups of images per prompt, so the leave-one-out baseline compares like with like
             groups = cfg.batch_size // cfg.images_per_prompt
             ids = torch.randint(0, len(cfg.prompts), (groups,), generator=self.generator)
             ids = ids.repeat_interleave(cfg.images_per_prompt).tolist()
+            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.generator)
+            if shard is not None:  # drawn for the whole batch on every process; this one keeps its groups
+                ids, x_T = ids[shard.rows], x_T[shard.rows]
             problem = self.problem(ids)
-            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.generator).to(self.device)
+            if shard is not None:
+                problem = replace(problem, shard=shard)
             scaling = loss_scaling(self.loss_scale.scale) if self.loss_scale else contextlib.nullcontext()
             with autocast(self.device, cfg.precision), scaling:
-                est = self.spec.fn(problem, x_T, config=self.est_config, generator=self.generator,
+                est = self.spec.fn(problem, x_T.to(self.device), config=self.est_config, generator=self.generator,
                                    baseline_state=self.baseline, j_sampler=self.j_sampler)
             for k, v in est.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+        self.dp.average_gradients(self.params)  # the mean of equal shards' mean-loss gradients
         grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.grad_accum > 1:
             for g in grads:
                 g.div_(cfg.grad_accum)
         if self.loss_scale is not None and not self.loss_scale.unscale_and_update(self.params):
-            agg["skipped_update"] = 1.0
+            agg["skipped_update"] = 1.0  # fp16 overflow: the scale was lowered (the same on every process)
             return agg
         if not all(torch.isfinite(g).all() for g in grads):
             agg["skipped_update"] = 1.0
@@ -250,6 +305,11 @@ class Trainer:
         agg["grad_norm"] = float(norm)
         self.optimizer.step()
         return agg
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
