@@ -51,9 +51,11 @@ class ModelSource(Protocol):
 
 @dataclass(frozen=True)
 class DiffusersSource:
-    """The embedded default (``path=None``) or a diffusers StableDiffusionPipeline folder."""
+    """The embedded default (``path=None``), a diffusers StableDiffusionPipeline folder, or a single-file
+    ``.safetensors`` checkpoint (``image_size``: its training resolution, None for the native one)."""
 
     path: str | None = None
+    image_size: int | None = None
 
     @property
     def name(self) -> str:
@@ -62,7 +64,7 @@ class DiffusersSource:
     def load(self) -> TrainableModel:
         from rlr_backend.models.loader import load_model
 
-        return load_model(self.path)
+        return load_model(self.path, **({"image_size": self.image_size} if self.image_size else {}))
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,31 @@ def list_model_folders(roots: Sequence[str | Path]) -> list[str]:
     return sorted(names)
 
 
+CHECKPOINT_PREFIX = "checkpoints/"
+
+
+def model_choices(diffusers_roots: Sequence[str | Path], checkpoint_names: Sequence[str]) -> list[str]:
+    """The RLR Load Model list: the embedded default, diffusers folders, then the ``.safetensors`` files of
+    models/checkpoints as ``checkpoints/<name>`` (single files load offline; pickles are not listed)."""
+    files = sorted(n for n in checkpoint_names if n.lower().endswith(".safetensors"))
+    return [EMBEDDED, *list_model_folders(diffusers_roots), *(CHECKPOINT_PREFIX + n for n in files)]
+
+
+def resolve_checkpoint(roots: Sequence[str | Path], name: str) -> Path:
+    """The single file ``name`` (relative, may be in a subfolder) inside one of the checkpoint ``roots``;
+    refuses traversal, other formats and missing files with one message."""
+    if not name.lower().endswith(".safetensors"):
+        raise InvalidModelFile(f"checkpoint {name!r}: only .safetensors single files are accepted (no pickles)")
+    for root in roots:
+        base = Path(root).resolve()
+        candidate = (base / name).resolve()
+        if not candidate.is_relative_to(base):
+            raise ValueError(f"checkpoint {name!r} points outside {root}; refused")
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"checkpoint {name!r} does not exist in models/checkpoints")
+
+
 def resolve_model_folder(roots: Sequence[str | Path], name: str) -> Path:
     """The folder ``name`` inside one of ``roots``; clear errors for traversal and missing folders."""
     if not name or "/" in name or "\\" in name or name in (".", ".."):
@@ -318,6 +345,6 @@ def resolve_model_folder(roots: Sequence[str | Path], name: str) -> Path:
                             "StableDiffusionPipeline folder (model_index.json, unet/, vae/, ...) there")
 
 
-__all__ = ["DiffusersSource", "EMBEDDED", "InvalidModelFile", "LoraDict", "PromptPlan", "REWARD_HELP", "add_prompt",
+__all__ = ["CHECKPOINT_PREFIX", "DiffusersSource", "EMBEDDED", "InvalidModelFile", "LoraDict", "PromptPlan", "REWARD_HELP", "add_prompt",
            "add_reward", "build_config", "check_prompt", "config_field", "estimator_settings", "list_model_folders",
            "lora_target", "read_lora", "resolve_model_folder", "reward_spec", "sample", "save_lora_file", "train"]

@@ -53,9 +53,17 @@ def _lora_files() -> list[str]:
         return []
 
 
-def _diffusers_roots() -> list[str]:
+def _folder_list(kind: str) -> list[str]:
+    """ComfyUI's folders for ``kind`` (models/diffusers, models/checkpoints, plus extra_model_paths)."""
     try:
-        return list(_folder_paths().get_folder_paths("diffusers"))
+        return list(_folder_paths().get_folder_paths(kind))
+    except KeyError:
+        return []
+
+
+def _checkpoint_names() -> list[str]:
+    try:
+        return list(_folder_paths().get_filename_list("checkpoints"))
     except KeyError:
         return []
 
@@ -65,19 +73,33 @@ class LoadModel(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RLR_LoadModel", display_name="RLR Load Model", category=CATEGORY,
-            description="A diffusers model for RLR training: the tiny embedded default, or a "
-                        "SD1.x/SD2.x/SDXL diffusers folder from models/diffusers (safetensors only).",
-            inputs=[io.Combo.Input("model", options=[logic.EMBEDDED, *logic.list_model_folders(_diffusers_roots())],
+            description="A model for RLR training through diffusers: the tiny embedded default, a SD1.x/SD2.x/SDXL "
+                        "diffusers folder from models/diffusers, or a single-file .safetensors checkpoint from "
+                        "models/checkpoints (architecture read from the weights, offline).",
+            inputs=[io.Combo.Input("model", options=logic.model_choices(_folder_list("diffusers"),
+                                                                        _checkpoint_names()),
                                    default=logic.EMBEDDED,
-                                   tooltip="the embedded default (32x32 coloured shapes, loads in a second) or a "
-                                           "folder in models/diffusers")],
+                                   tooltip="the embedded default (32x32 coloured shapes, loads in a second), a "
+                                           "folder in models/diffusers, or checkpoints/<file>.safetensors"),
+                    io.Int.Input("image_size", default=0, min=0, max=2048, step=8, optional=True,
+                                 tooltip="single-file checkpoints: training/sampling size in pixels (0: native, "
+                                         "SD1.x 512, SDXL 1024); smaller trains faster")],
             outputs=[MODEL.Output(display_name="rlr_model", tooltip="a recipe that loads a fresh copy per run")])
 
     @classmethod
-    def execute(cls, model: str) -> io.NodeOutput:
+    def execute(cls, model: str, image_size: int = 0) -> io.NodeOutput:
         if model == logic.EMBEDDED:
             return io.NodeOutput(logic.DiffusersSource(None))
-        folder = logic.resolve_model_folder(_diffusers_roots(), model)
+        if model.startswith(logic.CHECKPOINT_PREFIX):
+            from rlr_backend.safe_io import check_safetensors
+
+            path = logic.resolve_checkpoint(_folder_list("checkpoints"), model[len(logic.CHECKPOINT_PREFIX):])
+            check_safetensors(path)  # header only; the architecture is checked when it loads
+            return io.NodeOutput(logic.DiffusersSource(str(path), image_size or None))
+        if image_size:
+            raise ValueError("RLR Load Model: image_size applies to single-file checkpoints; a diffusers folder's "
+                             "config decides its size (set image_size to 0)")
+        folder = logic.resolve_model_folder(_folder_list("diffusers"), model)
         from rlr_backend.models.loader import check_pipeline_dir
 
         check_pipeline_dir(folder)  # SD1.x/SD2.x/SDXL diffusers folders

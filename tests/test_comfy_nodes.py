@@ -273,3 +273,29 @@ assert len(nodes) == 8 and all(n.define_schema().node_id.startswith("RLR_") for 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert not any(tmp_path.iterdir())  # nothing written, not even the folders
+
+
+def test_load_model_lists_and_loads_single_file_checkpoints(pack):
+    """models/checkpoints/*.safetensors appear as checkpoints/<name> and load offline at a chosen size;
+    pickles are not listed, traversal and image_size on a folder are refused."""
+    from ldm_export import save_ldm_checkpoint
+
+    from rlr_backend.models.loader import load_model
+    from rlr_backend.models.tiny_pipelines import save_tiny_pipeline
+
+    nodes, base = pack
+    ckpts = base / "models" / "checkpoints"
+    (ckpts / "sd").mkdir(parents=True)
+    folder = save_tiny_pipeline("sd1", base / "tiny-sd1")
+    save_ldm_checkpoint(load_model(folder).pipe, ckpts / "sd" / "tiny.safetensors")
+    (ckpts / "old.ckpt").write_bytes(b"\x80\x02pickle")
+    options = next(i for i in nodes.LoadModel.define_schema().inputs if i.id == "model").options
+    assert "checkpoints/sd/tiny.safetensors" in options and not any(o.endswith(".ckpt") for o in options)
+    source = run(nodes.LoadModel, model="checkpoints/sd/tiny.safetensors", image_size=32).args[0]
+    assert source.image_size == 32 and source.load().latent_shape == (4, 16, 16)
+    with pytest.raises(ValueError, match="outside"):
+        run(nodes.LoadModel, model="checkpoints/../../tiny-sd1/unet/diffusion_pytorch_model.safetensors")
+    with pytest.raises(Exception, match="only .safetensors"):
+        run(nodes.LoadModel, model="checkpoints/old.ckpt")
+    with pytest.raises(ValueError, match="image_size applies to single-file"):
+        run(nodes.LoadModel, model="some-folder", image_size=64)
