@@ -1,151 +1,215 @@
-"""Write a diffusers SD1.x/SD2.x/SDXL pipeline as one ComfyUI/A1111-layout ``.safetensors`` (test fixtures).
+"""Write a diffusers SD1.x / SD2.x / SDXL pipeline as one LDM-layout ``.safetensors`` file (test fixtures).
 
-Adapted from huggingface/diffusers ``scripts/convert_diffusers_to_original_stable_diffusion.py`` and
-``convert_diffusers_to_original_sdxl.py`` (Apache-2.0) with the following modifications: block and
-layer counts are read from the model's config instead of being hard-coded for the full-size models;
-SD2's text encoder gets the extra (unused) last OpenCLIP layer real SD2 checkpoints carry; an optional
-``v_pred`` marker key as ComfyUI writes for v-prediction models.
+The LDM ("original Stable Diffusion") single-file layout that ComfyUI and A1111 read:
+
+* UNet under ``model.diffusion_model.`` (``input_blocks`` / ``middle_block`` / ``output_blocks``),
+* VAE under ``first_stage_model.`` (``encoder.down`` / ``decoder.up`` / ``mid``),
+* text encoders: SD1.x ``cond_stage_model.transformer.`` (OpenAI CLIP, HF layout); SD2.x
+  ``cond_stage_model.model.`` (OpenCLIP layout); SDXL ``conditioner.embedders.0.transformer.`` (CLIP-L,
+  HF layout) and ``conditioner.embedders.1.model.`` (OpenCLIP bigG layout),
+* optionally ComfyUI's empty ``v_pred`` marker for v-prediction models.
+
+This is our own implementation of those key layouts. Each component is renamed through a table of
+module-prefix rules (diffusers prefix -> LDM prefix, plus renames inside the module) that is built from
+the model's config, so the tiny test models convert exactly as full-size ones would. A key that no rule
+covers raises instead of being dropped silently.
 """
 
 from __future__ import annotations
 
-import re
+from pathlib import Path
 
 import torch
 
 from rlr_backend.safe_io import save_tensors
 
+# diffusers module prefix -> (LDM module prefix, renames of the first name(s) inside that module)
+Rules = dict[str, tuple[str, dict[str, str]]]
+KEEP: dict[str, str] = {}
 
-def _unet_map(cfg) -> list[tuple[str, str]]:
-    lpb, n = cfg.layers_per_block, len(cfg.block_out_channels)
-    attn_down = ["CrossAttn" in t for t in cfg.down_block_types]
-    attn_up = ["CrossAttn" in t for t in cfg.up_block_types]
-    out = []
-    for i in range(n):
-        for j in range(lpb):
-            out.append((f"input_blocks.{(lpb + 1) * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
-            if attn_down[i]:
-                out.append((f"input_blocks.{(lpb + 1) * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
-        for j in range(lpb + 1):
-            out.append((f"output_blocks.{(lpb + 1) * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
-            if attn_up[i]:
-                out.append((f"output_blocks.{(lpb + 1) * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-        if i < n - 1:
-            out.append((f"input_blocks.{(lpb + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-            out.append((f"output_blocks.{(lpb + 1) * i + lpb}.{2 if attn_up[i] else 1}.", f"up_blocks.{i}.upsamplers.0."))
-    out += [("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
-            ("middle_block.2.", "mid_block.resnets.1.")]
+
+def _rename(state: dict[str, torch.Tensor], rules: Rules) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state.items():
+        prefix = max((p for p in rules if key.startswith(p)), key=len, default=None)
+        if prefix is None:
+            raise KeyError(f"no LDM name for {key!r}")
+        new_prefix, inner = rules[prefix]
+        rest = key[len(prefix):]
+        for old, new in inner.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+                break
+        out[new_prefix + rest] = tensor
     return out
 
 
-_UNET_TOP = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
-             ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
-_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
-           ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+# ---------------------------------------------------------------- UNet
+
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+UNET_FIXED: Rules = {
+    "conv_in.": ("input_blocks.0.0.", KEEP),
+    "time_embedding.linear_1.": ("time_embed.0.", KEEP),
+    "time_embedding.linear_2.": ("time_embed.2.", KEEP),
+    "add_embedding.linear_1.": ("label_emb.0.0.", KEEP),  # SDXL size/crop conditioning
+    "add_embedding.linear_2.": ("label_emb.0.2.", KEEP),
+    "mid_block.resnets.0.": ("middle_block.0.", UNET_RESNET),
+    "mid_block.attentions.0.": ("middle_block.1.", KEEP),
+    "mid_block.resnets.1.": ("middle_block.2.", UNET_RESNET),
+    "conv_norm_out.": ("out.0.", KEEP),
+    "conv_out.": ("out.2.", KEEP),
+}
+
+
+def unet_rules(cfg) -> Rules:
+    """Rules for a UNet2DConditionModel config.
+
+    LDM numbers the UNet's layers consecutively: ``input_blocks.0`` is conv_in, then each down block
+    contributes one input block per layer (resnet ``.0``, attention ``.1``) and, except the last, one
+    for its downsampler. Up blocks have one layer more each (they also take the skip from the
+    downsampler / conv_in); a block's upsampler joins its last output block, after the attention if any.
+    """
+    rules = dict(UNET_FIXED)
+    n = len(cfg.block_out_channels)
+    per_block = cfg.layers_per_block
+    layers = list(per_block) if isinstance(per_block, (list, tuple)) else [per_block] * n
+
+    k = 1
+    for i, kind in enumerate(cfg.down_block_types):
+        for j in range(layers[i]):
+            rules[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{k}.0.", UNET_RESNET)
+            if "CrossAttn" in kind:
+                rules[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{k}.1.", KEEP)
+            k += 1
+        if i < n - 1:
+            rules[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{k}.0.op.", KEEP)
+            k += 1
+
+    k = 0
+    for i, kind in enumerate(cfg.up_block_types):
+        attention = "CrossAttn" in kind
+        for j in range(layers[n - 1 - i] + 1):
+            rules[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{k}.0.", UNET_RESNET)
+            if attention:
+                rules[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{k}.1.", KEEP)
+            k += 1
+        if i < n - 1:
+            rules[f"up_blocks.{i}.upsamplers.0."] = (f"output_blocks.{k - 1}.{2 if attention else 1}.", KEEP)
+    return rules
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    layer_map = _unet_map(unet.config)
-    out = {}
-    for k, v in unet.state_dict().items():
-        name = k
-        for sd, hf in _UNET_TOP:
-            if name.startswith(hf):
-                name = sd + name[len(hf):]
-        if "resnets" in name:
-            for sd, hf in _RESNET:
-                name = name.replace(hf, sd)
-        for sd, hf in layer_map:
-            if name.startswith(hf):
-                name = sd + name[len(hf):]
-        out["model.diffusion_model." + name] = v
-    return out
+    return _rename(unet.state_dict(), unet_rules(unet.config))
+
+
+# ---------------------------------------------------------------- VAE
+
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_rules(cfg) -> Rules:
+    """Rules for an AutoencoderKL config. LDM numbers the decoder's up blocks by resolution like the
+    encoder's (``decoder.up.0`` is the full-resolution one); diffusers numbers them in the order they run."""
+    n = len(cfg.block_out_channels)
+    rules: Rules = {p: (p, KEEP) for p in ("quant_conv.", "post_quant_conv.")}
+    for part in ("encoder", "decoder"):
+        rules.update({
+            f"{part}.conv_in.": (f"{part}.conv_in.", KEEP),
+            f"{part}.conv_out.": (f"{part}.conv_out.", KEEP),
+            f"{part}.conv_norm_out.": (f"{part}.norm_out.", KEEP),
+            f"{part}.mid_block.resnets.0.": (f"{part}.mid.block_1.", VAE_RESNET),
+            f"{part}.mid_block.attentions.0.": (f"{part}.mid.attn_1.", VAE_ATTENTION),
+            f"{part}.mid_block.resnets.1.": (f"{part}.mid.block_2.", VAE_RESNET),
+        })
+    for i in range(n):
+        up = n - 1 - i
+        for j in range(cfg.layers_per_block):
+            rules[f"encoder.down_blocks.{i}.resnets.{j}."] = (f"encoder.down.{i}.block.{j}.", VAE_RESNET)
+        for j in range(cfg.layers_per_block + 1):
+            rules[f"decoder.up_blocks.{i}.resnets.{j}."] = (f"decoder.up.{up}.block.{j}.", VAE_RESNET)
+        if i < n - 1:
+            rules[f"encoder.down_blocks.{i}.downsamplers.0."] = (f"encoder.down.{i}.downsample.", KEEP)
+            rules[f"decoder.up_blocks.{i}.upsamplers.0."] = (f"decoder.up.{up}.upsample.", KEEP)
+    return rules
 
 
 def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
-    n = len(vae.config.block_out_channels)
-    rules = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"), ("mid.attn_1.", "mid_block.attentions.0.")]
+    out = _rename(vae.state_dict(), vae_rules(vae.config))
+    # LDM's mid-block attention projects with 1x1 convolutions, diffusers' with linear layers
+    return {k: t[..., None, None] if ".mid.attn_1." in k and t.ndim == 2 else t for k, t in out.items()}
+
+
+# ---------------------------------------------------------------- text encoders
+
+
+def _clip_state(encoder) -> dict[str, torch.Tensor]:
+    """CLIP text model tensors keyed ``embeddings.`` / ``encoder.`` / ``final_layer_norm.`` (and
+    ``text_projection.``), whether or not this transformers version nests them under ``text_model.``."""
+    return {k.removeprefix("text_model."): t for k, t in encoder.state_dict().items()}
+
+
+def hf_clip_to_ldm(encoder) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP as LDM stores it: the HF module tree under ``transformer.text_model.``."""
+    return {f"transformer.text_model.{k}": t for k, t in _clip_state(encoder).items()}
+
+
+OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                  "self_attn": "attn"}
+
+
+def openclip_to_ldm(encoder, extra_layer: bool = False) -> dict[str, torch.Tensor]:
+    """An HF CLIP text model in OpenCLIP's layout: fused ``attn.in_proj_*`` (q, k, v stacked), ``resblocks``,
+    ``ln_final`` and ``text_projection`` as a (width, projection) matrix.
+
+    ``extra_layer``: real SD2.x checkpoints carry OpenCLIP-H's last layer although SD2 reads the
+    penultimate one's output, so the diffusers model has one layer fewer; a copy of the last layer
+    stands in for it.
+    """
+    n = encoder.config.num_hidden_layers
+    state = _clip_state(encoder)
     for i in range(n):
-        for j in range(vae.config.layers_per_block):
-            rules.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
-        for j in range(vae.config.layers_per_block + 1):
-            rules.append((f"decoder.up.{n - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
-        rules.append((f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."))
-        rules.append((f"up.{n - 1 - i}.upsample.", f"up_blocks.{i}.upsamplers.0."))
-    for i in range(2):
-        rules.append((f"mid.block_{i + 1}.", f"mid_block.resnets.{i}."))
-    attn = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
-    out = {}
-    for k, v in vae.state_dict().items():
-        name = k
-        for sd, hf in rules:
-            name = name.replace(hf, sd)
-        if "mid.attn_1." in name:
-            for sd, hf in attn:
-                name = name.replace(hf, sd)
-            if v.ndim == 2:
-                v = v.reshape(*v.shape, 1, 1)
-        out["first_stage_model." + name] = v
+        attn = f"encoder.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            state[f"{attn}in_proj_{kind}"] = torch.cat([state.pop(f"{attn}{x}_proj.{kind}") for x in "qkv"])
+    if "text_projection.weight" in state:
+        state["text_projection"] = state.pop("text_projection.weight").T
+
+    rules: Rules = {
+        "embeddings.token_embedding.": ("token_embedding.", KEEP),
+        "embeddings.position_embedding.weight": ("positional_embedding", KEEP),
+        "final_layer_norm.": ("ln_final.", KEEP),
+        "text_projection": ("text_projection", KEEP),
+    }
+    rules.update({f"encoder.layers.{i}.": (f"transformer.resblocks.{i}.", OPENCLIP_LAYER) for i in range(n)})
+    out = _rename(state, rules)
+    if extra_layer:
+        last, extra = f"transformer.resblocks.{n - 1}.", f"transformer.resblocks.{n}."
+        out.update({extra + k[len(last):]: t.clone() for k, t in out.items() if k.startswith(last)})
     return out
 
 
-_TE = [("transformer.resblocks.", "text_model.encoder.layers."), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-       (".c_fc.", ".fc1."), (".c_proj.", ".fc2."), (".attn", ".self_attn"), ("ln_final.", "text_model.final_layer_norm."),
-       ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-       ("positional_embedding", "text_model.embeddings.position_embedding.weight")]
-_TE_RE = re.compile("|".join(re.escape(hf) for _, hf in _TE))
-_TE_SUB = {hf: sd for sd, hf in _TE}
-
-
-def hf_text_keys(encoder) -> dict[str, torch.Tensor]:
-    """The encoder's state dict with transformers' classic ``text_model.`` keys (transformers >= 5.6
-    flattened CLIPTextModel), without the position_ids buffer."""
-    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
-            for k, v in encoder.state_dict().items() if "position_ids" not in k}
-
-
-def openclip_to_ldm(encoder, extra_layer: bool) -> dict[str, torch.Tensor]:
-    sd = hf_text_keys(encoder)
-    out, qkv = {}, {}
-    for k, v in sd.items():
-        m = re.match(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", k)
-        if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = v
-            continue
-        if k == "text_projection.weight":
-            out["text_projection"] = v.t().contiguous()
-            continue
-        if "position_ids" in k:
-            continue
-        out[_TE_RE.sub(lambda x: _TE_SUB[x.group(0)], k)] = v
-    for (pre, kind), parts in qkv.items():
-        name = _TE_RE.sub(lambda x: _TE_SUB[x.group(0)], pre)
-        out[f"{name}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    out = {k.replace(".self_attn.out_proj.", ".attn.out_proj."): v for k, v in out.items()}
-    if extra_layer:  # real SD2 checkpoints hold all 24 OpenCLIP layers; diffusers (and SD2) use 23
-        n = encoder.config.num_hidden_layers
-        for k in [k for k in out if k.startswith(f"transformer.resblocks.{n - 1}.")]:
-            out[k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}.")] = out[k].clone()
-    return out
+# ---------------------------------------------------------------- whole pipeline
 
 
 def pipeline_to_ldm(pipe, v_pred_marker: bool = False) -> dict[str, torch.Tensor]:
-    sd = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae)}
-    te = hf_text_keys(pipe.text_encoder)
-    if hasattr(pipe, "text_encoder_2"):
-        sd.update({"conditioner.embedders.0.transformer." + k: v for k, v in te.items()})
-        sd.update({"conditioner.embedders.1.model." + k: v
-                   for k, v in openclip_to_ldm(pipe.text_encoder_2, extra_layer=False).items()})
-    elif pipe.text_encoder.config.hidden_act == "gelu":  # SD2.x: OpenCLIP
-        sd.update({"cond_stage_model.model." + k: v for k, v in openclip_to_ldm(pipe.text_encoder, True).items()})
-    else:
-        sd.update({"cond_stage_model.transformer." + k: v for k, v in te.items()})
+    """All of ``pipe``'s weights under their LDM single-file names."""
+    parts = {"model.diffusion_model.": unet_to_ldm(pipe.unet), "first_stage_model.": vae_to_ldm(pipe.vae)}
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: CLIP-L + OpenCLIP bigG
+        parts["conditioner.embedders.0."] = hf_clip_to_ldm(pipe.text_encoder)
+        parts["conditioner.embedders.1.model."] = openclip_to_ldm(pipe.text_encoder_2)
+    elif pipe.text_encoder.config.hidden_act == "gelu":  # SD2.x: OpenCLIP-H (OpenAI's CLIP uses quick_gelu)
+        parts["cond_stage_model.model."] = openclip_to_ldm(pipe.text_encoder, extra_layer=True)
+    else:  # SD1.x: OpenAI CLIP-L
+        parts["cond_stage_model."] = hf_clip_to_ldm(pipe.text_encoder)
+    out = {prefix + k: t for prefix, tensors in parts.items() for k, t in tensors.items()}
     if v_pred_marker:
-        sd["v_pred"] = torch.tensor([])
-    return sd
+        out["v_pred"] = torch.tensor([])  # ComfyUI: the key's presence marks a v-prediction model
+    return out
 
 
-def save_ldm_checkpoint(pipe, path, v_pred_marker: bool = False):
-    save_tensors({k: v.contiguous() for k, v in pipeline_to_ldm(pipe, v_pred_marker).items()}, path)
-    return path
+def save_ldm_checkpoint(pipe, path, v_pred_marker: bool = False) -> Path:
+    """Write ``pipe`` as one LDM-layout ``.safetensors`` file at ``path`` and return the path."""
+    save_tensors(pipeline_to_ldm(pipe, v_pred_marker), path)
+    return Path(path)
