@@ -189,6 +189,15 @@ def collapse_section(r: dict, images: Path) -> list[str]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, images / "bench_collapse.png")
+    lines += ["", "What the run shows (one seed; computed from the table):", ""]
+    for run in r["runs"]:
+        pts = run["points"]
+        peak = max(pts, key=lambda p: p["eval_reward"])
+        drop = peak["eval_reward"] - pts[-1]["eval_reward"]
+        d0, d1 = pts[0].get("diversity", float("nan")), pts[-1].get("diversity", float("nan"))
+        trend = (f"fell {drop:.4f} from its peak at update {peak['step']} ({drop / max(peak['eval_reward'] - pts[0]['eval_reward'], 1e-12):.0%} "
+                 "of its gain)" if drop > 0 else "was still at its peak at the end")
+        lines.append(f"- {run['estimator']}: the eval reward {trend}; diversity changed by {(d1 / d0 - 1):+.0%}.")
     return lines + ["", "![eval reward and diversity on a long run](images/bench_collapse.png)", ""]
 
 
