@@ -1,0 +1,120 @@
+"""The memory model's fitting and composition (benchmarks/memory_model.py), on synthetic data and a tiny stack.
+
+The real measurements (SD1.5 / SDXL on CPU) come from `python -m benchmarks.memory_model`; these tests
+check that the fit recovers known coefficients, that the composition rules add up as stated, and that
+the composed peak of a tiny stack's RLR update matches the measured one.
+"""
+
+import pytest
+import torch
+
+from benchmarks import memory_model as mm
+from benchmarks.common import tiny_stack, weights_bytes
+
+MB = 1e6
+
+
+def test_fit_recovers_known_coefficients():
+    true = mm.Fit(c=5 * MB, b=2 * MB, a=3000.0, q=0.25)
+    pts = [(n, lat * lat, true(n, lat * lat)) for n in (1, 2, 4) for lat in (8, 16, 24, 32, 48)]
+    f = mm.fit_bytes(pts)
+    assert f.c == pytest.approx(true.c, rel=1e-6)
+    assert f.b == pytest.approx(true.b, rel=1e-6)
+    assert f.a == pytest.approx(true.a, rel=1e-6)
+    assert f.q == pytest.approx(true.q, rel=1e-6)
+    assert f.max_rel_error < 1e-9 and f.points == len(pts)
+    assert f(2, 128 * 128) == pytest.approx(true(2, 128 * 128), rel=1e-6)  # extrapolates exactly
+
+
+def test_fit_keeps_coefficients_non_negative_and_finds_a_linear_law():
+    # a linear law with multiplicative noise: the unconstrained fit would give a small negative q
+    noise = [1.01, 0.99, 1.02, 0.985, 1.0]
+    pts = [(2, lat * lat, (1 * MB + 2 * 4000.0 * lat * lat) * e) for lat, e in zip((16, 24, 32, 48, 64), noise)]
+    f = mm.fit_bytes(pts)
+    assert min(f.c, f.b, f.a, f.q) >= 0
+    assert f.quadratic_share(2, 128 * 128) < 0.05
+    assert f.a == pytest.approx(4000.0, rel=0.05)
+    assert f.max_rel_error < 0.03
+
+
+def test_chain_peak_holds_earlier_segments():
+    s = mm.SegmentMemory(peak=10.0, retained=8.0)
+    r = mm.SegmentMemory(peak=30.0, retained=20.0)
+    assert mm.chain_peak([s]) == 10.0
+    assert mm.chain_peak([s, s, s]) == 8 + 8 + 10
+    assert mm.chain_peak([s, s, r]) == 8 + 8 + 30
+    assert mm.chain_peak([r, s]) == max(30, 20 + 10)
+    assert mm.sequential(s, r) == mm.SegmentMemory(8 + 30, 28.0)
+    # a checkpointed step keeps only its input until backward
+    c = mm.checkpointed(s, input_bytes=1.0)
+    assert mm.chain_peak([c] * 50 + [r]) == 50 * 1 + 30
+
+
+def test_rlr_phases_grow_with_h_and_fo_steps_not_T():
+    s = mm.SegmentMemory(peak=10.0, retained=8.0, nograd=2.0)
+    d = mm.SegmentMemory(peak=5.0, retained=4.0, nograd=3.0)
+    p = mm.rlr_phases(s, d, h=2, fo_steps=1)
+    assert (p.sampling, p.first_order, p.half_order, p.zeroth_order) == (3.0, 8 + 5, 8 + 10, 10.0)
+    assert p.peak() == (18.0, "half_order")
+    assert mm.rlr_phases(s, d, h=4, fo_steps=1).half_order == 3 * 8 + 10
+    assert mm.rlr_phases(s, d, h=2, fo_steps=4).first_order == max(3 * 8 + 10, 4 * 8 + 5)
+    assert mm.full_bp_phases(s, d, T=50).first_order == 50 * 8 + 5
+    assert mm.chain_store_bytes(50, 1, 64 * 64) == 4 * (101 * 4 * 4096 + 50)
+
+
+def _synthetic_fits() -> mm.Fits:
+    fits = mm.Fits()
+    lin = mm.Fit(c=0.0, b=1 * MB, a=200_000.0, q=0.0)  # 0.8 GB per sample at 64x64 latents
+    small = mm.Fit(c=0.0, b=0.0, a=20_000.0, q=0.0)
+    for arch in mm.ARCHS:
+        fits.table[("unet", arch, "plain", "peak")] = lin
+        fits.table[("unet", arch, "plain", "retained")] = lin
+        fits.table[("unet", arch, "plain", "nograd_peak")] = small
+        fits.table[("unet", arch, "ckpt", "peak")] = small
+        fits.table[("unet", arch, "ckpt", "retained")] = small
+    for v in ("plain", "ckpt"):
+        for q in ("peak", "retained", "nograd_peak"):
+            fits.table[("vae", "sd-vae", v, q)] = lin if v == "plain" else small
+    for q in ("peak", "retained", "nograd_peak"):
+        fits.table[("reward", "clip-vit-l14", "plain", q)] = mm.Fit(c=0.0, b=200 * MB, a=0.0, q=0.0)
+    return fits
+
+
+COUNTS = {"vae": 84_000_000, "reward": 430_000_000, "unet_sd15": 860_000_000, "text_sd15": 123_000_000,
+          "lora_sd15_r4": 800_000, "unet_sdxl": 2_570_000_000, "text_sdxl": 818_000_000, "lora_sdxl_r4": 5_800_000}
+
+
+def test_predictions_respond_to_each_option():
+    fits, s = _synthetic_fits(), mm.Scenario("sd15", 512, 1)
+    plain, ckpt, off, adam8, fp32_reward = (mm.predict(fits, s, o, COUNTS) for o in mm.OPTION_SETS)
+    assert ckpt["bytes"] < plain["bytes"]
+    assert ckpt["bytes"] - off["bytes"] == pytest.approx(2 * COUNTS["text_sd15"])
+    assert off["bytes"] - adam8["bytes"] == pytest.approx(6 * COUNTS["lora_sd15_r4"])
+    assert fp32_reward["bytes"] - off["bytes"] >= 2 * COUNTS["reward"]  # fp32 weights, plus its activations
+    assert plain["persistent"]["unet weights"] == 2 * COUNTS["unet_sd15"]
+    full = mm.predict(fits, s, mm.OPTION_SETS[0], COUNTS, "full_bp")
+    assert full["bytes"] > plain["bytes"] + 40 * 2 * 0.8e9  # ~50 steps of activations
+    bigger = mm.predict(fits, mm.Scenario("sd15", 512, 4), mm.OPTION_SETS[0], COUNTS)
+    assert bigger["activations"] == pytest.approx(4 * plain["activations"], rel=0.05)
+    assert mm.with_margin(plain["bytes"]) > plain["bytes"]
+
+
+def test_lora_count_matches_add_lora():
+    from rlr_backend.lora import add_lora
+    from rlr_backend.models.tiny import build_tiny_unet
+
+    unet = build_tiny_unet(sample_size=8, channels=4)
+    expected = mm.lora_param_count(unet, rank=4)
+    params = add_lora(unet, rank=4)
+    assert expected == sum(p.numel() for p in params) > 0
+
+
+def test_composed_peak_matches_a_measured_rlr_update():
+    """The composition fed with a tiny stack's measured step and reward segments predicts the measured
+    peak of a whole RLR update (FO window of 2 steps, h = 2) within 10%."""
+    torch.manual_seed(0)
+    stack = tiny_stack(num_steps=4, batch=2, pixels=16)
+    r = mm.validate_problem(stack.problem, stack.latent_shape, weights_bytes(stack.unet, stack.vae), "rlr",
+                            h=2, fo_steps=2)
+    assert r["measured"] > r["weights"]
+    assert abs(r["rel_error"]) < 0.10, r
