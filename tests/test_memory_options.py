@@ -138,3 +138,21 @@ def test_the_defaults_leave_the_model_as_loaded(tmp_path):
     assert not trainer.t2i.decode_one_at_a_time and not trainer.t2i.unet.is_gradient_checkpointing
     b, _, _ = one_update_grads(tmp_path, "b", device="cpu", offload_text_encoders=False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_reward_models_follow_the_precision_on_a_gpu_only():
+    from rlr_backend.rewards import make_reward
+    from rlr_backend.rewards.base import WeightedSum
+    from rlr_backend.rewards.models.local import LocalModelReward
+    from rlr_backend.train.memory import reward_models_in_precision
+
+    class Scorer(LocalModelReward):  # never loaded here: only its precision is set
+        name = "scorer"
+
+    model, plain = Scorer(), make_reward("brightness")
+    both = WeightedSum([(model, 1.0), (plain, 0.5)])
+    assert reward_models_in_precision(both, torch.device("cpu"), "bf16") == 0 and model.dtype == torch.float32
+    assert reward_models_in_precision(both, torch.device("cuda"), "fp32") == 0
+    assert reward_models_in_precision(both, torch.device("cuda"), "fp16") == 1 and model.dtype == torch.float16
+    alone = Scorer()
+    assert reward_models_in_precision(alone, torch.device("cuda"), "bf16") == 1 and alone.dtype == torch.bfloat16

@@ -91,6 +91,23 @@ def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str
     return target
 
 
+def reward_models_in_precision(reward, device: torch.device, precision: str) -> int:
+    """Load the preference-model parts of ``reward`` (aesthetic, PickScore, ...; weighted sums included)
+    in ``precision`` on a GPU, as the frozen diffusion weights; returns how many were set. On the CPU they
+    stay fp32 (CPUs emulate half precision slowly). Only rewards not yet loaded are changed."""
+    from ..rewards.models.local import LocalModelReward
+
+    if precision == "fp32" or device.type == "cpu":
+        return 0
+    parts = [r for r, _ in getattr(reward, "parts", [(reward, 1.0)])]
+    changed = 0
+    for part in parts:
+        if isinstance(part, LocalModelReward) and not part._loaded:
+            part.dtype = PRECISIONS[precision]
+            changed += 1
+    return changed
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for model calls (a no-op in fp32)."""
     if precision == "fp32":

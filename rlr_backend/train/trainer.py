@@ -31,7 +31,8 @@ from ..sampling import PromptSchedule, sample_chain
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DataParallel
-from .memory import DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device
+from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
+                     reward_models_in_precision)
 from .pipeline import load_pipeline, model_for_pipeline
 from .report import save_before_after, save_grid, save_reward_curve
 
@@ -94,6 +95,7 @@ class Trainer:
         self.schedule = model.schedule(config.num_inference_steps, config.eta)
         self.model = model.denoiser(config.guidance_scale)
         self.latent_shape = tuple(model.latent_shape)
+        reward_models_in_precision(self.reward, self.device, config.precision)
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
         self.loss_scale = DynamicLossScale() if config.precision == "fp16" else None
         self.generator = torch.Generator().manual_seed(config.seed)
