@@ -294,13 +294,17 @@ def test_bad_input_gives_one_message_and_changes_nothing(server, comfy_inprocess
 @pytest.mark.parametrize("name", ["rlr_embedded_default", "rlr_checkpoint_lora"])
 def test_ui_format_workflows_match_the_api_ones(server, name):
     """The UI-format files are what ui_workflow.py makes from the API files with this ComfyUI's /object_info
-    (node types, widget order, socket types); regenerate with tests/comfyui/ui_workflow.py."""
+    (node types, widget order, socket types); regenerate with
+    ``RLR_REGENERATE_UI_WORKFLOWS=1 .ci/comfyui -k ui_format``."""
     from ui_workflow import api_to_ui
 
     folder = REPO / "example_workflows"
     api = json.loads((folder / f"{name}_api.json").read_text())
     committed = json.loads((folder / f"{name}.json").read_text())
     made = api_to_ui(api, server.get("/object_info"))
+    if os.environ.get("RLR_REGENERATE_UI_WORKFLOWS"):  # after a node's inputs change: .ci/comfyui -k ui_format
+        (folder / f"{name}.json").write_text(json.dumps(made, indent=1) + "\n")
+        committed = json.loads((folder / f"{name}.json").read_text())
 
     def essentials(ui):  # what loading needs; output display names vary between ComfyUI versions (V1 vs V3 nodes)
         for n in ui["nodes"]:
