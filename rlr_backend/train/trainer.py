@@ -71,7 +71,9 @@ class Trainer:
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
         self.progress = progress
         device = config.device
-        if self.dp.enabled and device == "auto" and torch.cuda.is_available():
+        if device == "auto" and model is not None and getattr(model, "pipe", None) is None:
+            device = "cpu"  # a non-diffusers model (the ComfyUI adapter) runs where its adapter puts it
+        elif self.dp.enabled and device == "auto" and torch.cuda.is_available():
             device = f"cuda:{self.dp.local_rank}"  # one GPU per process
         if reward is None:
             reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
