@@ -15,6 +15,7 @@ counted by each estimator in its metrics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -30,14 +31,22 @@ from .stacks import build_stack
 logger = logging.getLogger(__name__)
 
 
+#: cases that run with the stack's gradient checkpointing (UNet blocks + one-image decode) switched on
+CHECKPOINTED = ("rlr latent_lr h=2 + checkpointing", "rlr param_1pt h=2 + checkpointing", "full_bp + checkpointing")
+
+
 def estimator_cases() -> dict:
-    """Every estimator configuration the cost tables cover: name -> (function, keyword arguments)."""
+    """Every estimator configuration the cost tables cover: name -> (function, keyword arguments).
+    Names in CHECKPOINTED also run with the trainer's ``--gradient-checkpointing`` memory savings."""
     c = {}
     for mode in ("latent_lr", "param_1pt", "param_2pt"):
         for h in (1, 2, 4):
             extra = {"baseline": "ema"} if mode == "param_1pt" else {}
             c[f"rlr {mode} h={h}"] = (rlr_estimate, {"config": RLRConfig(h=h, zo_mode=mode, **extra)})
     c["rlr latent_lr h=2 fo_steps=4"] = (rlr_estimate, {"config": RLRConfig(h=2, fo_steps=4)})
+    c["rlr latent_lr h=2 + checkpointing"] = (rlr_estimate, {"config": RLRConfig(h=2, use_checkpoint=True)})
+    c["rlr param_1pt h=2 + checkpointing"] = (rlr_estimate, {"config": RLRConfig(
+        h=2, zo_mode="param_1pt", baseline="ema", use_checkpoint=True)})
     c["code_compat"] = (code_compat_estimate, {"config": CodeCompatConfig()})
     c["ddpo"] = (ddpo_estimate, {"config": DDPOConfig()})
     c["zo"] = (zo_estimate, {"config": ZOConfig()})
@@ -71,7 +80,8 @@ def measure_costs(model: str, num_steps: int, batch: int, names: list[str], pixe
         def run():
             for q in p.params:
                 q.grad = None
-            est = fn(p, x_T, generator=torch.Generator().manual_seed(1), baseline_state=BaselineState(), **kw)
+            with stack.gradient_checkpointing() if name in CHECKPOINTED else contextlib.nullcontext():
+                est = fn(p, x_T, generator=torch.Generator().manual_seed(1), baseline_state=BaselineState(), **kw)
             metrics.update(est.metrics)
 
         run()  # warm-up

@@ -4,6 +4,10 @@ Every estimator trains the embedded default model with the same prompts, batch a
 (so the same number of generated samples); the fixed-seed evaluation reward and a diversity figure
 (mean pairwise RMS distance between the evaluation images of one prompt across seeds) are recorded
 every few updates. Backprop estimators need a differentiable reward, so they sit out JPEG.
+
+Learning rates: every estimator trains at the trainer's default (3e-3, chosen for RLR) unless it is in
+the sweep (``settings()["lr_sweep"]``): those first train seed 0 at each swept rate, and the rate with the
+best final eval reward trains the remaining seeds, so DDPO is not judged at a rate that suits RLR.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ def diversity(images: torch.Tensor, per_prompt: int) -> float:
     return float(d.sum() / (groups.shape[0] * n * (n - 1)))
 
 
+DEFAULT_LR = TrainConfig.__dataclass_fields__["lr"].default
+
+
 def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: int, batch: int,
-                per_prompt: int, num_steps: int, out: Path) -> dict:
-    cfg = TrainConfig(estimator=estimator, reward=reward, seed=seed, steps=steps, eval_every=eval_every,
+                per_prompt: int, num_steps: int, out: Path, lr: float = DEFAULT_LR) -> dict:
+    cfg = TrainConfig(estimator=estimator, reward=reward, seed=seed, steps=steps, eval_every=eval_every, lr=lr,
                       batch_size=batch, images_per_prompt=per_prompt, num_inference_steps=num_steps,
                       fo_steps=min(4, num_steps - 2), eval_seeds=EVAL_SEEDS, ckpt_every=steps, output_dir=out,
                       run_name=f"{reward}-{estimator}-{seed}")
@@ -53,65 +60,129 @@ def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: 
     result = Trainer(cfg, progress=False, on_step=on_step, on_preview=on_preview).run()
     for step, r in result.eval_rewards.items():
         points.setdefault(step, {"step": step, "samples": step * batch})["eval_reward"] = r
-    logger.info("%s %s seed %d: %s in %.0fs", reward, estimator, seed,
+    logger.info("%s %s lr %g seed %d: %s in %.0fs", reward, estimator, lr, seed,
                 " ".join(f"{p['eval_reward']:.3f}" for _, p in sorted(points.items())), time.perf_counter() - t0)
-    return {"estimator": estimator, "reward": reward, "seed": seed, "wall_seconds": time.perf_counter() - t0,
+    return {"estimator": estimator, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": time.perf_counter() - t0,
             "points": [points[k] for k in sorted(points)]}
 
 
+def run_lr(run: dict) -> float:
+    return run.get("lr", DEFAULT_LR)  # results saved before the sweep existed ran at the default
+
+
+def chosen_lr(runs: list[dict], reward: str, estimator: str, sweep: dict) -> float:
+    """The swept rate whose seed-0 run ended with the best eval reward (the default when not swept)."""
+    rates = sweep.get(estimator)
+    if not rates:
+        return DEFAULT_LR
+    tried = {run_lr(r): r["points"][-1]["eval_reward"] for r in runs
+             if r["reward"] == reward and r["estimator"] == estimator and r["seed"] == 0 and run_lr(r) in rates}
+    if not tried:
+        raise ValueError(f"no seed-0 sweep run for {estimator} on {reward}")
+    return max(tried, key=tried.get)
+
+
 def run_suite(quick: bool, done: list[dict] | None = None, save=None, rewards: tuple[str, ...] = REWARDS) -> dict:
-    """Runs every (reward, estimator, seed) not in ``done``; ``save(results)`` after each run (resumable)."""
+    """Runs every (reward, estimator, learning rate, seed) not in ``done``; ``save(results)`` after each run
+    (resumable). Swept estimators run seed 0 at every rate first, then the other seeds at the best one."""
     cfg = settings(quick)
     seeds, steps, every, batch, per_prompt, T = (cfg[k] for k in ("seeds", "updates", "eval_every", "batch",
                                                                   "images_per_prompt", "T"))
+    sweep = cfg["lr_sweep"]
     runs = list(done or [])
-    have = {(r["reward"], r["estimator"], r["seed"]) for r in runs}
+    have = {(r["reward"], r["estimator"], run_lr(r), r["seed"]) for r in runs}
+
+    def ensure(reward: str, est: str, lr: float, seed: int, tmp: Path) -> None:
+        if (reward, est, lr, seed) in have:
+            return
+        runs.append(train_curve(est, reward, seed, steps, every, batch, per_prompt, T, tmp, lr=lr))
+        have.add((reward, est, lr, seed))
+        if save is not None:
+            save({"settings": cfg, "runs": runs})
+
     with tempfile.TemporaryDirectory() as tmp:
         for reward in rewards:
             differentiable = make_reward(reward).differentiable
             for est in ESTIMATORS:
                 if not differentiable and est in ("truncated_bp", "code_compat"):
                     continue
+                for lr in sweep.get(est, ()):
+                    ensure(reward, est, lr, seeds[0], Path(tmp))
+                lr = chosen_lr(runs, reward, est, sweep)
                 for seed in seeds:
-                    if (reward, est, seed) in have:
-                        continue
-                    runs.append(train_curve(est, reward, seed, steps, every, batch, per_prompt, T, Path(tmp)))
-                    if save is not None:
-                        save({"settings": settings(quick), "runs": runs})
-    return {"settings": settings(quick), "runs": runs}
+                    ensure(reward, est, lr, seed, Path(tmp))
+    return {"settings": cfg, "runs": runs}
 
 
 def settings(quick: bool) -> dict:
     if quick:
-        return {"seeds": [0], "updates": 4, "eval_every": 2, "batch": 4, "images_per_prompt": 2, "T": 8}
-    return {"seeds": [0, 1, 2], "updates": 40, "eval_every": 5, "batch": 8, "images_per_prompt": 4, "T": 20}
+        return {"seeds": [0], "updates": 4, "eval_every": 2, "batch": 4, "images_per_prompt": 2, "T": 8,
+                "lr_sweep": {"ddpo": [1e-3, DEFAULT_LR]}}
+    return {"seeds": [0, 1, 2], "updates": 40, "eval_every": 5, "batch": 8, "images_per_prompt": 4, "T": 20,
+            "lr_sweep": {"ddpo": [3e-4, 1e-3, DEFAULT_LR], "zo": [3e-4, 1e-3, DEFAULT_LR]}}
+
+
+def final_runs(result: dict, reward: str) -> dict[str, list[dict]]:
+    """Per estimator, the runs on ``reward`` at the estimator's chosen learning rate."""
+    sweep = result["settings"].get("lr_sweep", {})
+    runs = [r for r in result["runs"] if r["reward"] == reward]
+    out: dict[str, list[dict]] = {}
+    for est in dict.fromkeys(r["estimator"] for r in runs):
+        lr = chosen_lr(runs, reward, est, sweep)
+        out[est] = [r for r in runs if r["estimator"] == est and run_lr(r) == lr]
+    return out
+
+
+def sweep_rows(result: dict) -> list[dict]:
+    """The learning-rate sweep: seed-0 final eval reward per (reward, estimator, rate), and which was kept."""
+    sweep = result["settings"].get("lr_sweep", {})
+    rows = []
+    for reward in sorted({r["reward"] for r in result["runs"]}):
+        runs = [r for r in result["runs"] if r["reward"] == reward]
+        for est, rates in sweep.items():
+            tried = [r for r in runs if r["estimator"] == est and r["seed"] == 0 and run_lr(r) in rates]
+            if not tried:
+                continue
+            keep = chosen_lr(runs, reward, est, sweep)
+            rows += [{"reward": reward, "estimator": est, "lr": run_lr(r), "start": r["points"][0]["eval_reward"],
+                      "final": r["points"][-1]["eval_reward"], "chosen": run_lr(r) == keep}
+                     for r in sorted(tried, key=run_lr)]
+    return rows
+
+
+def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
+    """(samples, eval reward averaged over the runs' seeds) at each evaluation."""
+    return [(p["samples"], sum(r["points"][i]["eval_reward"] for r in runs) / len(runs))
+            for i, p in enumerate(runs[0]["points"])]
 
 
 def summarize(result: dict) -> list[dict]:
-    """Per reward and estimator: mean final eval reward, and samples to reach 90% of the way from the
-    start to the best final reward of any estimator (mean over seeds; None when never reached)."""
+    """Per reward and estimator (at its chosen learning rate): mean final eval reward, and the samples after
+    which the seed-averaged eval reward first reaches 90% of the way from the start to the best final reward
+    of any estimator (None when never). Samples to DDPO's final reward only when DDPO ended above the start."""
     out = []
     for reward in sorted({r["reward"] for r in result["runs"]}):
-        runs = [r for r in result["runs"] if r["reward"] == reward]
+        by_est = final_runs(result, reward)
+        runs = [r for rs in by_est.values() for r in rs]
         start = sum(r["points"][0]["eval_reward"] for r in runs) / len(runs)
-        finals = {}
-        for r in runs:
-            finals.setdefault(r["estimator"], []).append(r["points"][-1]["eval_reward"])
+        finals = {est: [r["points"][-1]["eval_reward"] for r in rs] for est, rs in by_est.items()}
         best = max(sum(v) / len(v) for v in finals.values())
         ddpo_final = sum(finals["ddpo"]) / len(finals["ddpo"]) if "ddpo" in finals else None
+        ddpo_improved = ddpo_final is not None and ddpo_final > start
         level = start + 0.9 * (best - start)
         for est, vals in finals.items():
-            mine = [r for r in runs if r["estimator"] == est]
+            mine = by_est[est]
+            curve = mean_curve(mine)
             reached = [next((p["samples"] for p in r["points"] if p["eval_reward"] >= level), None) for r in mine]
             hit = [x for x in reached if x is not None]
             to_ddpo = None
-            if ddpo_final is not None:  # the paper's target: samples to reach DDPO's final reward
-                got = [next((p["samples"] for p in r["points"] if p["eval_reward"] >= ddpo_final), None) for r in mine]
-                to_ddpo = sum(got) / len(got) if None not in got else None
-            out.append({"reward": reward, "estimator": est, "final_mean": sum(vals) / len(vals),
+            if ddpo_improved:  # the paper's target: samples to reach DDPO's final reward
+                to_ddpo = next((n for n, v in curve if v >= ddpo_final), None)
+            out.append({"reward": reward, "estimator": est, "lr": run_lr(mine[0]), "final_mean": sum(vals) / len(vals),
                         "final_min": min(vals), "final_max": max(vals), "start": start, "level": level,
-                        "samples_to_level": sum(hit) / len(hit) if len(hit) == len(reached) else None,
+                        "samples_to_level": next((n for n, v in curve if v >= level), None),
                         "seeds_reaching_level": len(hit), "seeds": len(reached), "samples_to_ddpo_final": to_ddpo,
+                        "ddpo_improved": ddpo_improved, "budget_samples": mine[0]["points"][-1]["samples"],
                         "wall_seconds": sum(r["wall_seconds"] for r in mine) / len(mine),
                         "final_diversity": sum(r["points"][-1].get("diversity", float("nan")) for r in mine) / len(mine)})
     return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rlr_backend.safe_io import atomic_path
 
-from .efficiency import summarize
+from .efficiency import final_runs, run_lr, summarize, sweep_rows
 
 HEADLINE_T = 20
 
@@ -130,28 +130,42 @@ def efficiency_section(r: dict, images: Path) -> list[str]:
     lines = ["## Sample efficiency on the embedded default model", "", _about(r), "",
              f"{s['updates']} updates x batch {s['batch']} ({s['images_per_prompt']} images per prompt), T={s['T']}, "
              f"seeds {s['seeds']}, evaluation every {s['eval_every']} updates on fixed seeds. Level = 90% of the way "
-             "from the start to the best mean final reward of any estimator; samples = generated images.", "",
-             "| reward | estimator | final eval reward, mean (min, max) | samples to level | vs ddpo | "
-             "samples to ddpo's final reward | diversity at the end | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+             "from the start to the best mean final reward of any estimator, read off the seed-averaged curve (the "
+             "seeds that reach it on their own in brackets); samples = generated images. Each "
+             "estimator at its learning rate (lr; swept ones below).", "",
+             "| reward | estimator | lr | final eval reward, mean (min, max) | samples to level | vs ddpo | "
+             "samples to ddpo's final reward | diversity at the end | wall time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     summary = summarize(r)
     for x in summary:
         ddpo = next((y for y in summary if y["reward"] == x["reward"] and y["estimator"] == "ddpo"), None)
         ratio = (x["samples_to_level"] / ddpo["samples_to_level"]
                  if ddpo and ddpo["samples_to_level"] and x["samples_to_level"] else None)
-        reach = (f"{x['samples_to_level']:.0f}" if x["samples_to_level"] is not None
-                 else f"not reached ({x['seeds_reaching_level']}/{x['seeds']} seeds)")
-        lines.append(f"| {x['reward']} | {x['estimator']} | {x['final_mean']:.4f} ({x['final_min']:.4f}, "
-                     f"{x['final_max']:.4f}) | {reach} | {_fmt(ratio, '.2f')} | {_fmt(x.get('samples_to_ddpo_final'), '.0f')} | "
-                     f"{x['final_diversity']:.3f} | "
-                     f"{x['wall_seconds']:.0f} |")
+        reach = (f"{x['samples_to_level']:.0f}" if x["samples_to_level"] is not None else "not reached") + \
+            f" ({x['seeds_reaching_level']}/{x['seeds']} seeds)"
+        if ddpo is None:
+            to_ddpo = "-"
+        elif not x["ddpo_improved"]:
+            to_ddpo = "- (ddpo ended below the start)"
+        elif x["samples_to_ddpo_final"] is None:
+            to_ddpo = "not reached"
+        else:
+            to_ddpo = f"{x['samples_to_ddpo_final']:.0f} ({x['samples_to_ddpo_final'] / x['budget_samples']:.2f} of ddpo's)"
+        lines.append(f"| {x['reward']} | {x['estimator']} | {x['lr']:g} | {x['final_mean']:.4f} ({x['final_min']:.4f}, "
+                     f"{x['final_max']:.4f}) | {reach} | {_fmt(ratio, '.2f')} | {to_ddpo} | "
+                     f"{x['final_diversity']:.3f} | {x['wall_seconds']:.0f} |")
+    sweep = sweep_rows(r)
+    if sweep:
+        lines += ["", "Learning-rate sweep (seed 0; the kept rate trains the other seeds):", "",
+                  "| reward | estimator | lr | eval reward start -> end | kept |", "|---|---|---|---|---|"]
+        lines += [f"| {x['reward']} | {x['estimator']} | {x['lr']:g} | {x['start']:.4f} -> {x['final']:.4f} | "
+                  f"{'yes' if x['chosen'] else ''} |" for x in sweep]
     plt = _plt()
     for reward in sorted({x["reward"] for x in r["runs"]}):
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for est in sorted({x["estimator"] for x in r["runs"] if x["reward"] == reward}):
-            runs = [x for x in r["runs"] if x["reward"] == reward and x["estimator"] == est]
+        for est, runs in sorted(final_runs(r, reward).items()):
             samples = [p["samples"] for p in runs[0]["points"]]
             vals = [[run["points"][i]["eval_reward"] for run in runs] for i in range(len(samples))]
-            line, = ax.plot(samples, [statistics.mean(v) for v in vals], label=est)
+            line, = ax.plot(samples, [statistics.mean(v) for v in vals], label=f"{est} (lr {run_lr(runs[0]):g})")
             ax.fill_between(samples, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
         ax.set_xlabel("generated samples")
         ax.set_ylabel(f"eval {reward}")

@@ -6,9 +6,11 @@ brightness reward through the VAE decoder) plus its weights' size, so every esti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from rlr_backend.estimators import ChainProblem
 from rlr_backend.lora import add_lora
@@ -32,6 +34,20 @@ class Stack:
     weight_bytes: int
     unet_params: int
     pixels: int
+    unet: torch.nn.Module | None = None
+    decode: dict = field(default_factory=lambda: {"one_at_a_time": False})
+
+    @contextmanager
+    def gradient_checkpointing(self):
+        """The trainer's ``--gradient-checkpointing`` minus the step part (an estimator option): UNet
+        blocks recompute their activations in backward and the reward decodes one image at a time."""
+        self.unet.enable_gradient_checkpointing()
+        self.decode["one_at_a_time"] = True
+        try:
+            yield
+        finally:
+            self.unet.disable_gradient_checkpointing()
+            self.decode["one_at_a_time"] = False
 
 
 def _weights(*modules: torch.nn.Module) -> int:
@@ -79,14 +95,20 @@ def build_stack(model: str = "default", num_steps: int = 20, batch: int = 4, pix
             if "lora_B" in n:
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed + 2))
     scale = vae.config.scaling_factor
+    decode = {"one_at_a_time": False}
 
-    def reward(latents: torch.Tensor) -> torch.Tensor:
+    def brightness(latents: torch.Tensor) -> torch.Tensor:
         img = (vae.decode(latents / scale).sample + 1) / 2
         return img.clamp(0, 1).flatten(1).mean(1)
+
+    def reward(latents: torch.Tensor) -> torch.Tensor:
+        if decode["one_at_a_time"] and torch.is_grad_enabled() and latents.shape[0] > 1:
+            return torch.cat([checkpoint(brightness, z, use_reentrant=False) for z in latents.split(1)])
+        return brightness(latents)
 
     cond = TextConditioning(text.expand(batch, -1, -1), empty.expand(batch, -1, -1))
     problem = ChainProblem(DiffusersUNetDenoiser(unet, guidance), DDIMSchedule.from_diffusers(sched, num_steps, eta=1.0),
                            PromptSchedule.constant(cond, num_steps), reward, params)
     lat = unet.config.sample_size
     return Stack(model, problem, (batch, unet.config.in_channels, lat, lat), _weights(unet, vae),
-                 sum(p.numel() for p in unet.parameters()), pixels)
+                 sum(p.numel() for p in unet.parameters()), pixels, unet, decode)

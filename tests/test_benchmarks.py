@@ -4,6 +4,7 @@ Real numbers come from `python -m benchmarks.run`; this only checks that the pip
 that its figures are consistent (ratios are ratios, fits reproduce their points, summaries agree).
 """
 
+import contextlib
 import json
 import math
 
@@ -68,3 +69,64 @@ def test_efficiency_run_and_page(cost_rows, tmp_path):
     assert "no results yet" in text  # quality and scaling were not run
     assert (tmp_path / "docs" / "images" / "bench_cost_model.png").is_file()
     assert (tmp_path / "docs" / "images" / "bench_efficiency_brightness.png").is_file()
+
+
+def test_checkpointed_cost_case_saves_memory_and_keeps_the_gradient():
+    names = ["rlr latent_lr h=2", "rlr latent_lr h=2 + checkpointing"]
+    plain, ckpt = cost.measure_costs("default", 4, 2, names, timing=False)
+    assert ckpt["bytes"] < 0.8 * plain["bytes"]
+    stack = cost.build_stack("default", num_steps=4, batch=2)
+    fn, kw = cost.estimator_cases()["rlr latent_lr h=2"]
+    x_T = torch.randn(stack.latent_shape, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for on in (False, True):
+        for q in stack.problem.params:
+            q.grad = None
+        with stack.gradient_checkpointing() if on else contextlib.nullcontext():
+            fn(stack.problem, x_T, generator=torch.Generator().manual_seed(1),
+               baseline_state=cost.BaselineState(), **kw)
+        grads.append(torch.cat([q.grad.flatten() for q in stack.problem.params]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert not stack.unet.is_gradient_checkpointing and not stack.decode["one_at_a_time"]
+
+
+def _fake_curve(finals: dict):
+    """A train_curve stand-in: a straight line to ``finals[(estimator, lr)]`` from 0.5, in 4 evaluations."""
+    calls = []
+
+    def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=efficiency.DEFAULT_LR):
+        calls.append((est, lr, seed))
+        end = finals[(est, lr)] + 0.001 * seed
+        return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0,
+                "points": [{"samples": i * batch, "eval_reward": 0.5 + (end - 0.5) * i / 3, "diversity": 0.3}
+                           for i in range(4)]}
+    return curve, calls
+
+
+def test_swept_estimators_train_their_other_seeds_at_the_best_rate(monkeypatch):
+    lr0 = efficiency.DEFAULT_LR
+    finals = {("rlr", lr0): 0.9, ("ddpo", 3e-4): 0.6, ("ddpo", 1e-3): 0.7, ("ddpo", lr0): 0.4,
+              ("zo", 3e-4): 0.55, ("zo", 1e-3): 0.52, ("zo", lr0): 0.3}
+    curve, calls = _fake_curve(finals)
+    monkeypatch.setattr(efficiency, "train_curve", curve)
+    monkeypatch.setattr(efficiency, "ESTIMATORS", ("rlr", "ddpo", "zo"))
+    result = efficiency.run_suite(False, done=[], rewards=("jpeg_compressibility",))
+    assert ("ddpo", 1e-3, 1) in calls and ("ddpo", 1e-3, 2) in calls and ("zo", 3e-4, 2) in calls
+    assert not any(est == "ddpo" and lr != 1e-3 and seed > 0 for est, lr, seed in calls)
+    assert len(calls) == 3 + (3 + 2) * 2  # rlr 3 seeds; ddpo and zo: 3 rates on seed 0 + 2 more seeds
+    summary = {s["estimator"]: s for s in efficiency.summarize(result)}
+    assert summary["ddpo"]["lr"] == 1e-3 and summary["zo"]["lr"] == 3e-4
+    assert summary["ddpo"]["final_mean"] == pytest.approx(0.701)
+    # rlr's straight line from 0.5 to 0.901 crosses ddpo's 0.701 at the third of four evaluations
+    assert summary["rlr"]["samples_to_ddpo_final"] == 2 * 8
+    # resuming runs nothing again
+    calls.clear()
+    efficiency.run_suite(False, done=result["runs"], rewards=("jpeg_compressibility",))
+    assert calls == []
+
+
+def test_no_samples_to_ddpo_final_when_ddpo_ended_below_its_start(monkeypatch):
+    curve, _ = _fake_curve({("rlr", efficiency.DEFAULT_LR): 0.9, ("ddpo", efficiency.DEFAULT_LR): 0.4})
+    runs = [curve(est, "r", 0, 3, 1, 8, 4, 4, None) for est in ("rlr", "ddpo")]
+    summary = efficiency.summarize({"settings": {"lr_sweep": {}}, "runs": runs})
+    assert all(s["samples_to_ddpo_final"] is None and not s["ddpo_improved"] for s in summary)
