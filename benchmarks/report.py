@@ -63,7 +63,9 @@ def cost_section(r: dict, images: Path) -> list[str]:
     lines = ["## Cost of one update", "", _about(r), "",
              "Ratios to a no-grad sample of the same batch (plus the reward), the baseline re-timed next to each "
              "case. Predicted time ratio: the cost model in `benchmarks/cost.py` (forwards + 2 x backpropagated "
-             "forwards, over T), counted by each estimator.", ""]
+             "forwards, over T), counted by each estimator. `+ checkpointing` = the trainer's `--gradient-checkpointing`: "
+             "each backpropagated step recomputed in backward, UNet blocks checkpointed, the reward's decoder run one "
+             "image at a time (the cost model counts the step recomputation only).", ""]
     groups = sorted({(x["model"], x["T"], x["batch"], x["pixels"]) for x in rows})
     for model, T, batch, px in groups:
         mine = [x for x in rows if (x["model"], x["T"], x["batch"], x["pixels"]) == (model, T, batch, px)]
@@ -253,6 +255,55 @@ def scaling_section(r: dict, images: Path) -> list[str]:
     return lines + [""]
 
 
+GB = 1e9
+CARD_GB = 24
+ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+def _load_memory_model(results: Path) -> dict | None:
+    for name in ("memory-model.json", "memory-model-quick.json"):
+        if (results / name).is_file():
+            data = json.loads((results / name).read_text())
+            return data if data.get("analysis") else None
+    return None
+
+
+def memory_model_section(r: dict, images: Path) -> list[str]:
+    """Where each estimator runs out of memory on a 24 GB card at SD sizes, from the memory model."""
+    from .memory_model import with_margin
+
+    m = r["machine"]
+    lines = [f"## Where each estimator runs out of memory on a {CARD_GB} GB card (SD sizes, predicted)", "",
+             f"*{r['budget']} run, {r['started']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit "
+             f"{m['commit']}. Command: `{r['command']}`; details, fits and validation in [memory.md](memory.md).*", "",
+             "The models above are too small to run out of memory. The memory model fitted to CPU measurements of the "
+             "real SD1.5 and SDXL UNets, the SD VAE and a CLIP ViT-L/14 aesthetic reward predicts the peak of one "
+             "update at T=50, h=2, LoRA rank 4, fp16. Each cell is the predicted peak plus a 15% + 0.5 GB margin, in GB; "
+             f"**bold** = fits {CARD_GB} GB. *checkpointing* = the trainer's `--gradient-checkpointing`; *+ offload* = "
+             "text encoders on the CPU (the trainer's default).", "",
+             "| model | batch | estimator | no options | checkpointing | checkpointing + offload |", "|---|---|---|---|---|---|"]
+    preds = r["analysis"]["predictions"]
+    labels = ("no options", "gradient checkpointing", "checkpointing + text-encoder offload")
+    keys = sorted({(x["scenario"]["arch"], x["scenario"]["resolution"], x["scenario"]["batch"]) for x in preds})
+    for arch, px, batch in keys:
+        for est, fo in (("rlr", 1), ("rlr", 4), ("ddpo", 1), ("full_bp", 1)):
+            cells = []
+            for label in labels:
+                hit = [x for x in preds if (x["scenario"]["arch"], x["scenario"]["resolution"], x["scenario"]["batch"],
+                                            x["estimator"], x["scenario"]["fo_steps"], x["options"]["label"])
+                       == (arch, px, batch, est, fo, label)]
+                gb = with_margin(hit[0]["bytes"]) / GB if hit else None
+                cells.append("-" if gb is None else (f"**{gb:.1f}**" if gb <= CARD_GB else f"{gb:.1f}"))
+            if set(cells) == {"-"}:
+                continue
+            name = {"rlr": "rlr h=2" + (f" fo_steps={fo}" if fo > 1 else ""), "ddpo": "ddpo",
+                    "full_bp": "full_bp (T=50 steps)"}[est]
+            lines.append(f"| {ARCH_NAMES.get(arch, arch)} {px} px | {batch} | {name} | " + " | ".join(cells) + " |")
+    return lines + ["", "With checkpointing every estimator's peak is about one checkpointed step plus the decode and "
+                    "reward backward, so they all fit; what differs is the time (full backprop then recomputes every "
+                    "step: `full_bp + checkpointing` in the cost tables above).", ""]
+
+
 def render(results: Path, out: Path) -> None:
     images = out.parent / "images"
     lines = ["# Benchmarks", "", "Every figure on this page comes from `python -m benchmarks.run` "
@@ -263,6 +314,9 @@ def render(results: Path, out: Path) -> None:
     for suite, fn in sections.items():
         r = _load(results, suite)
         lines += fn(r, images) if r else [f"## {suite}", "", f"(no results yet: `python -m benchmarks.run --only {suite}`)", ""]
+    mem = _load_memory_model(results)
+    lines += memory_model_section(mem, images) if mem else [
+        "## memory", "", "(no results yet: `python -m benchmarks.run --only memory`)", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")

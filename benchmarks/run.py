@@ -5,6 +5,9 @@
     python -m benchmarks.run --suite full --only cost scaling
     python -m benchmarks.run --report-only      # re-render the page from benchmarks/results/
 
+The memory suite is the SD-size memory model (benchmarks/memory_model.py, its page docs/memory.md);
+the benchmarks page shows its out-of-memory table.
+
 Each suite writes benchmarks/results/<suite>-<quick|full>.json with the machine, versions, seeds,
 command and the measured rows; the page is rendered from the newest result of each suite. The
 efficiency suite saves after every training run and skips runs already saved (resumable).
@@ -30,7 +33,7 @@ from rlr_backend.safe_io import save_json
 from . import cost, efficiency, quality, report, scaling
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = ("cost", "quality", "efficiency", "collapse", "scaling")
+SUITES = ("cost", "quality", "efficiency", "collapse", "scaling", "memory")
 
 
 def machine() -> dict:
@@ -47,6 +50,15 @@ def machine() -> dict:
             "threads": torch.get_num_threads(), "load_at_start": os.getloadavg()[0],
             "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "commit": commit}
+
+
+def run_memory_model(budget: str, threads: int) -> Path:
+    """The SD-size memory model (its own resumable results file and page, docs/memory.md)."""
+    from . import memory_model
+
+    args = ["--quick"] if budget == "quick" else ["--budget-minutes", "150"]
+    memory_model.main(args + ["--threads", str(threads)])
+    return memory_model.QUICK_RESULTS if budget == "quick" else memory_model.RESULTS
 
 
 def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS) -> Path:
@@ -96,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if not args.report_only:
         for suite in args.only:
-            run(suite, args.suite, tuple(args.rewards))
+            if suite == "memory":
+                run_memory_model(args.suite, args.threads)
+            else:
+                run(suite, args.suite, tuple(args.rewards))
     report.render(RESULTS, args.out)
 
 

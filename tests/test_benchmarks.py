@@ -130,3 +130,24 @@ def test_no_samples_to_ddpo_final_when_ddpo_ended_below_its_start(monkeypatch):
     runs = [curve(est, "r", 0, 3, 1, 8, 4, 4, None) for est in ("rlr", "ddpo")]
     summary = efficiency.summarize({"settings": {"lr_sweep": {}}, "runs": runs})
     assert all(s["samples_to_ddpo_final"] is None and not s["ddpo_improved"] for s in summary)
+
+
+def test_out_of_memory_table_from_the_memory_model(tmp_path):
+    from benchmarks.memory_model import with_margin
+
+    def pred(est, label, gb):
+        return {"scenario": {"arch": "sd15", "resolution": 512, "batch": 1, "fo_steps": 1}, "estimator": est,
+                "options": {"label": label}, "bytes": gb * 1e9}
+    preds = [pred("rlr", "no options", 8.0), pred("rlr", "gradient checkpointing", 4.6),
+             pred("full_bp", "no options", 98.0), pred("full_bp", "gradient checkpointing", 4.6)]
+    mem = {"budget": "full", "started": "now", "command": "test", "analysis": {"predictions": preds},
+           "machine": {"cpu": "x", "cores": 2, "torch": torch.__version__, "commit": "-"}}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "memory-model.json").write_text(json.dumps(mem))
+    page = tmp_path / "benchmarks.md"
+    report.render(results, page)
+    rows = {line.split(" | ")[2]: line for line in page.read_text().splitlines() if line.startswith("| SD1.5")}
+    assert f"**{with_margin(8e9) / 1e9:.1f}**" in rows["rlr h=2"]
+    assert f"| {with_margin(98e9) / 1e9:.1f} |" in rows["full_bp (T=50 steps)"]  # over 24 GB: not bold
+    assert "ddpo" not in rows  # no prediction, no row
