@@ -107,5 +107,6 @@ def run_suite(quick: bool) -> dict:
     else:
         for T in (10, 20, 50):
             rows += measure_costs("default", T, 4, names)
-        rows += measure_costs("sd-small", 20, 2, names, pixels=64)
+        for T in (20, 50):
+            rows += measure_costs("sd-small", T, 2, names, pixels=64)
     return {"rows": rows}
