@@ -151,3 +151,27 @@ def test_out_of_memory_table_from_the_memory_model(tmp_path):
     assert f"**{with_margin(8e9) / 1e9:.1f}**" in rows["rlr h=2"]
     assert f"| {with_margin(98e9) / 1e9:.1f} |" in rows["full_bp (T=50 steps)"]  # over 24 GB: not bold
     assert "ddpo" not in rows  # no prediction, no row
+
+
+def test_headline_reads_the_targets_off_the_results(tmp_path):
+    meta = {"budget": "quick", "started": "now", "seconds": 1.0, "command": "test", "load_at_end": 0.0,
+            "machine": {"cpu": "x", "cores": 2, "threads": 1, "load_at_start": 0.0, "torch": "-", "diffusers": "-",
+                        "commit": "-"}}
+
+    def cost_row(name, t, m):
+        return {"model": "sd-small", "pixels": 64, "T": 50, "batch": 2, "estimator": name, "time_ratio": t,
+                "memory_ratio": m, "predicted_time_ratio": 1.0, "bytes": 1e6, "sample_bytes": 1e6,
+                "sample_seconds": 1.0, "seconds": t, "steps_in_memory": 1}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cost-full.json").write_text(json.dumps({**meta, "rows": [
+        cost_row("rlr latent_lr h=2", 3.5, 2.1), cost_row("rlr param_1pt h=2 + checkpointing", 1.25, 1.2),
+        cost_row("full_bp", 2.0, 9.0)]}))
+    curve, _ = _fake_curve({("rlr", efficiency.DEFAULT_LR): 0.9, ("ddpo", efficiency.DEFAULT_LR): 0.7})
+    runs = [curve(est, "prompt_alignment", 0, 3, 1, 8, 4, 4, None) for est in ("rlr", "ddpo")]
+    (results / "efficiency-full.json").write_text(json.dumps({**meta, "settings": {"lr_sweep": {}}, "runs": runs}))
+    text = "\n".join(report.headline_section(results))
+    assert "time 3.50x, memory 2.10x (full backprop: memory 9.0x) | no |" in text
+    assert "rlr param_1pt h=2 + checkpointing) | time 1.25x, memory 1.20x (full backprop: memory 9.0x) | yes |" in text
+    # rlr crosses ddpo's 0.7 at the third of four evaluations: 16 of 24 samples, more than 1/5
+    assert "after 16 of 24 samples (0.67) | no |" in text
