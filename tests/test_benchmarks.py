@@ -175,3 +175,14 @@ def test_headline_reads_the_targets_off_the_results(tmp_path):
     assert "rlr param_1pt h=2 + checkpointing) | time 1.25x, memory 1.20x (full backprop: memory 9.0x) | yes |" in text
     # rlr crosses ddpo's 0.7 at the third of four evaluations: 16 of 24 samples, more than 1/5
     assert "after 16 of 24 samples (0.67) | no |" in text
+
+
+def test_run_py_hands_the_memory_suite_to_the_memory_model(monkeypatch, tmp_path):
+    from benchmarks import memory_model, run
+
+    seen = []
+    monkeypatch.setattr(memory_model, "main", lambda argv: seen.append(argv))
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    run.main(["--suite", "quick", "--only", "memory", "--out", str(tmp_path / "page.md")])
+    assert seen == [["--quick", "--threads", "1"]]
+    assert "## memory" in (tmp_path / "page.md").read_text()  # no results in tmp_path yet
