@@ -45,7 +45,7 @@ def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: 
     cfg = TrainConfig(estimator=estimator, reward=reward, seed=seed, steps=steps, eval_every=eval_every, lr=lr,
                       batch_size=batch, images_per_prompt=per_prompt, num_inference_steps=num_steps,
                       fo_steps=min(4, num_steps - 2), eval_seeds=EVAL_SEEDS, ckpt_every=steps, output_dir=out,
-                      run_name=f"{reward}-{estimator}-{seed}")
+                      run_name=f"{reward}-{estimator}-lr{lr:g}-{seed}")
     points: dict[int, dict] = {}
     clock = {"train": 0.0}
 

@@ -49,6 +49,9 @@ def test_diversity_is_zero_for_identical_images():
 def test_efficiency_run_and_page(cost_rows, tmp_path):
     run = efficiency.train_curve("rlr", "brightness", 0, steps=2, eval_every=1, batch=2, per_prompt=2,
                                  num_steps=4, out=tmp_path)
+    other_rate = efficiency.train_curve("rlr", "brightness", 0, steps=1, eval_every=1, batch=2, per_prompt=2,
+                                        num_steps=4, out=tmp_path, lr=1e-4)  # a sweep: same folder, new run
+    assert other_rate["lr"] == 1e-4 and run["lr"] == efficiency.DEFAULT_LR
     assert [p["samples"] for p in run["points"]] == [0, 2, 4]
     assert all(math.isfinite(p["eval_reward"]) for p in run["points"])
     meta = {"budget": "quick", "started": "now", "seconds": 1.0, "command": "test", "load_at_end": 0.0,
