@@ -169,6 +169,7 @@ def test_headline_reads_the_targets_off_the_results(tmp_path):
     results.mkdir()
     (results / "cost-full.json").write_text(json.dumps({**meta, "rows": [
         cost_row("rlr latent_lr h=2", 3.5, 2.1), cost_row("rlr param_1pt h=2 + checkpointing", 1.25, 1.2),
+        cost_row("rlr param_1pt h=2", 1.2, 2.0),
         cost_row("full_bp", 2.0, 9.0)]}))
     curve, _ = _fake_curve({("rlr", efficiency.DEFAULT_LR): 0.9, ("ddpo", efficiency.DEFAULT_LR): 0.7})
     runs = [curve(est, "prompt_alignment", 0, 3, 1, 8, 4, 4, None) for est in ("rlr", "ddpo")]
@@ -176,6 +177,7 @@ def test_headline_reads_the_targets_off_the_results(tmp_path):
     text = "\n".join(report.headline_section(results))
     assert "time 3.50x, memory 2.10x (full backprop: memory 9.0x) | no |" in text
     assert "rlr param_1pt h=2 + checkpointing) | time 1.25x, memory 1.20x (full backprop: memory 9.0x) | yes |" in text
+    assert "rlr param_1pt h=2) | time 1.20x, memory 2.00x (full backprop: memory 9.0x) | time only |" in text
     # rlr crosses ddpo's 0.7 at the third of four evaluations: 16 of 24 samples, more than 1/5
     assert "after 16 of 24 samples (0.67) | no |" in text
 
