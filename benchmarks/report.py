@@ -369,7 +369,7 @@ def memory_model_section(r: dict, images: Path) -> list[str]:
 def render(results: Path, out: Path) -> None:
     images = out.parent / "images"
     lines = ["# Benchmarks", "", "Every figure on this page comes from `python -m benchmarks.run` "
-             "(`--suite quick` in minutes, `--suite full` in an hour or more on 2 CPU cores); the JSON behind it is in "
+             "(`--suite quick` in minutes, `--suite full` in about six hours on 2 CPU cores); the JSON behind it is in "
              "`benchmarks/results/`. Ratios are measured in one run, so load on a shared machine cancels out.", ""]
     lines += headline_section(results)
     sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,

@@ -1,7 +1,7 @@
 """Run the benchmark suites and regenerate docs/benchmarks.md from their JSON results.
 
     python -m benchmarks.run --suite quick      # minutes: every suite on a small budget
-    python -m benchmarks.run --suite full       # an hour or more on 2 CPU cores
+    python -m benchmarks.run --suite full       # about six hours on 2 CPU cores (2.5 h: the memory model)
     python -m benchmarks.run --suite full --only cost scaling
     python -m benchmarks.run --report-only      # re-render the page from benchmarks/results/
 
