@@ -134,7 +134,9 @@ def efficiency_section(r: dict, images: Path) -> list[str]:
              f"seeds {s['seeds']}, evaluation every {s['eval_every']} updates on fixed seeds. Level = 90% of the way "
              "from the start to the best mean final reward of any estimator, read off the seed-averaged curve (the "
              "seeds that reach it on their own in brackets); samples = generated images. Each "
-             "estimator at its learning rate (lr; swept ones below).", "",
+             "estimator at its learning rate (lr; swept ones below). The right-hand plots put the same curves against "
+             "training seconds: wall-clock time under whatever load the machine had during each run (a resumed suite "
+             "mixes runs from different times), so read them loosely.", "",
              "| reward | estimator | lr | final eval reward, mean (min, max) | samples to level | vs ddpo | "
              "samples to ddpo's final reward | diversity at the end | wall time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     summary = summarize(r)
@@ -163,19 +165,25 @@ def efficiency_section(r: dict, images: Path) -> list[str]:
                   f"{'yes' if x['chosen'] else ''} |" for x in sweep]
     plt = _plt()
     for reward in sorted({x["reward"] for x in r["runs"]}):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
         for est, runs in sorted(final_runs(r, reward).items()):
             samples = [p["samples"] for p in runs[0]["points"]]
             vals = [[run["points"][i]["eval_reward"] for run in runs] for i in range(len(samples))]
-            line, = ax.plot(samples, [statistics.mean(v) for v in vals], label=f"{est} (lr {run_lr(runs[0]):g})")
+            mean = [statistics.mean(v) for v in vals]
+            line, = ax.plot(samples, mean, label=f"{est} (lr {run_lr(runs[0]):g})")
             ax.fill_between(samples, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+            seconds = [statistics.mean(run["points"][i].get("train_seconds", float("nan")) for run in runs)
+                       for i in range(len(samples))]
+            ax_t.plot(seconds, mean, color=line.get_color())
         ax.set_xlabel("generated samples")
+        ax_t.set_xlabel("training seconds (1 thread, mean over seeds)")
         ax.set_ylabel(f"eval {reward}")
-        ax.grid(alpha=0.3)
+        for a in (ax, ax_t):
+            a.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
         _save(fig, images / f"bench_efficiency_{reward}.png")
-        lines += ["", f"![eval {reward} against samples](images/bench_efficiency_{reward}.png)"]
+        lines += ["", f"![eval {reward} against samples and against training time](images/bench_efficiency_{reward}.png)"]
     return lines + [""]
 
 
