@@ -188,13 +188,19 @@ def summarize(result: dict) -> list[dict]:
     return out
 
 
-def run_collapse(quick: bool) -> dict:
+def run_collapse(quick: bool, done: list[dict] | None = None, save=None) -> dict:
     """The paper's collapse claim: a longer run of truncated_bp and rlr on prompt alignment. Does the
-    eval reward fall after rising, and does diversity shrink?"""
-    steps, every, T = (6, 3, 8) if quick else (200, 20, 20)
-    runs = []
+    eval reward fall after rising, and does diversity shrink? Resumable like ``run_suite``."""
+    steps, every, T, seeds = (6, 3, 8, [0]) if quick else (200, 20, 20, [0, 1, 2])
+    cfg = {"updates": steps, "eval_every": every, "batch": 8, "images_per_prompt": 4, "T": T, "seeds": seeds}
+    runs = list(done or [])
+    have = {(r["estimator"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory() as tmp:
-        for est in ("truncated_bp", "rlr"):
-            runs.append(train_curve(est, "prompt_alignment", 0, steps, every, 8, 4, T, Path(tmp)))
-    return {"settings": {"updates": steps, "eval_every": every, "batch": 8, "images_per_prompt": 4, "T": T,
-                         "seeds": [0]}, "runs": runs}
+        for seed in seeds:
+            for est in ("truncated_bp", "rlr"):
+                if (est, seed) in have:
+                    continue
+                runs.append(train_curve(est, "prompt_alignment", seed, steps, every, 8, 4, T, Path(tmp)))
+                if save is not None:
+                    save({"settings": cfg, "runs": runs})
+    return {"settings": cfg, "runs": runs}

@@ -189,39 +189,49 @@ def efficiency_section(r: dict, images: Path) -> list[str]:
 
 def collapse_section(r: dict, images: Path) -> list[str]:
     s = r["settings"]
+    seeds = s.get("seeds", [0])
     lines = ["## A longer run: does the reward collapse?", "", _about(r), "",
-             f"Prompt alignment, {s['updates']} updates x batch {s['batch']}, T={s['T']}, seed 0. The paper reports "
-             "that truncated backprop's reward falls after rising on long runs; diversity = mean pairwise RMS "
+             f"Prompt alignment, {s['updates']} updates x batch {s['batch']}, T={s['T']}, seeds {seeds}. The paper "
+             "reports that truncated backprop's reward falls after rising on long runs; diversity = mean pairwise RMS "
              "distance between the evaluation images of one prompt.", "",
-             "| estimator | eval reward at start | peak (update) | at the end | diversity start -> end |", "|---|---|---|---|---|"]
+             "| estimator | seed | eval reward at start | peak (update) | at the end | diversity start -> end |",
+             "|---|---|---|---|---|---|"]
+    runs = sorted(r["runs"], key=lambda x: (x["estimator"] != "truncated_bp", x["seed"]))
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for run in r["runs"]:
+    colors, styles = {}, ("-", "--", ":", "-.")
+    for run in runs:
         pts = run["points"]
         peak = max(pts, key=lambda p: p["eval_reward"])
-        lines.append(f"| {run['estimator']} | {pts[0]['eval_reward']:.4f} | {peak['eval_reward']:.4f} ({peak['step']}) | "
-                     f"{pts[-1]['eval_reward']:.4f} | {pts[0].get('diversity', float('nan')):.3f} -> "
+        lines.append(f"| {run['estimator']} | {run['seed']} | {pts[0]['eval_reward']:.4f} | {peak['eval_reward']:.4f} "
+                     f"({peak['step']}) | {pts[-1]['eval_reward']:.4f} | {pts[0].get('diversity', float('nan')):.3f} -> "
                      f"{pts[-1].get('diversity', float('nan')):.3f} |")
-        a1.plot([p["step"] for p in pts], [p["eval_reward"] for p in pts], "o-", ms=3, label=run["estimator"])
-        a2.plot([p["step"] for p in pts], [p.get("diversity", float("nan")) for p in pts], "o-", ms=3,
-                label=run["estimator"])
+        first = run["estimator"] not in colors
+        color = colors.setdefault(run["estimator"], f"C{len(colors)}")
+        style = styles[seeds.index(run["seed"]) % len(styles)] if run["seed"] in seeds else "-"
+        label = run["estimator"] if first else None
+        a1.plot([p["step"] for p in pts], [p["eval_reward"] for p in pts], style, color=color, marker="o", ms=3,
+                label=label)
+        a2.plot([p["step"] for p in pts], [p.get("diversity", float("nan")) for p in pts], style, color=color,
+                marker="o", ms=3, label=label)
     a1.set_ylabel("eval prompt alignment")
     a2.set_ylabel("diversity")
     for ax in (a1, a2):
-        ax.set_xlabel("update")
+        ax.set_xlabel("update (one line per seed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, images / "bench_collapse.png")
-    lines += ["", "What the run shows (one seed; computed from the table):", ""]
-    for run in r["runs"]:
+    lines += ["", f"What the runs show ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; computed from the table):", ""]
+    for run in runs:
         pts = run["points"]
         peak = max(pts, key=lambda p: p["eval_reward"])
         drop = peak["eval_reward"] - pts[-1]["eval_reward"]
         d0, d1 = pts[0].get("diversity", float("nan")), pts[-1].get("diversity", float("nan"))
         trend = (f"fell {drop:.4f} from its peak at update {peak['step']} ({drop / max(peak['eval_reward'] - pts[0]['eval_reward'], 1e-12):.0%} "
                  "of its gain)" if drop > 0 else "was still at its peak at the end")
-        lines.append(f"- {run['estimator']}: the eval reward {trend}; diversity changed by {(d1 / d0 - 1):+.0%}.")
+        lines.append(f"- {run['estimator']}, seed {run['seed']}: the eval reward {trend}; diversity changed by "
+                     f"{(d1 / d0 - 1):+.0%}.")
     return lines + ["", "![eval reward and diversity on a long run](images/bench_collapse.png)", ""]
 
 

@@ -10,7 +10,7 @@ the benchmarks page shows its out-of-memory table.
 
 Each suite writes benchmarks/results/<suite>-<quick|full>.json with the machine, versions, seeds,
 command and the measured rows; the page is rendered from the newest result of each suite. The
-efficiency suite saves after every training run and skips runs already saved (resumable).
+efficiency and collapse suites save after every training run and skip runs already saved (resumable).
 """
 
 from __future__ import annotations
@@ -77,14 +77,14 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS) 
     def save(data: dict) -> None:
         save_json({**meta, "seconds": time.perf_counter() - t0, "load_at_end": os.getloadavg()[0], **data}, path)
 
-    if suite == "efficiency":
+    if suite in ("efficiency", "collapse"):  # resumable: runs already saved are kept
         done = []
         if path.is_file():
             done = json.loads(path.read_text()).get("runs", [])
-        data = efficiency.run_suite(quick, done=done, save=save, rewards=rewards)
+        data = (efficiency.run_suite(quick, done=done, save=save, rewards=rewards) if suite == "efficiency"
+                else efficiency.run_collapse(quick, done=done, save=save))
     else:
-        data = {"cost": cost.run_suite, "quality": quality.run_suite, "scaling": scaling.run_suite,
-                "collapse": efficiency.run_collapse}[suite](quick)
+        data = {"cost": cost.run_suite, "quality": quality.run_suite, "scaling": scaling.run_suite}[suite](quick)
     save(data)
     logging.info("%s (%s) done in %.0f s -> %s", suite, budget, time.perf_counter() - t0, path)
     return path

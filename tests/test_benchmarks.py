@@ -101,8 +101,8 @@ def _fake_curve(finals: dict):
         calls.append((est, lr, seed))
         end = finals[(est, lr)] + 0.001 * seed
         return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0,
-                "points": [{"samples": i * batch, "eval_reward": 0.5 + (end - 0.5) * i / 3, "diversity": 0.3}
-                           for i in range(4)]}
+                "points": [{"step": i, "samples": i * batch, "eval_reward": 0.5 + (end - 0.5) * i / 3,
+                            "diversity": 0.3} for i in range(4)]}
     return curve, calls
 
 
@@ -191,3 +191,18 @@ def test_run_py_hands_the_memory_suite_to_the_memory_model(monkeypatch, tmp_path
     run.main(["--suite", "quick", "--only", "memory", "--out", str(tmp_path / "page.md")])
     assert seen == [["--quick", "--threads", "1"]]
     assert "## memory" in (tmp_path / "page.md").read_text()  # no results in tmp_path yet
+
+
+def test_collapse_suite_resumes_and_renders_every_seed(monkeypatch, tmp_path):
+    curve, calls = _fake_curve({("rlr", efficiency.DEFAULT_LR): 0.9, ("truncated_bp", efficiency.DEFAULT_LR): 0.95})
+    monkeypatch.setattr(efficiency, "train_curve", curve)
+    seed0 = [curve(est, "prompt_alignment", 0, 3, 1, 8, 4, 4, None) for est in ("truncated_bp", "rlr")]
+    calls.clear()
+    result = efficiency.run_collapse(False, done=seed0)
+    assert sorted(calls) == [(est, efficiency.DEFAULT_LR, seed) for est in ("rlr", "truncated_bp") for seed in (1, 2)]
+    meta = {"budget": "full", "started": "now", "seconds": 1.0, "command": "test", "load_at_end": 0.0,
+            "machine": {"cpu": "x", "cores": 2, "threads": 1, "load_at_start": 0.0, "torch": "-", "diffusers": "-",
+                        "commit": "-"}}
+    lines = report.collapse_section({**meta, **result}, tmp_path)
+    assert sum(line.startswith("| rlr |") for line in lines) == 3
+    assert sum(line.startswith("- truncated_bp, seed") for line in lines) == 3
