@@ -316,10 +316,11 @@ def headline_section(results: Path) -> list[str]:
                          f"{'yes' if gain >= 3 else 'no'} |")
     eff = _load(results, "efficiency")
     if eff:
-        for x in summarize(eff):
+        summary = summarize(eff)
+        for x in summary:
             if x["estimator"] != "rlr" or x["reward"] != "prompt_alignment":
                 continue
-            ddpo = next((y for y in summarize(eff) if y["reward"] == x["reward"] and y["estimator"] == "ddpo"), None)
+            ddpo = next((y for y in summary if y["reward"] == x["reward"] and y["estimator"] == "ddpo"), None)
             if ddpo is None:
                 continue
             if not x["ddpo_improved"]:
