@@ -315,7 +315,7 @@ def headline_section(results: Path) -> list[str]:
                               + (f"{ratio:.2f}x lower" if ratio >= 1 else f"{1 / ratio:.2f}x higher"))
             lines.append(f"| RLR (best mode) variance x cost >= 3x lower than DDPO's (tiny UNet; analytic chain "
                          f"beside) | {gain:.3g}x lower with {best['estimator']}{paper_gain} (analytic chain: "
-                         f"{a_ddpo['var_x_cost'] / a_best['var_x_cost']:.2f}x with {a_best['estimator']}) | "
+                         f"{a_ddpo['var_x_cost'] / a_best['var_x_cost']:.2f}x lower with {a_best['estimator']}) | "
                          f"{'yes' if gain >= 3 else 'no'} |")
     eff = _load(results, "efficiency")
     if eff:
