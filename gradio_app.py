@@ -417,12 +417,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _warm_up() -> None:
     """Import the model code while the page loads, so the first Train does not wait for it."""
-    from rlr_backend.cli import _quiet_libraries
+    from rlr_backend.cli import quiet_libraries
     from rlr_backend.train.pipeline import load_pipeline
 
     try:
         with MODEL_LOCK:
-            _quiet_libraries()  # no loading bars or torchvision notices in the app's log
+            quiet_libraries()  # no loading bars or torchvision notices in the app's log
             load_pipeline(None)
             make_reward(TrainConfig().reward)
     except Exception:  # noqa: BLE001 -- only a warm-up; the first run reports any real problem

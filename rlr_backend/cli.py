@@ -12,25 +12,39 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from dataclasses import fields
+from fractions import Fraction
 from pathlib import Path
 
-from .estimators import ESTIMATORS, ZO_MODES
-from .rewards import REWARD_HELP
-from .safe_io import InvalidModelFile
-from .train.memory import OPTIMIZERS, PRECISIONS
+from . import choices
+from .choices import ESTIMATOR_NAMES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
+from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, InvalidModelFile)
+# ValueError covers ConfigError and InvalidModelFile
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _show(value) -> str:
+    """A default as a user would type it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple) and value and all(isinstance(v, float) for v in value):
+        return format_fractions(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _help(name: str) -> str:
-    from .train.config import TrainConfig
-
-    for f in fields(TrainConfig):
-        if f.name == name:
-            default = f.default
-            return f"{f.metadata['help']} (default: {default})"
-    raise KeyError(name)
+    """The help of a TrainConfig field with its default, said once (a help text may say it itself)."""
+    f = _FIELDS[name]
+    text = f.metadata["help"]
+    if "default" in text or f.default is None:
+        return text
+    return f"{text} (default: {_show(f.default)})"
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -42,22 +56,49 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
+    """'1/3,1/3,1/3' or '0.2,0.3,0.5'."""
     try:
-        a, b, c = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'a,b,c' with three numbers, got {text!r}") from None
+        a, b, c = (float(Fraction(v.strip())) for v in text.split(","))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected 'a,b,c' with three numbers or fractions, got {text!r}") from None
     return a, b, c
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is 20 lines; --help has it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _epilog() -> str:
+    width = 100
+    rewards = "\n".join(textwrap.fill(f"{k}: {v}", width, initial_indent="  ", subsequent_indent="      ")
+                        for k, v in REWARD_HELP.items())
+    prompts = "\n".join(f"  {p}" for p in DEFAULT_PROMPTS)
+    return (f"default prompts (the embedded model's captions):\n{prompts}\n\nrewards (--reward NAME or "
+            f"NAME=WEIGHT,NAME=WEIGHT):\n{rewards}\n\n"
+            + textwrap.fill("Prompt files: one prompt per line, or 'coarse | mid | fine' for the per-step prompt "
+                            "schedule. Outputs in OUTPUT_DIR/RUN_NAME: lora.safetensors, before_after.png, "
+                            "reward_curve.png, grids/, metrics.jsonl, config.json, ckpt/.", width))
+
+
 def train_parser() -> argparse.ArgumentParser:
-    rewards = "; ".join(f"{k}: {v}" for k, v in REWARD_HELP.items())
-    ap = argparse.ArgumentParser(
-        prog="rlr-train",
+    ap = _Parser(
+        prog="rlr-train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog(),
         description="Fine-tune a diffusion model's LoRA so its samples score higher on a reward. With no "
-                    "arguments: the embedded default model, reward prompt_alignment + brightness, RLR, a few minutes on CPU.",
-        epilog=f"Rewards: {rewards}. Prompt files: one prompt per line, or 'coarse | mid | fine' for the "
-               "per-step prompt schedule. Outputs in OUTPUT_DIR/RUN_NAME: lora.safetensors, before_after.png, "
-               "reward_curve.png, grids/, metrics.jsonl, config.json, ckpt/.",
+                    "arguments: the embedded\ndefault model, reward prompt_alignment + brightness, RLR, a few "
+                    "minutes on CPU.",
     )
     a = ap.add_argument
 
@@ -67,12 +108,13 @@ def train_parser() -> argparse.ArgumentParser:
 
     option("model")
     option("image_size", type=int)
-    option("prediction_type", choices=("epsilon", "v_prediction"))
+    option("prediction_type", choices=PREDICTION_TYPES)
     a("--prompt", action="append", dest="prompt_list", metavar="TEXT",
-      help="a training prompt (repeatable); 'coarse | mid | fine' gives per-step versions")
+      help="a training prompt (repeatable); 'coarse | mid | fine' gives per-step versions (default: the four "
+           "prompts listed below)")
     a("--prompt-file", type=Path, help="UTF-8 file with one prompt per line")
     option("reward")
-    option("estimator", choices=sorted(ESTIMATORS))
+    option("estimator", choices=ESTIMATOR_NAMES)
     option("h", type=int)
     option("fo_steps", type=int)
     option("zo_mode", choices=ZO_MODES)
@@ -87,20 +129,21 @@ def train_parser() -> argparse.ArgumentParser:
                       ("eval_every", int), ("eval_seeds", int), ("ckpt_every", int)]:
         option(name, type=typ)
     option("device")
-    option("precision", choices=PRECISIONS)
+    option("precision", choices=PRECISION_NAMES)
     option("gradient_checkpointing", action=argparse.BooleanOptionalAction)
     option("offload_text_encoders", action=argparse.BooleanOptionalAction)
     option("optimizer", choices=OPTIMIZERS)
     option("output_dir", type=Path)
     option("run_name")
     a("--resume", action="store_true", help="continue the run in OUTPUT_DIR/RUN_NAME from its last checkpoint")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--quiet", action="store_true", help="no progress bar")
     return ap
 
 
-def build_config(args: argparse.Namespace):
-    from .train import TrainConfig, parse_prompt, read_prompt_file
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's config from the arguments (plain Python: no torch yet); raises on bad values."""
+    from .train.prompts import parse_prompt, read_prompt_file
 
     prompts = []
     if args.prompt_file is not None:
@@ -113,10 +156,12 @@ def build_config(args: argparse.Namespace):
     kw.pop("prompts", None)
     if prompts:
         kw["prompts"] = tuple(prompts)
-    return TrainConfig(**kw)
+    config = TrainConfig(**kw)
+    choices.check_model_path(config.model)
+    return config
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Offline mode, and no loading bars or torchvision notices from diffusers/transformers in our output."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for noisy in ("httpx", "matplotlib", "PIL"):
@@ -131,8 +176,13 @@ def _quiet_libraries() -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
+    try:
+        config = build_config(args)  # every option checked before torch and diffusers are imported
+    except USER_ERRORS as e:
+        print(f"rlr-train: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     try:
         import torch
 
@@ -140,7 +190,6 @@ def train_main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         from .train import Trainer
 
-        config = build_config(args)
         result = Trainer(config, progress=not args.quiet).run(resume=args.resume)
     except USER_ERRORS as e:
         print(f"rlr-train: error: {e}", file=sys.stderr)
@@ -153,36 +202,69 @@ def train_main(argv: list[str] | None = None) -> int:
     print(f"LoRA: {result.lora_path}")
     print(f"grid before/after: {result.run_dir / 'before_after.png'}; curve: {result.run_dir / 'reward_curve.png'}")
     if first is not None and last is not None:
-        print(f"eval reward: {first:.4f} -> {last:.4f} after {result.steps_done} updates")
+        print(f"eval reward: {first:.4f} -> {last:.4f} after {result.steps_done} updates "
+              f"(mean over {result.eval_images} fixed-seed images)")
     return 0
 
 
+def sample_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="rlr-sample", description="Generate images with a model and an optional LoRA.")
+    a = ap.add_argument
+    a("prompt", nargs="+", help="prompt(s)")
+    a("--model", help="diffusers folder (SD1.x/SD2.x/SDXL) or single-file .safetensors (default: the embedded model)")
+    a("--image-size", type=int, help="single-file checkpoints: image size in pixels (default: the architecture's "
+                                     "native size, SD1.x 512, SD2.x-v 768, SDXL 1024)")
+    a("--prediction-type", choices=PREDICTION_TYPES,
+      help="single-file checkpoints: override the detected prediction type (SD2-base 512: epsilon)")
+    a("--lora", type=Path, help="LoRA .safetensors (kohya format, e.g. from rlr-train)")
+    a("--lora-scale", type=float, default=1.0, help="LoRA strength (default: 1)")
+    a("--num", type=_positive_int, default=4, help="images per prompt (default: 4)")
+    a("--steps", type=_positive_int, default=20, help="DDIM steps (default: 20)")
+    a("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
+    a("--guidance-scale", type=float, default=4.0, help="classifier-free guidance (default: 4)")
+    a("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    a("--out", type=Path, default=Path("samples.png"), help="output PNG grid (default: samples.png)")
+    a("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice; 1 is often "
+                                                         "faster on a busy machine)")
+    return ap
+
+
+def check_sample_args(args: argparse.Namespace) -> None:
+    """What can be checked before torch is imported; raises ValueError / FileNotFoundError."""
+    import math
+
+    if any(not p.strip() for p in args.prompt):
+        raise ValueError("empty prompt; give the text of each prompt")
+    choices.check_model_path(args.model)
+    if args.lora is not None and not args.lora.is_file():
+        raise FileNotFoundError(f"--lora {args.lora}: no such file")
+    for name in ("lora_scale", "eta", "guidance_scale"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or (name != "lora_scale" and value < 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a {'finite number' if name == 'lora_scale' else 'number >= 0'}, "
+                             f"got {value}")
+    if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
+        raise ValueError(f"--image-size must be a multiple of 8 (pixels), got {args.image_size}")
+
+
 def sample_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rlr-sample", description="Generate images with a model and an optional LoRA.")
-    ap.add_argument("prompt", nargs="+", help="prompt(s)")
-    ap.add_argument("--model", help="diffusers folder (SD1.x/SD2.x/SDXL) or single-file .safetensors (default: the embedded model)")
-    ap.add_argument("--image-size", type=int, help="single-file checkpoints: image size in pixels (default: the "
-                    "architecture's native size, SD1.x 512, SD2.x-v 768, SDXL 1024)")
-    ap.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
-                    help="single-file checkpoints: override the detected prediction type (SD2-base 512: epsilon)")
-    ap.add_argument("--lora", type=Path, help="LoRA .safetensors (kohya format, e.g. from rlr-train)")
-    ap.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
-    ap.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
-    ap.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0)")
-    ap.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance (default 4.0)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid (default samples.png)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    _quiet_libraries()
+    args = sample_parser().parse_args(argv)
     try:
+        check_sample_args(args)
+    except USER_ERRORS as e:
+        print(f"rlr-sample: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    quiet_libraries()
+    try:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
         from .train.pipeline import load_pipeline
         from .train.report import save_grid
         from .train.sample import add_lora_file, sample_images, set_lora_strength
 
-        if any(not p.strip() for p in args.prompt):
-            raise ValueError("empty prompt")
         single = {k: v for k, v in (("image_size", args.image_size), ("prediction_type", args.prediction_type))
                   if v is not None}
         pipe = load_pipeline(args.model, **single)

@@ -47,7 +47,9 @@ def test_run_writes_lora_grid_curve_and_metrics(reference_run):
                  "grids/step-000000.png", "grids/step-000006.png", "ckpt/LATEST"):
         assert (d / name).is_file(), name
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["step"] for r in rows] == list(range(0, 7))
+    evals = {r["step"]: r["eval_reward"] for r in rows if "eval_reward" in r}
+    assert evals == pytest.approx(result.eval_rewards) and rows[0]["eval_images"] == result.eval_images > 0
     assert all(torch.isfinite(v.float()).all() for v in lora_of(d).values())
     assert set(result.eval_rewards) == {0, 6}
 
@@ -61,7 +63,7 @@ def test_resume_reaches_the_same_lora(reference_run, tmp_path):
     a, b = lora_of(result.run_dir), lora_of(tmp_path / "r")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))
+    assert steps == list(range(0, 7))
 
 
 # Runs the CLI in a child process whose 4th update hangs (after the step-2 checkpoint), so the kill
@@ -190,7 +192,7 @@ def test_resume_survives_a_metrics_line_cut_by_a_crash(tmp_path):
     metrics.write_text(metrics.read_text() + '{"step": 3, "reward_me')  # killed mid-line after step 2's checkpoint
     Trainer(TrainConfig(steps=3, output_dir=tmp_path, run_name="cut", **TINY), progress=False).run(resume=True)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert steps == [0, 1, 2, 3]
 
 
 def test_cli_defaults_are_the_config_defaults():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..choices import ESTIMATOR_NAMES
 from .backprop import FullBPConfig, TruncatedBPConfig, full_bp_estimate, truncated_bp_estimate
 from .code_compat import CodeCompatConfig, code_compat_estimate
 from .likelihood_ratio import DDPOConfig, ZOConfig, ddpo_estimate, zo_estimate
@@ -34,6 +35,8 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
     "zo": EstimatorSpec(ZOConfig, zo_estimate, True, False,
                         "pure likelihood ratio (REINFORCE) on every step"),
 }
+
+assert sorted(ESTIMATORS) == sorted(ESTIMATOR_NAMES), "choices.ESTIMATOR_NAMES and ESTIMATORS disagree"
 
 
 def get_estimator(name: str) -> EstimatorSpec:

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..choices import ZO_MODES
 from ..sampling import sample_chain, step_mean
 from .advantages import BASELINES, BaselineState
 from .partition import J_DISTRIBUTIONS, JSampler, check_h, split_chain
@@ -43,7 +44,6 @@ from .terms import first_order_loss, likelihood_ratio_loss
 logger = logging.getLogger(__name__)
 
 ZOMode = Literal["latent_lr", "param_1pt", "param_2pt"]
-ZO_MODES: tuple[str, ...] = ("latent_lr", "param_1pt", "param_2pt")
 
 
 @dataclass(frozen=True)

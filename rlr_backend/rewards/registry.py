@@ -16,6 +16,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
+from ..choices import REWARD_HELP, parse_reward_spec
 from .base import Reward, WeightedSum
 from .rules import Brightness, Contrast, Darkness, JpegSize, Saturation, TargetColor
 
@@ -56,21 +57,7 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "image_reward": _model("image_reward"),
 }
 
-REWARD_HELP: dict[str, str] = {
-    "prompt_alignment": "probability that the image shows its caption's shape and colours (default model; differentiable)",
-    "brightness": "mean pixel value", "darkness": "1 - mean pixel value",
-    "saturation": "mean colour saturation", "contrast": "standard deviation of the luma",
-    "red": "closeness of the pixels to pure red", "blue": "closeness of the pixels to pure blue",
-    "jpeg_compressibility": "minus the JPEG size in kB (DDPO; not differentiable)",
-    "jpeg_incompressibility": "the JPEG size in kB (DDPO; not differentiable)",
-    "aesthetic": "LAION aesthetic score, about 1-10: MLP on CLIP ViT-L/14 image features (DDPO, AlignProp; "
-                 "prompt ignored; differentiable; local weights, docs/rewards.md)",
-    "clip_score": "2.5 x cosine similarity of CLIP image and prompt embeddings (any local CLIP; differentiable)",
-    "pickscore": "PickScore, about 18-23: human preference, CLIP-H fine-tuned on Pick-a-Pic (local weights; "
-                 "differentiable)",
-    "hpsv2": "HPSv2 / v2.1 human preference score, about 0.2-0.3 (open_clip ViT-H/14; local weights; differentiable)",
-    "image_reward": "ImageReward human preference, about -2 to 2 (BLIP; local weights; differentiable)",
-}
+assert sorted(REWARDS) == sorted(REWARD_HELP), "choices.REWARD_HELP and REWARDS disagree"
 
 
 def make_reward(spec: str, device: str | torch.device = "cpu", models_dir: ModelsDir = None) -> Reward:
@@ -80,19 +67,8 @@ def make_reward(spec: str, device: str | torch.device = "cpu", models_dir: Model
     ``models/``), then ``$RLR_REWARD_MODELS``; they are checked here (headers only) and loaded on the
     first call. Raises ``MissingRewardWeights`` (a ``FileNotFoundError``) or ``InvalidModelFile``.
     """
-    spec = (spec or "").strip()
-    if not spec:
-        raise ValueError(f"no reward given; choose one of {sorted(REWARDS)}")
     parts = []
-    for item in spec.split(","):
-        name, _, weight = item.strip().partition("=")
-        name = name.strip()
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
-        try:
-            w = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"reward weight for {name!r} must be a number, got {weight!r}") from None
+    for name, w in parse_reward_spec(spec):
         reward = REWARDS[name](device=device, models_dir=models_dir)
         check = getattr(reward, "check", None)
         if callable(check):

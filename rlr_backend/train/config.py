@@ -1,15 +1,17 @@
-"""Typed, validated training configuration. One source for the CLI options and their help."""
+"""Typed, validated training configuration. One source for the CLI options and their help.
+
+Plain Python (no torch): the command line validates a config before anything heavy is imported.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 
-import torch
-
-from ..estimators import ESTIMATORS, ZO_MODES
-from .memory import OPTIMIZERS, PRECISIONS
+from ..choices import (ESTIMATOR_NAMES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, ZO_MODES, ConfigError,
+                       check_choice, check_device, parse_reward_spec)
 from .prompts import PromptSpec
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -18,6 +20,15 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a yellow triangle on a black background",
     "a blue circle on a yellow background",
 )
+
+
+def format_fractions(values) -> str:
+    """(1/3, 1/3, 1/3) -> '1/3,1/3,1/3' (exact fractions where a small denominator gives the value)."""
+    out = []
+    for v in values:
+        frac = Fraction(v).limit_denominator(100)
+        out.append(str(frac) if abs(float(frac) - v) < 1e-9 else f"{v:g}")
+    return ",".join(out)
 
 
 def _f(default, help: str, **kw):
@@ -33,17 +44,18 @@ class TrainConfig:
     image_size: int | None = _f(None, "single-file checkpoints: training resolution in pixels (default: the "
                                       "architecture's native size)")
     prediction_type: str | None = _f(None, "single-file checkpoints: epsilon or v_prediction (default: detected; "
-                                           "SD2-base 512 files need epsilon)", choices=("epsilon", "v_prediction"))
+                                           "SD2-base 512 files need epsilon)", choices=PREDICTION_TYPES)
     prompts: tuple[PromptSpec, ...] = _f(tuple(PromptSpec(p) for p in DEFAULT_PROMPTS), "training prompts")
     reward: str = _f("prompt_alignment=1,brightness=1", "reward name, or weighted sum 'name=w,name=w'")
-    estimator: str = _f("rlr", "gradient estimator", choices=tuple(sorted(ESTIMATORS)))
+    estimator: str = _f("rlr", "gradient estimator", choices=ESTIMATOR_NAMES)
     h: int = _f(2, "rlr: half-order sub-chain length")
     fo_steps: int = _f(4, "rlr: backprop (first-order) through the last K steps (the paper uses 1; 4 learns faster, still unbiased)")
     zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
     nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
     prompt_split: tuple[float, float, float] = _f((1 / 3, 1 / 3, 1 / 3), "fractions of the sampling steps for the "
                                                  "coarse / mid / fine versions of a prompt")
-    ho_range: tuple[int, int] | None = _f(None, "rlr: draw the sub-chain start j in a..b (paper order, 1 = last step)")
+    ho_range: tuple[int, int] | None = _f(None, "rlr: draw the sub-chain start j in a..b (paper order, 1 = last step; default: "
+                                                   "uniformly over the steps before the first-order ones)")
     truncation: int = _f(2, "truncated_bp: number of last steps backpropagated")
     chain_len: int = _f(2, "code_compat: number of single-step PPO terms")
     steps: int = _f(60, "optimizer updates", min=1)
@@ -63,7 +75,7 @@ class TrainConfig:
     ckpt_every: int = _f(10, "checkpoint every N updates")
     device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")
     precision: str = _f("fp32", "weights of the frozen model: fp32, bf16 or fp16 (LoRA and optimizer stay fp32; "
-                                "bf16/fp16 halve the weights' memory on a GPU)", choices=tuple(PRECISIONS))
+                                "bf16/fp16 halve the weights' memory on a GPU)", choices=PRECISION_NAMES)
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (UNet blocks, backpropagated "
                                              "steps, the VAE per image): less memory, ~1 more forward per step")
     offload_text_encoders: bool = _f(True, "keep the text encoders on the CPU in fp32 (prompts are encoded "
@@ -73,49 +85,50 @@ class TrainConfig:
     run_name: str = _f("default", "name of this run's folder inside output_dir")
 
     def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {sorted(ESTIMATORS)}")
-        if self.zo_mode not in ZO_MODES:
-            raise ValueError(f"unknown zo_mode {self.zo_mode!r}; choose one of {list(ZO_MODES)}")
+        check_choice("estimator", self.estimator, ESTIMATOR_NAMES)
+        check_choice("zo_mode", self.zo_mode, ZO_MODES)
+        check_choice("precision", self.precision, PRECISION_NAMES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.prediction_type is not None:
+            check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_device(self.device)
+        parse_reward_spec(self.reward)
         if not self.prompts:
-            raise ValueError("no prompts given")
+            raise ConfigError("prompts", "no prompts given")
         for spec in fields(self):
             lo = spec.metadata.get("min")
             if lo is not None and getattr(self, spec.name) < lo:
-                raise ValueError(f"{spec.name} must be >= {lo}, got {getattr(self, spec.name)}")
+                raise ConfigError(spec.name, f"{spec.name} must be >= {lo}, got {getattr(self, spec.name)}")
         if self.batch_size % self.images_per_prompt:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of images_per_prompt "
-                             f"({self.images_per_prompt}): change either")
+            raise ConfigError("batch_size", f"batch_size ({self.batch_size}) must be a multiple of images_per_prompt "
+                                            f"({self.images_per_prompt}): change either")
         if self.estimator == "rlr" and self.h + self.fo_steps > self.num_inference_steps:
-            raise ValueError(f"rlr needs h + fo_steps <= num_inference_steps, got {self.h} + {self.fo_steps} > "
-                             f"{self.num_inference_steps}: lower h or fo_steps, or sample with more steps")
+            raise ConfigError("h", f"rlr needs h + fo_steps <= num_inference_steps, got {self.h} + {self.fo_steps} > "
+                                   f"{self.num_inference_steps}: lower h or fo_steps, or sample with more steps")
         split = tuple(self.prompt_split)
-        if len(split) != 3 or any(not (f >= 0) for f in split) or abs(sum(split) - 1) > 1e-6:
-            raise ValueError(f"prompt_split must be three fractions >= 0 that sum to 1, got {list(split)}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError("lora_alpha must be > 0")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
-        if self.prediction_type not in (None, "epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if len(split) != 3 or any(not (f > 0) for f in split) or abs(sum(split) - 1) > 1e-6:
+            raise ConfigError("prompt_split", "prompt_split must be three fractions > 0 that sum to 1, got "
+                                              f"{format_fractions(split)}")
+        if any(p.scheduled for p in self.prompts) and self.num_inference_steps < 3:
+            raise ConfigError("num_inference_steps", "'coarse | mid | fine' prompts need num_inference_steps >= 3 "
+                                                     f"(one step per version), got {self.num_inference_steps}")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ConfigError("lora_alpha", f"lora_alpha must be > 0, got {self.lora_alpha}")
+        for name in ("lr", "nu"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(name, f"{name} must be a positive number, got {value}")
+        for name in ("eta", "grad_clip", "guidance_scale"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(name, f"{name} must be a number >= 0, got {value}")
         if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
-            raise ValueError(f"image_size must be a multiple of 8 (pixels), got {self.image_size}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-        if self.eta < 0:
-            raise ValueError("eta must be >= 0")
+            raise ConfigError("image_size", f"image_size must be a multiple of 8 (pixels), got {self.image_size}")
         if self.estimator in ("rlr", "ddpo", "zo") and self.eta == 0:
-            raise ValueError(f"{self.estimator} needs a stochastic sampler: set eta > 0 (e.g. 1.0)")
+            raise ConfigError("eta", f"{self.estimator} needs a stochastic sampler: set eta > 0 (e.g. 1.0)")
         name = Path(self.run_name)
         if name.is_absolute() or len(name.parts) != 1 or name.name in ("", ".", ".."):
-            raise ValueError(f"run_name must be a plain folder name inside output_dir, got {self.run_name!r}")
+            raise ConfigError("run_name", f"run_name must be a plain folder name inside output_dir, got {self.run_name!r}")
 
     def single_file_options(self) -> dict:
         """The loader options that apply to single-file checkpoints (a diffusers folder refuses them)."""

@@ -22,10 +22,12 @@ from typing import Sequence
 
 import torch
 
+from ..choices import OPTIMIZERS, PRECISION_NAMES
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIMIZERS: tuple[str, ...] = ("adam", "adam8bit")
+assert tuple(PRECISIONS) == PRECISION_NAMES, "choices.PRECISION_NAMES and PRECISIONS disagree"
 
 
 def resolve_device(name: str) -> torch.device:

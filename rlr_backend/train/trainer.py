@@ -56,6 +56,7 @@ class TrainResult:
     eval_rewards: dict[int, float]
     steps_done: int
     stopped_early: bool
+    eval_images: int = 0  # images behind each evaluation reward
 
 
 class Trainer:
@@ -132,6 +133,11 @@ class Trainer:
                             groups=torch.tensor(prompt_ids))
 
     # -- evaluation -------------------------------------------------------------------------------
+    @property
+    def eval_images(self) -> int:
+        """Images per evaluation: eval_seeds fixed seeds for each of the first (up to) 4 prompts."""
+        return min(len(self.config.prompts), 4) * self.config.eval_seeds
+
     @torch.no_grad()
     def evaluate(self) -> tuple[float, torch.Tensor]:
         cfg = self.config
@@ -157,6 +163,9 @@ class Trainer:
                     sum(p.numel() for p in self.params))
         if start == 0:
             eval_rewards[0] = dp.on_main(lambda: self._evaluate_and_save(0))
+            first = {"step": 0, "eval_reward": eval_rewards[0], "eval_images": self.eval_images}
+            history.append(first)
+            dp.on_main(lambda: _append_jsonl(metrics_path, first))
         bar = _progress(cfg.steps, start, self.progress and dp.is_main)
         stopped, step = False, start
         for step in range(start + 1, cfg.steps + 1):
@@ -164,10 +173,11 @@ class Trainer:
             metrics = self.update()
             metrics["seconds"] = time.perf_counter() - t0
             record = {"step": step, **metrics}
-            history.append(record)
-            dp.on_main(lambda: _append_jsonl(metrics_path, record))
             if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
                 eval_rewards[step] = dp.on_main(lambda: self._evaluate_and_save(step))
+                record.update(eval_reward=eval_rewards[step], eval_images=self.eval_images)
+            history.append(record)
+            dp.on_main(lambda: _append_jsonl(metrics_path, record))
             stopped = dp.any(bool(self.should_stop and self.should_stop()))
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
                 dp.on_main(lambda: save_checkpoint(
@@ -190,7 +200,7 @@ class Trainer:
             if drift and dp.is_main:
                 logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
         lora_path = dp.on_main(lambda: self._write_outputs(history, eval_rewards, step, stopped))
-        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped)
+        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped, self.eval_images)
 
     def _open_run(self, resume: bool) -> tuple[int, list[dict], dict[int, float]]:
         """Create the run folder, or load its latest checkpoint into this trainer (main process only).

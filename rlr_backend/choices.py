@@ -1,0 +1,96 @@
+"""The names a user chooses from, and the parser of a reward spec, in plain Python (no torch).
+
+The command line, the Gradio form and the ComfyUI nodes validate what a user typed against these
+before anything heavy is imported, so a wrong option is reported in well under a second. The
+registries that map each name to its implementation (``estimators.ESTIMATORS``, ``rewards.REWARDS``,
+``train.memory.PRECISIONS``) check at import time that they cover exactly these names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+ESTIMATOR_NAMES: tuple[str, ...] = ("code_compat", "ddpo", "full_bp", "rlr", "truncated_bp", "zo")
+ZO_MODES: tuple[str, ...] = ("latent_lr", "param_1pt", "param_2pt")
+PRECISION_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adam8bit")
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+
+REWARD_HELP: dict[str, str] = {
+    "prompt_alignment": "probability that the image shows its caption's shape and colours (default model; differentiable)",
+    "brightness": "mean pixel value", "darkness": "1 - mean pixel value",
+    "saturation": "mean colour saturation", "contrast": "standard deviation of the luma",
+    "red": "closeness of the pixels to pure red", "blue": "closeness of the pixels to pure blue",
+    "jpeg_compressibility": "minus the JPEG size in kB (DDPO; not differentiable)",
+    "jpeg_incompressibility": "the JPEG size in kB (DDPO; not differentiable)",
+    "aesthetic": "LAION aesthetic score, about 1-10: MLP on CLIP ViT-L/14 image features (DDPO, AlignProp; "
+                 "prompt ignored; differentiable; local weights, docs/rewards.md)",
+    "clip_score": "2.5 x cosine similarity of CLIP image and prompt embeddings (any local CLIP; differentiable)",
+    "pickscore": "PickScore, about 18-23: human preference, CLIP-H fine-tuned on Pick-a-Pic (local weights; "
+                 "differentiable)",
+    "hpsv2": "HPSv2 / v2.1 human preference score, about 0.2-0.3 (open_clip ViT-H/14; local weights; differentiable)",
+    "image_reward": "ImageReward human preference, about -2 to 2 (BLIP; local weights; differentiable)",
+}
+REWARD_NAMES: tuple[str, ...] = tuple(sorted(REWARD_HELP))
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A value a user gave that cannot be used; ``field`` names the option it belongs to."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def parse_reward_spec(spec: str) -> tuple[tuple[str, float], ...]:
+    """``"name"`` or ``"name=weight,name=weight"`` -> ((name, weight), ...); unknown names list the choices."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ConfigError("reward", f"no reward given; choose one of {list(REWARD_NAMES)}")
+    parts = []
+    for item in spec.split(","):
+        name, _, weight = item.strip().partition("=")
+        name = name.strip()
+        if name not in REWARD_HELP:
+            raise ConfigError("reward", f"unknown reward {name!r}; choose one of {list(REWARD_NAMES)}")
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ConfigError("reward", f"reward weight for {name!r} must be a number, got {weight!r}") from None
+        if not math.isfinite(w):
+            raise ConfigError("reward", f"reward weight for {name!r} must be finite, got {weight!r}")
+        parts.append((name, w))
+    return tuple(parts)
+
+
+def check_device(name: str) -> str:
+    """auto, cpu, mps, cuda or cuda:N (whether it exists is checked when the model is placed)."""
+    if not _DEVICE.match(name or ""):
+        raise ConfigError("device", f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def check_choice(field: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(field, f"unknown {field} {value!r}; choose one of {list(choices)}")
+    return value
+
+
+def check_model_path(path: str | None, field: str = "model") -> None:
+    """A model given by path must exist and must not be a pickle (the loader checks its contents)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from .safe_io import PICKLE_SUFFIXES, InvalidModelFile
+
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise InvalidModelFile(f"{p}: pickle-based checkpoints (.ckpt/.pt/.bin) are not accepted; use a diffusers "
+                               "folder or a single-file checkpoint with .safetensors weights")
+    if not p.exists():
+        raise ConfigError(field, f"--{field} {p} does not exist; give a diffusers folder or a single-file "
+                                 ".safetensors checkpoint")
