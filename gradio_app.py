@@ -11,13 +11,17 @@ a run; a reopened page shows it. Gradio is imported only inside ``build_ui`` and
 from __future__ import annotations
 
 import argparse
+import atexit
 import html
 import inspect
 import ipaddress
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -393,9 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(output_dir, args.models_dir.resolve() if args.models_dir else None)
-    # Gradio's cache (the only folder it serves files from) lives inside the output folder.
-    os.environ["GRADIO_TEMP_DIR"] = str(output_dir / ".gradio")
-    os.environ["GRADIO_EXAMPLES_CACHE"] = str(output_dir / ".gradio" / "examples")
+    # Gradio's cache (the only folder it serves files from, and where Gradio keeps its own state) is a
+    # private temporary folder of this process, removed when it exits: nothing lands outside the run folders.
+    cache = Path(tempfile.mkdtemp(prefix="rlr-app-"))
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a plain `kill` also runs the clean-up
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(cache / "examples")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -407,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_ui(settings)
     threading.Thread(target=_warm_up, name="rlr-warm-up", daemon=True).start()
     blocked = [str(DEFAULT_MODEL_DIR.parent)] + ([str(settings.models_dir)] if settings.models_dir else [])
-    logger.info("serving on http://%s:%d (output folder %s)", args.host, args.port, output_dir)
+    logger.info("serving on http://%s:%d (output folder %s, cache %s)", args.host, args.port, output_dir, cache)
     demo.queue(max_size=32, default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=False, auth=auth, allowed_paths=[],
         blocked_paths=blocked, max_file_size="1mb", show_error=False, ssr_mode=False, run_history=False,

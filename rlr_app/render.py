@@ -9,6 +9,7 @@ import io
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from rlr_backend.safe_io import atomic_path
@@ -125,8 +126,9 @@ def scrub(text: str, settings: Settings) -> str:
 
 
 def served_folder(settings: Settings) -> Path:
-    """The app's cache folder: the only folder it serves files from."""
-    return Path(os.environ.get("GRADIO_TEMP_DIR", settings.output_dir / ".gradio"))
+    """The app's cache folder: the only folder it serves files from (``rlr-app`` sets it to a private
+    temporary folder; without it, Gradio's own default)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
 
 
 def stage_downloads(settings: Settings, run_dir: Path, names=("lora.safetensors", "before_after.png",

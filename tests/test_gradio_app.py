@@ -87,6 +87,11 @@ def app(tmp_path_factory):
     (home / "canary.txt").write_text("CANARY-CWD")
     with launch_app(home) as running:
         yield running
+        cache = served_cache(running)
+    # after the app has exited: its private cache is gone, and nothing was written outside the run folders
+    assert not cache.exists()
+    assert sorted(p.name for p in home.iterdir()) == ["app.log", "canary.txt", "runs"]
+    assert [p.name for p in (home / "runs").iterdir() if p.name.startswith(".") or not p.is_dir()] == []
 
 
 def runs_in(out: Path) -> set[str]:
@@ -284,10 +289,17 @@ def test_compare_tab_and_compare_estimators(app):
         client.predict("../x", "a red circle", 0, 1.0, 1, api_name="/compare_lora")
 
 
+def served_cache(app) -> Path:
+    """The app's private cache folder, from its start-up line in the log."""
+    line = next(line for line in app["log"].read_text().splitlines() if "serving on" in line)
+    return Path(line.rsplit(", cache ", 1)[1].rstrip(")"))
+
+
 def test_files_outside_the_output_folder_are_refused(app):
     out, home = app["out"], app["home"]
+    cache = served_cache(app)
     run = next(r for r in runs_in(out) if (out / r / "lora.safetensors").is_file())
-    staged = out / ".gradio" / "downloads" / run / f"{run}-lora.safetensors"
+    staged = cache / "downloads" / run / f"{run}-lora.safetensors"
     assert staged.is_file()
 
     def get(path: str) -> httpx.Response:
@@ -298,7 +310,8 @@ def test_files_outside_the_output_folder_are_refused(app):
         "/etc/passwd", str(home / "canary.txt"), str(REPO / "pyproject.toml"),
         str(REPO / "rlr_backend" / "assets" / "default_model" / "model_index.json"),
         str(out / run / "config.json"), str(out / run / "ckpt" / "LATEST"),  # run folders: only staged copies
-        f"{out}/.gradio/../{run}/config.json", f"{out}/.gradio/..%2f{run}/config.json", f"{out}/.gradio/%2e%2e/{run}",
+        f"{cache}/../{run}/config.json", f"{cache}/..%2f{run}/config.json", f"{cache}/%2e%2e/{run}",
+        f"{cache}/../../etc/passwd",
         "../../../../etc/passwd", "file:///etc/passwd",
     ]
     for path in refused:
