@@ -1,31 +1,119 @@
 """The default training run (`rlr-train` with no options) with RLR, DDPO and truncated backprop.
 
 Same prompts, reward, batch and number of updates (so the same number of generated samples) for
-each estimator and seed. Reports the evaluation reward before and after, its two parts (prompt
-alignment and brightness of the evaluation images), and the wall time.
+each estimator and seed, and the same evaluation `rlr-train` prints (its fixed-seed images). Reports
+the evaluation reward before and after, its two parts (prompt alignment and brightness), how far the
+background drifts from the caption's colour (the reward is partly gamed by tinting dark backgrounds),
+and the wall time. Saves after every run and skips runs already saved (resumable).
 
-    python -m benchmarks.default_run [--steps 60] [--seeds 0 1 2] [--out docs/results/default_run.md]
+    python -m benchmarks.default_run [--steps 60] [--seeds 0 1 2] [--estimators rlr ddpo truncated_bp]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from rlr_backend.data.shapes import COLOR_RGB, parse_caption
 from rlr_backend.rewards import make_reward
+from rlr_backend.safe_io import atomic_path, save_json
 from rlr_backend.train import TrainConfig, Trainer
 
 from .common import machine_line
 
 ESTIMATORS = ("rlr", "ddpo", "truncated_bp")
-EVAL_SEEDS = 4
+RESULTS = Path(__file__).parent / "results" / "default-run.json"
+
+
+def border_colour(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3): the median colour of each image's outer ring of pixels, i.e. its
+    background (a shape that touches the border covers only part of the ring)."""
+    ring = torch.cat([images[:, :, 0, :], images[:, :, -1, :], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], dim=2)
+    return ring.median(dim=2).values
+
+
+def train_one(cfg: TrainConfig) -> dict:
+    """One run; the evaluation images' reward parts and background colours before and after."""
+    parts = {"alignment": make_reward("prompt_alignment"), "brightness": make_reward("brightness")}
+    ids = [i for i in range(min(len(cfg.prompts), 4)) for _ in range(cfg.eval_seeds)]  # Trainer.evaluate's
+    prompts = [cfg.prompts[i].fine for i in ids]
+    seen: dict[int, dict] = {}
+
+    def score(images: torch.Tensor, step: int) -> None:
+        with torch.no_grad():
+            colours = border_colour(images)
+            seen[step] = {**{k: float(r(images, prompts).mean()) for k, r in parts.items()},
+                          "background": {bg: colours[[j for j, p in enumerate(prompts) if parse_caption(p).bg == bg]]
+                                         .mean(0).tolist() for bg in sorted({parse_caption(p).bg for p in prompts})}}
+
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    result = Trainer(cfg, progress=False, on_preview=score).run()
+    return {"estimator": cfg.estimator, "seed": cfg.seed, "before": result.eval_rewards[0],
+            "after": result.eval_rewards[result.steps_done], "eval_images": result.eval_images,
+            "parts_before": seen[0], "parts_after": seen[result.steps_done], "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - cpu0, "load": os.getloadavg()[0]}
+
+
+def render(result: dict) -> str:
+    c = TrainConfig.from_json(result["config"])
+    rows, steps = result["runs"], result["config"]["steps"]
+    n_eval = rows[0]["eval_images"] if rows else 0
+    lines = [f"# Default run: `rlr-train` defaults, {steps} updates, seeds {sorted({r['seed'] for r in rows})}", "",
+             f"Machine: {result['machine']}.",
+             f"Command: `python -m benchmarks.default_run --steps {steps}` (results: benchmarks/results/default-run.json).",
+             f"Training: reward `{c.reward}`, {steps} updates x batch {c.batch_size} "
+             f"({c.images_per_prompt} images per prompt), T={c.num_inference_steps}, eta {c.eta:g}, "
+             f"guidance {c.guidance_scale:g}, lr {c.lr:g}, LoRA rank {c.lora_rank}; rlr with h={c.h}, "
+             f"fo_steps={c.fo_steps}, ZO {c.zo_mode}; truncated_bp backpropagates the last {c.truncation} steps. "
+             "Every estimator sees the same number of generated samples.",
+             f"Evaluation: the {n_eval} fixed-seed images `rlr-train` evaluates and prints (the 4 training prompts x "
+             f"{c.eval_seeds} seeds); reward = alignment + brightness, each also shown alone.", "",
+             "| estimator | seed | eval reward before | after | change | alignment before -> after "
+             "| brightness before -> after | wall / CPU time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pb, pa = r["parts_before"], r["parts_after"]
+        lines.append(f"| {r['estimator']} | {r['seed']} | {r['before']:.4f} | {r['after']:.4f} | "
+                     f"{r['after'] - r['before']:+.4f} | {pb['alignment']:.3f} -> {pa['alignment']:.3f} | "
+                     f"{pb['brightness']:.3f} -> {pa['brightness']:.3f} | {r['wall_s']:.0f} / {r['cpu_s']:.0f} |")
+    ests = list(dict.fromkeys(r["estimator"] for r in rows))
+    lines += ["", "| estimator | mean change (min, max) | mean alignment change | mean brightness change "
+              "| mean CPU time (s) |", "|---|---|---|---|---|"]
+    for est in ests:
+        mine = [r for r in rows if r["estimator"] == est]
+        ch = [r["after"] - r["before"] for r in mine]
+        lines.append(f"| {est} | {statistics.mean(ch):+.4f} ({min(ch):+.4f}, {max(ch):+.4f}) | "
+                     f"{statistics.mean(r['parts_after']['alignment'] - r['parts_before']['alignment'] for r in mine):+.4f} | "
+                     f"{statistics.mean(r['parts_after']['brightness'] - r['parts_before']['brightness'] for r in mine):+.4f} | "
+                     f"{statistics.mean(r['cpu_s'] for r in mine):.0f} |")
+    bgs = sorted(rows[0]["parts_before"]["background"]) if rows else []
+    lines += ["", "**Background colour drift** (the median colour of the evaluation images' border, RGB in 0-1, "
+              "mean over seeds; the caption's colour in brackets). The reward pays for brightness, so the model "
+              "learns to tint backgrounds as well as to grow bright shapes:", "",
+              "| estimator | " + " | ".join(f"{bg} background {tuple(round(v / 255, 2) for v in COLOR_RGB[bg])}"
+                                          for bg in bgs) + " |", "|---|" + "---|" * len(bgs)]
+
+    def rgb(vals) -> str:
+        return "(" + ", ".join(f"{v:.2f}" for v in vals) + ")"
+
+    for est in ests:
+        mine = [r for r in rows if r["estimator"] == est]
+        cells = []
+        for bg in bgs:
+            b = [statistics.mean(r["parts_before"]["background"][bg][k] for r in mine) for k in range(3)]
+            a = [statistics.mean(r["parts_after"]["background"][bg][k] for r in mine) for k in range(3)]
+            cells.append(f"{rgb(b)} -> {rgb(a)}")
+        lines.append(f"| {est} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,60 +121,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=TrainConfig().steps)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
+    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--out", type=Path, default=Path("docs/results/default_run.md"))
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    header = machine_line()
-    parts = {"alignment": make_reward("prompt_alignment"), "brightness": make_reward("brightness")}
-    rows = []
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(steps=args.steps)
+    result = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    if result.get("config") != json.loads(json.dumps(config.to_json())):
+        result = {"config": config.to_json(), "machine": machine_line(), "runs": []}  # new settings: start over
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for est in args.estimators:
-                cfg = TrainConfig(estimator=est, steps=args.steps, seed=seed, eval_every=0, eval_seeds=EVAL_SEEDS,
-                                  output_dir=Path(tmp), run_name=f"{est}-{seed}")
-                prompts = [cfg.prompts[i].fine for i in range(min(len(cfg.prompts), 4)) for _ in range(EVAL_SEEDS)]
-                previews: dict[int, dict[str, float]] = {}
-
-                def score(images: torch.Tensor, step: int) -> None:
-                    with torch.no_grad():
-                        previews[step] = {k: float(r(images, prompts).mean()) for k, r in parts.items()}
-
-                t0 = time.perf_counter()
-                result = Trainer(cfg, progress=False, on_preview=score).run()
-                secs = time.perf_counter() - t0
-                before, after = result.eval_rewards[0], result.eval_rewards[args.steps]
-                rows.append((est, seed, before, after, previews[0], previews[args.steps], secs))
-                print(f"{est} seed {seed}: {before:.4f} -> {after:.4f} in {secs:.0f}s "
-                      f"(load {os.getloadavg()[0]:.2f})", flush=True)
-    c = TrainConfig()
-    lines = [f"# Default run: `rlr-train` defaults, {args.steps} updates, seeds {args.seeds}", "",
-             f"Machine: {header}; load average at the end {os.getloadavg()[0]:.2f}.",
-             f"Command: `python -m benchmarks.default_run --steps {args.steps}`.",
-             f"Training: reward `{c.reward}`, {args.steps} updates x batch {c.batch_size} "
-             f"({c.images_per_prompt} images per prompt), T={c.num_inference_steps}, eta {c.eta}, "
-             f"guidance {c.guidance_scale}, lr {c.lr}, LoRA rank {c.lora_rank}; rlr with h={c.h}, "
-             f"fo_steps={c.fo_steps}, ZO {c.zo_mode}; truncated_bp backpropagates the last {c.truncation} steps. "
-             "Every estimator sees the same number of generated samples.",
-             f"Evaluation: {4 * EVAL_SEEDS} images (the 4 training prompts x {EVAL_SEEDS} fixed seeds); "
-             "reward = alignment + brightness, each also shown alone.", "",
-             "| estimator | seed | eval reward before | after | change | alignment before -> after "
-             "| brightness before -> after | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
-    for est, seed, b, a, pb, pa, s in rows:
-        lines.append(f"| {est} | {seed} | {b:.4f} | {a:.4f} | {a - b:+.4f} | {pb['alignment']:.3f} -> "
-                     f"{pa['alignment']:.3f} | {pb['brightness']:.3f} -> {pa['brightness']:.3f} | {s:.0f} |")
-    lines += ["", "| estimator | mean change (min, max) | mean alignment change | mean brightness change "
-              "| mean wall time (s) |", "|---|---|---|---|---|"]
-    for est in args.estimators:
-        mine = [r for r in rows if r[0] == est]
-        ch = [r[3] - r[2] for r in mine]
-        lines.append(f"| {est} | {statistics.mean(ch):+.4f} ({min(ch):+.4f}, {max(ch):+.4f}) | "
-                     f"{statistics.mean(r[5]['alignment'] - r[4]['alignment'] for r in mine):+.4f} | "
-                     f"{statistics.mean(r[5]['brightness'] - r[4]['brightness'] for r in mine):+.4f} | "
-                     f"{statistics.mean(r[6] for r in mine):.0f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                if any(r["estimator"] == est and r["seed"] == seed for r in result["runs"]):
+                    continue
+                row = train_one(replace(config, estimator=est, seed=seed, eval_every=0, output_dir=Path(tmp),
+                                        run_name=f"{est}-{seed}"))
+                result["runs"].append(row)
+                save_json(result, args.results)
+                print(f"{est} seed {seed}: {row['before']:.4f} -> {row['after']:.4f} in {row['wall_s']:.0f} s wall, "
+                      f"{row['cpu_s']:.0f} s CPU (load {row['load']:.2f})", flush=True)
+    with atomic_path(args.out) as tmp_page:
+        tmp_page.write_text(render(result))
+    print(render(result))
 
 
 if __name__ == "__main__":

@@ -206,3 +206,35 @@ def test_collapse_suite_resumes_and_renders_every_seed(monkeypatch, tmp_path):
     lines = report.collapse_section({**meta, **result}, tmp_path)
     assert sum(line.startswith("| rlr |") for line in lines) == 3
     assert sum(line.startswith("- truncated_bp, seed") for line in lines) == 3
+
+
+def test_readme_timings_measure_a_command_and_render(tmp_path):
+    """The README-timings wrapper reports a child's CPU seconds and peak memory (not this process's)."""
+    from benchmarks import readme_timings as rt
+
+    burn = ["python3", "-c", "import time; b = bytearray(200 * 2**20); t = time.process_time()\n"
+                             "while time.process_time() - t < 0.5: pass"]
+    out = rt.time_command(burn, tmp_path)
+    assert out["code"] == 0 and out["cpu_s"] >= 0.45 and out["wall_s"] >= out["cpu_s"] * 0.5
+    assert 200 <= out["peak_rss_mb"] < 400
+    row = {"command": "x", "name": "x", **out, "reference_s": 0.5, "wall_in_references": out["wall_s"] / 0.5,
+           "cpu_in_references": 1.0, "load_before": 1.0, "load_after": 1.0}
+    page = rt.render({"date": "d", "cores": 2, "torch_threads": 1, "python": "3", "torch": "t", "reference": "r",
+                      "reference_s_all": [0.5], "rows": [row]})
+    assert f"| `x` | {out['wall_s']:.0f} s |" in page
+
+
+def test_default_run_background_colour_and_page():
+    """The background measure reads a shape's surroundings, not the shape, and the page reports the drift."""
+    from benchmarks.default_run import border_colour, render
+    from rlr_backend.train import TrainConfig
+
+    img = torch.zeros(1, 3, 32, 32)
+    img[:, 1] = 0.2  # a dark green background ...
+    img[:, :, 0:12, 0:20] = 1.0  # ... and a white shape touching the top-left border
+    assert torch.allclose(border_colour(img), torch.tensor([[0.0, 0.2, 0.0]]))
+    parts = lambda g: {"alignment": 0.9, "brightness": 0.5, "background": {"black": [0.05, g, 0.05]}}  # noqa: E731
+    run = {"estimator": "rlr", "seed": 0, "before": 1.0, "after": 1.1, "eval_images": 8, "parts_before": parts(0.06),
+           "parts_after": parts(0.16), "wall_s": 10.0, "cpu_s": 9.0, "load": 1.0}
+    page = render({"config": TrainConfig().to_json(), "machine": "m", "runs": [run]})
+    assert "(0.05, 0.06, 0.05) -> (0.05, 0.16, 0.05)" in page and "the 8 fixed-seed images" in page
