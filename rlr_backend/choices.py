@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 ESTIMATOR_NAMES: tuple[str, ...] = ("code_compat", "ddpo", "full_bp", "rlr", "truncated_bp", "zo")
 ZO_MODES: tuple[str, ...] = ("latent_lr", "param_1pt", "param_2pt")
@@ -31,8 +32,19 @@ REWARD_HELP: dict[str, str] = {
                  "differentiable)",
     "hpsv2": "HPSv2 / v2.1 human preference score, about 0.2-0.3 (open_clip ViT-H/14; local weights; differentiable)",
     "image_reward": "ImageReward human preference, about -2 to 2 (BLIP; local weights; differentiable)",
+    "position": "minus the distance from the shape's centre to a target (position:left, :right, :top, :bottom, "
+                ":center or :X:Y in 0-1, 0:0 = top left; default left), in image widths; 0 is the optimum (embedded "
+                "model's captions; differentiable)",
+    "size": "minus |fraction of the image the shape covers - target| (size:0.4; default 0.4); 0 is the optimum "
+            "(embedded model's captions; differentiable)",
 }
 REWARD_NAMES: tuple[str, ...] = tuple(sorted(REWARD_HELP))
+
+#: rewards that take an argument (``name:arg``) -> its default
+REWARD_ARGS: dict[str, str] = {"position": "left", "size": "0.4"}
+#: named targets of the position reward: (x, y) in [0, 1] image coordinates (0, 0 = top left); None: not constrained
+POSITION_TARGETS: dict[str, tuple[float | None, float | None]] = {
+    "left": (0.25, None), "right": (0.75, None), "top": (None, 0.25), "bottom": (None, 0.75), "center": (0.5, 0.5)}
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -45,24 +57,68 @@ class ConfigError(ValueError):
         self.field = field
 
 
-def parse_reward_spec(spec: str) -> tuple[tuple[str, float], ...]:
-    """``"name"`` or ``"name=weight,name=weight"`` -> ((name, weight), ...); unknown names list the choices."""
+class RewardTerm(NamedTuple):
+    name: str
+    weight: float
+    arg: str | None = None  # the reward's argument (``position:left`` -> "left"), checked
+
+
+def position_target(arg: str) -> tuple[float | None, float | None]:
+    """``left``/``right``/``top``/``bottom``/``center`` or ``X:Y`` with X, Y in [0, 1] -> (x, y), None = free."""
+    if arg in POSITION_TARGETS:
+        return POSITION_TARGETS[arg]
+    try:
+        x, y = (float(v) for v in arg.split(":"))
+    except ValueError:
+        x = y = float("nan")
+    if not (0 <= x <= 1 and 0 <= y <= 1):
+        raise ConfigError("reward", f"unknown position target {arg!r}; choose one of {list(POSITION_TARGETS)} or a "
+                                    "point X:Y with X and Y in 0-1 (0:0 = top left)")
+    return x, y
+
+
+def size_target(arg: str) -> float:
+    """A fraction of the image in (0, 1)."""
+    try:
+        value = float(arg)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise ConfigError("reward", f"size target must be a fraction of the image between 0 and 1 (exclusive), "
+                                    f"got {arg!r}")
+    return value
+
+
+_ARG_CHECKS = {"position": position_target, "size": size_target}
+
+
+def parse_reward_spec(spec: str) -> tuple[RewardTerm, ...]:
+    """``"name"``, ``"name:arg"`` or ``"name[:arg]=weight,..."`` -> RewardTerms; unknown names list the choices.
+
+    Rewards with an argument (``position:left``, ``size:0.3``) get their default when it is left out."""
     spec = (spec or "").strip()
     if not spec:
         raise ConfigError("reward", f"no reward given; choose one of {list(REWARD_NAMES)}")
     parts = []
     for item in spec.split(","):
-        name, _, weight = item.strip().partition("=")
-        name = name.strip()
+        head, _, weight = item.strip().partition("=")
+        name, _, arg = head.strip().partition(":")
+        name, arg = name.strip(), arg.strip()
         if name not in REWARD_HELP:
             raise ConfigError("reward", f"unknown reward {name!r}; choose one of {list(REWARD_NAMES)}")
+        if name in REWARD_ARGS:
+            arg = arg or REWARD_ARGS[name]
+            _ARG_CHECKS[name](arg)
+        elif arg:
+            raise ConfigError("reward", f"reward {name!r} takes no argument, got {name}:{arg}; rewards with one: "
+                                        f"{list(REWARD_ARGS)}")
         try:
             w = float(weight) if weight.strip() else 1.0
         except ValueError:
             raise ConfigError("reward", f"reward weight for {name!r} must be a number, got {weight!r}") from None
         if not math.isfinite(w):
             raise ConfigError("reward", f"reward weight for {name!r} must be finite, got {weight!r}")
-        parts.append((name, w))
+        parts.append(RewardTerm(name, w, arg or None))
     return tuple(parts)
 
 

@@ -60,9 +60,54 @@ def test_every_registered_reward_builds(monkeypatch):
     monkeypatch.delenv("RLR_REWARD_MODELS", raising=False)
     assert set(MODEL_REWARDS) <= set(REWARDS) and set(REWARDS) <= set(REWARD_HELP)
     for name in REWARDS:
-        assert REWARDS[name]().name == name or name in ("red", "blue")  # TargetColor is named target_color
+        assert REWARDS[name]().name.split(":")[0] == name or name in ("red", "blue")  # TargetColor: target_color
         if name in MODEL_REWARDS:
             with pytest.raises(MissingRewardWeights, match=name):
                 make_reward(name)
         else:
             assert make_reward(name).name
+
+
+# -- structure rewards: position and size of the shape -------------------------------------------------
+def _shape(cx: float, cy: float, size: float) -> tuple[torch.Tensor, list[str]]:
+    from rlr_backend.data.shapes import ShapeAttrs, make_caption, render
+
+    a = ShapeAttrs("circle", "red", "blue", cx=cx, cy=cy, size=size)
+    return torch.tensor(render(a)).permute(2, 0, 1)[None].double() / 255, [make_caption(a)]
+
+
+@pytest.mark.parametrize("spec,cx,cy,size,expected", [
+    ("position:left", 8, 16, 7, 0.0), ("position:right", 8, 16, 7, -0.5), ("position:top", 16, 8, 7, 0.0),
+    ("position:bottom", 16, 8, 7, -0.5), ("position:center", 16, 16, 7, 0.0), ("position:0.75:0.25", 24, 8, 7, 0.0),
+    ("size:0.15", 16, 16, 7, -abs(3.14159 * 49 / 1024 - 0.15)), ("size:0.5", 16, 16, 12, -abs(3.14159 * 144 / 1024 - 0.5)),
+])
+def test_structure_rewards_measure_the_rendered_shape(spec, cx, cy, size, expected):
+    images, captions = _shape(cx, cy, size)
+    assert float(make_reward(spec)(images, captions)) == pytest.approx(expected, abs=0.012)
+
+
+@pytest.mark.parametrize("spec", ["position:left", "position:0.3:0.7", "size:0.3"])
+def test_structure_reward_gradients_match_finite_differences(spec):
+    images, captions = _shape(13, 18, 8)
+    images = (images * 0.8 + 0.1 + 0.05 * torch.randn_like(images, generator=None)).clamp(0, 1)  # off the saturation
+    small = images[:, :, 8:24, 4:20].clone().requires_grad_()  # gradcheck on a 16x16 crop (its own image)
+    reward = make_reward(spec)
+    assert torch.autograd.gradcheck(lambda x: reward(x, captions), (small,), eps=1e-6, atol=1e-5)
+
+
+def test_structure_rewards_in_weighted_sums_and_bad_targets():
+    from rlr_backend.choices import ConfigError, parse_reward_spec
+
+    images, captions = _shape(8, 16, 7)
+    both = make_reward("position:left=2,size:0.2=1,brightness=0.5")
+    parts = [make_reward("position:left")(images, captions), make_reward("size:0.2")(images, captions),
+             make_reward("brightness")(images, captions)]
+    assert float(both(images, captions)) == pytest.approx(float(2 * parts[0] + parts[1] + 0.5 * parts[2]))
+    assert [t.arg for t in parse_reward_spec("position,size")] == ["left", "0.4"]  # the defaults
+    for bad, words in [("position:middle", "unknown position target"), ("position:1.5:0", "0-1"),
+                       ("size:1.2", "between 0 and 1"), ("size:0", "between 0 and 1"), ("size:x", "between 0 and 1"),
+                       ("brightness:2", "takes no argument")]:
+        with pytest.raises(ConfigError, match=words):
+            parse_reward_spec(bad)
+    with pytest.raises(ValueError, match="captions like"):
+        make_reward("position")(images, ["a photo of a cat"])

@@ -1,6 +1,7 @@
 """The reward registry used by the CLI, the ComfyUI nodes and the Gradio app.
 
-``make_reward("prompt_alignment")`` or a weighted sum ``make_reward("prompt_alignment=1,brightness=0.2")``.
+``make_reward("prompt_alignment")`` or a weighted sum ``make_reward("prompt_alignment=1,brightness=0.2")``;
+rewards with an argument take it after a colon (``position:left``, ``size:0.3=2``).
 
 Every factory takes ``(device="cpu", models_dir=None)``. Building a model reward from ``REWARDS`` touches
 no file (the UIs do it to read ``name`` and ``differentiable``); ``make_reward`` also checks the weights
@@ -16,9 +17,10 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from ..choices import REWARD_HELP, parse_reward_spec
+from ..choices import REWARD_ARGS, REWARD_HELP, parse_reward_spec
 from .base import Reward, WeightedSum
 from .rules import Brightness, Contrast, Darkness, JpegSize, Saturation, TargetColor
+from .structure import ShapePosition, ShapeSize
 
 
 ModelsDir = Union[str, Path, Sequence[Union[str, Path]], None]
@@ -55,6 +57,8 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "pickscore": _model("pickscore"),
     "hpsv2": _model("hpsv2"),
     "image_reward": _model("image_reward"),
+    "position": lambda device="cpu", models_dir=None, arg=REWARD_ARGS["position"]: ShapePosition(arg),
+    "size": lambda device="cpu", models_dir=None, arg=REWARD_ARGS["size"]: ShapeSize(arg),
 }
 
 assert sorted(REWARDS) == sorted(REWARD_HELP), "choices.REWARD_HELP and REWARDS disagree"
@@ -68,8 +72,9 @@ def make_reward(spec: str, device: str | torch.device = "cpu", models_dir: Model
     first call. Raises ``MissingRewardWeights`` (a ``FileNotFoundError``) or ``InvalidModelFile``.
     """
     parts = []
-    for name, w in parse_reward_spec(spec):
-        reward = REWARDS[name](device=device, models_dir=models_dir)
+    for name, w, arg in parse_reward_spec(spec):
+        extra = {} if arg is None else {"arg": arg}
+        reward = REWARDS[name](device=device, models_dir=models_dir, **extra)
         check = getattr(reward, "check", None)
         if callable(check):
             check()
