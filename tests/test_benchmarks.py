@@ -238,3 +238,22 @@ def test_default_run_background_colour_and_page():
            "parts_after": parts(0.16), "wall_s": 10.0, "cpu_s": 9.0, "load": 1.0}
     page = render({"config": TrainConfig().to_json(), "machine": "m", "runs": [run]})
     assert "(0.05, 0.06, 0.05) -> (0.05, 0.16, 0.05)" in page and "the 8 fixed-seed images" in page
+
+
+def test_bias_map_cell_and_page(tmp_path):
+    """One tiny cell of the truncation-bias map: every estimator row has its statistics, the per-step shares
+    add up to the full gradient along its own direction, and the page renders its tables and plot."""
+    from benchmarks import bias_map
+
+    cell = bias_map.measure(dict(reward="position:left", T=6, state="base"), batches=3, batch=2, train_updates=1)
+    names = [row["estimator"] for row in cell["rows"]]
+    assert names == ["truncated_bp K=1", "truncated_bp K=2", "truncated_bp K=3", "truncated_bp K=4",
+                     *bias_map.RLR_VARIANTS]
+    assert sum(cell["step_share"]) == pytest.approx(1.0)
+    for row in cell["rows"]:
+        assert all(math.isfinite(row[k][0]) for k in ("cos", "norm_ratio", "along"))
+    jpeg = bias_map.measure(dict(reward="jpeg_compressibility", T=6, state="base"), batches=1, batch=2,
+                            train_updates=1)
+    page = "\n".join(bias_map.section({"cells": [cell, jpeg], "budget": "quick", "seconds": 1}, tmp_path))
+    assert "| `position:left` | 6 | base |" in page and "n/a: not differentiable" in page
+    assert (tmp_path / "bench_bias_map.png").is_file()
