@@ -21,20 +21,13 @@ import torch
 
 from rlr_backend.rewards import make_reward
 from rlr_backend.train import TrainConfig, Trainer
+from rlr_backend.train.report import diversity
 
 logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("rlr", "code_compat", "ddpo", "truncated_bp", "zo")
 REWARDS = ("prompt_alignment", "jpeg_compressibility")
 EVAL_SEEDS = 4
-
-
-def diversity(images: torch.Tensor, per_prompt: int) -> float:
-    """Mean pairwise RMS pixel distance between images of the same prompt (images grouped by prompt)."""
-    groups = images.reshape(-1, per_prompt, *images.shape[1:]).flatten(2)
-    d = torch.cdist(groups, groups) / groups.shape[-1] ** 0.5
-    n = per_prompt
-    return float(d.sum() / (groups.shape[0] * n * (n - 1)))
 
 
 DEFAULT_LR = TrainConfig.__dataclass_fields__["lr"].default

@@ -204,6 +204,9 @@ def train_main(argv: list[str] | None = None) -> int:
     if first is not None and last is not None:
         print(f"eval reward: {first:.4f} -> {last:.4f} after {result.steps_done} updates "
               f"(mean over {result.eval_images} fixed-seed images)")
+    if result.best_step is not None and result.best_step != result.steps_done:
+        print(f"best evaluation: update {result.best_step} ({result.best_reward:.4f}), kept in "
+              f"{result.run_dir / 'lora_best.safetensors'}")
     return 0
 
 

@@ -32,3 +32,18 @@ def perturbed(params: Sequence[Tensor], delta: Sequence[Tensor], scale: float) -
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+
+
+@contextlib.contextmanager
+def zeroed(params: Sequence[Tensor]) -> Iterator[None]:
+    """Temporarily set every parameter to 0 (a LoRA whose factors are 0 is the base model); restores them."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)

@@ -73,6 +73,14 @@ class TrainConfig:
     eval_every: int = _f(10, "evaluate every N updates (0: only at start and end)")
     eval_seeds: int = _f(2, "evaluation images per evaluation prompt")
     ckpt_every: int = _f(10, "checkpoint every N updates")
+    kl_weight: float = _f(0.0, "guard: weight of the KL divergence to the base model along the sampled chain "
+                               "(per-step Gaussian KL of the LoRA's transition to the base model's, estimated on "
+                               "kl_steps random steps per update; 0: off). Keeps the model near the base, against "
+                               "reward hacking and drift on long runs")
+    kl_steps: int = _f(2, "guard: sampling steps per update the KL term is computed on (its estimate of the whole "
+                          "chain's KL is unbiased for any number; more steps: less noise, more time)", min=1)
+    early_stop_drop: float = _f(0.0, "guard: stop when the evaluation reward falls this far below its best (0: "
+                                     "never); lora_best.safetensors always keeps the best evaluated LoRA")
     device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")
     precision: str = _f("fp32", "weights of the frozen model: fp32, bf16 or fp16 (LoRA and optimizer stay fp32; "
                                 "bf16/fp16 halve the weights' memory on a GPU)", choices=PRECISION_NAMES)
@@ -118,7 +126,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(name, f"{name} must be a positive number, got {value}")
-        for name in ("eta", "grad_clip", "guidance_scale"):
+        if self.kl_weight > 0 and self.eta == 0:
+            raise ConfigError("kl_weight", "kl_weight needs a stochastic sampler (the KL of two deterministic steps is "
+                                           "not defined): set eta > 0 or kl_weight 0")
+        for name in ("eta", "grad_clip", "guidance_scale", "kl_weight", "early_stop_drop"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(name, f"{name} must be a number >= 0, got {value}")

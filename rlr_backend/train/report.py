@@ -69,3 +69,13 @@ def save_before_after(before: Path, after: Path, path: Path, before_label: str, 
     draw.text((a.width + gap + 2, 2), after_label, fill="black", font=font)
     with atomic_path(path) as tmp:
         out.save(tmp, format="PNG")
+
+
+def diversity(images, per_prompt: int) -> float:
+    """Mean pairwise RMS pixel distance between images of the same prompt (images grouped by prompt, in
+    [0, 1]); falls when the model collapses to one image per prompt."""
+    import torch
+
+    groups = images.reshape(-1, per_prompt, *images.shape[1:]).flatten(2).float()
+    d = torch.cdist(groups, groups) / groups.shape[-1] ** 0.5
+    return float(d.sum() / (groups.shape[0] * per_prompt * (per_prompt - 1)))

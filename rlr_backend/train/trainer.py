@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator, loss_scaling
+from ..estimators.kl import kl_to_base
 from ..lora import save_kohya
 from ..models.trainable import TrainableModel
 from ..rewards import Reward, make_reward
@@ -34,7 +35,7 @@ from .distributed import DataParallel
 from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
                      reward_models_in_precision)
 from .pipeline import load_pipeline, model_for_pipeline
-from .report import save_before_after, save_grid, save_reward_curve
+from .report import diversity, save_before_after, save_grid, save_reward_curve
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class TrainResult:
     steps_done: int
     stopped_early: bool
     eval_images: int = 0  # images behind each evaluation reward
+    best_step: int | None = None  # the update whose LoRA is in lora_best.safetensors
+    best_reward: float | None = None  # its evaluation reward
 
 
 class Trainer:
@@ -102,6 +105,7 @@ class Trainer:
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
         self.loss_scale = DynamicLossScale() if config.precision == "fp16" else None
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.best: dict = {}  # {"step", "reward"} of the best evaluation so far (lora_best.safetensors)
         self.baseline = BaselineState()
         self.j_sampler = JSampler(getattr(self.est_config, "j_dist", "uniform"),
                                   getattr(self.est_config, "j_range", None))
@@ -162,10 +166,11 @@ class Trainer:
                     cfg.estimator, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
                     sum(p.numel() for p in self.params))
         if start == 0:
-            eval_rewards[0] = dp.on_main(lambda: self._evaluate_and_save(0))
-            first = {"step": 0, "eval_reward": eval_rewards[0], "eval_images": self.eval_images}
+            first = {"step": 0, **(dp.on_main(lambda: self._evaluate_and_save(0)) or {})}
+            eval_rewards[0] = first.get("eval_reward")
             history.append(first)
             dp.on_main(lambda: _append_jsonl(metrics_path, first))
+            dp.on_main(lambda: self._keep_if_best(0, eval_rewards[0]))
         bar = _progress(cfg.steps, start, self.progress and dp.is_main)
         stopped, step = False, start
         for step in range(start + 1, cfg.steps + 1):
@@ -173,18 +178,20 @@ class Trainer:
             metrics = self.update()
             metrics["seconds"] = time.perf_counter() - t0
             record = {"step": step, **metrics}
+            early = False
             if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
-                eval_rewards[step] = dp.on_main(lambda: self._evaluate_and_save(step))
-                record.update(eval_reward=eval_rewards[step], eval_images=self.eval_images)
+                record.update(dp.on_main(lambda: self._evaluate_and_save(step)) or {})
+                eval_rewards[step] = record.get("eval_reward")
+                early = bool(dp.on_main(lambda: self._keep_if_best(step, eval_rewards[step])))
             history.append(record)
             dp.on_main(lambda: _append_jsonl(metrics_path, record))
-            stopped = dp.any(bool(self.should_stop and self.should_stop()))
+            stopped = dp.any(bool(self.should_stop and self.should_stop()) or early)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
                 dp.on_main(lambda: save_checkpoint(
                     run_dir, step, self.named_params, self.optimizer, self.generator,
                     {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
                      **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
-                     "eval_rewards": eval_rewards}))
+                     "eval_rewards": eval_rewards, "best": self.best}))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
@@ -200,7 +207,8 @@ class Trainer:
             if drift and dp.is_main:
                 logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
         lora_path = dp.on_main(lambda: self._write_outputs(history, eval_rewards, step, stopped))
-        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped, self.eval_images)
+        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped, self.eval_images,
+                           self.best.get("step"), self.best.get("reward"))
 
     def _open_run(self, resume: bool) -> tuple[int, list[dict], dict[int, float]]:
         """Create the run folder, or load its latest checkpoint into this trainer (main process only).
@@ -227,6 +235,7 @@ class Trainer:
                 self.loss_scale.load_state_dict(state["loss_scale"])
             self.j_sampler.norms = {int(k): v for k, v in state["j_norms"].items()}
             eval_rewards = {int(k): v for k, v in state["eval_rewards"].items()}
+            self.best = dict(state.get("best") or {})
             if metrics_path.is_file():
                 history = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
             logger.info("resumed %s at step %d", run_dir, start)
@@ -256,23 +265,44 @@ class Trainer:
             self.j_sampler.norms = dict(state["j_norms"])
         dp.sync_parameters(self.params)
 
-    def _evaluate_and_save(self, step: int) -> float:
-        """Evaluate, write the grid of ``step`` and show it (main process); returns the eval reward."""
+    def _evaluate_and_save(self, step: int) -> dict[str, float]:
+        """Evaluate, write the grid of ``step`` and show it (main process); returns the metrics row's
+        evaluation fields (reward, number of images, diversity when there are 2+ seeds per prompt)."""
         reward, images = self.evaluate()
         save_grid(images, self.config.run_dir / "grids" / f"step-{step:06d}.png", nrow=self.config.eval_seeds)
         if self.on_preview:
             self.on_preview(images, step)
-        return reward
+        out = {"eval_reward": reward, "eval_images": self.eval_images}
+        if self.config.eval_seeds >= 2:
+            out["eval_diversity"] = diversity(images, self.config.eval_seeds)
+        return out
+
+    def _keep_if_best(self, step: int, reward: float) -> bool:
+        """Save the LoRA as lora_best.safetensors when ``reward`` is the best evaluation so far (main
+        process); returns True when the early-stop guard says to stop."""
+        best = self.best.get("reward")
+        if best is None or reward > best:
+            self.best = {"step": step, "reward": reward}
+            self._save_lora(self.config.run_dir / "lora_best.safetensors",
+                            {"rlr_best_update": str(step), "rlr_best_eval_reward": f"{reward:.6g}"})
+            return False
+        drop = self.config.early_stop_drop
+        if drop > 0 and reward < best - drop:
+            logger.warning("early stop at update %d: the evaluation reward %.4f fell more than %g below its best "
+                           "%.4f (update %d); lora_best.safetensors holds that LoRA", step, reward, drop, best,
+                           self.best["step"])
+            return True
+        return False
 
     def _write_outputs(self, history: list[dict], eval_rewards: dict[int, float], step: int, stopped: bool) -> Path:
         """The LoRA, the reward curve and the before/after grid of a finished run; returns the LoRA's path."""
         cfg, run_dir = self.config, self.config.run_dir
-        sd, rank, alpha = self.t2i.lora_state_dict()
-        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, "rlr_steps": str(step)}
+        meta = {"rlr_steps": str(step)}
         if stopped:
             meta["rlr_interrupted_at_step"] = str(step)
-        lora_path = save_kohya(sd, run_dir / "lora.safetensors", rank, alpha,
-                               base_model_version=self.t2i.base_model_version, metadata=meta)
+        if self.best:
+            meta.update(rlr_best_update=str(self.best["step"]), rlr_best_eval_reward=f"{self.best['reward']:.6g}")
+        lora_path = self._save_lora(run_dir / "lora.safetensors", meta)
         save_reward_curve(history, eval_rewards, run_dir / "reward_curve.png", title=f"{cfg.estimator} on {self.reward.name}")
         grids = run_dir / "grids"
         if step in eval_rewards and (grids / f"step-{step:06d}.png").is_file():
@@ -280,6 +310,12 @@ class Trainer:
                               f"before: eval reward {eval_rewards[0]:.3f}",
                               f"after {step} updates: {eval_rewards[step]:.3f}")
         return lora_path
+
+    def _save_lora(self, path: Path, metadata: dict[str, str]) -> Path:
+        cfg = self.config
+        sd, rank, alpha = self.t2i.lora_state_dict()
+        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, **metadata}
+        return save_kohya(sd, path, rank, alpha, base_model_version=self.t2i.base_model_version, metadata=meta)
 
     def update(self) -> dict[str, float]:
         cfg = self.config
@@ -301,6 +337,10 @@ class Trainer:
             with autocast(self.device, cfg.precision), scaling:
                 est = self.spec.fn(problem, x_T.to(self.device), config=self.est_config, generator=self.generator,
                                    baseline_state=self.baseline, j_sampler=self.j_sampler)
+                if cfg.kl_weight > 0:
+                    steps = torch.randperm(cfg.num_inference_steps, generator=self.generator)[:cfg.kl_steps]
+                    est.metrics["kl"] = kl_to_base(problem, est.trajectory, sorted(steps.tolist()), cfg.kl_weight,
+                                                   est.metrics)
             for k, v in est.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
         self.dp.average_gradients(self.params)  # the mean of equal shards' mean-loss gradients

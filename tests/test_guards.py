@@ -1,0 +1,107 @@
+"""Guards against instability and reward hacking: the KL term, the best LoRA, early stop, diversity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlr_backend.estimators import ChainProblem
+from rlr_backend.estimators.kl import kl_to_base
+from rlr_backend.models.analytic_chain import make_analytic_chain
+from rlr_backend.safe_io import load_tensors
+from rlr_backend.sampling import sample_chain
+from rlr_backend.train import TrainConfig, Trainer
+
+TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_seeds=2, ckpt_every=100,
+            lr=1e-2, prompts=TrainConfig().prompts[:2])
+
+
+def _chain_and_traj(batch: int = 32):
+    chain = make_analytic_chain(d=3, num_steps=6, seed=1)
+    with torch.no_grad():
+        chain.model.u.fill_(0.4)
+        chain.model.v.copy_(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
+    problem = ChainProblem(chain.model, chain.schedule, chain.prompts(), chain.reward, chain.params)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        traj = sample_chain(chain.model, chain.schedule, chain.prompts(), chain.sample_x_T(batch, g), generator=g)
+    return chain, problem, traj
+
+
+def _exact_kl(chain, traj) -> torch.Tensor:
+    """Closed form: mu_theta - mu_base = kappa_k u x_k + beta_k v (the analytic chain's parametrisation)."""
+    u, v, total = chain.model.u, chain.model.v, 0.0
+    for k in range(chain.num_steps):
+        diff = chain.kappa[k] * u * traj.latents[k] + chain.beta[k] * v
+        total = total + (diff**2).sum(1).mean() / (2 * chain.schedule.sigma[k] ** 2)
+    return total
+
+
+def test_kl_term_is_the_closed_form_and_its_step_subsets_are_unbiased():
+    chain, problem, traj = _chain_and_traj()
+    exact = _exact_kl(chain, traj)
+    (gu, gv) = torch.autograd.grad(0.7 * exact, [chain.model.u, chain.model.v])
+    for p in chain.params:
+        p.grad = None
+    metrics: dict[str, float] = {}
+    value = kl_to_base(problem, traj, list(range(chain.num_steps)), 0.7, metrics)
+    assert value == pytest.approx(float(exact.detach()), rel=1e-9)
+    assert torch.allclose(chain.model.u.grad, gu) and torch.allclose(chain.model.v.grad, gv)
+    assert float(chain.model.u) == 0.4  # the LoRA-off pass restored the parameters exactly
+    g = torch.Generator().manual_seed(1)
+    draws = torch.tensor([kl_to_base(problem, traj, torch.randperm(6, generator=g)[:2].tolist(), 0.0, {})
+                          for _ in range(400)], dtype=torch.float64)
+    assert abs(float(draws.mean()) - float(exact.detach())) < 4 * float(draws.std()) / 400**0.5
+
+
+def test_best_lora_is_kept_and_early_stop_fires_when_the_eval_reward_falls(tmp_path, monkeypatch):
+    """A scripted evaluation that rises, peaks at update 3 and falls: lora_best.safetensors holds the LoRA of
+    update 3 (update number in its metadata), and early stop ends the run when the reward drops past the guard."""
+    script = iter([0.10, 0.20, 0.30, 0.50, 0.40, 0.10, 0.05, 0.0])
+    snapshots = {}
+    real = Trainer.evaluate
+
+    def evaluate(self):
+        _, images = real(self)
+        return next(script), images
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    cfg = TrainConfig(steps=7, eval_every=1, early_stop_drop=0.3, output_dir=tmp_path, run_name="g", **TINY)
+    trainer = Trainer(cfg, progress=False,
+                      on_step=lambda info: snapshots.update({info.step: dict(trainer.t2i.lora_state_dict()[0])}))
+    result = trainer.run()
+    assert result.best_step == 3 and result.best_reward == pytest.approx(0.5)
+    assert result.steps_done == 5 and result.stopped_early  # 0.10 at update 5 is 0.4 below the best
+    best, meta = load_tensors(tmp_path / "g" / "lora_best.safetensors")
+    assert meta["rlr_best_update"] == "3"
+    assert best.keys() == snapshots[3].keys() and all(torch.equal(best[k], snapshots[3][k]) for k in best)
+    assert not all(torch.equal(best[k], snapshots[5][k]) for k in best)
+    rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_reward"] for r in rows] == pytest.approx([0.10, 0.20, 0.30, 0.50, 0.40, 0.10])
+    assert all(r["eval_diversity"] > 0 for r in rows)
+
+
+def test_kl_weight_keeps_the_lora_nearer_the_base_and_is_logged(tmp_path):
+    runs = {}
+    for w in (0.0, 1.0):
+        cfg = TrainConfig(steps=4, eval_every=0, kl_weight=w, reward="brightness", output_dir=tmp_path,
+                          run_name=f"kl{w}", **{**TINY, "lr": 3e-2})
+        result = Trainer(cfg, progress=False).run()
+        lora = load_tensors(result.lora_path)[0]
+        runs[w] = sum(float(t.float().norm() ** 2) for k, t in lora.items() if "lora_up" in k) ** 0.5
+        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert all(("kl" in r) == (w > 0) for r in rows if r["step"] > 0)
+    assert runs[1.0] < runs[0.0]
+
+
+@pytest.mark.parametrize("kw,field", [(dict(kl_weight=-1.0), "kl_weight"), (dict(kl_weight=0.1, eta=0.0,
+                                      estimator="truncated_bp"), "kl_weight"), (dict(early_stop_drop=-0.1),
+                                      "early_stop_drop"), (dict(kl_steps=0), "kl_steps")])
+def test_bad_guard_options_name_their_field(kw, field):
+    from rlr_backend.choices import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**kw)
+    assert e.value.field == field and field in str(e.value)
