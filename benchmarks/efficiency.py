@@ -34,26 +34,34 @@ DEFAULT_LR = TrainConfig.__dataclass_fields__["lr"].default
 
 
 def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: int, batch: int,
-                per_prompt: int, num_steps: int, out: Path, lr: float = DEFAULT_LR) -> dict:
-    cfg = TrainConfig(estimator=estimator, reward=reward, seed=seed, steps=steps, eval_every=eval_every, lr=lr,
-                      batch_size=batch, images_per_prompt=per_prompt, num_inference_steps=num_steps,
-                      fo_steps=min(4, num_steps - 2), eval_seeds=EVAL_SEEDS, ckpt_every=steps, output_dir=out,
-                      run_name=f"{reward}-{estimator}-lr{lr:g}-{seed}")
+                per_prompt: int, num_steps: int, out: Path, lr: float = DEFAULT_LR, overrides: dict | None = None,
+                tag: str = "", heldout_seed: int | None = None, eval_seeds: int = EVAL_SEEDS) -> dict:
+    """Train one run and record, at every evaluation: samples so far, training wall and CPU seconds, the
+    fixed-seed eval reward, diversity, and (``heldout_seed``) the reward on a second held-out seed set."""
+    kw = dict(estimator=estimator, reward=reward, seed=seed, steps=steps, eval_every=eval_every, lr=lr,
+              batch_size=batch, images_per_prompt=per_prompt, num_inference_steps=num_steps,
+              fo_steps=min(4, num_steps - 2), eval_seeds=eval_seeds, ckpt_every=steps, output_dir=out,
+              run_name=f"{reward.replace(':', '_')}-{estimator}{tag.replace(' ', '_')}-lr{lr:g}-{seed}")
+    cfg = TrainConfig(**{**kw, **(overrides or {})})
     points: dict[int, dict] = {}
-    clock = {"train": 0.0}
+    clock = {"train": 0.0, "cpu": 0.0}
 
     def on_step(info) -> None:
         clock["train"] += info.seconds
+        clock["cpu"] += info.metrics.get("cpu_seconds", 0.0)
 
     def on_preview(images: torch.Tensor, step: int) -> None:
         points[step] = {"step": step, "samples": step * batch, "train_seconds": clock["train"],
-                        "diversity": diversity(images, EVAL_SEEDS)}
+                        "train_cpu_seconds": clock["cpu"], "diversity": diversity(images, eval_seeds)}
+        if heldout_seed is not None:
+            points[step]["heldout_reward"] = trainer.evaluate(seed=heldout_seed)[0]
 
     t0 = time.perf_counter()
-    result = Trainer(cfg, progress=False, on_step=on_step, on_preview=on_preview).run()
+    trainer = Trainer(cfg, progress=False, on_step=on_step, on_preview=on_preview)
+    result = trainer.run()
     for step, r in result.eval_rewards.items():
         points.setdefault(step, {"step": step, "samples": step * batch})["eval_reward"] = r
-    logger.info("%s %s lr %g seed %d: %s in %.0fs", reward, estimator, lr, seed,
+    logger.info("%s %s%s lr %g seed %d: %s in %.0fs", reward, estimator, tag, lr, seed,
                 " ".join(f"{p['eval_reward']:.3f}" for _, p in sorted(points.items())), time.perf_counter() - t0)
     return {"estimator": estimator, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": time.perf_counter() - t0,
             "points": [points[k] for k in sorted(points)]}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rlr_backend.safe_io import atomic_path
 
-from . import bias_map
+from . import bias_map, long_run
 from .efficiency import final_runs, run_lr, summarize, sweep_rows
 
 HEADLINE_T = 20
@@ -396,7 +396,8 @@ def render(results: Path, out: Path) -> None:
              "`benchmarks/results/`. Ratios are measured in one run, so load on a shared machine cancels out.", ""]
     lines += headline_section(results)
     sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,
-                "collapse": collapse_section, "scaling": scaling_section, "bias": bias_map.section}
+                "collapse": collapse_section, "scaling": scaling_section, "bias": bias_map.section,
+                "longrun": long_run.section}
     for suite, fn in sections.items():
         r = _load(results, suite)
         lines += fn(r, images) if r else [f"## {suite}", "", f"(no results yet: `python -m benchmarks.run --only {suite}`)", ""]

@@ -30,10 +30,10 @@ import torch
 
 from rlr_backend.safe_io import save_json
 
-from . import bias_map, cost, efficiency, quality, report, scaling
+from . import bias_map, cost, efficiency, long_run, quality, report, scaling
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = ("cost", "quality", "efficiency", "collapse", "scaling", "bias", "memory")
+SUITES = ("cost", "quality", "efficiency", "collapse", "scaling", "bias", "longrun", "memory")
 
 
 def machine() -> dict:
@@ -77,10 +77,12 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS) 
     def save(data: dict) -> None:
         save_json({**meta, "seconds": time.perf_counter() - t0, "load_at_end": os.getloadavg()[0], **data}, path)
 
-    if suite in ("efficiency", "collapse", "bias"):  # resumable: runs already saved are kept
+    if suite in ("efficiency", "collapse", "bias", "longrun"):  # resumable: runs already saved are kept
         saved = json.loads(path.read_text()) if path.is_file() else {}
         if suite == "bias":
             data = bias_map.run_suite(quick, done=saved.get("cells", []), save=save)
+        elif suite == "longrun":
+            data = long_run.run_suite(quick, done=saved.get("runs", []), save=save)
         else:
             done = saved.get("runs", [])
             data = (efficiency.run_suite(quick, done=done, save=save, rewards=rewards) if suite == "efficiency"

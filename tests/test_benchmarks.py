@@ -257,3 +257,41 @@ def test_bias_map_cell_and_page(tmp_path):
     page = "\n".join(bias_map.section({"cells": [cell, jpeg], "budget": "quick", "seconds": 1}, tmp_path))
     assert "| `position:left` | 6 | base |" in page and "n/a: not differentiable" in page
     assert (tmp_path / "bench_bias_map.png").is_file()
+
+
+def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_path):
+    """Orchestration with a stand-in trainer: every variant's rate is swept on seed 0, the other seeds train
+    at the best rate, the guard variant borrows RLR's, a resumed suite trains nothing again, and the page
+    reports the peak-gain share from the held-out set (which rises then falls for truncated_bp here)."""
+    from benchmarks import long_run
+
+    calls = []
+    ends = {("rlr", 1e-3): 0.8, ("rlr", 3e-3): 0.9, ("truncated_bp", 1e-3): 0.7, ("truncated_bp", 3e-3): 0.6,
+            ("rlr + kl", 3e-3): 0.85}
+
+    def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=1e-3, overrides=None, tag="",
+              heldout_seed=None, eval_seeds=2):
+        variant = tag[1:]
+        calls.append((variant, lr, seed))
+        end = ends[(variant, lr)]
+        shape = [0.0, 0.5, 1.0] if variant != "truncated_bp" else [0.0, 1.0, 0.5]  # truncated_bp peaks early
+        return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0, "points": [
+            {"step": i, "samples": i * batch, "train_cpu_seconds": 10.0 * i, "eval_reward": 0.5 + (end - 0.5) * f,
+             "heldout_reward": 0.5 + (end - 0.5) * f, "diversity": 0.3 - 0.05 * i} for i, f in enumerate(shape)]}
+
+    monkeypatch.setattr(long_run, "train_curve", curve)
+    result = long_run.run_suite(True)
+    assert calls[:4] == [("rlr", 1e-3, 0), ("rlr", 3e-3, 0), ("truncated_bp", 1e-3, 0), ("truncated_bp", 3e-3, 0)]
+    assert set(calls[4:]) == {("rlr", 3e-3, 0), ("truncated_bp", 1e-3, 0), ("rlr + kl", 3e-3, 0),
+                              ("rlr", 3e-3, 1), ("truncated_bp", 1e-3, 1), ("rlr + kl", 3e-3, 1)} - {
+                                  ("rlr", 3e-3, 0), ("truncated_bp", 1e-3, 0)}
+    calls.clear()
+    long_run.run_suite(True, done=result["runs"])
+    assert calls == []
+    rows = {x["variant"]: x for x in long_run.summarize(result)}
+    assert rows["rlr"]["share_kept_min"] == pytest.approx(1.0)
+    assert rows["truncated_bp"]["share_kept_mean"] == pytest.approx(0.5)
+    assert rows["truncated_bp"]["kept_mean"] == pytest.approx(0.7)  # the guard keeps the early peak
+    page = "\n".join(long_run.section({**result, "budget": "quick", "seconds": 10}, tmp_path))
+    assert "| `position:left` | 6 | rlr | 0.003 | 2 |" in page
+    assert (tmp_path / "bench_longrun_position_left_T6.png").is_file()

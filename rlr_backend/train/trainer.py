@@ -143,10 +143,12 @@ class Trainer:
         return min(len(self.config.prompts), 4) * self.config.eval_seeds
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, torch.Tensor]:
+    def evaluate(self, seed: int = EVAL_SEED) -> tuple[float, torch.Tensor]:
+        """(mean reward, images) of eval_seeds fixed-seed images for each of the first (up to) 4 prompts; the
+        seed's noise is never used in training (another ``seed`` gives a second held-out set)."""
         cfg = self.config
         ids = [i for i in range(min(len(cfg.prompts), 4)) for _ in range(cfg.eval_seeds)]
-        g = torch.Generator().manual_seed(EVAL_SEED)
+        g = torch.Generator().manual_seed(seed)
         x_T = torch.randn((len(ids), *self.latent_shape), generator=g).to(self.device)
         problem = self.problem(ids)
         with autocast(self.device, cfg.precision):
@@ -174,9 +176,10 @@ class Trainer:
         bar = _progress(cfg.steps, start, self.progress and dp.is_main)
         stopped, step = False, start
         for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             metrics = self.update()
             metrics["seconds"] = time.perf_counter() - t0
+            metrics["cpu_seconds"] = time.process_time() - c0  # of this process (all its threads): load-independent
             record = {"step": step, **metrics}
             early = False
             if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:

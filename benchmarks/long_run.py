@@ -1,0 +1,206 @@
+"""Long runs on rewards that need early changes: sample efficiency, stability and what the guards keep.
+
+Every variant trains the embedded default model for the same number of updates and images. Each is
+trained at the best of a few learning rates (swept on seed 0), then on the other seeds at that rate.
+At every evaluation two fixed seed sets are scored: set A (the trainer's own evaluation, which the
+best-LoRA guard selects on) and set B (``HELDOUT_SEED``, never used for any choice), so the reported
+rewards are not inflated by selection. Reported per reward and T:
+
+* set-B reward at the end and at the LoRA the best-LoRA guard keeps (selected on set A);
+* the share of the peak gain kept at the end, (final - start) / (peak - start), from set B;
+* images and training CPU seconds to reach 90% of the best variant's final gain;
+* sample diversity at the end against the start.
+
+    python -m benchmarks.run --only longrun [--suite full]     # resumable: every run is saved when done
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+from rlr_backend.rewards import make_reward
+
+from .efficiency import train_curve
+
+logger = logging.getLogger(__name__)
+
+HELDOUT_SEED = 98765
+KL_WEIGHT = 1e-3
+#: variant -> (estimator, TrainConfig overrides); "rlr" is the trainer's default recipe (fo_steps=4, h=2)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "rlr": ("rlr", {}),
+    "rlr paper": ("rlr", {"fo_steps": 1}),
+    "ddpo": ("ddpo", {}),
+    "truncated_bp": ("truncated_bp", {"truncation": 2}),
+    "full_bp + ckpt": ("full_bp", {"gradient_checkpointing": True}),
+    "rlr + kl": ("rlr", {"kl_weight": KL_WEIGHT}),
+}
+#: variants trained at another variant's chosen learning rate instead of their own sweep
+SHARES_LR = {"rlr + kl": "rlr"}
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"rewards": ["position:left"], "Ts": [6], "updates": 4, "eval_every": 2, "batch": 2,
+                "images_per_prompt": 2, "eval_seeds": 2, "seeds": [0, 1], "lrs": [1e-3, 3e-3],
+                "variants": ["rlr", "truncated_bp", "rlr + kl"]}
+    return {"rewards": ["position:left", "size:0.4", "brightness"], "Ts": [20, 50], "updates": 300,
+            "eval_every": 25, "batch": 8, "images_per_prompt": 4, "eval_seeds": 2, "seeds": [0, 1, 2],
+            "lrs": [3e-4, 1e-3, 3e-3], "variants": list(VARIANTS)}
+
+
+def _key(r: dict) -> tuple:
+    return (r["reward"], r["T"], r["variant"], r["lr"], r["seed"])
+
+
+def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | None:
+    """The rate whose seed-0 run ended with the best set-A reward (None before the sweep is done)."""
+    source = SHARES_LR.get(variant, variant)
+    tried = {r["lr"]: r["points"][-1]["eval_reward"] for r in runs
+             if (r["reward"], r["T"], r["variant"], r["seed"]) == (reward, T, source, 0)}
+    return max(tried, key=tried.get) if tried else None
+
+
+def run_suite(quick: bool, *, done: list | None = None, save=None) -> dict:
+    cfg = settings(quick)
+    runs = list(done or [])
+    have = {_key(r) for r in runs}
+
+    def ensure(reward: str, T: int, variant: str, lr: float, seed: int, tmp: Path) -> None:
+        if (reward, T, variant, lr, seed) in have:
+            return
+        estimator, overrides = VARIANTS[variant]
+        run = train_curve(estimator, reward, seed, cfg["updates"], cfg["eval_every"], cfg["batch"],
+                          cfg["images_per_prompt"], T, tmp, lr=lr, overrides=overrides, tag=f"-{variant}",
+                          heldout_seed=HELDOUT_SEED, eval_seeds=cfg["eval_seeds"])
+        runs.append({**run, "variant": variant, "T": T})
+        have.add((reward, T, variant, lr, seed))
+        if save is not None:
+            save({"settings": cfg, "runs": runs})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for reward in cfg["rewards"]:
+            differentiable = make_reward(reward).differentiable
+            for T in cfg["Ts"]:
+                variants = [v for v in cfg["variants"] if differentiable or VARIANTS[v][0] not in
+                            ("truncated_bp", "full_bp")]
+                for variant in variants:  # the sweep, on seed 0
+                    if variant not in SHARES_LR:
+                        for lr in cfg["lrs"]:
+                            ensure(reward, T, variant, lr, cfg["seeds"][0], Path(tmp))
+                for seed in cfg["seeds"]:
+                    for variant in variants:
+                        ensure(reward, T, variant, chosen_lr(runs, reward, T, variant), seed, Path(tmp))
+    return {"settings": cfg, "runs": runs}
+
+
+# -- summaries and the page ---------------------------------------------------------------------------------
+def _kept(run: dict) -> float:
+    """Set-B reward of the LoRA the best-LoRA guard keeps (the evaluation with the best set-A reward)."""
+    best = max(run["points"], key=lambda p: p["eval_reward"])
+    return best["heldout_reward"]
+
+
+def summarize(result: dict) -> list[dict]:
+    out = []
+    runs = result["runs"]
+    for reward, T in dict.fromkeys((r["reward"], r["T"]) for r in runs):
+        finals = {}
+        for variant in dict.fromkeys(r["variant"] for r in runs if (r["reward"], r["T"]) == (reward, T)):
+            lr = chosen_lr(runs, reward, T, variant)
+            mine = [r for r in runs if (r["reward"], r["T"], r["variant"], r["lr"]) == (reward, T, variant, lr)]
+            if mine:
+                finals[variant] = mine
+        if not finals:
+            continue
+        start = statistics.mean(r["points"][0]["heldout_reward"] for rs in finals.values() for r in rs)
+        best_final = max(statistics.mean(r["points"][-1]["heldout_reward"] for r in rs) for rs in finals.values())
+        level = start + 0.9 * (best_final - start)
+        for variant, mine in finals.items():
+            ends = [r["points"][-1]["heldout_reward"] for r in mine]
+            peaks = [max(p["heldout_reward"] for p in r["points"]) for r in mine]
+            kept_share = [(e - start) / (pk - start) if pk > start else float("nan") for e, pk in zip(ends, peaks)]
+            reach = [next((p for p in r["points"] if p["heldout_reward"] >= level), None) for r in mine]
+            out.append({
+                "reward": reward, "T": T, "variant": variant, "lr": mine[0]["lr"], "seeds": len(mine), "start": start,
+                "final_mean": statistics.mean(ends), "final_min": min(ends), "final_max": max(ends),
+                "kept_mean": statistics.mean(_kept(r) for r in mine), "peak_mean": statistics.mean(peaks),
+                "share_kept_min": min(kept_share), "share_kept_mean": statistics.mean(kept_share),
+                "images_to_level": [p["samples"] if p else None for p in reach],
+                "cpu_to_level": [p["train_cpu_seconds"] if p else None for p in reach],
+                "cpu_per_run": statistics.mean(r["points"][-1]["train_cpu_seconds"] for r in mine),
+                "diversity_change": statistics.mean(r["points"][-1]["diversity"] / r["points"][0]["diversity"] - 1
+                                                    for r in mine),
+                "updates": mine[0]["points"][-1]["step"],
+            })
+    return out
+
+
+def _reach(values: list) -> str:
+    hit = [v for v in values if v is not None]
+    if not hit:
+        return "never"
+    text = f"{statistics.mean(hit):.0f}"
+    return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
+
+
+def section(r: dict, images: Path) -> list[str]:
+    rows = summarize(r)
+    cfg = r["settings"]
+    lines = ["## Long runs: rewards that need early changes, stability, guards", "",
+             f"`python -m benchmarks.run --only longrun` ({r.get('budget', '?')}; {r.get('seconds', 0) / 3600:.1f} h "
+             f"so far). Embedded default model, {cfg['updates']} updates x batch {cfg['batch']}, learning rate the best of "
+             f"{cfg['lrs']} on seed 0 (the `+ kl` guard uses RLR's), evaluations every {cfg['eval_every']} updates. "
+             "Rewards are measured on held-out seed set B; the best-LoRA guard selects on set A. "
+             "*kept*: the set-B reward of the LoRA the guard keeps. *share of peak kept*: (end - start) / (peak - start) "
+             "per seed. *to 90%*: images and training CPU seconds until the set-B reward first reaches 90% of the best "
+             "variant's final gain.", "",
+             "| reward | T | variant | lr | seeds | start -> end (min, max) | kept | share of peak kept (min) | "
+             "images to 90% | CPU s to 90% | CPU s per run | diversity change |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| `{x['reward']}` | {x['T']} | {x['variant']} | {x['lr']:g} | {x['seeds']} | {x['start']:.3f} -> "
+                     f"{x['final_mean']:.3f} ({x['final_min']:.3f}, {x['final_max']:.3f}) | {x['kept_mean']:.3f} | "
+                     f"{x['share_kept_mean']:.2f} ({x['share_kept_min']:.2f}) | {_reach(x['images_to_level'])} | "
+                     f"{_reach(x['cpu_to_level'])} | {x['cpu_per_run']:.0f} | {x['diversity_change']:+.0%} |")
+    plot = _plot(r, images)
+    return lines + ([""] + [f"![{p}](images/{p})" for p in plot] if plot else []) + [""]
+
+
+def _plot(r: dict, images: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    runs = r["runs"]
+    for reward, T in dict.fromkeys((x["reward"], x["T"]) for x in runs):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+        for variant in dict.fromkeys(x["variant"] for x in runs if (x["reward"], x["T"]) == (reward, T)):
+            lr = chosen_lr(runs, reward, T, variant)
+            mine = [x for x in runs if (x["reward"], x["T"], x["variant"], x["lr"]) == (reward, T, variant, lr)]
+            if not mine:
+                continue
+            n = min(len(x["points"]) for x in mine)
+            ys = [statistics.mean(x["points"][i]["heldout_reward"] for x in mine) for i in range(n)]
+            axes[0].plot([mine[0]["points"][i]["samples"] for i in range(n)], ys, "o-", ms=3, label=variant)
+            axes[1].plot([statistics.mean(x["points"][i]["train_cpu_seconds"] for x in mine) for i in range(n)], ys,
+                         "o-", ms=3, label=variant)
+        axes[0].set_xlabel("generated images")
+        axes[1].set_xlabel("training CPU seconds")
+        for ax in axes:
+            ax.set_ylabel(f"{reward} (held-out set B)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{reward}, T={T} (mean over seeds)")
+        fig.tight_layout()
+        name = f"bench_longrun_{reward.replace(':', '_').replace('.', '')}_T{T}.png"
+        images.mkdir(parents=True, exist_ok=True)
+        fig.savefig(images / name)
+        plt.close(fig)
+        names.append(name)
+    return names
