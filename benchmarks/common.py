@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from rlr_backend.estimators import ChainProblem
 from rlr_backend.lora import add_lora
 from rlr_backend.models.diffusers_unet import DiffusersUNetDenoiser, TextConditioning
 from rlr_backend.models.tiny import build_tiny_unet
 from rlr_backend.sampling import DDIMSchedule, PromptSchedule
+from rlr_backend.train.memory import peak_allocated  # noqa: F401 (the benchmarks' measure of memory)
 
 
 @dataclass
@@ -62,20 +62,6 @@ def tiny_stack(num_steps: int = 50, batch: int = 4, pixels: int = 32, guidance: 
 
 def weights_bytes(*modules: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for m in modules for t in list(m.parameters()) + list(m.buffers()))
-
-
-def peak_allocated(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensor memory allocated while ``fn`` runs (CPU analogue of CUDA's max_memory_allocated
-    minus what was live before), from the profiler's allocation and free events in time order."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cur = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        # allocations/frees outside any op are "[memory]" events; inside an op they are netted into
-        # its self usage (children excluded), so summing both in start order tracks live bytes
-        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
 
 
 def timed(fn: Callable[[], object], repeats: int = 1) -> float:

@@ -20,9 +20,12 @@ BAD_SAMPLE = [
     ["x", "--model", "/nonexistent"], ["x", "--eta", "-1"], ["x", "--image-size", "100"], ["x", "--threads", "0"],
 ]
 
+BAD_ADVISE = [["--batches", "1"], ["--model", "/nonexistent"], ["--reward", "position:middle"], ["--reward", "size:2"],
+              ["--kl-weight", "-1"]]
+
 PROBE = r"""
 import contextlib, io, json, sys, time
-from rlr_backend.cli import sample_main, train_main
+from rlr_backend.cli import advise_main, sample_main, train_main
 cases = json.loads(sys.argv[1])
 out = []
 for kind, argv in cases:
@@ -30,7 +33,7 @@ for kind, argv in cases:
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(err):
         try:
-            code = (train_main if kind == "train" else sample_main)(argv)
+            code = {"train": train_main, "sample": sample_main, "advise": advise_main}[kind](argv)
         except SystemExit as e:  # argparse's own errors
             code = e.code
     out.append({"argv": argv, "code": code, "err": err.getvalue().strip(), "s": time.perf_counter() - t0,
@@ -44,6 +47,7 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path):
     (so the error appears at once instead of after 6-10 s of imports), and nothing written."""
     cases = [("train", [*a, "--output-dir", str(tmp_path / "runs")]) for a in BAD_TRAIN]
     cases += [("sample", [*a, "--out", str(tmp_path / "s.png")]) for a in BAD_SAMPLE]
+    cases += [("advise", a) for a in BAD_ADVISE]
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cases)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr

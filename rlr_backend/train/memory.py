@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -160,3 +160,56 @@ def make_optimizer(name: str, params: Sequence[torch.nn.Parameter], lr: float) -
                              "CUDA GPU); or use optimizer 'adam'") from None
         return bnb.optim.Adam8bit(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
+
+
+def peak_allocated(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensor memory allocated while ``fn`` runs, beyond what was live before.
+
+    On a CUDA device: torch's peak-memory counter. On the CPU (no such counter): from the profiler's
+    allocation and free events in time order ("[memory]" events outside ops, self usage inside them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # the profiler's C++ side prints a line when it starts and stops
+        prof.__enter__()
+    try:
+        fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.__exit__(None, None, None)
+    cur = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        # allocations/frees outside any op are "[memory]" events; inside an op they are netted into
+        # its self usage (children excluded), so summing both in start order tracks live bytes
+        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null for the block (native libraries write there directly)."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. captured by a test runner): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

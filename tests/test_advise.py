@@ -1,0 +1,43 @@
+"""rlr-advise on the embedded model with a tiny budget."""
+
+import pytest
+
+from rlr_backend.advise import CANDIDATES, Measured, advise, format_advice, recommend
+from rlr_backend.train import TrainConfig
+
+TINY = dict(batch_size=2, images_per_prompt=2, num_inference_steps=5, fo_steps=2, prompts=TrainConfig().prompts[:2])
+
+
+def test_advise_measures_every_candidate_and_flags_truncation_bias(capsys):
+    """The position reward's gradient lives in the early steps, so truncated backprop is flagged as biased
+    and an unbiased estimator is recommended; every candidate gets a variance, a time and a peak."""
+    calls = []
+    result = advise(TrainConfig(reward="position:left", **TINY), batches=2, progress=lambda *a: calls.append(a))
+    names = [m.name for m in result.measured]
+    assert names == list(CANDIDATES) and calls[-1][0] == calls[-1][1] == len(calls)
+    for m in result.measured:
+        assert m.variance > 0 and m.seconds > 0 and m.peak_mb > 0, m
+    trunc = next(m for m in result.measured if m.name.startswith("truncated_bp"))
+    full = next(m for m in result.measured if m.name == "full_bp + ckpt")
+    assert trunc.cosine[0] < 0.9 and trunc.share[0] < 0.5 and full.share[0] == pytest.approx(1.0)
+    assert result.recommended != trunc.name and "biased for this reward" in " ".join(result.reasons)
+    assert sum(result.step_share) == pytest.approx(1.0)
+    text = format_advice(result)
+    assert "recommended:" in text and "noise x cost" in text
+
+
+def test_advise_without_a_differentiable_reward_compares_likelihood_ratio_estimators():
+    result = advise(TrainConfig(reward="jpeg_compressibility", **TINY), batches=2, measure_memory=False)
+    assert [m.name for m in result.measured] == ["rlr", "rlr paper (fo_steps=1)", "ddpo"]
+    assert all(m.cosine is None for m in result.measured) and not result.step_share
+
+
+def test_recommendation_rule():
+    def m(name, unbiased, var, secs, cos=None, share=None):
+        return Measured(name, unbiased, var, secs, 1.0, cos and (cos, 0.0), share and (share, 0.0))
+
+    nearly = [m("rlr", True, 10.0, 1.0), m("full_bp + ckpt", True, 2.0, 2.0), m("truncated_bp (K=2)", False, 1.0, 0.5,
+                                                                                0.95, 0.8)]
+    assert recommend(nearly)[0] == "truncated_bp (K=2)"
+    biased = nearly[:2] + [m("truncated_bp (K=2)", False, 1.0, 0.5, 0.5, 0.1)]
+    assert recommend(biased)[0] == "full_bp + ckpt"
