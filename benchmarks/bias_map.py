@@ -106,7 +106,7 @@ def measure(cell: dict, *, batches: int, batch: int, train_updates: int, seed: i
 
 def run_suite(quick: bool, *, done: list | None = None, save=None) -> dict:
     """Every cell (resumable: cells in ``done`` are kept); ``save`` gets the partial result after each cell."""
-    batches, batch, updates = (6, 4, 4) if quick else (32, 8, 100)
+    batches, batch, updates = (6, 4, 4) if quick else (16, 8, 100)
     results = {_key(c): c for c in (done or [])}
     for cell in cells(quick):
         if _key(cell) in results:

@@ -49,7 +49,7 @@ def settings(quick: bool) -> dict:
                 "variants": ["rlr", "truncated_bp", "rlr + kl"]}
     return {"rewards": ["position:left", "size:0.4", "brightness"], "Ts": [20, 50], "updates": 300,
             "eval_every": 25, "batch": 8, "images_per_prompt": 4, "eval_seeds": 2, "seeds": [0, 1, 2],
-            "lrs": [3e-4, 1e-3, 3e-3], "variants": list(VARIANTS)}
+            "lrs": [1e-3, 3e-3, 3e-4], "variants": list(VARIANTS)}  # rates in the order they are tried
 
 
 def _key(r: dict) -> tuple:
@@ -87,9 +87,9 @@ def run_suite(quick: bool, *, done: list | None = None, save=None) -> dict:
             for T in cfg["Ts"]:
                 variants = [v for v in cfg["variants"] if differentiable or VARIANTS[v][0] not in
                             ("truncated_bp", "full_bp")]
-                for variant in variants:  # the sweep, on seed 0
-                    if variant not in SHARES_LR:
-                        for lr in cfg["lrs"]:
+                for lr in cfg["lrs"]:  # the sweep, on seed 0: every variant at the first rate, then the next
+                    for variant in variants:
+                        if variant not in SHARES_LR:
                             ensure(reward, T, variant, lr, cfg["seeds"][0], Path(tmp))
                 for seed in cfg["seeds"]:
                     for variant in variants:

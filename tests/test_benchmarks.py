@@ -281,7 +281,7 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
 
     monkeypatch.setattr(long_run, "train_curve", curve)
     result = long_run.run_suite(True)
-    assert calls[:4] == [("rlr", 1e-3, 0), ("rlr", 3e-3, 0), ("truncated_bp", 1e-3, 0), ("truncated_bp", 3e-3, 0)]
+    assert calls[:4] == [("rlr", 1e-3, 0), ("truncated_bp", 1e-3, 0), ("rlr", 3e-3, 0), ("truncated_bp", 3e-3, 0)]
     assert set(calls[4:]) == {("rlr", 3e-3, 0), ("truncated_bp", 1e-3, 0), ("rlr + kl", 3e-3, 0),
                               ("rlr", 3e-3, 1), ("truncated_bp", 1e-3, 1), ("rlr + kl", 3e-3, 1)} - {
                                   ("rlr", 3e-3, 0), ("truncated_bp", 1e-3, 0)}
