@@ -30,6 +30,7 @@ from rlr_app.form import (ADVANCED_FIELDS, CFG_FIELDS, DEFAULT_MODEL, FORM_KEYS,
                           list_models, list_runs, new_run_name, number, parse_prompts, reward_facts)
 from rlr_app.render import (before_vs_now, curve_figure, curve_image, png_file, scrub, stage_downloads, status_html,
                             to_pil)
+from rlr_backend.choices import POSITION_TARGETS, REWARD_ARGS
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARD_HELP, REWARDS, make_reward
 from rlr_backend.train import TrainConfig
@@ -122,6 +123,19 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
             return ""
         except RunInProgress as e:
             return str(e)
+
+    def run_advise(*values, progress=gr.Progress()):
+        from rlr_backend.advise import advise, format_advice
+
+        errors, kw = check_form(dict(zip(FORM_KEYS, values)), settings)
+        if errors:
+            raise gr.Error("; ".join(f"{k.removeprefix('w:')}: {v}" for k, v in errors.items()))
+        if manager.busy():
+            raise gr.Error("a training run is in progress; advise when it has finished (both need the machine)")
+        cfg = TrainConfig(**kw, output_dir=settings.output_dir, run_name="advise")
+        with MODEL_LOCK:
+            result = advise(cfg, batches=4, progress=lambda done, total, what: progress(done / total, desc=what))
+        return "```\n" + scrub(format_advice(result), settings) + "\n```"
 
     def train(*values):
         est = values[FORM_KEYS.index("estimator")]
@@ -260,6 +274,15 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                                 for r in names[i:i + 3]:
                                     inputs[f"w:{r}"] = gr.Number(defaults[f"w:{r}"], label=r, min_width=100,
                                                                  info=REWARD_HELP.get(r))
+                        if any(r in REWARD_ARGS for r in names):
+                            with gr.Row():
+                                inputs["a:position"] = gr.Dropdown(
+                                    list(POSITION_TARGETS), value=defaults["a:position"], allow_custom_value=True,
+                                    label="position: target", info="left, right, top, bottom, center, or X:Y in 0-1 "
+                                                                   "(0:0 = top left)")
+                                inputs["a:size"] = gr.Number(defaults["a:size"], label="size: target fraction",
+                                                             info="of the image the shape covers, between 0 and 1",
+                                                             minimum=0.01, maximum=0.99, step=0.05)
                 inputs["estimator"] = gr.Dropdown(sorted(ESTIMATORS), value=defaults["estimator"], label="Estimator",
                                                   info="; ".join(f"{k}: {v.summary}" for k, v in ESTIMATORS.items()
                                                                  if k in ("rlr", "ddpo", "truncated_bp")))
@@ -282,6 +305,12 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                     baseline = gr.Dropdown([e for e in sorted(ESTIMATORS) if e != "rlr"], value="ddpo",
                                            label="Baseline")
                     compare_btn = gr.Button("Run RLR, then the baseline")
+                with gr.Accordion("Which estimator? (rlr-advise)", open=False):
+                    gr.Markdown("Measures each estimator's truncation bias, noise x cost and peak memory on this "
+                                "model, reward and prompts (4 batches; about 2 minutes on the embedded model on a "
+                                "CPU) and recommends one. Trains nothing, writes nothing.")
+                    advise_btn = gr.Button("Advise")
+                    advice = gr.Markdown(elem_id="advice")
             with gr.Column(scale=3):
                 with gr.Row():
                     train_btn = gr.Button("Train", variant="primary", elem_id="train")
@@ -334,6 +363,8 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                           validator=validate_compare, concurrency_limit=None, trigger_mode="once",
                           show_progress="hidden")
         stop_btn.click(stop, None, notice, api_name="stop", concurrency_limit=None)
+        _name_parameters(run_advise, FORM_KEYS)
+        advise_btn.click(run_advise, form, advice, api_name="advise", trigger_mode="once")
         demo.load(stream, None, outs, api_name="watch", concurrency_limit=None, show_progress="hidden")
         demo.load(restore_form, None, form, api_visibility="private", show_progress="hidden")
         model_refresh.click(refresh_models, inputs["model"], inputs["model"], api_name="refresh_models")
@@ -347,8 +378,10 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
 
 
 def _name_parameters(fn, keys) -> None:
-    """Give a ``*values`` function named parameters (``w:brightness`` -> ``w_brightness``) for Gradio's API page."""
+    """Give a ``*values`` function named parameters (``w:brightness`` -> ``w_brightness``) for Gradio's API page;
+    its own keyword parameters (a ``progress=gr.Progress()``) are kept after them."""
     params = [inspect.Parameter(k.replace(":", "_"), inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in keys]
+    params += [q for q in inspect.signature(fn).parameters.values() if q.kind == inspect.Parameter.KEYWORD_ONLY]
     fn.__signature__ = inspect.Signature(params)
 
 

@@ -13,6 +13,7 @@ import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from rlr_backend.choices import REWARD_ARGS, ConfigError, parse_reward_spec
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARDS, make_reward
 from rlr_backend.train import TrainConfig, parse_prompt
@@ -23,10 +24,11 @@ CFG_FIELDS = {f.name: f for f in fields(TrainConfig)}
 MAIN_FIELDS = ("steps", "lr", "lora_rank", "seed", "eval_every")
 ADVANCED_FIELDS = ("batch_size", "images_per_prompt", "num_inference_steps", "eta", "guidance_scale", "h",
                    "fo_steps", "zo_mode", "nu", "truncation", "chain_len", "grad_clip", "grad_accum", "lora_alpha",
-                   "eval_seeds", "ckpt_every")
+                   "eval_seeds", "ckpt_every", "kl_weight", "kl_steps", "early_stop_drop")
 #: Form keys in the order of the Train event's inputs (gradio_client callers pass them positionally).
-FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), "estimator", *MAIN_FIELDS,
-                              *ADVANCED_FIELDS, "ho_from", "ho_to")
+#: ``w:<reward>`` is a reward's weight, ``a:<reward>`` the argument of a reward that takes one (position, size).
+FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), *(f"a:{r}" for r in REWARD_ARGS),
+                              "estimator", *MAIN_FIELDS, *ADVANCED_FIELDS, "ho_from", "ho_to")
 LABELS = {"steps": "Steps (optimizer updates)", "lr": "Learning rate", "lora_rank": "LoRA rank",
           "eval_every": "Refresh the gallery every N updates", "lora_alpha": "LoRA alpha (0: the rank)"}
 APP_DEFAULTS = {"eval_every": 5}  # the app evaluates more often than the CLI so the gallery moves
@@ -67,12 +69,6 @@ def is_int_field(name: str) -> bool:
     return CFG_FIELDS[name].type == "int"
 
 
-def _reward_weights(spec: str) -> dict[str, float]:
-    weights = {}
-    for item in spec.split(","):
-        name, _, w = item.strip().partition("=")
-        weights[name.strip()] = float(w) if w else 1.0
-    return weights
 
 
 def config_to_form(cfg: TrainConfig, settings: "Settings") -> dict[str, object]:
@@ -81,8 +77,10 @@ def config_to_form(cfg: TrainConfig, settings: "Settings") -> dict[str, object]:
     values: dict[str, object] = {"model": models.get(cfg.model, DEFAULT_MODEL),
                                  "prompts": "\n".join(" | ".join(p.versions()) if p.scheduled else p.fine
                                                       for p in cfg.prompts)}
-    weights = _reward_weights(cfg.reward)
-    values.update({f"w:{r}": weights.get(r, 0.0) for r in REWARDS})
+    terms = {t.name: t for t in parse_reward_spec(cfg.reward)}
+    values.update({f"w:{r}": terms[r].weight if r in terms else 0.0 for r in REWARDS})
+    values.update({f"a:{r}": terms[r].arg if r in terms else default for r, default in REWARD_ARGS.items()})
+    values["a:size"] = float(values["a:size"])
     values["estimator"] = cfg.estimator
     for name in (*MAIN_FIELDS, *ADVANCED_FIELDS):
         values[name] = getattr(cfg, name)
@@ -170,7 +168,15 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
             parts.append((r, w))
     if not parts and not any(k.startswith("w:") for k in errors):
         errors[f"w:{next(iter(REWARDS))}"] = "set at least one reward weight (not 0)"
-    kw["reward"] = ",".join(f"{r}={w!r}" for r, w in parts)
+    args = {}
+    for r in REWARD_ARGS:
+        arg = str(values.get(f"a:{r}") if values.get(f"a:{r}") not in (None, "") else REWARD_ARGS[r]).strip()
+        try:
+            parse_reward_spec(f"{r}:{arg}")
+            args[r] = arg
+        except ConfigError as e:
+            errors[f"a:{r}"] = str(e)
+    kw["reward"] = ",".join(f"{r}:{args[r]}={w!r}" if r in args else f"{r}={w!r}" for r, w in parts)
     for r, _ in parts:
         if is_model_reward(r):
             try:  # model rewards check their weight files (headers only; no model is built)
@@ -211,10 +217,10 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
     if not errors:
         try:
             TrainConfig(**kw, output_dir=settings.output_dir, run_name="check")
+        except ConfigError as e:
+            errors[e.field if e.field in FORM_KEYS else "estimator"] = str(e)
         except ValueError as e:
-            msg = str(e)
-            key = next((k for k in FORM_KEYS if msg.startswith(k) or f"({k})" in msg.split(" must")[0]), "estimator")
-            errors[key] = msg
+            errors["estimator"] = str(e)
     return errors, kw
 
 

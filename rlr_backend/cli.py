@@ -126,7 +126,8 @@ def train_parser() -> argparse.ArgumentParser:
     for name, typ in [("steps", int), ("batch_size", int), ("images_per_prompt", int), ("num_inference_steps", int),
                       ("eta", float), ("guidance_scale", float), ("lr", float), ("grad_clip", float),
                       ("grad_accum", int), ("lora_rank", int), ("lora_alpha", float), ("seed", int),
-                      ("eval_every", int), ("eval_seeds", int), ("ckpt_every", int)]:
+                      ("eval_every", int), ("eval_seeds", int), ("ckpt_every", int), ("kl_weight", float),
+                      ("kl_steps", int), ("early_stop_drop", float)]:
         option(name, type=typ)
     option("device")
     option("precision", choices=PRECISION_NAMES)

@@ -80,3 +80,13 @@ def test_prompt_split_accepts_fractions():
 
     cfg = build_config(train_parser().parse_args(["--prompt-split", "1/2,1/4,1/4"]))
     assert cfg.prompt_split == (0.5, 0.25, 0.25)
+
+
+def test_every_config_field_is_an_option():
+    from dataclasses import fields
+
+    from rlr_backend.cli import train_parser
+    from rlr_backend.train import TrainConfig
+
+    options = {a.dest for a in train_parser()._actions}
+    assert {f.name for f in fields(TrainConfig)} - {"prompts"} <= options

@@ -295,6 +295,17 @@ def served_cache(app) -> Path:
     return Path(line.rsplit(", cache ", 1)[1].rstrip(")"))
 
 
+def test_advise_button_measures_the_form_and_refuses_bad_targets(app):
+    """The Advise button runs rlr-advise on the form's model, reward and prompts (a structure reward with its
+    target here); a bad target is refused with the field's message before anything runs."""
+    client = Client(app["url"], verbose=False)
+    rewards = {"w:prompt_alignment": 0, "w:brightness": 0, "w:position": 1, "a:position": "right"}
+    with pytest.raises(Exception, match="unknown position target"):
+        client.predict(*form(**rewards, **{"a:position": "middle"}), api_name="/advise")
+    text = client.predict(*form(**rewards), api_name="/advise")
+    assert "reward position:right=1" in text and "recommended:" in text and "truncated_bp (K=2)" in text
+
+
 def test_files_outside_the_output_folder_are_refused(app):
     out, home = app["out"], app["home"]
     cache = served_cache(app)
