@@ -108,3 +108,36 @@ def test_leave_one_out_is_per_prompt_and_ignores_nan():
     groups = torch.tensor([0, 0, 1, 1, 1])
     adv = compute_advantages(r, "loo", groups=groups)
     torch.testing.assert_close(adv, torch.tensor([-2.0, 2.0, -10.0, 10.0, 0.0]))
+
+
+def test_a_lone_sample_is_compared_with_earlier_batches_not_given_zero():
+    """One valid sample (batch size 1, or the rest NaN) has no leave-one-out partner: its baseline is the
+    running mean of earlier batches (its prompt's when known), 0 before the first, never its own reward."""
+    from rlr_backend.estimators import BaselineState
+
+    state = BaselineState()
+    first = compute_advantages(torch.tensor([2.0]), "loo", groups=torch.tensor([0]), state=state)
+    torch.testing.assert_close(first, torch.tensor([2.0]))  # no history yet: b = 0
+    second = compute_advantages(torch.tensor([5.0, float("nan")]), "loo", groups=torch.tensor([0, 1]), state=state)
+    torch.testing.assert_close(second, torch.tensor([3.0, 0.0]))  # b = prompt 0's earlier mean, 2
+    other = compute_advantages(torch.tensor([1.0]), "loo", groups=torch.tensor([7]), state=state)
+    assert float(other) == pytest.approx(1.0 - state_mean_before(2.0, 5.0, state.ema_decay))  # unseen prompt: all prompts
+    torch.testing.assert_close(compute_advantages(torch.tensor([4.0]), "loo"), torch.tensor([4.0]))  # no state: b = 0
+
+
+def state_mean_before(a: float, b: float, decay: float) -> float:
+    return decay * a + (1 - decay) * b
+
+
+def test_batch_of_one_keeps_its_likelihood_ratio_terms(chain):
+    from rlr_backend.estimators import BaselineState
+
+    state, g = BaselineState(), torch.Generator().manual_seed(3)
+    cfg = RLRConfig(h=2, weights=(0.0, 1.0, 1.0))  # HO and ZO only: all of them use the advantage
+    norms = []
+    for _ in range(3):
+        for p in chain.params:
+            p.grad = None
+        rlr_estimate(problem_for(chain), chain.sample_x_T(1, g), config=cfg, generator=g, baseline_state=state)
+        norms.append(sum(float(p.grad.norm()) for p in chain.params if p.grad is not None))
+    assert all(n > 0 for n in norms), norms
