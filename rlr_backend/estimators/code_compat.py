@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ..sampling import gaussian_log_prob, sample_chain, step_mean
-from .problem import ChainProblem, Estimate, backward_if_finite, batch_advantages, evaluate_reward, reward_metrics
+from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, evaluate_reward, reward_metrics,
+                      valid_row_scale)
 from .terms import first_order_loss, ppo_loss
 
 
@@ -56,9 +57,10 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
     mean, sigma = step_mean(prob.model, sched, prob.prompts, k, traj.latents[k])
     x0 = mean + sigma * traj.noises[k] if sigma > 0 else mean
     r_fo, _ = evaluate_reward(prob, x0)
-    loss = config.fo_coeff * first_order_loss(r_fo, valid)
-    # chain_len single-step PPO terms at uniform random steps
     adv, all_rewards = batch_advantages(prob, rewards, "batch_norm")  # normalised by the whole batch's mean, std
+    row_scale = valid_row_scale(all_rewards)
+    loss = config.fo_coeff * first_order_loss(r_fo, valid, row_scale)
+    # chain_len single-step PPO terms at uniform random steps
     d = traj.latents[0][0].numel()
     ho = torch.zeros((), dtype=loss.dtype)
     for _ in range(config.chain_len):
@@ -68,7 +70,7 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
             ho = None
             break
         logp = gaussian_log_prob(traj.latents[k + 1], m, s) / d
-        term, _ = ppo_loss(logp, traj.log_probs[:, k] / d, adv, config.clip_range)
+        term, _ = ppo_loss(logp, traj.log_probs[:, k] / d, adv, config.clip_range, row_scale)
         ho = ho + term
     if ho is None:
         metrics["dropped_ho"] = 1.0

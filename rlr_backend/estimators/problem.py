@@ -146,6 +146,15 @@ def batch_advantages(problem: ChainProblem, rewards: Tensor, kind: str, *, state
     return problem.local(adv), all_rewards
 
 
+def valid_row_scale(all_rewards: Tensor) -> float:
+    """B / (number of finite rewards) of the whole batch: the ``scale`` that turns a term's mean over the
+    rows (failed rows adding 0) into the mean over the valid rows. Every term of every estimator uses it,
+    so the terms keep their relative weights when some rewards are NaN; with a batch split across
+    processes, each shard's mean over its rows times this scale averages to the whole batch's valid mean."""
+    n = int(torch.isfinite(all_rewards.detach()).sum())
+    return all_rewards.numel() / n if n else 0.0
+
+
 def reward_metrics(rewards: Tensor) -> dict[str, float]:
     """Mean, std and number of non-finite values of a batch's rewards (pass the whole batch's)."""
     r = rewards.detach()

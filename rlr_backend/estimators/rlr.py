@@ -38,7 +38,7 @@ from .advantages import BASELINES, BaselineState
 from .partition import J_DISTRIBUTIONS, JSampler, check_h, split_chain
 from .perturbation import direction, perturbed
 from .problem import (ChainProblem, Estimate, RecomputationMismatch, add_to_grad, backward_if_finite,
-                      batch_advantages, evaluate_reward, reward_metrics)
+                      batch_advantages, evaluate_reward, reward_metrics, valid_row_scale)
 from .terms import first_order_loss, likelihood_ratio_loss
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     adv, all_rewards = batch_advantages(problem, rewards, config.baseline, state=baseline_state, clip=config.adv_clip)
     all_valid = torch.isfinite(all_rewards.detach())
     metrics["nonfinite_rewards"] = float((~all_valid).sum())
+    row_scale = valid_row_scale(all_rewards)  # one normalisation for every term: the mean over the valid rows
     lat, sched, prompts, model = traj.latents, problem.schedule, problem.prompts, problem.model
     total = 0.0
 
@@ -148,7 +149,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
             x = mean + sigma * traj.noises[k] if sigma > 0 else mean
         x0 = torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, x.detach())
         r_fo, _ = evaluate_reward(problem, x0)
-        total += backward_if_finite(w_fo * first_order_loss(r_fo, valid), metrics, "first-order")
+        total += backward_if_finite(w_fo * first_order_loss(r_fo, valid, row_scale), metrics, "first-order")
         metrics["model_calls"] += len(split.fo) * (2 if config.use_checkpoint else 1)
         metrics["model_calls_with_grad"] += len(split.fo)
 
@@ -171,7 +172,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
         )
     if w_ho:
         mean, sigma = step_mean(model, sched, prompts, k_end, x, use_checkpoint=config.use_checkpoint)
-        total += backward_if_finite(w_ho * likelihood_ratio_loss(mean, lat[k_end + 1], sigma, adv), metrics,
+        total += backward_if_finite(w_ho * likelihood_ratio_loss(mean, lat[k_end + 1], sigma, adv, row_scale), metrics,
                                     "half-order")
         metrics["model_calls"] += config.h * (2 if config.use_checkpoint else 1)
         metrics["model_calls_with_grad"] += config.h
@@ -186,7 +187,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     elif config.zo_mode == "latent_lr":
         for k in split.zo:
             mean, sigma = step_mean(model, sched, prompts, k, lat[k])
-            total += backward_if_finite(w_zo * likelihood_ratio_loss(mean, lat[k + 1], sigma, adv), metrics,
+            total += backward_if_finite(w_zo * likelihood_ratio_loss(mean, lat[k + 1], sigma, adv, row_scale), metrics,
                                         "zeroth-order")
         metrics["model_calls"] += len(split.zo)
         metrics["model_calls_with_grad"] += len(split.zo)
