@@ -90,17 +90,35 @@ def test_nonfinite_loss_is_skipped_and_counted(chain):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in chain.params)
 
 
+class Noisy(torch.nn.Module):  # nondeterministic like dropout left on
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, t, cond):
+        return self.inner(x, t, cond) + 0.01 * torch.randn_like(x)
+
+
 def test_recomputation_mismatch_is_detected(chain):
-    class Noisy(torch.nn.Module):  # nondeterministic like dropout left on
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x, t, cond):
-            return self.inner(x, t, cond) + 0.01 * torch.randn_like(x)
-
     with pytest.raises(RecomputationMismatch, match="not deterministic"):
         rlr_estimate(problem_for(chain, model=Noisy(chain.model)), x_T(chain), config=RLRConfig(h=3), j=3)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("rlr h=1", {"config": RLRConfig(h=1)}),  # the half-order term is one likelihood ratio: nothing recomputed before it
+    ("rlr zo only", {"config": RLRConfig(h=2, weights=(0.0, 0.0, 1.0))}),
+    ("rlr ho only", {"config": RLRConfig(h=2, weights=(0.0, 1.0, 0.0)), "j": 7}),
+    ("zo", {}),
+    ("ddpo", {}),
+    ("code_compat", {}),
+])
+def test_every_likelihood_ratio_term_checks_its_recomputed_step(chain, name, kw):
+    """A likelihood ratio taken at a recomputed mean that does not reproduce the sampled step would
+    score the wrong noise: every such term checks it, not only the half-order sub-chain with h > 1."""
+    fn = get_estimator(name.split()[0]).fn
+    problem = problem_for(chain, model=Noisy(chain.model))
+    with pytest.raises(RecomputationMismatch, match="not deterministic"):
+        fn(problem, x_T(chain), generator=torch.Generator().manual_seed(0), **kw)
 
 
 def test_leave_one_out_is_per_prompt_and_ignores_nan():
@@ -141,3 +159,51 @@ def test_batch_of_one_keeps_its_likelihood_ratio_terms(chain):
         rlr_estimate(problem_for(chain), chain.sample_x_T(1, g), config=cfg, generator=g, baseline_state=state)
         norms.append(sum(float(p.grad.norm()) for p in chain.params if p.grad is not None))
     assert all(n > 0 for n in norms), norms
+
+
+class _InfGradOnRowZero(torch.autograd.Function):
+    """Identity whose backward overflows on row 0 (a reward whose value is fine but whose gradient is not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[0] = grad[0] * float("inf")
+        return grad
+
+
+BACKPROP = [("full_bp", {}), ("truncated_bp", {}), ("code_compat", {}), ("rlr", {"config": RLRConfig(h=2)})]
+
+
+def _grads_after(chain, name, reward, kw):
+    for p in chain.params:
+        p.grad = None
+    est = get_estimator(name).fn(problem_for(chain, reward=reward), x_T(chain, 6),
+                                 generator=torch.Generator().manual_seed(2), **kw)
+    return [p.grad for p in chain.params], est.metrics
+
+
+@pytest.mark.parametrize("name,kw", BACKPROP)
+def test_rows_with_a_nan_reward_are_detached_from_the_reward_gradient(chain, name, kw):
+    """Row 0's reward is NaN and so is its derivative (sqrt of a negative number): the other rows still train."""
+    def broken_row(x):
+        shift = torch.where(torch.arange(len(x)) == 0, -1.0, 1.0).to(x.dtype)
+        return chain.reward(x) + torch.sqrt(shift + 0 * x[:, 0])
+
+    grads, metrics = _grads_after(chain, name, broken_row, kw)
+    assert metrics["nonfinite_rewards"] == 1
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), grads
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name,kw", BACKPROP)
+def test_a_term_whose_gradient_overflows_is_dropped_and_counted(chain, name, kw):
+    """The reward is finite but its backward pass is not for one row: the loss is finite, the gradient
+    is not. The term is dropped (never written into .grad) and counted in nonfinite_terms."""
+    grads, metrics = _grads_after(chain, name, lambda x: chain.reward(_InfGradOnRowZero.apply(x)), kw)
+    assert all(g is None or torch.isfinite(g).all() for g in grads), grads
+    assert metrics.get("nonfinite_terms", 0) >= 1
+

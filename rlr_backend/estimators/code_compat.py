@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..sampling import gaussian_log_prob, sample_chain, step_mean
-from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, evaluate_reward, reward_metrics,
-                      valid_row_scale)
+from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, check_recomputed_step,
+                      detach_rows, evaluate_reward, reward_metrics, valid_row_scale)
 from .terms import first_order_loss, ppo_loss
 
 
@@ -55,8 +55,9 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
     # FO through the last step
     k = n - 1
     mean, sigma = step_mean(prob.model, sched, prob.prompts, k, traj.latents[k])
+    check_recomputed_step(mean, sigma, traj, k, metrics, what="the first-order term")
     x0 = mean + sigma * traj.noises[k] if sigma > 0 else mean
-    r_fo, _ = evaluate_reward(prob, x0)
+    r_fo, _ = evaluate_reward(prob, detach_rows(x0, valid))
     adv, all_rewards = batch_advantages(prob, rewards, "batch_norm")  # normalised by the whole batch's mean, std
     row_scale = valid_row_scale(all_rewards)
     loss = config.fo_coeff * first_order_loss(r_fo, valid, row_scale)
@@ -69,6 +70,7 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
         if s <= 0:  # the official code's NaN log-prob at the deterministic step -> HO replaced by 0
             ho = None
             break
+        check_recomputed_step(m, s, traj, k, metrics, what="a PPO term")
         logp = gaussian_log_prob(traj.latents[k + 1], m, s) / d
         term, _ = ppo_loss(logp, traj.log_probs[:, k] / d, adv, config.clip_range, row_scale)
         ho = ho + term
@@ -76,6 +78,6 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
         metrics["dropped_ho"] = 1.0
     else:
         loss = loss + config.ho_coeff * ho
-    total = backward_if_finite(loss, metrics, "code_compat")
+    total = backward_if_finite(loss, metrics, "code_compat", prob.params)
     metrics.update(reward_metrics(all_rewards))
     return Estimate(total, metrics, rewards.detach(), traj)

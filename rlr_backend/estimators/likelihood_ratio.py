@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ..sampling import Trajectory, gaussian_log_prob, sample_chain, step_mean
 from .advantages import BASELINES, BaselineState
-from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, evaluate_reward, reward_metrics,
-                      valid_row_scale)
+from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, check_recomputed_step,
+                      evaluate_reward, reward_metrics, valid_row_scale)
 from .terms import likelihood_ratio_loss, ppo_loss
 
 
@@ -52,8 +52,9 @@ class DDPOConfig:
 
 
 def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, config: DDPOConfig,
-                metrics: dict[str, float], scale: float = 1.0) -> float:
-    """PPO pass over the steps of a stored trajectory (callable again for extra inner epochs).
+                metrics: dict[str, float], scale: float = 1.0, check: bool = True) -> float:
+    """PPO pass over the steps of a stored trajectory (callable again for extra inner epochs: pass
+    ``check=False`` once the parameters moved, since the recomputed means then differ by design).
     ``scale``: B / valid rows of the whole batch (``valid_row_scale``), so the loss is a mean over valid rows."""
     n, total = problem.num_steps, 0.0
     d = traj.latents[0][0].numel()
@@ -61,12 +62,14 @@ def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, con
     kl = clipfrac = 0.0
     for k in range(n):
         mean, sigma = step_mean(problem.model, problem.schedule, problem.prompts, k, traj.latents[k])
+        if check:
+            check_recomputed_step(mean, sigma, traj, k, metrics, what="a DDPO term")
         logp = gaussian_log_prob(traj.latents[k + 1], mean, sigma)
         old = traj.log_probs[:, k]
         if config.logprob_reduction == "mean":
             logp, old = logp / d, old / d
         loss, stats = ppo_loss(logp, old, advantages, config.clip_range, scale)
-        total += backward_if_finite(step_scale * loss, metrics, "ppo")
+        total += backward_if_finite(step_scale * loss, metrics, "ppo", problem.params)
         kl += stats["approx_kl"] / n
         clipfrac += stats["clipfrac"] / n
     metrics.update(approx_kl=kl, clipfrac=clipfrac)
@@ -121,8 +124,9 @@ def zo_estimate(problem: ChainProblem, x_T: Tensor, *, config: ZOConfig = ZOConf
     total = 0.0
     for k in range(problem.num_steps):
         mean, sigma = step_mean(problem.model, problem.schedule, problem.prompts, k, traj.latents[k])
+        check_recomputed_step(mean, sigma, traj, k, metrics, what="a likelihood-ratio term")
         total += backward_if_finite(likelihood_ratio_loss(mean, traj.latents[k + 1], sigma, adv, scale), metrics,
-                                    "lr")
+                                    "lr", problem.params)
     metrics["model_calls"] += problem.num_steps
     metrics["model_calls_with_grad"] = float(problem.num_steps)
     return Estimate(total, metrics, rewards.detach(), traj)
