@@ -207,3 +207,41 @@ def test_a_term_whose_gradient_overflows_is_dropped_and_counted(chain, name, kw)
     assert all(g is None or torch.isfinite(g).all() for g in grads), grads
     assert metrics.get("nonfinite_terms", 0) >= 1
 
+
+class _Counting(torch.nn.Module):
+    """Counts model calls, and those whose output is back-propagated."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.forwards, self.backwards = inner, 0, 0
+
+    def forward(self, x, t, cond):
+        out = self.inner(x, t, cond)
+        self.forwards += 1
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+    def _count_backward(self, grad):
+        self.backwards += 1
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("rlr", {"config": RLRConfig(h=2)}), ("rlr", {"config": RLRConfig(h=3, fo_steps=2)}),
+    ("rlr", {"config": RLRConfig(h=2, zo_mode="param_2pt")}), ("ddpo", {}), ("zo", {}), ("full_bp", {}),
+    ("truncated_bp", {}), ("code_compat", {}),
+])
+def test_reported_model_calls_are_the_calls_made(chain, name, kw):
+    """model_calls and model_calls_with_grad (the cost figures of the benchmarks) count what ran: every
+    forward, and the forwards whose output was back-propagated. code_compat drops its PPO terms when a
+    draw hits its deterministic last step (about a quarter of the calls at T=8, chain_len=2)."""
+    model = _Counting(chain.model)
+    problem = problem_for(chain, model=model)
+    g = torch.Generator().manual_seed(5)
+    calls = with_grad = 0.0
+    for _ in range(24):
+        for p in chain.params:
+            p.grad = None
+        m = get_estimator(name).fn(problem, x_T(chain), generator=g, **kw).metrics
+        calls, with_grad = calls + m["model_calls"], with_grad + m["model_calls_with_grad"]
+    assert (calls, with_grad) == (model.forwards, model.backwards)
