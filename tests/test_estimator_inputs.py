@@ -245,3 +245,52 @@ def test_reported_model_calls_are_the_calls_made(chain, name, kw):
         m = get_estimator(name).fn(problem, x_T(chain), generator=g, **kw).metrics
         calls, with_grad = calls + m["model_calls"], with_grad + m["model_calls_with_grad"]
     assert (calls, with_grad) == (model.forwards, model.backwards)
+
+
+@pytest.mark.parametrize("config,reason", [
+    (RLRConfig(), None), (RLRConfig(baseline="ema"), None), (RLRConfig(h=1, fo_steps=3), None),
+    (get_estimator("full_bp").config_cls(), None), (get_estimator("zo").config_cls(), None),
+    (RLRConfig(baseline="batch_norm"), "batch's reward std"), (RLRConfig(baseline="per_prompt_norm"), "each prompt's"),
+    (RLRConfig(adv_clip=2.0), "clipped to +-2"), (RLRConfig(weights=(1.0, 0.5, 1.0)), "unequal term weights"),
+    (RLRConfig(zo_mode="param_2pt"), "O(nu^2)"),
+    (DDPOConfig(), "each prompt's"), (DDPOConfig(baseline="loo", adv_clip=None), None),
+    (get_estimator("truncated_bp").config_cls(k=2), "last 2 step"),
+    (get_estimator("code_compat").config_cls(), "official code"),
+])
+def test_options_that_bias_the_estimator_are_named(config, reason):
+    from rlr_backend.estimators import describe_estimator
+
+    notes = describe_estimator(config)
+    assert notes.unbiased == (reason is None)
+    assert notes.metadata()["rlr_unbiased"] == ("true" if reason is None else "false")
+    if reason is not None:
+        assert reason in notes.metadata()["rlr_bias"]
+
+
+def test_a_biased_estimator_says_so_once(chain, caplog):
+    from rlr_backend.estimators.notes import forget_notices
+
+    forget_notices()
+    g = torch.Generator().manual_seed(0)
+    with caplog.at_level("WARNING", logger="rlr_backend.estimators"):
+        for _ in range(3):
+            rlr_estimate(problem_for(chain), x_T(chain), config=RLRConfig(adv_clip=1.0), generator=g)
+    lines = [r.getMessage() for r in caplog.records if "biased" in r.getMessage()]
+    assert len(lines) == 1 and "clipped to +-1" in lines[0]
+
+
+def test_a_non_differentiable_reward_dropping_the_first_order_part_is_said_once(chain, caplog):
+    from rlr_backend.estimators import describe_estimator
+    from rlr_backend.estimators.notes import forget_notices
+
+    forget_notices()
+    problem = ChainProblem(chain.model, chain.schedule, chain.prompts(), chain.reward, chain.params,
+                           reward_differentiable=False)
+    g = torch.Generator().manual_seed(0)
+    with caplog.at_level("WARNING", logger="rlr_backend.estimators"):
+        for _ in range(2):
+            rlr_estimate(problem, x_T(chain), config=RLRConfig(fo_steps=3), generator=g)
+    lines = [r.getMessage() for r in caplog.records if "fo_steps=3 is ignored" in r.getMessage()]
+    assert len(lines) == 1
+    assert "fo_steps=3" in describe_estimator(RLRConfig(fo_steps=3), False).metadata()["rlr_overrides"]
+    assert "rlr_overrides" not in describe_estimator(RLRConfig(fo_steps=3), True).metadata()

@@ -120,6 +120,24 @@ def test_nan_rewards_are_skipped_and_training_continues(tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in lora_of(tmp_path / "nan").values())
 
 
+def test_the_lora_says_whether_its_estimator_was_unbiased(reference_run, tmp_path, caplog):
+    """Options that bias the estimator are logged once at the start of the run and recorded in the LoRA;
+    so is a non-differentiable reward taking away RLR's first-order part."""
+    _, result = reference_run
+    assert load_tensors(result.lora_path)[1]["rlr_unbiased"] == "true"  # the default run
+    with caplog.at_level("WARNING"):
+        biased = Trainer(TrainConfig(steps=1, estimator="truncated_bp", output_dir=tmp_path, run_name="t", **TINY),
+                         progress=False).run()
+    meta = load_tensors(biased.lora_path)[1]
+    assert meta["rlr_unbiased"] == "false" and "last 2 step" in meta["rlr_bias"]
+    assert sum("is biased" in r.getMessage() for r in caplog.records) == 1
+    dark = CallableReward(lambda images, prompts: -images.mean((1, 2, 3)), differentiable=False)
+    nondiff = Trainer(TrainConfig(steps=1, output_dir=tmp_path, run_name="n", **{**TINY, "fo_steps": 2}),
+                      progress=False, reward=dark).run()
+    meta = load_tensors(nondiff.lora_path)[1]
+    assert meta["rlr_unbiased"] == "true" and "fo_steps=2 is ignored" in meta["rlr_overrides"]
+
+
 def test_should_stop_ends_early_with_a_lora(tmp_path):
     cfg = TrainConfig(steps=50, output_dir=tmp_path, run_name="stop", **TINY)
     result = Trainer(cfg, progress=False, should_stop=lambda: True).run()

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import sample_chain
+from .notes import describe
 from .problem import (ChainProblem, Estimate, backward_if_finite, detach_rows, evaluate_reward, reward_metrics,
                       valid_row_scale)
 from .terms import first_order_loss
@@ -64,6 +65,7 @@ def _backprop_last(problem: ChainProblem, x_T: Tensor, k: int, use_checkpoint: b
 def truncated_bp_estimate(problem: ChainProblem, x_T: Tensor, *, config: TruncatedBPConfig = TruncatedBPConfig(),
                           generator: torch.Generator | None = None, **_: object) -> Estimate:
     config.check(problem)
+    describe(config).log()
     return _backprop_last(problem, x_T, config.k, config.use_checkpoint, generator)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import gaussian_log_prob, sample_chain, step_mean
+from .notes import describe
 from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, check_recomputed_step,
                       detach_rows, evaluate_reward, reward_metrics, valid_row_scale)
 from .terms import first_order_loss, ppo_loss
@@ -41,6 +42,7 @@ class CodeCompatConfig:
 def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeCompatConfig = CodeCompatConfig(),
                          generator: torch.Generator | None = None, **_: object) -> Estimate:
     config.check(problem)
+    describe(config).log()
     n = problem.num_steps
     sched = problem.schedule
     if config.last_step_deterministic:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..sampling import Trajectory, gaussian_log_prob, sample_chain, step_mean
 from .advantages import BASELINES, BaselineState
+from .notes import describe
 from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, check_recomputed_step,
                       evaluate_reward, reward_metrics, valid_row_scale)
 from .terms import likelihood_ratio_loss, ppo_loss
@@ -96,6 +97,7 @@ def ddpo_estimate(problem: ChainProblem, x_T: Tensor, *, config: DDPOConfig = DD
                   generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
                   **_: object) -> Estimate:
     config.check(problem)
+    describe(config).log()
     traj, rewards, adv, scale, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
                                                                 baseline_state, config.adv_clip)
     loss = ddpo_update(problem, traj, adv, config, metrics, scale)
@@ -119,6 +121,7 @@ def zo_estimate(problem: ChainProblem, x_T: Tensor, *, config: ZOConfig = ZOConf
                 **_: object) -> Estimate:
     """Pure likelihood ratio on every step (no reward gradient needed)."""
     config.check(problem)
+    describe(config).log()
     traj, rewards, adv, scale, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
                                                                 baseline_state, None)
     total = 0.0

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..choices import ZO_MODES
 from ..sampling import sample_chain, step_mean
 from .advantages import BASELINES, BaselineState
+from .notes import describe
 from .partition import J_DISTRIBUTIONS, JSampler, check_h, split_chain
 from .perturbation import direction, perturbed
 from .problem import (ChainProblem, Estimate, add_to_grad, backward_if_finite, batch_advantages,
@@ -81,8 +82,6 @@ class RLRConfig:
             raise ValueError("zo_directions must be >= 1")
         if len(self.weights) != 3 or any(w < 0 for w in self.weights):
             raise ValueError("weights must be three non-negative numbers (FO, HO, ZO)")
-        if self.weights != (1.0, 1.0, 1.0):
-            logger.warning("RLR term weights %s are not equal: the estimator is no longer unbiased", self.weights)
         if self.j_dist not in J_DISTRIBUTIONS:
             raise ValueError(f"unknown j_dist {self.j_dist!r}; choose one of {list(J_DISTRIBUTIONS)}")
         if self.j_dist == "range" and self.j_range is None:
@@ -111,6 +110,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
                  j_sampler: JSampler | None = None, baseline_state: BaselineState | None = None) -> Estimate:
     """One RLR gradient estimate for the batch started at ``x_T``; accumulates into ``.grad``."""
     config.check(problem)
+    describe(config, problem.reward_differentiable).log()  # biasing options, a dropped first-order part: once
     n, params = problem.num_steps, list(problem.params)
     sampler = j_sampler or config.j_sampler()
     fo_steps = config.fo_steps if problem.reward_differentiable else 1

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator, loss_scaling
+from ..estimators import BaselineState, ChainProblem, JSampler, describe_estimator, get_estimator, loss_scaling
 from ..lora import save_kohya
 from ..models.trainable import TrainableModel
 from ..rewards import Reward, make_reward
@@ -84,6 +84,9 @@ class Trainer:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
                              "is not differentiable; use rlr, ddpo or zo")
         self.est_config = config.estimator_config()
+        # options that bias the estimator, settings the reward overrides: one line each per run, and in the LoRA
+        self.estimator_notes = describe_estimator(self.est_config, self.reward.differentiable)
+        self.estimator_notes.log(once=False)
         self.prompt_split = tuple(float(f) for f in config.prompt_split)
         PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
         if model is None:
@@ -268,7 +271,8 @@ class Trainer:
         """The LoRA, the reward curve and the before/after grid of a finished run; returns the LoRA's path."""
         cfg, run_dir = self.config, self.config.run_dir
         sd, rank, alpha = self.t2i.lora_state_dict()
-        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, "rlr_steps": str(step)}
+        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, "rlr_steps": str(step),
+                **self.estimator_notes.metadata()}
         if stopped:
             meta["rlr_interrupted_at_step"] = str(step)
         lora_path = save_kohya(sd, run_dir / "lora.safetensors", rank, alpha,
