@@ -24,7 +24,7 @@ import torch
 
 from ..estimators import BaselineState, ChainProblem, JSampler, describe_estimator, get_estimator, loss_scaling
 from ..lora import save_kohya
-from ..models.trainable import TrainableModel
+from ..models.trainable import TrainableModel, prompt_schedule
 from ..rewards import Reward, make_reward
 from ..safe_io import save_json
 from ..sampling import PromptSchedule, sample_chain
@@ -34,6 +34,7 @@ from .distributed import DataParallel
 from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
                      reward_models_in_precision)
 from .pipeline import load_pipeline, model_for_pipeline
+from .prompts import schedule_metadata
 from .report import save_before_after, save_grid, save_reward_curve
 
 logger = logging.getLogger(__name__)
@@ -121,12 +122,7 @@ class Trainer:
     def problem(self, prompt_ids: list[int]) -> ChainProblem:
         specs = [self.config.prompts[i] for i in prompt_ids]
         captions = [s.fine for s in specs]
-        n = self.config.num_inference_steps
-        if any(s.scheduled for s in specs):
-            conds = [self.t2i.conditioning([s.versions()[v] for s in specs]) for v in range(3)]
-            prompts = PromptSchedule.from_fractions(conds, self.prompt_split, n)
-        else:
-            prompts = PromptSchedule.constant(self.t2i.conditioning(captions), n)
+        prompts = prompt_schedule(self.t2i, specs, self.config.num_inference_steps, self.prompt_split)
 
         def reward(latents: torch.Tensor) -> torch.Tensor:
             return self.reward(self.decode(latents), captions)
@@ -272,7 +268,7 @@ class Trainer:
         cfg, run_dir = self.config, self.config.run_dir
         sd, rank, alpha = self.t2i.lora_state_dict()
         meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, "rlr_steps": str(step),
-                **self.estimator_notes.metadata()}
+                **self.estimator_notes.metadata(), **schedule_metadata(cfg.prompts, self.prompt_split)}
         if stopped:
             meta["rlr_interrupted_at_step"] = str(step)
         lora_path = save_kohya(sd, run_dir / "lora.safetensors", rank, alpha,
