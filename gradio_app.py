@@ -205,6 +205,7 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
 
     def sample_compare(name, prompt, seed, strength, num):
         from rlr_backend.train.pipeline import load_pipeline
+        from rlr_backend.train.prompts import resolve_prompt
         from rlr_backend.train.sample import add_lora_file, sample_images, set_lora_strength
 
         if name not in list_runs(settings.output_dir, with_lora=True):
@@ -237,11 +238,12 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
             compare_cache.update(key=key, pipe=pipe)
         pipe = compare_cache["pipe"]
         kw = dict(num_per_prompt=num, steps=cfg.num_inference_steps, eta=cfg.eta,
-                  guidance_scale=cfg.guidance_scale, seed=seed)
+                  guidance_scale=cfg.guidance_scale, seed=seed, prompt_split=cfg.prompt_split)
+        spec = resolve_prompt(prompt_spec, cfg.prompts)  # a trained 'coarse | mid | fine' prompt: as trained
         set_lora_strength(pipe, 0.0)
-        base = sample_images(pipe, [prompt_spec.fine], **kw)
+        base = sample_images(pipe, [spec], **kw)
         set_lora_strength(pipe, strength)
-        tuned = sample_images(pipe, [prompt_spec.fine], **kw)
+        tuned = sample_images(pipe, [spec], **kw)
         scale = max(1, 128 // base.shape[-1])
         return ([(png_file(im, settings), f"base #{i + 1}") for i, im in enumerate(to_pil(base, scale))]
                 + [(png_file(im, settings), f"base + LoRA x{strength:g} #{i + 1}")

@@ -214,7 +214,8 @@ def train_main(argv: list[str] | None = None) -> int:
 def sample_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="rlr-sample", description="Generate images with a model and an optional LoRA.")
     a = ap.add_argument
-    a("prompt", nargs="+", help="prompt(s)")
+    a("prompt", nargs="+", help="prompt(s); 'coarse | mid | fine' uses the three versions on the parts of the chain "
+                                "(the LoRA's trained split, else thirds)")
     a("--model", help="diffusers folder (SD1.x/SD2.x/SDXL) or single-file .safetensors (default: the embedded model)")
     a("--image-size", type=int, help="single-file checkpoints: image size in pixels (default: the architecture's "
                                      "native size, SD1.x 512, SD2.x-v 768, SDXL 1024)")
@@ -227,6 +228,10 @@ def sample_parser() -> argparse.ArgumentParser:
     a("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
     a("--guidance-scale", type=float, default=4.0, help="classifier-free guidance (default: 4)")
     a("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    a("--no-prompt-schedule", dest="prompt_schedule", action="store_false",
+      help="one prompt for every step: ignore the coarse / mid versions of prompts the LoRA was trained with "
+           "(by default a prompt equal to a trained 'coarse | mid | fine' prompt's fine version uses them, as "
+           "training did) and of 'coarse | mid | fine' prompts given here")
     a("--out", type=Path, default=Path("samples.png"), help="output PNG grid (default: samples.png)")
     a("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice; 1 is often "
                                                          "faster on a busy machine)")
@@ -237,8 +242,12 @@ def check_sample_args(args: argparse.Namespace) -> None:
     """What can be checked before torch is imported; raises ValueError / FileNotFoundError."""
     import math
 
+    from .train.prompts import parse_prompt
+
     if any(not p.strip() for p in args.prompt):
         raise ValueError("empty prompt; give the text of each prompt")
+    for p in args.prompt:
+        parse_prompt(p)  # 'coarse | mid | fine' with three non-empty parts
     choices.check_model_path(args.model)
     if args.lora is not None and not args.lora.is_file():
         raise FileNotFoundError(f"--lora {args.lora}: no such file")
@@ -266,17 +275,24 @@ def sample_main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         from .train.pipeline import load_pipeline
+        from .train.prompts import DEFAULT_PROMPT_SPLIT, parse_prompt, resolve_prompt
         from .train.report import save_grid
-        from .train.sample import add_lora_file, sample_images, set_lora_strength
+        from .train.sample import add_lora_file, lora_prompts, sample_images, set_lora_strength
 
+        trained, split = lora_prompts(args.lora) if args.lora is not None else ((), DEFAULT_PROMPT_SPLIT)
+        prompts = [resolve_prompt(parse_prompt(p), trained, args.prompt_schedule) for p in args.prompt]
+        for given, used in zip(args.prompt, prompts):
+            if used.scheduled and given.strip() == used.fine:
+                print(f"{used.fine!r}: the LoRA's trained prompt schedule, {used.coarse!r} | {used.mid!r} | fine on "
+                      f"{format_fractions(split)} of the steps (--no-prompt-schedule: the fine prompt on every step)")
         single = {k: v for k, v in (("image_size", args.image_size), ("prediction_type", args.prediction_type))
                   if v is not None}
         pipe = load_pipeline(args.model, **single)
         if args.lora is not None:
             add_lora_file(pipe, args.lora)
             set_lora_strength(pipe, args.lora_scale)
-        images = sample_images(pipe, args.prompt, num_per_prompt=args.num, steps=args.steps, eta=args.eta,
-                               guidance_scale=args.guidance_scale, seed=args.seed)
+        images = sample_images(pipe, prompts, num_per_prompt=args.num, steps=args.steps, eta=args.eta,
+                               guidance_scale=args.guidance_scale, seed=args.seed, prompt_split=split)
         save_grid(images, args.out, nrow=args.num, scale=4)
     except USER_ERRORS as e:
         print(f"rlr-sample: error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ BAD_TRAIN = [
 BAD_SAMPLE = [
     [" "], ["x", "--lora", "/nonexistent.safetensors"], ["x", "--num", "0"], ["x", "--steps", "0"],
     ["x", "--model", "/nonexistent"], ["x", "--eta", "-1"], ["x", "--image-size", "100"], ["x", "--threads", "0"],
+    ["coarse | fine"],
 ]
 
 BAD_ADVISE = [["--batches", "1"], ["--model", "/nonexistent"], ["--reward", "position:middle"], ["--reward", "size:2"],

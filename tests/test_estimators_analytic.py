@@ -147,3 +147,28 @@ def test_rlr_with_a_longer_first_order_part_is_unbiased_for_every_j(chain, exact
     fo_only = collect_estimates(chain, rlr_estimate, n_calls=100, batch=128, seed=j,
                                 config=RLRConfig(h=H, fo_steps=3, weights=(1.0, 0.0, 0.0)), j=j)
     assert z_scores(fo_only, exact[T - 3:].sum(0)).max() < 4
+
+
+def test_rlr_at_batch_size_one_is_unbiased(chain, exact):
+    """No leave-one-out partner: the running mean of earlier batches is the baseline (independent of the sample)."""
+    from rlr_backend.estimators import BaselineState
+
+    est = collect_estimates(chain, rlr_estimate, n_calls=300, batch=1, seed=31, config=RLRConfig(h=H),
+                            baseline_state=BaselineState())
+    assert z_scores(est, exact.sum(0)).max() < 4
+
+
+@pytest.mark.parametrize("name,fn,cfg", [
+    ("rlr", rlr_estimate, RLRConfig(h=H)),
+    ("zo", zo_estimate, ZOConfig()),
+    ("full_bp", full_bp_estimate, FullBPConfig()),
+])
+def test_nan_rewards_leave_every_term_on_one_scale(chain, exact, name, fn, cfg):
+    """A third of the rows fail (rows independent of everything): every term averages over the valid rows
+    alone, so the first-order and likelihood-ratio terms keep their relative weights and the sum its mean."""
+    def holey(x):
+        r = chain.reward(x)
+        return torch.where(torch.arange(len(r)) % 3 == 0, torch.full_like(r, float("nan")), r)
+
+    est = collect_estimates(chain, fn, n_calls=200, batch=96, seed=41, config=cfg, reward=holey)
+    assert z_scores(est, exact.sum(0)).max() < 4

@@ -120,6 +120,55 @@ def test_nan_rewards_are_skipped_and_training_continues(tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in lora_of(tmp_path / "nan").values())
 
 
+def test_the_lora_says_whether_its_estimator_was_unbiased(reference_run, tmp_path, caplog):
+    """Options that bias the estimator are logged once at the start of the run and recorded in the LoRA;
+    so is a non-differentiable reward taking away RLR's first-order part."""
+    _, result = reference_run
+    assert load_tensors(result.lora_path)[1]["rlr_unbiased"] == "true"  # the default run
+    with caplog.at_level("WARNING"):
+        biased = Trainer(TrainConfig(steps=1, estimator="truncated_bp", output_dir=tmp_path, run_name="t", **TINY),
+                         progress=False).run()
+    meta = load_tensors(biased.lora_path)[1]
+    assert meta["rlr_unbiased"] == "false" and "last 2 step" in meta["rlr_bias"]
+    assert sum("is biased" in r.getMessage() for r in caplog.records) == 1
+    dark = CallableReward(lambda images, prompts: -images.mean((1, 2, 3)), differentiable=False)
+    nondiff = Trainer(TrainConfig(steps=1, output_dir=tmp_path, run_name="n", **{**TINY, "fo_steps": 2}),
+                      progress=False, reward=dark).run()
+    meta = load_tensors(nondiff.lora_path)[1]
+    assert meta["rlr_unbiased"] == "true" and "fo_steps=2 is ignored" in meta["rlr_overrides"]
+
+
+def test_inference_uses_the_trained_prompt_schedule(tmp_path, capsys):
+    """A LoRA trained with 'coarse | mid | fine' prompts records them and their split; sampling its fine prompt
+    uses them (as the trainer's evaluation images do) unless --no-prompt-schedule says otherwise."""
+    from PIL import Image
+
+    from rlr_backend.cli import sample_main
+    from rlr_backend.models.trainable import sample_images
+    from rlr_backend.train.prompts import PromptSpec
+    from rlr_backend.train.trainer import EVAL_SEED
+
+    spec = PromptSpec("a red circle on a blue background", "a red shape", "a red circle")
+    cfg = TrainConfig(steps=1, prompts=(spec,), prompt_split=(0.5, 0.25, 0.25), output_dir=tmp_path, run_name="s",
+                      **TINY)
+    trainer = Trainer(cfg, progress=False)
+    result = trainer.run()
+    _, evaluated = trainer.evaluate()
+    sampled = sample_images(trainer.t2i, [spec] * cfg.eval_seeds, num_steps=cfg.num_inference_steps, eta=cfg.eta,
+                            guidance_scale=cfg.guidance_scale, seed=EVAL_SEED, prompt_split=cfg.prompt_split)
+    torch.testing.assert_close(sampled.float().cpu(), evaluated)
+    meta = load_tensors(result.lora_path)[1]
+    assert json.loads(meta["rlr_prompt_split"]) == [0.5, 0.25, 0.25]
+    assert json.loads(meta["rlr_prompts"]) == [["a red shape", "a red circle", spec.fine]]
+    common = ["--lora", str(result.lora_path), "--num", "1", "--steps", "4", "--seed", "3", "--threads", "1"]
+    assert sample_main([spec.fine, *common, "--out", str(tmp_path / "trained.png")]) == 0
+    assert sample_main([" | ".join(spec.versions()), *common, "--out", str(tmp_path / "explicit.png")]) == 0
+    assert sample_main([spec.fine, *common, "--no-prompt-schedule", "--out", str(tmp_path / "plain.png")]) == 0
+    trained, explicit, plain = (Image.open(tmp_path / f"{n}.png").tobytes() for n in ("trained", "explicit", "plain"))
+    assert trained == explicit != plain
+    assert "trained prompt schedule" in capsys.readouterr().out
+
+
 def test_should_stop_ends_early_with_a_lora(tmp_path):
     cfg = TrainConfig(steps=50, output_dir=tmp_path, run_name="stop", **TINY)
     result = Trainer(cfg, progress=False, should_stop=lambda: True).run()

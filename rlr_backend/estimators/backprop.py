@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 from ..sampling import sample_chain
-from .problem import ChainProblem, Estimate, backward_if_finite, evaluate_reward, reward_metrics
+from .notes import describe
+from .problem import (ChainProblem, Estimate, backward_if_finite, detach_rows, evaluate_reward, reward_metrics,
+                      valid_row_scale)
 from .terms import first_order_loss
 
 
@@ -49,16 +51,21 @@ def _backprop_last(problem: ChainProblem, x_T: Tensor, k: int, use_checkpoint: b
     traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
                         grad_steps=range(n - k, n), use_checkpoint=use_checkpoint, noise_shard=problem.noise_shard)
     rewards, valid = evaluate_reward(problem, traj.final)
+    if not bool(valid.all()):  # again with the failed rows detached: their reward's backward may be NaN too
+        rewards = evaluate_reward(problem, detach_rows(traj.final, valid))[0]
+    all_rewards = problem.gather(rewards.detach())
     metrics = {"model_calls": float(n + (k if use_checkpoint else 0)),
                "model_calls_with_grad": float(k), "steps_in_memory": float(1 if use_checkpoint else k)}
-    loss = backward_if_finite(first_order_loss(rewards, valid), metrics, "backprop")
-    metrics.update(reward_metrics(problem.gather(rewards.detach())))
+    loss = backward_if_finite(first_order_loss(rewards, valid, valid_row_scale(all_rewards)), metrics, "backprop",
+                              problem.params)
+    metrics.update(reward_metrics(all_rewards))
     return Estimate(loss, metrics, rewards.detach(), traj)
 
 
 def truncated_bp_estimate(problem: ChainProblem, x_T: Tensor, *, config: TruncatedBPConfig = TruncatedBPConfig(),
                           generator: torch.Generator | None = None, **_: object) -> Estimate:
     config.check(problem)
+    describe(config).log()
     return _backprop_last(problem, x_T, config.k, config.use_checkpoint, generator)
 
 

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from ..sampling import gaussian_log_prob, sample_chain, step_mean
-from .problem import ChainProblem, Estimate, backward_if_finite, batch_advantages, evaluate_reward, reward_metrics
+from .notes import describe
+from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, check_recomputed_step,
+                      detach_rows, evaluate_reward, reward_metrics, valid_row_scale)
 from .terms import first_order_loss, ppo_loss
 
 
@@ -40,6 +42,7 @@ class CodeCompatConfig:
 def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeCompatConfig = CodeCompatConfig(),
                          generator: torch.Generator | None = None, **_: object) -> Estimate:
     config.check(problem)
+    describe(config).log()
     n = problem.num_steps
     sched = problem.schedule
     if config.last_step_deterministic:
@@ -48,32 +51,38 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
     with torch.no_grad():
         traj = sample_chain(prob.model, sched, prob.prompts, x_T, generator=generator, noise_shard=prob.noise_shard)
         rewards, valid = evaluate_reward(prob, traj.final)
-    metrics = {"dropped_ho": 0.0,
-               "model_calls": float(n + 1 + config.chain_len), "model_calls_with_grad": float(1 + config.chain_len),
-               "steps_in_memory": 1.0}
+    # the steps of the chain_len single-step PPO terms, drawn uniformly; a draw of the deterministic last step
+    # gives the official code a NaN log-prob and it drops the whole HO sum. Drawn before any model call (the
+    # generator is consumed as the official loop consumes it), so a dropped sum costs no forward.
+    ho_steps: list[int] | None = []
+    for _ in range(config.chain_len):
+        k = int(torch.randint(0, n, (1,), generator=generator))
+        if float(sched.sigma[k]) <= 0:
+            ho_steps = None
+            break
+        ho_steps.append(k)
+    ho_steps = ho_steps or []
+    # calls that ran: sampling, the FO step, each kept PPO step; all of them held in one graph for one backward
+    metrics = {"dropped_ho": float(len(ho_steps) < config.chain_len),
+               "model_calls": float(n + 1 + len(ho_steps)), "model_calls_with_grad": float(1 + len(ho_steps)),
+               "steps_in_memory": float(1 + len(ho_steps))}
     # FO through the last step
     k = n - 1
     mean, sigma = step_mean(prob.model, sched, prob.prompts, k, traj.latents[k])
+    check_recomputed_step(mean, sigma, traj, k, metrics, what="the first-order term")
     x0 = mean + sigma * traj.noises[k] if sigma > 0 else mean
-    r_fo, _ = evaluate_reward(prob, x0)
-    loss = config.fo_coeff * first_order_loss(r_fo, valid)
-    # chain_len single-step PPO terms at uniform random steps
+    r_fo, _ = evaluate_reward(prob, detach_rows(x0, valid))
     adv, all_rewards = batch_advantages(prob, rewards, "batch_norm")  # normalised by the whole batch's mean, std
+    row_scale = valid_row_scale(all_rewards)
+    loss = config.fo_coeff * first_order_loss(r_fo, valid, row_scale)
+    # the single-step PPO terms
     d = traj.latents[0][0].numel()
-    ho = torch.zeros((), dtype=loss.dtype)
-    for _ in range(config.chain_len):
-        k = int(torch.randint(0, n, (1,), generator=generator))
+    for k in ho_steps:
         m, s = step_mean(prob.model, sched, prob.prompts, k, traj.latents[k])
-        if s <= 0:  # the official code's NaN log-prob at the deterministic step -> HO replaced by 0
-            ho = None
-            break
+        check_recomputed_step(m, s, traj, k, metrics, what="a PPO term")
         logp = gaussian_log_prob(traj.latents[k + 1], m, s) / d
-        term, _ = ppo_loss(logp, traj.log_probs[:, k] / d, adv, config.clip_range)
-        ho = ho + term
-    if ho is None:
-        metrics["dropped_ho"] = 1.0
-    else:
-        loss = loss + config.ho_coeff * ho
-    total = backward_if_finite(loss, metrics, "code_compat")
+        term, _ = ppo_loss(logp, traj.log_probs[:, k] / d, adv, config.clip_range, row_scale)
+        loss = loss + config.ho_coeff * term
+    total = backward_if_finite(loss, metrics, "code_compat", prob.params)
     metrics.update(reward_metrics(all_rewards))
     return Estimate(total, metrics, rewards.detach(), traj)

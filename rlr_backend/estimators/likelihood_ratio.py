@@ -19,7 +19,9 @@ from torch import Tensor
 
 from ..sampling import Trajectory, gaussian_log_prob, sample_chain, step_mean
 from .advantages import BASELINES, BaselineState
-from .problem import ChainProblem, Estimate, backward_if_finite, batch_advantages, evaluate_reward, reward_metrics
+from .notes import describe
+from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, check_recomputed_step,
+                      evaluate_reward, reward_metrics, valid_row_scale)
 from .terms import likelihood_ratio_loss, ppo_loss
 
 
@@ -51,20 +53,24 @@ class DDPOConfig:
 
 
 def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, config: DDPOConfig,
-                metrics: dict[str, float]) -> float:
-    """PPO pass over the steps of a stored trajectory (callable again for extra inner epochs)."""
+                metrics: dict[str, float], scale: float = 1.0, check: bool = True) -> float:
+    """PPO pass over the steps of a stored trajectory (callable again for extra inner epochs: pass
+    ``check=False`` once the parameters moved, since the recomputed means then differ by design).
+    ``scale``: B / valid rows of the whole batch (``valid_row_scale``), so the loss is a mean over valid rows."""
     n, total = problem.num_steps, 0.0
     d = traj.latents[0][0].numel()
     step_scale = 1.0 / n if config.step_reduction == "mean" else 1.0
     kl = clipfrac = 0.0
     for k in range(n):
         mean, sigma = step_mean(problem.model, problem.schedule, problem.prompts, k, traj.latents[k])
+        if check:
+            check_recomputed_step(mean, sigma, traj, k, metrics, what="a DDPO term")
         logp = gaussian_log_prob(traj.latents[k + 1], mean, sigma)
         old = traj.log_probs[:, k]
         if config.logprob_reduction == "mean":
             logp, old = logp / d, old / d
-        loss, stats = ppo_loss(logp, old, advantages, config.clip_range)
-        total += backward_if_finite(step_scale * loss, metrics, "ppo")
+        loss, stats = ppo_loss(logp, old, advantages, config.clip_range, scale)
+        total += backward_if_finite(step_scale * loss, metrics, "ppo", problem.params)
         kl += stats["approx_kl"] / n
         clipfrac += stats["clipfrac"] / n
     metrics.update(approx_kl=kl, clipfrac=clipfrac)
@@ -75,24 +81,26 @@ def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, con
 
 def _sample_and_advantages(problem: ChainProblem, x_T: Tensor, generator: torch.Generator | None, baseline: str,
                            state: BaselineState | None, adv_clip: float | None
-                           ) -> tuple[Trajectory, Tensor, Tensor, dict[str, float]]:
-    """Sample the (shard of the) batch without grad; advantages and reward metrics over the whole batch."""
+                           ) -> tuple[Trajectory, Tensor, Tensor, float, dict[str, float]]:
+    """Sample the (shard of the) batch without grad; advantages, the valid-row scale and reward metrics
+    over the whole batch."""
     with torch.no_grad():
         traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
                             noise_shard=problem.noise_shard)
         rewards, _ = evaluate_reward(problem, traj.final)
     adv, all_rewards = batch_advantages(problem, rewards, baseline, state=state, clip=adv_clip)
     metrics = {**reward_metrics(all_rewards), "model_calls": float(problem.num_steps), "steps_in_memory": 1.0}
-    return traj, rewards, adv, metrics
+    return traj, rewards, adv, valid_row_scale(all_rewards), metrics
 
 
 def ddpo_estimate(problem: ChainProblem, x_T: Tensor, *, config: DDPOConfig = DDPOConfig(),
                   generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
                   **_: object) -> Estimate:
     config.check(problem)
-    traj, rewards, adv, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
-                                                         baseline_state, config.adv_clip)
-    loss = ddpo_update(problem, traj, adv, config, metrics)
+    describe(config).log()
+    traj, rewards, adv, scale, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
+                                                                baseline_state, config.adv_clip)
+    loss = ddpo_update(problem, traj, adv, config, metrics, scale)
     return Estimate(loss, metrics, rewards.detach(), traj, {"advantages": adv})
 
 
@@ -113,12 +121,15 @@ def zo_estimate(problem: ChainProblem, x_T: Tensor, *, config: ZOConfig = ZOConf
                 **_: object) -> Estimate:
     """Pure likelihood ratio on every step (no reward gradient needed)."""
     config.check(problem)
-    traj, rewards, adv, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
-                                                         baseline_state, None)
+    describe(config).log()
+    traj, rewards, adv, scale, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
+                                                                baseline_state, None)
     total = 0.0
     for k in range(problem.num_steps):
         mean, sigma = step_mean(problem.model, problem.schedule, problem.prompts, k, traj.latents[k])
-        total += backward_if_finite(likelihood_ratio_loss(mean, traj.latents[k + 1], sigma, adv), metrics, "lr")
+        check_recomputed_step(mean, sigma, traj, k, metrics, what="a likelihood-ratio term")
+        total += backward_if_finite(likelihood_ratio_loss(mean, traj.latents[k + 1], sigma, adv, scale), metrics,
+                                    "lr", problem.params)
     metrics["model_calls"] += problem.num_steps
     metrics["model_calls_with_grad"] = float(problem.num_steps)
     return Estimate(total, metrics, rewards.detach(), traj)

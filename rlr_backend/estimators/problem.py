@@ -146,6 +146,37 @@ def batch_advantages(problem: ChainProblem, rewards: Tensor, kind: str, *, state
     return problem.local(adv), all_rewards
 
 
+#: default tolerance of ``check_recomputed_step``, relative to max |x| + 1
+RECOMPUTE_RTOL = 1e-4
+
+
+def check_recomputed_step(mean: Tensor, sigma: float, traj: Trajectory, k: int, metrics: dict[str, float],
+                          rtol: float = RECOMPUTE_RTOL, what: str = "a likelihood-ratio term") -> None:
+    """Raise ``RecomputationMismatch`` unless a recomputed step mean reproduces the sampled step:
+    mean + sigma * eps_k must give the stored x_{k+1}. A likelihood ratio taken at a mean that does not
+    would score the wrong noise. Costs a few elementwise operations; the largest error seen goes to
+    ``metrics["recompute_max_err"]``."""
+    target = traj.latents[k + 1]
+    err = float((mean.detach() + sigma * traj.noises[k] - target).abs().max())
+    metrics["recompute_max_err"] = max(metrics.get("recompute_max_err", 0.0), err)
+    tol = rtol * (float(target.abs().max()) + 1.0)
+    if not err <= tol:
+        raise RecomputationMismatch(
+            f"recomputing sampler step {k} for {what} gave latents {err:.3g} away from the sampled ones "
+            f"(tolerance {tol:.3g}): the model or the prompt schedule is not deterministic between sampling and "
+            "recomputation (dropout on? a different prompt per step?)"
+        )
+
+
+def valid_row_scale(all_rewards: Tensor) -> float:
+    """B / (number of finite rewards) of the whole batch: the ``scale`` that turns a term's mean over the
+    rows (failed rows adding 0) into the mean over the valid rows. Every term of every estimator uses it,
+    so the terms keep their relative weights when some rewards are NaN; with a batch split across
+    processes, each shard's mean over its rows times this scale averages to the whole batch's valid mean."""
+    n = int(torch.isfinite(all_rewards.detach()).sum())
+    return all_rewards.numel() / n if n else 0.0
+
+
 def reward_metrics(rewards: Tensor) -> dict[str, float]:
     """Mean, std and number of non-finite values of a batch's rewards (pass the whole batch's)."""
     r = rewards.detach()
@@ -155,16 +186,50 @@ def reward_metrics(rewards: Tensor) -> dict[str, float]:
             "reward_std": float(r[valid].std()) if valid.sum() > 1 else 0.0}
 
 
-def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str) -> float:
-    """Backpropagate ``loss`` unless it is NaN/inf; skipped terms are counted in ``metrics``."""
+def detach_rows(x: Tensor, keep: Tensor) -> Tensor:
+    """``x`` with the graph kept only on rows where ``keep`` (B,) is True: a reward's backward pass through
+    a row whose reward failed (NaN, often with a NaN derivative) then cannot reach the parameters."""
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, x.detach())
+
+
+def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str,
+                       params: Sequence[Tensor] | None = None) -> float:
+    """Add the gradient of ``loss`` to ``params``' ``.grad`` unless the loss or that gradient is NaN/inf.
+
+    A skipped term is counted in ``metrics["nonfinite_terms"]`` and logged. The gradient is checked
+    because a finite loss can still have a non-finite gradient (a reward whose backward pass overflows
+    on some rows). Under fp16 loss scaling (``loss_scaling``) a non-finite gradient is counted but still
+    written, so the loss scaler sees the overflow, skips the update and lowers its scale. Without
+    ``params`` the loss is back-propagated into every leaf and only its value is checked.
+    """
     value = float(loss.detach())
     if not torch.isfinite(loss.detach()):
         metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
         logger.warning("skipping a non-finite %s term (value %s)", name, value)
         return 0.0
-    if loss.requires_grad:
-        scale = _LOSS_SCALE.get()
-        (loss * scale if scale != 1.0 else loss).backward()
+    if not loss.requires_grad:
+        return value
+    scale = _LOSS_SCALE.get()
+    scaled = loss * scale if scale != 1.0 else loss
+    if params is None:
+        scaled.backward()
+        return value
+    params = [p for p in params if p.requires_grad]
+    grads = torch.autograd.grad(scaled, params, allow_unused=True)
+    present = [g for g in grads if g is not None]
+    if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):
+        metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
+        if scale == 1.0:
+            logger.warning("dropping the %s term: its loss is finite (%s) but its gradient is not", name, value)
+            return 0.0
+        logger.warning("the %s term's gradient overflowed under fp16 loss scale %g; the update will be skipped",
+                       name, scale)
+    for p, g in zip(params, grads):
+        if g is not None:
+            if p.grad is None:
+                p.grad = g.detach()
+            else:
+                p.grad.add_(g)
     return value
 
 

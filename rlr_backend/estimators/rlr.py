@@ -4,7 +4,7 @@
 
 * FO: backprop dR/dx_0 through the last step only (x_1 detached, its noise fixed). DRaFT-1.
 * HO: from the stored x_{j+h-1} (detached) recompute the sub-chain with grad using the stored
-  noises (the recomputation must reproduce the stored latents, checked), then
+  noises, then
   A * (d mu_j / d theta)^T eps_j / sigma_j: pathwise inside S, likelihood ratio at its end.
 * ZO, three realisations:
   ``latent_lr``  A (d mu_t/d theta)^T eps_t/sigma_t for each t in C; exactly unbiased; one extra
@@ -16,7 +16,8 @@
   ``param_2pt``  two extra no-grad chains with theta +/- nu delta on C, same x_T and noises (common
                  random numbers); mean_b (R+ - R-)/(2 nu) delta; +2T forwards; O(nu^2) bias.
 
-All terms have weight 1 by default; unequal ``weights`` break unbiasedness (they rescale shares of
+Every recomputed step (FO, HO, latent ZO) is checked to reproduce the sampled step (``check_recomputed_step``):
+a likelihood ratio at a mean that does not would score the wrong noise. All terms have weight 1 by default; unequal ``weights`` break unbiasedness (they rescale shares of
 the gradient). Cost per update: T no-grad forwards (sampling) + 1 forward/backward with the reward
 and decoder backward (FO) + h forward/backward holding h steps of activations (HO) + the ZO cost.
 """
@@ -35,10 +36,11 @@ from torch import Tensor
 from ..choices import ZO_MODES
 from ..sampling import sample_chain, step_mean
 from .advantages import BASELINES, BaselineState
+from .notes import describe
 from .partition import J_DISTRIBUTIONS, JSampler, check_h, split_chain
 from .perturbation import direction, perturbed
-from .problem import (ChainProblem, Estimate, RecomputationMismatch, add_to_grad, backward_if_finite,
-                      batch_advantages, evaluate_reward, reward_metrics)
+from .problem import (ChainProblem, Estimate, add_to_grad, backward_if_finite, batch_advantages,
+                      check_recomputed_step, detach_rows, evaluate_reward, reward_metrics, valid_row_scale)
 from .terms import first_order_loss, likelihood_ratio_loss
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class RLRConfig:
     baseline: str = "loo"  # advantage baseline, see advantages.BASELINES
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # FO, HO, ZO; unequal weights are biased
     adv_clip: float | None = None  # clip |A|; biased when it bites
-    recompute_atol: float = 1e-4  # tolerance of the HO recomputation check (relative to max |x|)
+    recompute_atol: float = 1e-4  # tolerance of the recomputation check of every recomputed step (relative to max |x| + 1)
     use_checkpoint: bool = False  # recompute each FO/HO step's activations in backward: ~1 step held, +1 forward each
 
     def __post_init__(self) -> None:
@@ -80,8 +82,6 @@ class RLRConfig:
             raise ValueError("zo_directions must be >= 1")
         if len(self.weights) != 3 or any(w < 0 for w in self.weights):
             raise ValueError("weights must be three non-negative numbers (FO, HO, ZO)")
-        if self.weights != (1.0, 1.0, 1.0):
-            logger.warning("RLR term weights %s are not equal: the estimator is no longer unbiased", self.weights)
         if self.j_dist not in J_DISTRIBUTIONS:
             raise ValueError(f"unknown j_dist {self.j_dist!r}; choose one of {list(J_DISTRIBUTIONS)}")
         if self.j_dist == "range" and self.j_range is None:
@@ -110,6 +110,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
                  j_sampler: JSampler | None = None, baseline_state: BaselineState | None = None) -> Estimate:
     """One RLR gradient estimate for the batch started at ``x_T``; accumulates into ``.grad``."""
     config.check(problem)
+    describe(config, problem.reward_differentiable).log()  # biasing options, a dropped first-order part: once
     n, params = problem.num_steps, list(problem.params)
     sampler = j_sampler or config.j_sampler()
     fo_steps = config.fo_steps if problem.reward_differentiable else 1
@@ -137,6 +138,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     adv, all_rewards = batch_advantages(problem, rewards, config.baseline, state=baseline_state, clip=config.adv_clip)
     all_valid = torch.isfinite(all_rewards.detach())
     metrics["nonfinite_rewards"] = float((~all_valid).sum())
+    row_scale = valid_row_scale(all_rewards)  # one normalisation for every term: the mean over the valid rows
     lat, sched, prompts, model = traj.latents, problem.schedule, problem.prompts, problem.model
     total = 0.0
 
@@ -145,10 +147,10 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
         x = lat[split.fo[0]]
         for k in split.fo:
             mean, sigma = step_mean(model, sched, prompts, k, x, use_checkpoint=config.use_checkpoint)
+            check_recomputed_step(mean, sigma, traj, k, metrics, config.recompute_atol, "the first-order term")
             x = mean + sigma * traj.noises[k] if sigma > 0 else mean
-        x0 = torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, x.detach())
-        r_fo, _ = evaluate_reward(problem, x0)
-        total += backward_if_finite(w_fo * first_order_loss(r_fo, valid), metrics, "first-order")
+        r_fo, _ = evaluate_reward(problem, detach_rows(x, valid))
+        total += backward_if_finite(w_fo * first_order_loss(r_fo, valid, row_scale), metrics, "first-order", params)
         metrics["model_calls"] += len(split.fo) * (2 if config.use_checkpoint else 1)
         metrics["model_calls_with_grad"] += len(split.fo)
 
@@ -158,21 +160,14 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     x = lat[split.ho[0]]
     for k in split.ho[:-1] if w_ho else ():
         mean, sigma = step_mean(model, sched, prompts, k, x, use_checkpoint=config.use_checkpoint)
+        check_recomputed_step(mean, sigma, traj, k, metrics, config.recompute_atol, "the half-order sub-chain")
         x = mean + sigma * traj.noises[k]
     k_end = split.ho[-1]
-    err = float((x.detach() - lat[k_end]).abs().max()) if config.h > 1 and w_ho else 0.0
-    scale = float(lat[k_end].abs().max()) + 1.0
-    metrics["recompute_max_err"] = err
-    if err > config.recompute_atol * scale:
-        raise RecomputationMismatch(
-            f"recomputing the half-order sub-chain gave latents {err:.3g} away from the sampled ones "
-            f"(tolerance {config.recompute_atol * scale:.3g}): the model or the prompt schedule is not "
-            "deterministic between sampling and recomputation (dropout on? a different prompt per step?)"
-        )
     if w_ho:
         mean, sigma = step_mean(model, sched, prompts, k_end, x, use_checkpoint=config.use_checkpoint)
-        total += backward_if_finite(w_ho * likelihood_ratio_loss(mean, lat[k_end + 1], sigma, adv), metrics,
-                                    "half-order")
+        check_recomputed_step(mean, sigma, traj, k_end, metrics, config.recompute_atol, "the half-order term")
+        total += backward_if_finite(w_ho * likelihood_ratio_loss(mean, lat[k_end + 1], sigma, adv, row_scale), metrics,
+                                    "half-order", params)
         metrics["model_calls"] += config.h * (2 if config.use_checkpoint else 1)
         metrics["model_calls_with_grad"] += config.h
     if before is not None:
@@ -186,8 +181,9 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     elif config.zo_mode == "latent_lr":
         for k in split.zo:
             mean, sigma = step_mean(model, sched, prompts, k, lat[k])
-            total += backward_if_finite(w_zo * likelihood_ratio_loss(mean, lat[k + 1], sigma, adv), metrics,
-                                        "zeroth-order")
+            check_recomputed_step(mean, sigma, traj, k, metrics, config.recompute_atol, "a zeroth-order term")
+            total += backward_if_finite(w_zo * likelihood_ratio_loss(mean, lat[k + 1], sigma, adv, row_scale), metrics,
+                                        "zeroth-order", params)
         metrics["model_calls"] += len(split.zo)
         metrics["model_calls_with_grad"] += len(split.zo)
     elif config.zo_mode == "param_1pt" and split.zo:

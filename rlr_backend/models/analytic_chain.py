@@ -139,14 +139,17 @@ def make_analytic_chain(d: int = 3, num_steps: int = 8, eta: float = 1.0, seed: 
 
 
 def collect_estimates(chain: AnalyticChain, estimate: Callable[..., object], *, n_calls: int, batch: int,
-                      seed: int, reward_offset: float = 0.0, **kwargs) -> Tensor:
+                      seed: int, reward_offset: float = 0.0, reward: Callable[[Tensor], Tensor] | None = None,
+                      **kwargs) -> Tensor:
     """(n_calls, 1 + d) gradient-ascent estimates: -(.grad) after each estimator call.
 
-    ``reward_offset`` is subtracted from the reward (a constant baseline, for estimators without one).
+    ``reward_offset`` is subtracted from the reward (a constant baseline, for estimators without one);
+    ``reward`` replaces the chain's own (e.g. one that fails on some rows).
     """
     from ..estimators import ChainProblem
 
-    problem = ChainProblem(chain.model, chain.schedule, chain.prompts(), lambda x: chain.reward(x) - reward_offset,
+    base = reward or chain.reward
+    problem = ChainProblem(chain.model, chain.schedule, chain.prompts(), lambda x: base(x) - reward_offset,
                            chain.params)
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(n_calls, 1 + chain.d, dtype=torch.float64)

@@ -55,16 +55,42 @@ class TrainableModel(Protocol):
         ...
 
 
+@runtime_checkable
+class ScheduledPrompt(Protocol):
+    """A prompt with coarse / mid / fine versions (``rlr_backend.train.prompts.PromptSpec``)."""
+
+    scheduled: bool
+
+    def versions(self) -> tuple[str, str, str]:
+        ...
+
+
+def prompt_schedule(model: TrainableModel, prompts: Sequence[str | ScheduledPrompt], num_steps: int,
+                    split: Sequence[float] | None = None) -> PromptSchedule:
+    """The per-step conditioning of a batch of prompts, the one definition training and sampling share:
+    when any prompt has coarse / mid / fine versions, each version on its ``split`` part of the chain
+    (equal thirds when None; a plain prompt uses its text on all three); otherwise one conditioning."""
+    versions = [(p, p, p) if isinstance(p, str) else p.versions() for p in prompts]
+    if any(not isinstance(p, str) and p.scheduled for p in prompts):
+        conds = [model.conditioning([v[i] for v in versions]) for i in range(3)]
+        return PromptSchedule.from_fractions(conds, split or [1 / 3] * 3, num_steps)
+    return PromptSchedule.constant(model.conditioning([v[2] for v in versions]), num_steps)
+
+
 @torch.no_grad()
-def sample_images(model: TrainableModel, prompts: Sequence[str], *, num_steps: int = 20, eta: float = 1.0,
-                  guidance_scale: float = 4.0, seed: int = 0, callback: Callable[[dict], None] | None = None) -> Tensor:
+def sample_images(model: TrainableModel, prompts: Sequence[str | ScheduledPrompt], *, num_steps: int = 20,
+                  eta: float = 1.0, guidance_scale: float = 4.0, seed: int = 0,
+                  callback: Callable[[dict], None] | None = None,
+                  prompt_split: Sequence[float] | None = None) -> Tensor:
     """Images (B, 3, H, W) in [0, 1] for ``prompts`` (one image each), reproducible from ``seed``;
-    ``callback`` gets sample_chain's per-step dict (for progress bars)."""
-    if not prompts or any(not p.strip() for p in prompts):
+    a prompt with coarse / mid / fine versions uses them on the ``prompt_split`` parts of the chain
+    (``prompt_schedule``); ``callback`` gets sample_chain's per-step dict (for progress bars)."""
+    texts = [p if isinstance(p, str) else p.versions()[2] for p in prompts]
+    if not prompts or any(not t.strip() for t in texts):
         raise ValueError("prompt is empty; give the text of a prompt")
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(prompts), *model.latent_shape), generator=g)
-    cond = PromptSchedule.constant(model.conditioning(list(prompts)), num_steps)
+    cond = prompt_schedule(model, prompts, num_steps, prompt_split)
     traj = sample_chain(model.denoiser(guidance_scale), model.schedule(num_steps, eta), cond, x_T, generator=g,
                         callback=callback)
     return model.decode(traj.final)

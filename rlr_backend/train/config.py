@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..choices import (ESTIMATOR_NAMES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, ZO_MODES, ConfigError,
                        check_choice, check_device, parse_reward_spec)
-from .prompts import PromptSpec
+from .prompts import DEFAULT_PROMPT_SPLIT, PromptSpec, prompts_from_json, prompts_to_json
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "a red circle on a blue background",
@@ -52,7 +52,7 @@ class TrainConfig:
     fo_steps: int = _f(4, "rlr: backprop (first-order) through the last K steps (the paper uses 1; 4 learns faster, still unbiased)")
     zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
     nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
-    prompt_split: tuple[float, float, float] = _f((1 / 3, 1 / 3, 1 / 3), "fractions of the sampling steps for the "
+    prompt_split: tuple[float, float, float] = _f(DEFAULT_PROMPT_SPLIT, "fractions of the sampling steps for the "
                                                  "coarse / mid / fine versions of a prompt")
     ho_range: tuple[int, int] | None = _f(None, "rlr: draw the sub-chain start j in a..b (paper order, 1 = last step; default: "
                                                    "uniformly over the steps before the first-order ones)")
@@ -168,7 +168,7 @@ class TrainConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "prompts":
-                v = [[p.coarse, p.mid, p.fine] if p.scheduled else p.fine for p in v]
+                v = prompts_to_json(v)
             elif isinstance(v, Path):
                 v = str(v)
             elif isinstance(v, tuple):
@@ -179,7 +179,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":
         d = dict(data)
-        d["prompts"] = tuple(PromptSpec(p) if isinstance(p, str) else PromptSpec(p[2], p[0], p[1]) for p in d["prompts"])
+        d["prompts"] = prompts_from_json(d["prompts"])
         d["output_dir"] = Path(d["output_dir"])
         if d.get("ho_range") is not None:
             d["ho_range"] = tuple(d["ho_range"])

@@ -1,4 +1,9 @@
-"""Sampling with a loaded pipeline and an optional LoRA at a strength (``rlr-sample``, the app's compare tab)."""
+"""Sampling with a loaded pipeline and an optional LoRA at a strength (``rlr-sample``, the app's compare tab).
+
+A LoRA trained with 'coarse | mid | fine' prompts is sampled with them: ``lora_prompts`` reads the
+prompts and split it recorded, and ``resolve_prompt`` (train.prompts) gives a trained fine prompt its
+coarse and mid versions, as the trainer's evaluation images have them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import torch
 
 from ..lora import load_lora
 from ..models.loader import model_for_pipeline
+from ..models.trainable import ScheduledPrompt
 from ..models.trainable import sample_images as model_samples
+from ..safe_io import load_tensors
+from .prompts import PromptSpec, schedule_from_metadata
 
 
 def add_lora_file(pipe, path: str | Path) -> None:
@@ -18,14 +26,22 @@ def add_lora_file(pipe, path: str | Path) -> None:
     load_lora(pipe.unet, path, model_version=model_for_pipeline(pipe).base_model_version)
 
 
+def lora_prompts(path: str | Path) -> tuple[tuple[PromptSpec, ...], tuple[float, float, float]]:
+    """(the 'coarse | mid | fine' prompts a LoRA file was trained with, their split) from its metadata;
+    no prompts (and equal thirds) for a LoRA trained without a prompt schedule or elsewhere."""
+    return schedule_from_metadata(load_tensors(path)[1])
+
+
 def set_lora_strength(pipe, strength: float) -> None:
     """Scale the LoRA added by :func:`add_lora_file`; 0 gives the base model exactly."""
     pipe.unet.set_adapters(["default"], weights=[float(strength)])
 
 
-def sample_images(pipe, prompts: Sequence[str], *, num_per_prompt: int = 1, steps: int = 20, eta: float = 1.0,
-                  guidance_scale: float = 4.0, seed: int = 0) -> torch.Tensor:
-    """Images (len(prompts) * num_per_prompt, 3, H, W) in [0, 1], prompt-major.
+def sample_images(pipe, prompts: Sequence[str | ScheduledPrompt], *, num_per_prompt: int = 1, steps: int = 20,
+                  eta: float = 1.0, guidance_scale: float = 4.0, seed: int = 0,
+                  prompt_split: Sequence[float] | None = None) -> torch.Tensor:
+    """Images (len(prompts) * num_per_prompt, 3, H, W) in [0, 1], prompt-major. A prompt with coarse / mid /
+    fine versions (a ``PromptSpec``) uses them on the ``prompt_split`` parts of the chain.
 
     The initial noise and the DDIM noise come from one generator seeded with ``seed``, so two calls
     with the same arguments differ only by the weights of ``pipe`` (e.g. the LoRA strength).
@@ -34,4 +50,4 @@ def sample_images(pipe, prompts: Sequence[str], *, num_per_prompt: int = 1, step
         raise ValueError(f"num_per_prompt and steps must be >= 1, got {num_per_prompt} and {steps}")
     texts = [p for p in prompts for _ in range(num_per_prompt)]
     return model_samples(model_for_pipeline(pipe), texts, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
-                         seed=seed)
+                         seed=seed, prompt_split=prompt_split)

@@ -22,10 +22,10 @@ from typing import Callable
 
 import torch
 
-from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator, loss_scaling
+from ..estimators import BaselineState, ChainProblem, JSampler, describe_estimator, get_estimator, loss_scaling
 from ..estimators.kl import kl_to_base
 from ..lora import save_kohya
-from ..models.trainable import TrainableModel
+from ..models.trainable import TrainableModel, prompt_schedule
 from ..rewards import Reward, make_reward
 from ..safe_io import save_json
 from ..sampling import PromptSchedule, sample_chain
@@ -35,6 +35,7 @@ from .distributed import DataParallel
 from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
                      reward_models_in_precision)
 from .pipeline import load_pipeline, model_for_pipeline
+from .prompts import schedule_metadata
 from .report import diversity, save_before_after, save_grid, save_reward_curve
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class Trainer:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
                              "is not differentiable; use rlr, ddpo or zo")
         self.est_config = config.estimator_config()
+        # options that bias the estimator, settings the reward overrides: one line each per run, and in the LoRA
+        self.estimator_notes = describe_estimator(self.est_config, self.reward.differentiable)
+        self.estimator_notes.log(once=False)
         self.prompt_split = tuple(float(f) for f in config.prompt_split)
         PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
         if model is None:
@@ -122,12 +126,7 @@ class Trainer:
     def problem(self, prompt_ids: list[int]) -> ChainProblem:
         specs = [self.config.prompts[i] for i in prompt_ids]
         captions = [s.fine for s in specs]
-        n = self.config.num_inference_steps
-        if any(s.scheduled for s in specs):
-            conds = [self.t2i.conditioning([s.versions()[v] for s in specs]) for v in range(3)]
-            prompts = PromptSchedule.from_fractions(conds, self.prompt_split, n)
-        else:
-            prompts = PromptSchedule.constant(self.t2i.conditioning(captions), n)
+        prompts = prompt_schedule(self.t2i, specs, self.config.num_inference_steps, self.prompt_split)
 
         def reward(latents: torch.Tensor) -> torch.Tensor:
             return self.reward(self.decode(latents), captions)
@@ -317,7 +316,8 @@ class Trainer:
     def _save_lora(self, path: Path, metadata: dict[str, str]) -> Path:
         cfg = self.config
         sd, rank, alpha = self.t2i.lora_state_dict()
-        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, **metadata}
+        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, **self.estimator_notes.metadata(),
+                **schedule_metadata(cfg.prompts, self.prompt_split), **metadata}
         return save_kohya(sd, path, rank, alpha, base_model_version=self.t2i.base_model_version, metadata=meta)
 
     def update(self) -> dict[str, float]:
