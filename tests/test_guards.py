@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlr_backend.estimators import ChainProblem
-from rlr_backend.estimators.kl import kl_to_base
+from rlr_backend.estimators.kl import draw_steps, kl_to_base, step_probabilities
 from rlr_backend.models.analytic_chain import make_analytic_chain
 from rlr_backend.safe_io import load_tensors
 from rlr_backend.sampling import sample_chain
@@ -39,21 +39,33 @@ def _exact_kl(chain, traj) -> torch.Tensor:
     return total
 
 
+def kl_to_base_uniform(chain, traj, steps) -> float:
+    """The same estimate from uniformly drawn steps (T/m times their sum), for comparison."""
+    with torch.no_grad():
+        return sum(float(((chain.kappa[k] * chain.model.u * traj.latents[k] + chain.beta[k] * chain.model.v) ** 2)
+                         .sum(1).mean() / (2 * chain.schedule.sigma[k] ** 2)) for k in steps) * chain.num_steps / len(steps)
+
+
 def test_kl_term_is_the_closed_form_and_its_step_subsets_are_unbiased():
     chain, problem, traj = _chain_and_traj()
     exact = _exact_kl(chain, traj)
     (gu, gv) = torch.autograd.grad(0.7 * exact, [chain.model.u, chain.model.v])
     for p in chain.params:
         p.grad = None
-    metrics: dict[str, float] = {}
-    value = kl_to_base(problem, traj, list(range(chain.num_steps)), 0.7, metrics)
+    probs = step_probabilities(chain.schedule.sigma)
+    value = 0.0
+    for k in range(chain.num_steps):  # the expectation over one drawn step, written out: sum_k p_k KL_k / p_k
+        value += float(probs[k]) * kl_to_base(problem, traj, [k], 0.7 * float(probs[k]), {})
     assert value == pytest.approx(float(exact.detach()), rel=1e-9)
     assert torch.allclose(chain.model.u.grad, gu) and torch.allclose(chain.model.v.grad, gv)
     assert float(chain.model.u) == 0.4  # the LoRA-off pass restored the parameters exactly
     g = torch.Generator().manual_seed(1)
-    draws = torch.tensor([kl_to_base(problem, traj, torch.randperm(6, generator=g)[:2].tolist(), 0.0, {})
+    draws = torch.tensor([kl_to_base(problem, traj, draw_steps(chain.schedule.sigma, 2, g), 0.0, {})
                           for _ in range(400)], dtype=torch.float64)
     assert abs(float(draws.mean()) - float(exact.detach())) < 4 * float(draws.std()) / 400**0.5
+    uniform = torch.tensor([kl_to_base_uniform(chain, traj, torch.randperm(6, generator=g)[:2].tolist())
+                            for _ in range(400)], dtype=torch.float64)
+    assert float(draws.std()) < float(uniform.std())  # drawing steps by their share of the KL lowers the noise
 
 
 def test_best_lora_is_kept_and_early_stop_fires_when_the_eval_reward_falls(tmp_path, monkeypatch):

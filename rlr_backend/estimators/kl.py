@@ -5,12 +5,15 @@ Both samplers are Gaussian steps with the same sigma_k, so along a sampled traje
     KL(p_theta(.|x_k) || p_base(.|x_k)) = |mu_theta(x_k) - mu_base(x_k)|^2 / (2 sigma_k^2)      (per step, summed
                                                                                                 over elements)
 
-and the chain's KL is the expectation of its sum over k. ``kl_to_base`` estimates that sum from
-``len(steps)`` steps drawn uniformly without replacement, scaled by T / len(steps) (an unbiased estimate
-for any number of steps), and backpropagates ``weight`` times it into ``.grad``. The base model's mean
-is the same model with the LoRA set to 0 (no second copy of the weights). The trajectory is the one the
-estimator sampled (its latents are detached), so the gradient is the pathwise gradient of the KL at
-fixed states, the usual regulariser of DPOK / Flow-GRPO.
+and the chain's KL is the expectation of its sum over k. Because sigma_k shrinks towards the end of the
+chain, the last steps carry most of it (the per-step KL scales like 1 / sigma_k^2), so ``kl_to_base``
+draws ``m`` steps with probability p_k proportional to 1 / sigma_k^2 (with replacement) and averages
+KL_k / p_k: an unbiased estimate of the whole chain's KL for any m, with far less noise than uniform
+draws (uniform 2-step draws spread over 3 orders of magnitude on the default model). It backpropagates
+``weight`` times that estimate into the trainable parameters. The base model's mean is the same model
+with the LoRA set to 0 (no second copy of the weights). The trajectory is the one the estimator sampled
+(its latents are detached), so the gradient is the pathwise gradient of the KL at fixed states, the usual
+regulariser of DPOK / Flow-GRPO.
 
 Cost per step: one no-grad forward (base), one forward and one backward (LoRA).
 """
@@ -26,16 +29,31 @@ from .perturbation import zeroed
 from .problem import ChainProblem, backward_if_finite
 
 
+def step_probabilities(sigma: Sequence[float]) -> torch.Tensor:
+    """p_k proportional to 1 / sigma_k^2 over the chain's steps (every sigma must be > 0)."""
+    sig = torch.as_tensor(list(sigma), dtype=torch.float64)
+    if not bool((sig > 0).all()):
+        bad = [k for k, v in enumerate(sig.tolist()) if v <= 0]
+        raise ValueError(f"the KL guard needs sigma > 0, but sampler steps {bad[:5]} are deterministic; set eta > 0")
+    w = sig.pow(-2)
+    return w / w.sum()
+
+
+def draw_steps(sigma: Sequence[float], m: int, generator: torch.Generator | None) -> list[int]:
+    """``m`` steps drawn with probability ``step_probabilities(sigma)``, with replacement."""
+    return torch.multinomial(step_probabilities(sigma), m, replacement=True, generator=generator).tolist()
+
+
 def kl_to_base(problem: ChainProblem, traj: Trajectory, steps: Sequence[int], weight: float,
                metrics: dict[str, float]) -> float:
-    """Backpropagate weight * (T/m) * mean_b sum_{k in steps} KL_k; return the chain KL estimate (T/m) * sum."""
-    n, params = problem.num_steps, list(problem.params)
-    scale = n / len(steps)
+    """Backpropagate weight * (1/m) sum_i mean_b KL_{k_i} / p_{k_i} over the drawn ``steps`` (from
+    ``draw_steps``); return that estimate of the chain's KL."""
+    params = list(problem.params)
+    probs = step_probabilities(problem.schedule.sigma)
     total = 0.0
     for k in steps:
         sigma = float(problem.schedule.sigma[k])
-        if sigma <= 0:
-            raise ValueError(f"the KL guard needs sigma > 0, but sampler step {k} is deterministic; set eta > 0")
+        scale = 1.0 / (len(steps) * float(probs[k]))
         x = traj.latents[k]
         with torch.no_grad(), zeroed(params):
             base, _ = step_mean(problem.model, problem.schedule, problem.prompts, k, x)

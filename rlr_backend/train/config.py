@@ -75,8 +75,8 @@ class TrainConfig:
     ckpt_every: int = _f(10, "checkpoint every N updates")
     kl_weight: float = _f(0.0, "guard: weight of the KL divergence to the base model along the sampled chain "
                                "(per-step Gaussian KL of the LoRA's transition to the base model's, estimated on "
-                               "kl_steps random steps per update; 0: off). Keeps the model near the base, against "
-                               "reward hacking and drift on long runs")
+                               "kl_steps steps drawn by their share of it; 0: off). Keeps the model near the base, "
+                               "against reward hacking and drift on long runs")
     kl_steps: int = _f(2, "guard: sampling steps per update the KL term is computed on (its estimate of the whole "
                           "chain's KL is unbiased for any number; more steps: less noise, more time)", min=1)
     early_stop_drop: float = _f(0.0, "guard: stop when the evaluation reward falls this far below its best (0: "

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..estimators import BaselineState, ChainProblem, JSampler, describe_estimator, get_estimator, loss_scaling
-from ..estimators.kl import kl_to_base
+from ..estimators.kl import draw_steps, kl_to_base
 from ..lora import save_kohya
 from ..models.trainable import TrainableModel, prompt_schedule
 from ..rewards import Reward, make_reward
@@ -341,9 +341,8 @@ class Trainer:
                 est = self.spec.fn(problem, x_T.to(self.device), config=self.est_config, generator=self.generator,
                                    baseline_state=self.baseline, j_sampler=self.j_sampler)
                 if cfg.kl_weight > 0:
-                    steps = torch.randperm(cfg.num_inference_steps, generator=self.generator)[:cfg.kl_steps]
-                    est.metrics["kl"] = kl_to_base(problem, est.trajectory, sorted(steps.tolist()), cfg.kl_weight,
-                                                   est.metrics)
+                    steps = draw_steps(self.schedule.sigma, cfg.kl_steps, self.generator)
+                    est.metrics["kl"] = kl_to_base(problem, est.trajectory, steps, cfg.kl_weight, est.metrics)
             for k, v in est.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
         self.dp.average_gradients(self.params)  # the mean of equal shards' mean-loss gradients
