@@ -96,11 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
             "tiny": args.tiny, "device": str(device), "memory_tolerance": args.memory_tolerance,
-            "json": str(json_path.name), "environment": dev.environment(device)}
+            "json": str(json_path.name), "cuda": torch.cuda.is_available(), "environment": dev.environment(device)}
     checks = Checks(budget, meta, json_path, md_path, render, guard_min_s=300.0 if args.tiny else 60.0)
-    if device.type != "cuda":
-        checks.skip("GPU checks", "other", "no CUDA device: the tiny configs ran on the CPU instead"
-                    if args.device is None else "run on the CPU by request")
     work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     steps = args.train_steps or (2 if args.tiny else 20)
     reference = None
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if "updates" not in args.skip:
             run_updates(checks, device, args.models, args.variants, args.tiny, args.memory_tolerance)
         if reference is not None:
-            checks.run(f"default recipe, {steps} updates: {device.type} vs CPU", "training",
+            checks.run(f"default recipe, {steps} update{'s' * (steps > 1)}: {device.type} vs CPU", "training",
                        lambda: training.compare(
                            training.train_default(str(device), steps, work, args.tiny, "default-device"),
                            training.wait_reference(reference, work, budget.left() - 5), require_rise=not args.tiny),

@@ -147,7 +147,7 @@ def comfy_nodes_run(out_dir: Path, tiny: bool) -> dict:
             reward = nodes.Reward.execute(reward="prompt_alignment", weight=1.0).args[0]
             prompts = nodes.PromptSchedule.execute(fine="a red circle on a blue background", coarse="", mid="",
                                                    coarse_end=0.3, mid_end=0.7, ho_start=0, ho_end=0).args[0]
-            steps = 2 if tiny else 5
+            steps = 1 if tiny else 5
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

@@ -111,6 +111,14 @@ def docs_fits() -> tuple[mm.Fits, dict[str, int]] | None:
     return mm.fit_components(data["points"]), counts
 
 
+def docs_prediction(docs: tuple[mm.Fits, dict[str, int]], arch: str, resolution: int, batch: int, num_steps: int,
+                    v: Variant) -> dict:
+    """docs/memory.md's prediction of one update of ``v`` (text encoders offloaded, as rlr-train does)."""
+    fits, counts = docs
+    s = mm.Scenario(arch, resolution, batch, T=num_steps, h=H, fo_steps=v.window())
+    return mm.predict(fits, s, mm.Options(checkpointing=v.checkpointing, offload_text=True), counts, v.estimator)
+
+
 def fit_decision(predicted: float, own_bytes: float, card_bytes: float, free_bytes: float) -> str | None:
     """Why an update predicted at ``predicted`` bytes (``own_bytes`` of them already allocated: this
     stack's weights) must not run, or None. Not on the card: the prediction with the docs' margin exceeds
@@ -151,7 +159,7 @@ class Bench:
             q.grad = None
         self.sample_seconds, _ = dev.timed(self.sample, device)
         self.persistent = self.stack.weight_bytes + dev.tensor_bytes(optimizer=self.optimizer)
-        logger.info("%s: %.2f GB of weights and optimizer state, no-grad sample %.2f s", plan.label,
+        logger.info("%s: %.2f GB of weights and optimizer state, no-grad sample %.2f s", self.label,
                     self.persistent / GB, self.sample_seconds)
 
     @property
@@ -185,9 +193,7 @@ class Bench:
         out = {"composed_bytes": self.persistent + 4.0 * lora + mm.chain_store_bytes(self.T, b, lat * lat) + act,
                "composed_phase": phase, "predicted_bytes": None, "binding_phase": None}
         if self.docs is not None and not self.tiny:
-            fits, counts = self.docs
-            s = mm.Scenario(self.plan.arch, self.stack.pixels, b, T=self.T, h=H, fo_steps=k)
-            pred = mm.predict(fits, s, mm.Options(checkpointing=v.checkpointing, offload_text=True), counts, model_est)
+            pred = docs_prediction(self.docs, self.plan.arch, self.stack.pixels, b, self.T, v)
             out.update(predicted_bytes=pred["bytes"], binding_phase=pred["binding_phase"])
         return out
 
@@ -233,6 +239,7 @@ def check_variant(bench: Bench, v: Variant, tolerance: float) -> dict:
     why = fit_decision(ref_bytes, bench.persistent, card, dev.capacity_bytes(bench.device))
     if why is not None:
         return {**rec, "status": "skipped", "reason": f"predicted not to fit: {why}"}
+    bench.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the measured update
     m = measure_update(bench.update(v), bench.device)
     if "oom" in m:
         reached = bench.persistent + m["peak_before_oom"]
