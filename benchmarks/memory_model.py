@@ -1024,6 +1024,7 @@ def render(data: dict, analysis: dict, out: Path, image_paths: Sequence[Path]) -
     lines += _doc_formula(fits)
     lines += _doc_measurements(rows, fits, analysis)
     lines += _doc_validation(data.get("validation", []))
+    lines += _doc_gpu()
     lines += _doc_caveats()
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1250,6 +1251,13 @@ def _doc_validation(vals: list[dict]) -> list[str]:
     worst = max(abs(v["rel_error"]) for v in vals)
     lines += ["", f"Largest error: {worst:.1%}.", ""]
     return lines
+
+
+def _doc_gpu() -> list[str]:
+    """Measured against predicted on a GPU (benchmarks/gpu_check), or a line saying it has not been."""
+    from benchmarks.gpu_check.report import memory_doc_section
+
+    return memory_doc_section(RESULTS.parent)
 
 
 def _doc_caveats() -> list[str]:

@@ -36,7 +36,8 @@ def test_the_command_runs_the_tiny_checks_on_the_cpu(tmp_path):
     data = json.loads((tmp_path / "gpu-check-tiny.json").read_text())
     assert data["tiny"] and data["device"] == "cpu" and data["environment"]["torch"] == torch.__version__
     checks = {c["name"]: c for c in data["checks"]}
-    assert data["counts"]["fail"] == 0 and data["counts"]["pass"] == 5, [(c["name"], c["status"]) for c in checks.values()]
+    statuses = [(c["name"], c["status"], c.get("reason")) for c in checks.values()]
+    assert data["counts"]["fail"] == 0 and data["counts"]["pass"] == 5, statuses
     ckpt = checks["SD1.5-family tiny config: rlr default (fo_steps=4) + checkpointing"]
     full = checks["SD1.5-family tiny config: full_bp"]
     for c in (ckpt, full):
@@ -89,9 +90,11 @@ def test_budget_guards_and_failures_are_recorded_and_the_run_goes_on(tmp_path):
 
     rec = checks.run("slow", "update", slow, estimate_s=0.1)
     assert rec["status"] == "skipped" and "time guard" in rec["reason"] and rec["check_seconds"] < 5
-    assert checks.run("ok", "training", lambda: {"status": "pass", "gap": float("nan")}, estimate_s=1)["status"] == "pass"
+    ok = checks.run("ok", "training", lambda: {"status": "pass", "gap": float("nan")}, estimate_s=1)
+    assert ok["status"] == "pass"
     data = json.loads((tmp_path / "r.json").read_text())  # strict JSON after every check: NaN became null
-    assert [c["name"] for c in data["checks"]] == ["too long", "boom", "slow", "ok"] and data["checks"][3]["gap"] is None
+    assert [c["name"] for c in data["checks"]] == ["too long", "boom", "slow", "ok"]
+    assert data["checks"][3]["gap"] is None
     assert data["counts"] == {"pass": 1, "fail": 1, "skipped": 2} and data["x"] == 1
     assert "1 passed, 1 failed, 2 skipped" in (tmp_path / "r.md").read_text()
     assert [c["name"] for c in checks.failed()] == ["boom"]
@@ -127,7 +130,8 @@ def test_an_out_of_memory_error_is_a_failed_prediction_with_its_figures():
 
 
 def test_updates_predicted_not_to_fit_are_skipped_and_bad_figures_fail():
-    rec = updates.check_variant(fake_bench(lambda: pytest.fail("must not run"), composed=1e18), updates.VARIANTS[0], 0.1)
+    never = fake_bench(lambda: pytest.fail("must not run"), composed=1e18)
+    rec = updates.check_variant(never, updates.VARIANTS[0], 0.1)
     assert rec["status"] == "skipped" and rec["reason"].startswith("predicted not to fit")
 
     def metrics(**m):

@@ -24,7 +24,8 @@ def _s(v) -> str:
 def header(data: dict) -> list[str]:
     env = data.get("environment", {})
     if env.get("gpu"):
-        where = (f"{env['gpu']} ({env.get('gpu_memory_bytes', 0) / GB:.0f} GB, compute {env.get('compute_capability')}), "
+        where = (f"{env['gpu']} ({env.get('gpu_memory_bytes', 0) / GB:.0f} GB, "
+                 f"compute {env.get('compute_capability')}), "
                  f"driver {env.get('driver') or '?'}, CUDA {env.get('torch_cuda')}, cuDNN {env.get('cudnn')}")
     else:
         where = f"no CUDA device: {env.get('cpu', '?')}, {env.get('cores', '?')} cores"
@@ -121,13 +122,15 @@ def memory_doc_section(results_dir) -> list[str]:
     if data is None:
         return lines + [NOT_YET, ""]
     rows = [r for r in data.get("checks", []) if r.get("group") == "update" and "variant" in r]
-    lines += [_about(data), "", "| model | B | estimator | measured GB | predicted GB | measured / predicted | status |",
+    lines += [_about(data), "",
+              "| model | B | estimator | measured GB | predicted GB | measured / predicted | status |",
               "|---|---|---|---|---|---|---|"]
     gaps = []
     for r in rows:
         m, p = r.get("measured_bytes"), r.get("predicted_bytes")
+        why = f": {r['reason']}" if r.get("reason") else ""
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {_gb(m)} | {_gb(p)} | "
-                     f"{_pct(m / p) if m and p else '-'} | {r['status']}{': ' + r['reason'] if r.get('reason') else ''} |")
+                     f"{_pct(m / p) if m and p else '-'} | {r['status']}{why} |")
         if m and p and abs(m / p - 1) > 0.10:
             gaps.append(f"- {r['model']}, {r['variant']}: {m / p - 1:+.1%} (composed from this GPU's own parts: "
                         f"{_pct(r.get('composed_ratio'))}).")
@@ -149,7 +152,8 @@ def benchmarks_doc_section(results_dir) -> list[str]:
     for r in checks:
         if r.get("group") == "update" and "variant" in r and r.get("seconds") is not None:
             lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {_s(r['seconds'])} | "
-                         f"{_s(r['sample_seconds'])} | {_x(r.get('time_ratio'))} | {_x(r.get('predicted_time_ratio'))} |")
+                         f"{_s(r['sample_seconds'])} | {_x(r.get('time_ratio'))} | "
+                         f"{_x(r.get('predicted_time_ratio'))} |")
     for r in checks:
         if r.get("group") in ("training", "nodes"):
             lines += ["", f"- {r['name']}: **{r['status']}**. {r.get('summary', '')}"
