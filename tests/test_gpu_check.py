@@ -235,3 +235,17 @@ def test_docs_sections_say_not_measured_yet_or_show_the_gpu_figures(tmp_path):
         "\n".join(report.memory_doc_section(tmp_path))
     bench = "\n".join(report.benchmarks_doc_section(tmp_path))
     assert "| 12.00 | 3.00 | 4.00x | 4.00x |" in bench and "default recipe: **pass**" in bench
+
+
+def test_bad_options_exit_2_and_the_cpu_runs_the_tiny_checks():
+    from benchmarks.gpu_check import cli
+
+    for bad in (["--budget-s", "0"], ["--variants", "sgd"], ["--memory-tolerance", "2"], ["--models", "sd3"]):
+        with pytest.raises(SystemExit) as e:
+            cli.parse(bad)
+        assert e.value.code == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="this torch has no CUDA GPU"):
+            cli.choose_device(cli.parse(["--device", "cuda"]))
+    args = cli.parse(["--device", "cpu"])
+    assert cli.choose_device(args).type == "cpu" and args.tiny

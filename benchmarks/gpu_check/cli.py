@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -71,17 +72,22 @@ def choose_device(args: argparse.Namespace) -> torch.device:
         return torch.device("cpu")
     from rlr_backend.train.memory import resolve_device
 
-    return resolve_device(args.device)
+    device = resolve_device(args.device)
+    if device.type != "cuda" and not args.tiny:
+        logger.warning("--device %s: the full-size models need a CUDA GPU; running the tiny checks", device)
+        args.tiny = True
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()  # the budget counts the imports and CUDA's start-up too
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet_progress_bars()
     args = parse(argv)
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, start=start)
     try:
         device = choose_device(args)
     except ValueError as e:

@@ -35,9 +35,9 @@ class CheckTimeout(Exception):
 class Budget:
     """Wall-clock budget of the whole run, from its creation."""
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.perf_counter, start: float | None = None):
         self.seconds, self.clock = float(seconds), clock
-        self.start = clock()
+        self.start = clock() if start is None else start
 
     def used(self) -> float:
         return self.clock() - self.start
