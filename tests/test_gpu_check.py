@@ -149,6 +149,28 @@ def test_updates_predicted_not_to_fit_are_skipped_and_bad_figures_fail():
     assert nan["status"] == "fail" and "non-finite" in nan["reason"]
 
 
+def test_a_recomputation_mismatch_fails_the_check_and_the_update_is_measured_without_the_check():
+    from rlr_backend.estimators import RecomputationMismatch
+
+    calls = []
+
+    def update(v, check_recomputation=True):
+        def run():
+            calls.append(check_recomputation)
+            if check_recomputation:
+                raise RecomputationMismatch("recomputing the half-order sub-chain gave latents 0.01 away")
+            return {"model_calls": 6.0}
+        return run
+
+    bench = fake_bench(None, persistent=1e6, composed=1e6)
+    bench.update = update
+    rec = updates.check_variant(bench, updates.VARIANTS[0], 0.1)
+    assert calls[0] and not any(calls[1:]) and rec["status"] == "fail" and rec["measured_bytes"] >= 1e6
+    assert rec["reason"].startswith("RecomputationMismatch: recomputing") and "rerun without the check" in rec["reason"]
+    cfg = updates.VARIANTS[0].config().estimator_config()
+    assert cfg.recompute_atol < 1  # the check is on unless the GPU check turns it off for the rerun
+
+
 def test_variants_are_configured_as_rlr_train_configures_them():
     by = {v.key: v for v in updates.VARIANTS}
     assert [v.key for v in updates.VARIANTS][:updates.KEY_VARIANTS] == ["rlr", "rlr-ckpt"]
