@@ -165,12 +165,10 @@ class AestheticReward(torch.nn.Module):
 
 def build_reward(dtype: torch.dtype = MEASURE_DTYPE, seed: int = 0, device: str | torch.device = "cpu",
                  vision: dict | None = None) -> AestheticReward:
-    """The aesthetic reward at random init, built on ``device`` (transformers' init runs there) in ``dtype``;
-    ``vision`` replaces the ViT-L/14 config (e.g. a shrunk one)."""
+    """The aesthetic reward at random init in ``dtype`` on ``device`` (initialised on the CPU, as transformers
+    does it, then moved); ``vision`` replaces the ViT-L/14 config (e.g. a shrunk one)."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        reward = AestheticReward(vision)
-    return reward.to(dtype).requires_grad_(False).eval()
+    return AestheticReward(vision).to(dtype).to(device).requires_grad_(False).eval()
 
 
 def param_count(module: torch.nn.Module) -> int:

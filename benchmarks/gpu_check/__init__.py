@@ -1,6 +1,6 @@
 """GPU acceptance check: measure on a real GPU what the CPU can only predict, in one short run.
 
-    python -m benchmarks.gpu_check                 # on a CUDA GPU: ~5 min on an H200, budget 8 min
+    python -m benchmarks.gpu_check                 # on a CUDA GPU: budget 8 min (~5 min estimated on an H200)
     python -m benchmarks.gpu_check --budget-s 300  # a shorter budget: the least valuable checks are skipped
     python -m benchmarks.gpu_check --tiny          # tiny configs, seconds on a CPU (the test suite runs it)
 

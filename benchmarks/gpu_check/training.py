@@ -161,8 +161,9 @@ def comfy_nodes_run(out_dir: Path, tiny: bool) -> dict:
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     ok = bool(lora) and lora.metadata.get("rlr_steps") == str(steps) and all(
         torch.isfinite(v.float()).all() for v in lora.values())
+    where = f"CUDA peak {peak / 1e6:.0f} MB" if torch.cuda.is_available() else "on the CPU"
     rec = {"steps": steps, "seconds": seconds, "cuda_peak_bytes": peak, "lora_tensors": len(lora),
-           "summary": f"{steps} updates in {seconds:.1f} s, CUDA peak {peak / 1e6:.0f} MB"}
+           "summary": f"{steps} update{'s' * (steps > 1)} in {seconds:.1f} s, {where}"}
     if not ok:
         return {**rec, "status": "fail", "reason": "the Trainer node's LoRA is empty, unfinished or not finite"}
     if torch.cuda.is_available() and peak == 0:

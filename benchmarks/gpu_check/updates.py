@@ -152,6 +152,9 @@ class Bench:
         self.optimizer.step()  # allocates Adam's moments (zero gradients: the LoRA does not move)
         self.x_T = torch.randn(self.stack.latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
         self.parts = {}
+        if dev.is_cuda(device):  # first calls allocate for good (cuBLAS workspaces, ...): not a part's bytes
+            with self.options(False):
+                mm.stack_components(p, self.stack.latent_shape, device=device, measure=dev.segment(device))
         for ckpt in (False, True):  # LoRA gradients stay allocated, so they are not counted in the parts
             with self.options(ckpt):
                 self.parts[ckpt] = mm.stack_components(p, self.stack.latent_shape, device=device,
