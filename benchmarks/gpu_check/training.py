@@ -70,9 +70,9 @@ def start_reference(out_dir: Path, steps: int, tiny: bool, threads: int) -> subp
     """The CPU reference run in a subprocess (it writes ``out_dir/reference.json``)."""
     cmd = [sys.executable, "-m", "benchmarks.gpu_check.training", "--out", str(out_dir), "--steps", str(steps),
            "--threads", str(threads)] + (["--tiny"] if tiny else [])
-    log = open(out_dir / "reference.log", "w")
     logger.info("CPU reference run started: %s", " ".join(cmd))
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+    with open(out_dir / "reference.log", "w") as log:  # the child keeps its own copy of the file
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
 
 
 def wait_reference(proc: subprocess.Popen, out_dir: Path, timeout_s: float) -> dict:
