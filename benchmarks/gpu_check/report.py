@@ -42,8 +42,9 @@ def header(data: dict) -> list[str]:
 def updates_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
+    T = next((r["T"] for r in rows if "T" in r), 50)
     out = ["## One update: peak memory and time", "",
-           "T = 50, h = 2, LoRA rank 4 (fp32) + Adam, the aesthetic reward (CLIP ViT-L/14 image tower) "
+           f"T = {T}, h = 2, LoRA rank 4 (fp32) + Adam, the aesthetic reward (CLIP ViT-L/14 image tower) "
            "backpropagated through the VAE decoder, text encoders offloaded, random weights. Measured = live tensor "
            "bytes at the peak (`torch.cuda.max_memory_allocated`; allocator reserve and CUDA context not included). "
            "*docs* = docs/memory.md's model (`memory_model.predict` on the CPU fits); *composed* = the same "
