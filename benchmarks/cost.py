@@ -57,6 +57,12 @@ def estimator_cases() -> dict:
     return c
 
 
+def predicted_time_ratio(metrics: dict, num_steps: int) -> float:
+    """The cost model's time of an update over a no-grad sample: (forwards + 2 x backpropagated forwards) / T,
+    from the model calls an estimator counts in its metrics."""
+    return (metrics.get("model_calls", 0.0) + 2 * metrics.get("model_calls_with_grad", 0.0)) / num_steps
+
+
 def measure_costs(model: str, num_steps: int, batch: int, names: list[str], pixels: int | None = None,
                   timing: bool = True) -> list[dict]:
     """One row per case: seconds, bytes, their ratios to a no-grad sample, and the predicted time ratio."""
@@ -88,7 +94,7 @@ def measure_costs(model: str, num_steps: int, batch: int, names: list[str], pixe
         base_t = timed(sample, 2) if timing else float("nan")
         t = timed(run) if timing else float("nan")
         mem = stack.weight_bytes + peak_allocated(run)
-        predicted = (metrics.get("model_calls", 0.0) + 2 * metrics.get("model_calls_with_grad", 0.0)) / num_steps
+        predicted = predicted_time_ratio(metrics, num_steps)
         rows.append({"model": model, "pixels": stack.pixels, "unet_params": stack.unet_params, "T": num_steps,
                      "batch": batch, "estimator": name, "seconds": t, "sample_seconds": base_t,
                      "time_ratio": t / base_t, "predicted_time_ratio": predicted, "bytes": mem,

@@ -108,10 +108,12 @@ AESTHETIC_HEAD_PARAMS = 768 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 64 + 64 + 6
 
 
 # ------------------------------------------------------------------------------------------ building
-def _materialize(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """Allocate a meta-device module directly in ``dtype`` and initialise it with each layer's default
-    init (values are irrelevant to memory; building on meta avoids a transient fp32 copy of SDXL)."""
-    module = module.to(dtype).to_empty(device="cpu")
+def _materialize(module: torch.nn.Module, dtype: torch.dtype, seed: int,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Allocate a meta-device module directly in ``dtype`` on ``device`` and initialise it with each
+    layer's default init (values are irrelevant to memory; building on meta avoids a transient fp32
+    copy of SDXL, and on a GPU the init runs there)."""
+    module = module.to(dtype).to_empty(device=device)
     torch.manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
@@ -120,45 +122,53 @@ def _materialize(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> torc
     return module
 
 
-def build_unet(arch: str, dtype: torch.dtype = MEASURE_DTYPE, seed: int = 0, meta: bool = False) -> torch.nn.Module:
-    """The arch's UNet2DConditionModel at random init (``meta=True``: shapes only, no memory)."""
+def build_unet(arch: str, dtype: torch.dtype = MEASURE_DTYPE, seed: int = 0, meta: bool = False,
+               device: str | torch.device = "cpu", config: dict | None = None) -> torch.nn.Module:
+    """The arch's UNet2DConditionModel at random init (``meta=True``: shapes only, no memory);
+    ``config`` replaces the arch's published config (e.g. a shrunk one of the same family)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**ARCHS[arch]["unet"])
-    return unet if meta else _materialize(unet, dtype, seed)
+        unet = UNet2DConditionModel(**(config or ARCHS[arch]["unet"]))
+    return unet if meta else _materialize(unet, dtype, seed, device)
 
 
-def build_vae(dtype: torch.dtype = MEASURE_DTYPE, seed: int = 0, meta: bool = False) -> torch.nn.Module:
+def build_vae(dtype: torch.dtype = MEASURE_DTYPE, seed: int = 0, meta: bool = False,
+              device: str | torch.device = "cpu", config: dict | None = None) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        vae = AutoencoderKL(**SD_VAE)
-    return vae if meta else _materialize(vae, dtype, seed)
+        vae = AutoencoderKL(**(config or SD_VAE))
+    return vae if meta else _materialize(vae, dtype, seed, device)
 
 
 class AestheticReward(torch.nn.Module):
     """CLIP ViT-L/14 image tower + projection + the LAION aesthetic MLP head, on images in [0, 1]:
     the reward's differentiable path (resize to 224, normalise, embed, L2-normalise, score)."""
 
-    def __init__(self) -> None:
+    def __init__(self, vision: dict | None = None) -> None:
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        self.clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14_VISION))
-        self.head = torch.nn.Sequential(torch.nn.Linear(768, 1024), torch.nn.Linear(1024, 128),
+        vision = vision or CLIP_VIT_L14_VISION
+        self.size = vision["image_size"]
+        self.clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
+        self.head = torch.nn.Sequential(torch.nn.Linear(vision["projection_dim"], 1024), torch.nn.Linear(1024, 128),
                                         torch.nn.Linear(128, 64), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear", antialias=False)
+        x = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=False)
         x = (x - 0.45) / 0.27
         emb = self.clip(pixel_values=x).image_embeds
         return self.head(torch.nn.functional.normalize(emb, dim=-1)).squeeze(-1).float()
 
 
-def build_reward(dtype: torch.dtype = MEASURE_DTYPE, seed: int = 0) -> AestheticReward:
+def build_reward(dtype: torch.dtype = MEASURE_DTYPE, seed: int = 0, device: str | torch.device = "cpu",
+                 vision: dict | None = None) -> AestheticReward:
+    """The aesthetic reward at random init in ``dtype`` on ``device`` (initialised on the CPU, as transformers
+    does it, then moved); ``vision`` replaces the ViT-L/14 config (e.g. a shrunk one)."""
     torch.manual_seed(seed)
-    return AestheticReward().to(dtype).requires_grad_(False).eval()
+    return AestheticReward(vision).to(dtype).to(device).requires_grad_(False).eval()
 
 
 def param_count(module: torch.nn.Module) -> int:
@@ -578,6 +588,30 @@ def ddpo_phases(step: SegmentMemory, reward: SegmentMemory) -> UpdatePhases:
     return UpdatePhases(sampling=max(step.nograd, reward.nograd), zeroth_order=step.peak)
 
 
+def truncated_bp_phases(step: SegmentMemory, reward: SegmentMemory, k: int) -> UpdatePhases:
+    """Truncated backprop (DRaFT-K): T-K steps without grad, then K steps + the reward backpropagated."""
+    return UpdatePhases(sampling=step.nograd, first_order=chain_peak([step] * k + [reward]))
+
+
+#: estimators the composition covers (truncated_bp's K is passed as ``fo_steps``: both are the last K
+#: steps backpropagated through the reward)
+PHASE_ESTIMATORS: tuple[str, ...] = ("rlr", "full_bp", "truncated_bp", "ddpo")
+
+
+def update_phases(estimator: str, step: SegmentMemory, reward: SegmentMemory, *, T: int, h: int = 2,
+                  fo_steps: int = 1) -> UpdatePhases:
+    """The phases of one update of ``estimator`` (one of PHASE_ESTIMATORS) from its step and reward segments."""
+    if estimator == "rlr":
+        return rlr_phases(step, reward, h, fo_steps)
+    if estimator == "full_bp":
+        return full_bp_phases(step, reward, T)
+    if estimator == "truncated_bp":
+        return truncated_bp_phases(step, reward, fo_steps)
+    if estimator == "ddpo":
+        return ddpo_phases(step, reward)
+    raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(PHASE_ESTIMATORS)}")
+
+
 def chain_store_bytes(T: int, batch: int, latent_pixels: int, channels: int = 4) -> float:
     """The stored trajectory in fp32: T+1 latents, T noises, (B, T) log-probs."""
     return 4.0 * ((2 * T + 1) * batch * channels * latent_pixels + batch * T)
@@ -687,18 +721,14 @@ def persistent_bytes(arch: str, opts: Options, lora_rank: int, counts: dict[str,
 
 
 def predict(fits: Fits, s: Scenario, opts: Options, counts: dict[str, int], estimator: str = "rlr") -> dict:
-    """Predicted peak bytes of one update of ``estimator`` (rlr | full_bp | ddpo) with a breakdown."""
+    """Predicted peak bytes of one update of ``estimator`` (one of PHASE_ESTIMATORS; truncated_bp
+    backpropagates the last ``s.fo_steps`` steps) with a breakdown."""
+    if estimator not in PHASE_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(PHASE_ESTIMATORS)}")
     px = (s.resolution // 8) ** 2
     step = _unet_step(fits, s.arch, 2 * s.batch, px, opts.checkpointing)
     dec = _decode_and_reward(fits, s.batch, px, opts.checkpointing, reward_scale=2.0 if opts.reward_fp32 else 1.0)
-    if estimator == "rlr":
-        phases = rlr_phases(step, dec, s.h, s.fo_steps)
-    elif estimator == "full_bp":
-        phases = full_bp_phases(step, dec, s.T)
-    elif estimator == "ddpo":
-        phases = ddpo_phases(step, dec)
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}")
+    phases = update_phases(estimator, step, dec, T=s.T, h=s.h, fo_steps=s.fo_steps)
     act, phase = phases.peak()
     pers = persistent_bytes(s.arch, opts, s.lora_rank, counts)
     store = chain_store_bytes(s.T, s.batch, px)
@@ -751,13 +781,17 @@ def validation_cases(quick: bool) -> list[ValidationCase]:
             V("sd-small", "ddpo", 6, 2, 64)]
 
 
-def stack_components(problem, latent_shape: tuple[int, ...]) -> tuple[SegmentMemory, SegmentMemory]:
+def stack_components(problem, latent_shape: tuple[int, ...], *, device: str | torch.device = "cpu",
+                     measure: Callable[[Callable[[], torch.Tensor]], SegmentMemory] | None = None
+                     ) -> tuple[SegmentMemory, SegmentMemory]:
     """Measure a stack's step (rlr_backend.sampling.step_mean: CFG UNet call + DDIM mean, input
-    requiring grad) and its reward (decode + reward) as segments, on the stack itself."""
+    requiring grad) and its reward (decode + reward) as segments, on the stack itself. ``measure``
+    (default: the CPU profiler's ``measure_segment`` + ``measure_nograd``) measures one forward; a GPU
+    passes its own, with the latents on ``device``."""
     from rlr_backend.sampling import step_mean
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(latent_shape, generator=g)
+    x = torch.randn(latent_shape, generator=g).to(device)
     k = problem.num_steps // 2
 
     def step_fwd() -> torch.Tensor:
@@ -766,9 +800,8 @@ def stack_components(problem, latent_shape: tuple[int, ...]) -> tuple[SegmentMem
     def reward_fwd() -> torch.Tensor:
         return problem.reward(x.requires_grad_(True))
 
-    step = replace(measure_segment(step_fwd), nograd=measure_nograd(step_fwd))
-    rew = replace(measure_segment(reward_fwd), nograd=measure_nograd(reward_fwd))
-    return step, rew
+    measure = measure or (lambda fwd: replace(measure_segment(fwd), nograd=measure_nograd(fwd)))
+    return measure(step_fwd), measure(reward_fwd)
 
 
 def validate(case: ValidationCase) -> dict:
@@ -806,14 +839,10 @@ def validate_problem(problem, latent_shape: tuple[int, ...], weights: int, estim
     measured = weights + live_bytes_trace(run)[0]
     step, rew = stack_components(p, latent_shape)
     px = latent_shape[-1] * latent_shape[-2]
-    if estimator == "rlr":
-        phases = rlr_phases(step, rew, h, fo_steps)
-    elif estimator == "full_bp":
-        phases = full_bp_phases(step, rew, T)
-    elif estimator == "full_bp_ckpt":
+    if estimator == "full_bp_ckpt":
         phases = full_bp_phases(checkpointed(step, 4.0 * math.prod(latent_shape)), rew, T)
     else:
-        phases = ddpo_phases(step, rew)
+        phases = update_phases(estimator, step, rew, T=T, h=h, fo_steps=fo_steps)
     act, phase = phases.peak()
     grads = 4.0 * sum(q.numel() for q in p.params)  # the LoRA gradients, allocated by the first backward
     predicted = weights + grads + chain_store_bytes(T, batch, px) + act
@@ -993,6 +1022,7 @@ def render(data: dict, analysis: dict, out: Path, image_paths: Sequence[Path]) -
     lines += _doc_formula(fits)
     lines += _doc_measurements(rows, fits, analysis)
     lines += _doc_validation(data.get("validation", []))
+    lines += _doc_gpu()
     lines += _doc_caveats()
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1219,6 +1249,13 @@ def _doc_validation(vals: list[dict]) -> list[str]:
     worst = max(abs(v["rel_error"]) for v in vals)
     lines += ["", f"Largest error: {worst:.1%}.", ""]
     return lines
+
+
+def _doc_gpu() -> list[str]:
+    """Measured against predicted on a GPU (benchmarks/gpu_check), or a line saying it has not been."""
+    from benchmarks.gpu_check.report import memory_doc_section
+
+    return memory_doc_section(RESULTS.parent)
 
 
 def _doc_caveats() -> list[str]:

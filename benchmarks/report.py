@@ -423,6 +423,9 @@ def render(results: Path, out: Path) -> None:
     mem = _load_memory_model(results)
     lines += memory_model_section(mem, images) if mem else [
         "## memory", "", "(no results yet: `python -m benchmarks.run --only memory`)", ""]
+    from .gpu_check.report import benchmarks_doc_section
+
+    lines += benchmarks_doc_section(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")

@@ -112,3 +112,107 @@ def build_stack(model: str = "default", num_steps: int = 20, batch: int = 4, pix
     lat = unet.config.sample_size
     return Stack(model, problem, (batch, unet.config.in_channels, lat, lat), _weights(unet, vae),
                  sum(p.numel() for p in unet.parameters()), pixels, unet, decode)
+
+
+# ------------------------------------------------------------------- full-size architectures (GPU check)
+@dataclass(frozen=True)
+class ArchSpec:
+    """A UNet + VAE + aesthetic-reward stack of one architecture family at one size."""
+
+    arch: str  # memory model architecture: "sd15" | "sdxl"
+    unet: dict  # diffusers UNet2DConditionModel config
+    vae: dict  # diffusers AutoencoderKL config
+    reward_vision: dict  # CLIP vision config of the aesthetic reward
+    resolution: int  # pixels
+    text_tokens: int
+    text_dim: int
+    pooled_dim: int | None  # SDXL's pooled text embedding (added conditioning); None for SD1.x
+
+
+def arch_spec(arch: str, tiny: bool = False) -> ArchSpec:
+    """The published SD1.5 (512 px) / SDXL (1024 px) configs of ``benchmarks.memory_model``, or, with
+    ``tiny``, the same block types and conditioning with every width shrunk (64 px, CPU-test size)."""
+    from . import memory_model as mm
+
+    if arch not in mm.ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(mm.ARCHS)}")
+    a = mm.ARCHS[arch]
+    if not tiny:
+        return ArchSpec(arch, a["unet"], mm.SD_VAE, mm.CLIP_VIT_L14_VISION, 512 if arch == "sd15" else 1024,
+                        a["tokens"], a["text_dim"], 1280 if arch == "sdxl" else None)
+    small = {"layers_per_block": 1, "norm_num_groups": 8, "sample_size": 8}
+    if arch == "sd15":
+        unet = {**a["unet"], **small, "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32}
+        text_dim, pooled = 32, None
+    else:
+        pooled = 32
+        unet = {**a["unet"], **small, "block_out_channels": (32, 64, 64), "transformer_layers_per_block": (1, 1, 2),
+                "attention_head_dim": (1, 2, 2), "cross_attention_dim": 64, "addition_time_embed_dim": 8,
+                "projection_class_embeddings_input_dim": 6 * 8 + pooled}
+        text_dim = 64
+    vae = {**mm.SD_VAE, "block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8, "layers_per_block": 1,
+           "sample_size": 64}
+    vision = {**mm.CLIP_VIT_L14_VISION, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 32}
+    return ArchSpec(arch, unet, vae, vision, 64, 8, text_dim, pooled)
+
+
+def build_arch_stack(arch: str, *, tiny: bool = False, batch: int = 1, num_steps: int = 50,
+                     dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu", guidance: float = 4.0,
+                     lora_rank: int = 4, seed: int = 0) -> Stack:
+    """A ChainProblem on ``arch`` (see ``arch_spec``) built directly on ``device`` in ``dtype``: random-init
+    UNet with a rank-``lora_rank`` LoRA (fp32, non-zero B) on the attention projections, the SD VAE, the
+    aesthetic reward (CLIP ViT-L/14 tower + head) backpropagated through the decoder, random text
+    embeddings (text encoders offloaded, as ``rlr-train`` does), DDIM with eta = 1 and CFG.
+
+    The reward squashes the latents with ``4 tanh(z / 4)`` before decoding: a random UNet's chain ends
+    far outside the latent range a trained one produces, and the decoder would overflow fp16 on it
+    (one latent-sized tensor; it changes no other memory or time)."""
+    from diffusers import DDIMScheduler
+
+    from rlr_backend.models.sdxl_model import SDXLConditioning, SDXLUNetDenoiser
+
+    from . import memory_model as mm
+
+    spec = arch_spec(arch, tiny)
+    device = torch.device(device)
+    unet = mm.build_unet(arch, dtype, seed, device=device, config=spec.unet)
+    params = add_lora(unet, rank=lora_rank, seed=seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():  # non-zero LoRA B: a trained adapter, so every LoRA tensor gets a gradient
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    vae = mm.build_vae(dtype, seed + 1, device=device, config=spec.vae).requires_grad_(False)
+    aesthetic = mm.build_reward(dtype, seed + 3, device=device, vision=spec.reward_vision)
+    scale = vae.config.scaling_factor
+    decode = {"one_at_a_time": False}
+
+    def score(latents: torch.Tensor) -> torch.Tensor:
+        img = (vae.decode(4 * torch.tanh(latents / 4) / scale).sample + 1) / 2
+        return aesthetic(img.clamp(0, 1))
+
+    def reward(latents: torch.Tensor) -> torch.Tensor:
+        if decode["one_at_a_time"] and torch.is_grad_enabled() and latents.shape[0] > 1:
+            return torch.cat([checkpoint(score, z, use_reentrant=False) for z in latents.split(1)])
+        return score(latents)
+
+    g = torch.Generator().manual_seed(seed + 4)
+    text = torch.randn(1, spec.text_tokens, spec.text_dim, generator=g).to(device, dtype).expand(batch, -1, -1)
+    empty = torch.zeros_like(text)
+    if spec.pooled_dim is None:
+        cond, model = TextConditioning(text, empty), DiffusersUNetDenoiser(unet, guidance)
+    else:
+        pooled = torch.randn(1, spec.pooled_dim, generator=g).to(device, dtype).expand(batch, -1)
+        res = float(spec.resolution)
+        time_ids = torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device).expand(batch, -1)
+        cond = SDXLConditioning(text, pooled, time_ids, empty, torch.zeros_like(pooled))
+        model = SDXLUNetDenoiser(unet, guidance)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                          set_alpha_to_one=False, clip_sample=False)
+    problem = ChainProblem(model, DDIMSchedule.from_diffusers(sched, num_steps, eta=1.0),
+                           PromptSchedule.constant(cond, num_steps), reward, params)
+    lat = spec.resolution // 2 ** (len(spec.vae["block_out_channels"]) - 1)
+    return Stack(f"{arch}{'-tiny' if tiny else ''}", problem, (batch, unet.config.in_channels, lat, lat),
+                 _weights(unet, vae, aesthetic), sum(p.numel() for p in unet.parameters()), spec.resolution, unet,
+                 decode)
