@@ -17,10 +17,11 @@ from pathlib import Path
 
 from .estimators import ESTIMATORS, ZO_MODES
 from .rewards import REWARD_HELP
-from .safe_io import InvalidModelFile
+from .safe_io import InvalidModelFile, one_line
 from .train.memory import OPTIMIZERS, PRECISIONS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, InvalidModelFile)
+# OSError: files a user can fix (missing, unreadable, a full disk or read-only folder: safe_io.StorageError)
+USER_ERRORS = (ValueError, OSError, InvalidModelFile)
 
 
 def _help(name: str) -> str:
@@ -143,7 +144,7 @@ def train_main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         result = Trainer(config, progress=not args.quiet).run(resume=args.resume)
     except USER_ERRORS as e:
-        print(f"rlr-train: error: {e}", file=sys.stderr)
+        print(f"rlr-train: error: {one_line(e)}", file=sys.stderr)
         return 2
     from .train.distributed import is_main_process
 
@@ -193,7 +194,7 @@ def sample_main(argv: list[str] | None = None) -> int:
                                guidance_scale=args.guidance_scale, seed=args.seed)
         save_grid(images, args.out, nrow=args.num, scale=4)
     except USER_ERRORS as e:
-        print(f"rlr-sample: error: {e}", file=sys.stderr)
+        print(f"rlr-sample: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0

@@ -156,11 +156,14 @@ def reward_metrics(rewards: Tensor) -> dict[str, float]:
 
 
 def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str) -> float:
-    """Backpropagate ``loss`` unless it is NaN/inf; skipped terms are counted in ``metrics``."""
+    """Backpropagate ``loss`` unless it is NaN/inf. A skipped term is counted in ``metrics`` twice: in
+    ``nonfinite_terms`` (all kinds) and in ``dropped_<name>_term`` (the trainer logs each kind once)."""
     value = float(loss.detach())
     if not torch.isfinite(loss.detach()):
         metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
-        logger.warning("skipping a non-finite %s term (value %s)", name, value)
+        key = "dropped_" + name.replace("-", "_").replace(" ", "_") + "_term"
+        metrics[key] = metrics.get(key, 0.0) + 1
+        logger.debug("skipping a non-finite %s term (value %s)", name, value)
         return 0.0
     if loss.requires_grad:
         scale = _LOSS_SCALE.get()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -18,6 +19,19 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a yellow triangle on a black background",
     "a blue circle on a yellow background",
 )
+
+
+RUN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")
+
+
+def check_run_name(name: str) -> None:
+    """A plain folder name: 1-128 characters, no separators or control characters, not hidden."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", "..") or name.startswith(".") \
+            or name != name.strip():
+        text = str(name)
+        shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+        raise ValueError(f"run_name must be a plain folder name inside output_dir (1-128 characters, no '/', '\\', "
+                         f"control characters, leading '.' or surrounding spaces), got {shown!r}")
 
 
 def _f(default, help: str, **kw):
@@ -61,6 +75,8 @@ class TrainConfig:
     eval_every: int = _f(10, "evaluate every N updates (0: only at start and end)")
     eval_seeds: int = _f(2, "evaluation images per evaluation prompt")
     ckpt_every: int = _f(10, "checkpoint every N updates")
+    max_nonfinite_batches: int = _f(3, "stop the run after N batches in a row whose rewards are all NaN/inf (such "
+                                       "batches are skipped; 0: never stop)")
     device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")
     precision: str = _f("fp32", "weights of the frozen model: fp32, bf16 or fp16 (LoRA and optimizer stay fp32; "
                                 "bf16/fp16 halve the weights' memory on a GPU)", choices=tuple(PRECISIONS))
@@ -113,9 +129,9 @@ class TrainConfig:
             raise ValueError("eta must be >= 0")
         if self.estimator in ("rlr", "ddpo", "zo") and self.eta == 0:
             raise ValueError(f"{self.estimator} needs a stochastic sampler: set eta > 0 (e.g. 1.0)")
-        name = Path(self.run_name)
-        if name.is_absolute() or len(name.parts) != 1 or name.name in ("", ".", ".."):
-            raise ValueError(f"run_name must be a plain folder name inside output_dir, got {self.run_name!r}")
+        check_run_name(self.run_name)
+        if not isinstance(self.max_nonfinite_batches, int) or self.max_nonfinite_batches < 0:
+            raise ValueError(f"max_nonfinite_batches must be >= 0, got {self.max_nonfinite_batches}")
 
     def single_file_options(self) -> dict:
         """The loader options that apply to single-file checkpoints (a diffusers folder refuses them)."""
