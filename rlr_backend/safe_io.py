@@ -232,6 +232,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            fault_point("atomic:before_replace")
             os.replace(tmp, target)  # replaces a symlink at ``target`` itself, never writes through it
             _fsync_dir(target.parent)
     finally:
