@@ -6,7 +6,9 @@ time, and unpickling one would only create an empty canary file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -14,6 +16,7 @@ import shutil
 import signal
 import struct
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +27,9 @@ from rlr_backend.safe_io import FAULT_ENV
 #: the smallest useful run of the embedded default model (seconds on a CPU core)
 TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=3, eval_every=0, eval_seeds=1,
             ckpt_every=2, lr=1e-2, reward="brightness")
+#: the battery's run: checkpoints at 2, 4, 6 (pruned to the last 2), grids at 0, 3, 6
+CFG = {**TINY, "steps": 6, "eval_every": 3}
+ARGS = ["--eval-every", "3", "--threads", "1"]
 
 
 def tiny_args(out: Path, name: str, steps: int, *extra: str) -> list[str]:
@@ -48,6 +54,51 @@ def snapshot(folder: Path) -> dict[str, str]:
             elif p.is_file():
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+# -- outcomes ----------------------------------------------------------------------------------------
+def case(kind: str, name: str, ok: bool, detail: str = "", **extra) -> dict:
+    return {"kind": kind, "name": name, "ok": bool(ok), "detail": detail[:300], **extra}
+
+
+def cli(fn, argv: list[str]) -> tuple[int | None, str]:
+    """Run an entry point in-process: (exit code, stderr); a raised exception gives (None, its traceback)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return fn(argv), err.getvalue()
+        except BaseException:  # noqa: BLE001 -- a traceback is what the battery counts
+            return None, err.getvalue() + traceback.format_exc()
+
+
+def refused(rc: int | None, err: str) -> tuple[bool, str]:
+    """Exit code 2 with exactly one line on stderr, and no traceback."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    ok = rc == 2 and len(lines) == 1 and "Traceback" not in err
+    return ok, (lines[-1] if lines else f"exit code {rc}")
+
+
+def same_run(run: Path, ref: Path) -> str:
+    """'' if ``run`` ended bitwise equal to ``ref`` (LoRA, last checkpoint, metrics rows without timing),
+    with no temporary file and every checkpoint loadable; else what differs."""
+    from rlr_backend.safe_io import load_tensors
+
+    for rel in ("lora.safetensors", "ckpt/LATEST", *[f"ckpt/step-000006/{n}" for n in
+                                                     ("lora.safetensors", "optim.safetensors", "rng.safetensors",
+                                                      "state.json")]):
+        if not (run / rel).is_file() or (run / rel).read_bytes() != (ref / rel).read_bytes():
+            return f"{rel} differs"
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (run, ref)]
+    if rows[0] != rows[1]:
+        return "metrics.jsonl rows differ"
+    if list(run.rglob(".tmp-*")):
+        return "temporary files left"
+    for ckpt in (run / "ckpt").glob("step-*"):
+        for name in ("lora.safetensors", "optim.safetensors", "rng.safetensors"):
+            load_tensors(ckpt / name)
+    return ""
+
 
 
 # -- kills -------------------------------------------------------------------------------------------
@@ -386,3 +437,31 @@ def plant_symlinks(run: Path, outside: Path) -> list[tuple[str, Callable[[], Non
             ("before_after.png -> outside file", replace("before_after.png", outside / "file")),
             ("ckpt/LATEST -> outside file", replace("ckpt/LATEST", outside / "file")),
             ("a checkpoint folder -> outside folder", lambda: replace(f"ckpt/{latest(run).name}", outside, True)())]
+
+
+# -- a tiny aesthetic reward (head + CLIP image tower), to damage reward-model weights -----------------
+def tiny_aesthetic(root: Path) -> Path:
+    """``root/aesthetic/<head>.safetensors`` and ``root/clip_vision/<tower>.safetensors`` with random weights of
+    the aesthetic reward's architecture at toy width (64-wide CLIP, 16-d embedding); returns the head file."""
+    import math
+
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from rlr_backend.rewards.models.aesthetic import HEAD_FILE
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+                           hidden_act="quick_gelu", image_size=32, patch_size=8, projection_dim=16)
+    tower = CLIPVisionModelWithProjection(cfg).eval()
+    (root / "clip_vision").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()},
+              str(root / "clip_vision" / "clip-vit-large-patch14.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    head = {}
+    for i, (o, n) in zip((0, 2, 4, 6, 7), [(1024, 16), (128, 1024), (64, 128), (16, 64), (1, 16)]):
+        head[f"layers.{i}.weight"] = torch.randn(o, n, generator=gen) / math.sqrt(n)
+        head[f"layers.{i}.bias"] = torch.randn(o, generator=gen) * 0.1
+    (root / "aesthetic").mkdir(exist_ok=True)
+    save_file(head, str(root / "aesthetic" / HEAD_FILE))
+    return root / "aesthetic" / HEAD_FILE

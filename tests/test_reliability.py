@@ -23,6 +23,7 @@ from rlr_backend.safe_io import InvalidModelFile, StorageError, load_tensors, sa
 from rlr_backend.train import TrainConfig, Trainer
 from rlr_backend.train.checkpoint import latest_checkpoint, load_checkpoint
 from rlr_backend.train.run_folder import open_run_folder
+from test_comfy_nodes import pack, run  # noqa: F401 -- the ComfyUI stand-in host's fixture
 
 
 def tiny(out: Path, name: str, steps: int = 4, **kw) -> TrainConfig:
@@ -405,5 +406,3 @@ def test_a_dropped_term_is_counted_every_update_and_logged_once(tmp_path, caplog
     assert all(r.get("dropped_first_order_term") == 1 for r in got)
     assert sum("first order term was dropped" in m for m in caplog.messages) == 1
 
-
-from test_comfy_nodes import pack, run  # noqa: E402,F401 -- the ComfyUI stand-in's fixture

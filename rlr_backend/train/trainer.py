@@ -25,6 +25,7 @@ from ..estimators import BaselineState, ChainProblem, JSampler, get_estimator, l
 from ..lora import save_kohya
 from ..models.trainable import TrainableModel
 from ..rewards import Reward, make_reward
+from ..rewards.models.local import load_weights
 from ..safe_io import clean_temp_files, fault_point, save_json
 from ..sampling import PromptSchedule, sample_chain
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -153,6 +154,7 @@ class Trainer:
     def run(self, resume: bool = False) -> TrainResult:
         cfg, run_dir, dp = self.config, self.config.run_dir, self.dp
         metrics_path = run_dir / "metrics.jsonl"
+        load_weights(self.reward)  # damaged reward weights are refused before anything is written
         start, history, eval_rewards = dp.on_main(lambda: self._open_run(resume))
         if dp.enabled:
             self._share_state_from_main()
