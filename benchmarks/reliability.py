@@ -244,6 +244,48 @@ def storage(work: Path, ref: Path) -> list[dict]:
     return out
 
 
+def mounted_cases(work: Path, ref: Path) -> list[dict]:
+    """A real full file system (a 300 KB tmpfs) and a real read-only one (remounted ro): needs the right to
+    mount (root in a privileged container); skipped otherwise."""
+    out = []
+    full, ro = work / "tmpfs-full", work / "tmpfs-ro"
+    for folder, size in ((full, "300k"), (ro, "8m")):
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode:
+            print("storage: cannot mount a tmpfs here; the real full/read-only file system cases are skipped")
+            return out
+    args = faults.tiny_args(full, "run", 6, *ARGS)
+    try:
+        ok, detail = refused(*cli(train_main, args))
+        last = latest_checkpoint(full / "run")
+        intact = not list((full / "run").rglob(".tmp-*"))
+        subprocess.run(["mount", "-o", "remount,size=8m", str(full)], check=True)  # space freed
+        rc, err = cli(train_main, [*args, "--resume"])
+        problem = same_run(full / "run", ref) if rc == 0 else f"the resume failed: {err.strip()[-200:]}"
+        out.append(case("disk", "a full file system (tmpfs of 300 KB), then space freed", ok and intact and
+                        "no space left" in detail and not problem,
+                        f"{detail} | last checkpoint {last.name if last else None}, no temporary file left | then "
+                        f"--resume: {problem or 'bitwise equal'}"))
+        run = TrainConfig(**CFG, output_dir=ro, run_name="run")
+        run_killed(Trainer(run, progress=False).run, "step:begin@5")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        before = faults.snapshot(ro)
+        ok1, detail1 = refused(*cli(train_main, faults.tiny_args(ro, "run", 6, *ARGS, "--resume")))
+        ok2, detail2 = refused(*cli(train_main, faults.tiny_args(ro, "new", 6, *ARGS)))
+        unchanged = faults.snapshot(ro) == before
+        subprocess.run(["mount", "-o", "remount,rw", str(ro)], check=True)
+        rc, err = cli(train_main, faults.tiny_args(ro, "run", 6, *ARGS, "--resume"))
+        problem = same_run(ro / "run", ref) if rc == 0 else f"the resume failed: {err.strip()[-200:]}"
+        out.append(case("disk", "a read-only file system: --resume and a new run, then made writable again",
+                        ok1 and ok2 and unchanged and "read-only" in detail1 and not problem,
+                        f"{detail1} | {detail2} | nothing changed | then --resume: {problem or 'bitwise equal'}"))
+    finally:
+        for folder in (full, ro):
+            subprocess.run(["umount", str(folder)], capture_output=True)
+    return out
+
+
 # -- the page ---------------------------------------------------------------------------------------------
 KINDS = {
     "kill": ("kill -9 at a point of a run, then continue", "continued, bitwise equal to the uninterrupted run"),
@@ -330,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 ref = cfg.run_dir
             if "disk" in parts:  # forked children: before anything trains in this process
                 cases += storage(work, ref)
+                cases += mounted_cases(work, ref)
             if "inputs" in parts:
                 cases += reliability_inputs.damaged(work, ref, args.quick)
                 cases += reliability_inputs.pickles(work, ref, args.quick)

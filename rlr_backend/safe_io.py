@@ -48,6 +48,9 @@ class InvalidModelFile(ValueError):
 class StorageError(OSError):
     """A file could not be written (disk full, read-only folder, ...); the message names the path."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 def one_line(text: object) -> str:
     """``text`` on one line (library messages often span several)."""
@@ -345,11 +348,11 @@ def clean_temp_files(root: str | Path) -> int:
         for name in list(dirnames) + filenames:
             if name.startswith(TEMP_PREFIX):
                 full = os.path.join(dirpath, name)
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full, ignore_errors=True)
-                    dirnames.remove(name)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
+                with storage_errors(full), contextlib.suppress(FileNotFoundError):
+                    if os.path.isdir(full) and not os.path.islink(full):
+                        dirnames.remove(name)
+                        shutil.rmtree(full)
+                    else:
                         os.unlink(full)
                 count += 1
     return count

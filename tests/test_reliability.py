@@ -312,6 +312,42 @@ def test_reward_loaders_refuse_pickles_behind_symlinks(tmp_path, canary, monkeyp
         make_reward(reward, models_dir=tmp_path / "models")
 
 
+SHIPPED = [Path(__file__).parent.parent / d for d in ("rlr_backend", "rlr_app", "comfy_nodes", "gradio_app.py")]
+
+
+def unsafe_calls(source: str) -> list[str]:
+    """Calls that can unpickle: torch/pickle/dill/joblib load(s), torch.jit.load, np.load(allow_pickle=True),
+    trust_remote_code=True, and a model's from_pretrained without use_safetensors=True (configs and
+    tokenizers read no weights)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner, name = ast.unparse(node.func.value), node.func.attr
+        kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if (name in ("load", "loads") and owner in ("torch", "pickle", "dill", "joblib", "cloudpickle", "torch.jit",
+                                                    "torch.serialization")) \
+                or (name == "load" and owner in ("np", "numpy") and kw.get("allow_pickle") == "True") \
+                or kw.get("trust_remote_code") == "True" \
+                or (name == "from_pretrained" and not owner.endswith(("Config", "Tokenizer"))
+                    and kw.get("use_safetensors") != "True"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_nothing_in_the_shipped_code_can_unpickle():
+    files = [f for d in SHIPPED for f in ([d] if d.is_file() else d.rglob("*.py"))]
+    found = {str(f): unsafe_calls(f.read_text()) for f in files}
+    assert {f: c for f, c in found.items() if c} == {}
+    # the check can fail: each of these lines is caught
+    for bad in ("torch.load(p)", "pickle.loads(b)", "np.load(p, allow_pickle=True)",
+                "StableDiffusionPipeline.from_pretrained(p, local_files_only=True)",
+                "AutoModel.from_pretrained(p, trust_remote_code=True, use_safetensors=True)"):
+        assert unsafe_calls(bad), bad
+
+
 def test_a_sharded_index_may_name_only_safetensors_files_of_its_folder(tmp_path):
     from rlr_backend.safe_io import index_shards
 

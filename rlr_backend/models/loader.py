@@ -155,13 +155,13 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
     cls = check_pipeline_dir(p)
     import diffusers
 
-    kwargs = dict(local_files_only=True, use_safetensors=True)
+    kwargs = dict(local_files_only=True)
     if cls == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         kwargs.update(add_watermarker=False)
     try:
-        pipe = getattr(diffusers, cls).from_pretrained(str(p), dtype=dtype, **kwargs)
+        pipe = getattr(diffusers, cls).from_pretrained(str(p), dtype=dtype, use_safetensors=True, **kwargs)
     except Exception as e:  # corrupt weights or configs: diffusers/safetensors raise many types
         raise ValueError(f"could not load the {cls} folder {p} ({type(e).__name__}: {one_line(e)[:500]})") from e
     check_weights(pipe, p)

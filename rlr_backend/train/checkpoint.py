@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..safe_io import (InvalidModelFile, atomic_path, fault_point, load_tensors, save_json, save_tensors,
+from ..safe_io import (InvalidModelFile, StorageError, atomic_path, fault_point, load_tensors, save_json, save_tensors,
                        storage_errors)
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ def save_checkpoint(run_dir: Path, step: int, named_params: Sequence[tuple[str, 
                 os.replace(final, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
+    except StorageError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = (e.__cause__.strerror if isinstance(e.__cause__, OSError) else None) or str(e)
+        raise StorageError(e.errno, f"cannot write the checkpoint {final}: {reason.lower()}; the last complete "
+                                    "checkpoint is unchanged") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
