@@ -8,8 +8,8 @@ Every case runs the real entry points (``rlr-train``/``rlr-sample`` called in-pr
 forked children killed with SIGKILL, the app's run manager and run viewer, the ComfyUI nodes on the
 stand-in host of tests/comfy_standin, the reward loaders) on the embedded default model, a tiny
 random SD1.x folder and a tiny aesthetic reward, all built here. Results: benchmarks/results/
-reliability.json (every case) and the summary page docs/reliability.md. The cases themselves live in
-benchmarks/faults.py, shared with the fast tests (tests/test_reliability.py).
+reliability.json (every case) and the summary page docs/reliability.md. The cases live in
+benchmarks/damage.py and benchmarks/faults.py, shared with the fast tests (tests/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -305,8 +305,8 @@ def render(data: dict) -> str:
     lines = ["# Reliability and security", "",
              "What happens when a run is killed, a file is damaged or hostile, a name or a symlink points "
              "elsewhere, a reward returns NaN or the disk fills up. Every figure below comes from "
-             "`python -m benchmarks.reliability` (cases in `benchmarks/faults.py`; the fast subset runs in the "
-             "test suite, `tests/test_reliability.py`).", "",
+             "`python -m benchmarks.reliability` (cases in `benchmarks/damage.py` and `benchmarks/faults.py`; "
+             "the fast subset runs in the test suite, `tests/test_reliability.py`).", "",
              f"Last run: {data['date']}, {data['minutes']:.0f} min on {m['cores']} CPU cores (load "
              f"{m['load_at_start']:.1f} at start, {m['load_at_end']:.1f} at end; torch {m['torch']}, "
              f"commit {m['commit']}){' — quick sample' if data['quick'] else ''}.", "",

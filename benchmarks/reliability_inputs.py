@@ -18,8 +18,9 @@ from rlr_backend.cli import sample_main, train_main
 from rlr_backend.train import TrainConfig, Trainer
 
 from . import faults
-from .faults import (ARGS, CFG, CHECKPOINT_MUTATIONS, FILE_MUTATIONS, RECOVERABLE_MUTATIONS, TRAVERSAL_NAMES, case,
-                     cli, plant_symlinks, refused, run_killed, same_run, snapshot)
+from .damage import (CHECKPOINT_MUTATIONS, FILE_MUTATIONS, RECOVERABLE_MUTATIONS, TRAVERSAL_NAMES, edit_tensors, latest,
+                     plant_symlinks)
+from .faults import ARGS, CFG, case, cli, refused, run_killed, same_run, snapshot
 
 STANDIN = Path(__file__).parent.parent / "tests" / "comfy_standin"
 
@@ -154,9 +155,9 @@ def reward_cases(work: Path, quick: bool) -> list[dict]:
     good = {p: p.read_bytes() for p in (head, tower)}
     muts = [(f"{p.parent.name}: {n}", p, m) for p in (head, tower) for n, m in FILE_MUTATIONS[::4 if quick else 2]]
     muts += [(f"aesthetic: {n}", head, m) for n, m in [
-        ("wrong shape", faults._edit_tensors(lambda t: t.update({"layers.2.weight": t["layers.2.weight"][:64].clone()}))),
-        ("integer weights", faults._edit_tensors(lambda t: t.update({"layers.0.weight": t["layers.0.weight"].long()}))),
-        ("a tensor missing", faults._edit_tensors(lambda t: t.pop("layers.7.bias")))]]
+        ("wrong shape", edit_tensors(lambda t: t.update({"layers.2.weight": t["layers.2.weight"][:64].clone()}))),
+        ("integer weights", edit_tensors(lambda t: t.update({"layers.0.weight": t["layers.0.weight"].long()}))),
+        ("a tensor missing", edit_tensors(lambda t: t.pop("layers.7.bias")))]]
     out = []
     os.environ["RLR_REWARD_MODELS"] = str(root)
     try:
@@ -250,7 +251,7 @@ def pickles(work: Path, ref: Path, quick: bool) -> list[dict]:
             single.write_bytes(data)
             partial = root / "runs"
             shutil.copytree(ref, partial / "run")
-            (faults.latest(partial / "run") / "optim.safetensors").write_bytes(data)
+            (latest(partial / "run") / "optim.safetensors").write_bytes(data)
             png = root / "x.png"
 
             def sample(*args):

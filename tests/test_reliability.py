@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.faults import (CHECKPOINT_MUTATIONS, FILE_MUTATIONS, TINY, TRAVERSAL_NAMES, model_with_symlinked_pickle,
-                               pickle_payloads, plant_symlinks, run_killed, snapshot, tiny_args)
+from benchmarks.damage import CHECKPOINT_MUTATIONS, FILE_MUTATIONS, TRAVERSAL_NAMES, plant_symlinks
+from benchmarks.faults import TINY, model_with_symlinked_pickle, pickle_payloads, run_killed, snapshot, tiny_args
 from rlr_backend.cli import sample_main, train_main
 from rlr_backend.rewards import CallableReward, make_reward
 from rlr_backend.safe_io import InvalidModelFile, StorageError, load_tensors, save_tensors
