@@ -83,7 +83,8 @@ def same_run(run: Path, ref: Path) -> str:
     with no temporary file and every checkpoint loadable; else what differs."""
     from rlr_backend.safe_io import load_tensors
 
-    for rel in ("lora.safetensors", "ckpt/LATEST", *[f"ckpt/step-000006/{n}" for n in
+    last = (ref / "ckpt" / "LATEST").read_text()
+    for rel in ("lora.safetensors", "ckpt/LATEST", *[f"ckpt/{last}/{n}" for n in
                                                      ("lora.safetensors", "optim.safetensors", "rng.safetensors",
                                                       "state.json")]):
         if not (run / rel).is_file() or (run / rel).read_bytes() != (ref / rel).read_bytes():
@@ -94,6 +95,8 @@ def same_run(run: Path, ref: Path) -> str:
         return "metrics.jsonl rows differ"
     if list(run.rglob(".tmp-*")):
         return "temporary files left"
+    if sorted(p.name for p in (run / "ckpt").iterdir()) != sorted(p.name for p in (ref / "ckpt").iterdir()):
+        return "other checkpoint folders than the uninterrupted run's"
     for ckpt in (run / "ckpt").glob("step-*"):
         for name in ("lora.safetensors", "optim.safetensors", "rng.safetensors"):
             load_tensors(ckpt / name)

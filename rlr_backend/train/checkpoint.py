@@ -135,6 +135,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def repair_latest(run_dir: Path, ckpt: Path) -> None:
+    """Point LATEST at ``ckpt`` (a crash between a checkpoint's rename and LATEST's move leaves it behind)
+    and prune the older checkpoints; called after ``ckpt`` was loaded."""
+    root = Path(run_dir) / "ckpt"
+    pointer = root / "LATEST"
+    current = pointer.read_bytes()[:64].decode("utf-8", "replace").strip() if pointer.is_file() else None
+    if current != ckpt.name:
+        with atomic_path(pointer) as tmp:
+            tmp.write_text(ckpt.name)
+        logger.info("%s now names %s", pointer, ckpt.name)
+    _prune(root, keep=ckpt.name)  # also when a crash came between LATEST's move and the pruning
+
+
 # -- loading -----------------------------------------------------------------------------------------
 def _fail(where: Path, problem: str) -> InvalidCheckpoint:
     return InvalidCheckpoint(f"{where}: {problem}; the checkpoint cannot be resumed from (delete the folder to "

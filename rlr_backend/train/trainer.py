@@ -28,7 +28,7 @@ from ..rewards import Reward, make_reward
 from ..rewards.models.local import load_weights
 from ..safe_io import clean_temp_files, fault_point, save_json
 from ..sampling import PromptSchedule, sample_chain
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, repair_latest, save_checkpoint
 from .config import TrainConfig
 from .distributed import DataParallel
 from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
@@ -244,6 +244,8 @@ class Trainer:
             removed = clean_temp_files(run_dir)
             if removed:
                 logger.info("%s: removed %d temporary file(s) left by an interrupted run", run_dir, removed)
+        if folder.checkpoint is not None:
+            repair_latest(run_dir, folder.checkpoint)
         if folder.saved is None or start == 0:
             save_json(cfg.to_json(), run_dir / "config.json")
         fault_point("open:before_metrics")
