@@ -62,7 +62,7 @@ def kills(work: Path, quick: bool) -> tuple[list[dict], Path]:
     run_seconds = time.monotonic() - t0
     shutil.move(run, ref)
     rng = random.Random(0)
-    trials = [(p, None, None) for p in NAMED] + [(None, rng.uniform(0.05, run_seconds), None) for _ in range(12)]
+    trials = [(p, None, None) for p in NAMED] + [(None, rng.uniform(0.05, 0.9 * run_seconds), None) for _ in range(12)]
     trials += [(a, None, b) for a, b in DOUBLE]
     if quick:
         trials = trials[::8]
@@ -71,6 +71,10 @@ def kills(work: Path, quick: bool) -> tuple[list[dict], Path]:
         shutil.rmtree(run, ignore_errors=True)
         t = time.monotonic()
         first = run_killed(trainer.run, point, delay)
+        while delay is not None and first == "finished" and delay > 0.1:  # the run was faster this time
+            delay /= 2
+            shutil.rmtree(run, ignore_errors=True)
+            first = run_killed(trainer.run, point, delay)
         resume = latest_checkpoint(run) is not None or i % 2 == 0  # before a checkpoint: also a plain rerun
         how = "--resume" if resume else "plain rerun"
         if second:

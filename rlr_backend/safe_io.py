@@ -67,6 +67,13 @@ def check_safetensors(path: str | Path) -> Path:
 
     Only the header is read. Every tensor entry must have a known dtype, a shape of non-negative
     integers and data offsets that tile the data section exactly."""
+    safetensors_header(path)
+    return Path(path)
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict]:
+    """The checked header of a safetensors file (see :func:`check_safetensors`): name -> {dtype, shape,
+    data_offsets}, without ``__metadata__``."""
     p = Path(path)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise InvalidModelFile(f"{p}: pickle-based checkpoints (.ckpt/.pt/.pth/.bin) are not accepted; "
@@ -89,11 +96,10 @@ def check_safetensors(path: str | Path) -> Path:
                                        "incomplete: re-create or re-download it")
             raise InvalidModelFile(f"{p}: not a safetensors file (bad header)")
         raw = head[8:] + f.read(n - 1)
-    _check_header(p, raw, size - 8 - n)
-    return p
+    return _check_header(p, raw, size - 8 - n)
 
 
-def _check_header(p: Path, raw: bytes, data_size: int) -> None:
+def _check_header(p: Path, raw: bytes, data_size: int) -> dict[str, dict]:
     def pairs(items):
         keys = [k for k, _ in items]
         if len(keys) != len(set(keys)):
@@ -140,6 +146,7 @@ def _check_header(p: Path, raw: bytes, data_size: int) -> None:
                                "re-create or re-download it")
     if end != data_size:
         raise InvalidModelFile(f"{p}: {data_size - end} bytes after the last tensor; not a valid safetensors file")
+    return header
 
 
 def index_shards(index: str | Path) -> list[Path]:

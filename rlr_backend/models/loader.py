@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import PICKLE_SUFFIXES, InvalidModelFile, check_safetensors, index_shards, nonfinite_count, one_line
+from ..safe_io import PICKLE_SUFFIXES, InvalidModelFile, index_shards, nonfinite_count, one_line, safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +97,29 @@ def scan_model_folder(folder: Path) -> None:
         if any(n.endswith(PICKLE_SUFFIXES) for n in names):
             pickles.append(str(f.relative_to(folder)))
         elif f.name.lower().endswith(".safetensors"):
-            check_safetensors(f)  # a pickle renamed .safetensors is refused by its bytes
+            check_float_weights(f)  # a pickle renamed .safetensors is refused by its bytes
         elif f.name.endswith(".index.json"):
             index_shards(f)
     if pickles:
         raise InvalidModelFile(f"{folder} contains pickle weights ({', '.join(sorted(pickles)[:3])}); only .safetensors "
                                "is accepted")
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+
+
+#: the parts of a single-file checkpoint that are loaded (others, e.g. ``model_ema.num_updates``, are not)
+SINGLE_FILE_PARTS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def check_float_weights(path: Path, only: tuple[str, ...] = ("",)) -> None:
+    """Refuse a weights file (checked by its bytes) holding a tensor that is not floating point (among the
+    names starting with one of ``only``): loading would silently cast it into the model's float weights."""
+    for name, info in safetensors_header(path).items():
+        if info["dtype"] not in FLOAT_DTYPES and not name.endswith(INTEGER_BUFFERS) and name.startswith(only):
+            raise InvalidModelFile(f"{path}: tensor {name!r} has dtype {info['dtype']}; model weights are floating "
+                                   "point (the file is damaged or not a model)")
 
 
 def check_weights(pipe, source: object) -> None:
@@ -113,7 +130,7 @@ def check_weights(pipe, source: object) -> None:
         if module is None:
             continue
         for name, t in module.state_dict().items():
-            if not t.is_floating_point() and not name.endswith(("position_ids", "num_batches_tracked")):
+            if not t.is_floating_point() and not name.endswith(INTEGER_BUFFERS):
                 raise InvalidModelFile(f"{source}: {comp} tensor {name!r} has dtype {t.dtype}, not a floating type")
             bad = nonfinite_count(t)
             if bad:
@@ -146,6 +163,8 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
     if p.is_file() or p.suffix.lower() == ".safetensors":
         from .single_file import load_single_file
 
+        if p.is_file() and p.suffix.lower() == ".safetensors":
+            check_float_weights(p, SINGLE_FILE_PARTS)
         pipe = load_single_file(p, dtype=dtype, **single_file)
         check_weights(pipe, p)
         return pipe
