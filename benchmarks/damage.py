@@ -142,12 +142,13 @@ def _ckpt_file(name: str, mutate: Callable[[bytes], bytes], reseal: bool = True)
     return apply
 
 
-def _state(fn: Callable[[dict], object]) -> Callable[[Path], None]:
+def _state(fn: Callable[[dict], object], whole: bool = False) -> Callable[[Path], None]:
+    """Edit the newest checkpoint's state.json in place (``whole``: replace it by what ``fn`` returns)."""
     def apply(run: Path) -> None:
         p = latest(run) / "state.json"
         state = json.loads(p.read_text())
         out = fn(state)
-        p.write_text(json.dumps(state if out is None else out))  # json.dumps writes NaN as a NaN token
+        p.write_text(json.dumps(out if whole else state))  # json.dumps writes NaN as a NaN token
     return apply
 
 
@@ -175,12 +176,12 @@ def _write(rel: str, text: str) -> Callable[[Path], None]:
     return apply
 
 
-def _config(fn: Callable[[dict], object]) -> Callable[[Path], None]:
+def _config(fn: Callable[[dict], object], whole: bool = False) -> Callable[[Path], None]:
     def apply(run: Path) -> None:
         p = run / "config.json"
         cfg = json.loads(p.read_text())
         out = fn(cfg)
-        p.write_text(json.dumps(cfg if out is None else out))
+        p.write_text(json.dumps(out if whole else cfg))
     return apply
 
 
@@ -217,7 +218,7 @@ CHECKPOINT_MUTATIONS: list[tuple[str, Callable[[Path], None]]] = [
     ("rng: truncated", _ckpt_file("rng.safetensors", lambda d: d[:20])),
     ("state.json: not JSON", lambda r: (latest(r) / "state.json").write_text("{not json")),
     ("state.json: empty", lambda r: (latest(r) / "state.json").write_text("")),
-    ("state.json: a list", _state(lambda s: [s])),
+    ("state.json: a list", _state(lambda s: [s], whole=True)),
     ("state.json: step missing", _state(lambda s: s.pop("step"))),
     ("state.json: negative step", _state(lambda s: _set(s, "step", -4))),
     ("state.json: step as text", _state(lambda s: _set(s, "step", "4"))),
@@ -243,7 +244,7 @@ CHECKPOINT_MUTATIONS: list[tuple[str, Callable[[Path], None]]] = [
     ("LATEST: step-000004/../..", _write("ckpt/LATEST", "step-000004/../..")),
     ("LATEST: garbage", _write("ckpt/LATEST", "\x00\xff garbage")),
     ("config.json: not JSON", _write("config.json", "{")),
-    ("config.json: a list", _config(lambda c: [c])),
+    ("config.json: a list", _config(lambda c: [c], whole=True)),
     ("config.json: unknown option", _config(lambda c: c.update(evil=1))),
     ("config.json: steps as text", _config(lambda c: c.update(steps="x"))),
     ("config.json: prompts missing", _config(lambda c: c.pop("prompts"))),

@@ -75,7 +75,8 @@ def kills(work: Path, quick: bool) -> tuple[list[dict], Path]:
             delay /= 2
             shutil.rmtree(run, ignore_errors=True)
             first = run_killed(trainer.run, point, delay)
-        resume = latest_checkpoint(run) is not None or i % 2 == 0  # before a checkpoint: also a plain rerun
+        had_checkpoint = latest_checkpoint(run) is not None
+        resume = had_checkpoint or i % 2 == 0  # before the first checkpoint: every other run a plain rerun
         how = "--resume" if resume else "plain rerun"
         if second:
             again = run_killed(lambda: trainer.run(resume=True), second)
@@ -84,7 +85,9 @@ def kills(work: Path, quick: bool) -> tuple[list[dict], Path]:
         problem = "the continued run failed" if final != "finished" else same_run(run, ref)
         name = point or f"SIGKILL after {delay:.2f} s"
         out.append(case("kill", name, first == "killed" and not problem, problem or f"{first}; {how}; bitwise equal",
-                        killed=first == "killed", seconds=round(time.monotonic() - t, 1)))
+                        killed=first == "killed", before_first_checkpoint=not had_checkpoint,
+                        in_save=bool(point) and point.startswith(("ckpt:", "atomic:")),
+                        seconds=round(time.monotonic() - t, 1)))
         print(f"kill {i + 1}/{len(trials)}: {name}: {out[-1]['detail']}", flush=True)
     out += cli_kills(work, ref, 1 if quick else 4)
     return out, ref
@@ -107,11 +110,13 @@ def cli_kills(work: Path, ref: Path, n: int) -> list[dict]:
         if status == "killed":
             proc.send_signal(signal.SIGKILL)
         proc.wait()
+        had_checkpoint = latest_checkpoint(work / "cli" / "run") is not None
         done = subprocess.run(base + ["--resume"], env=env, capture_output=True, text=True)
         problem = f"exit code {done.returncode}" if done.returncode else same_run(work / "cli" / "run", ref)
         out.append(case("kill", f"rlr-train process, SIGKILL {extra:.2f} s after update {rows} was logged",
                         status == "killed" and not problem,
-                        problem or f"{status}; rlr-train --resume; bitwise equal", killed=status == "killed"))
+                        problem or f"{status}; rlr-train --resume; bitwise equal", killed=status == "killed",
+                        before_first_checkpoint=not had_checkpoint))
         print(f"cli kill {i + 1}/{n}: {out[-1]['detail']}", flush=True)
     return out
 
@@ -322,11 +327,11 @@ def render(data: dict) -> str:
     kills = [c for c in cases if c["kind"] == "kill"]
     lines += ["", f"Kill points: {sum(c.get('killed', False) for c in kills)} of {len(kills)} runs were killed "
               "before they ended (the rest finished first, and still had to be equal after a resume); "
-              f"{sum('@' in c['name'] and c['name'].startswith(('ckpt:', 'atomic:')) for c in kills)} of them inside "
-              "a save (between writing a checkpoint's files, before renaming it into place, before moving LATEST, "
-              "while pruning, or between writing any file and renaming it over the old one) and "
-              f"{sum(c['name'].startswith(('open:', 'step:begin@1', 'step:begin@2', 'step:after_metrics@1')) for c in kills)}"
-              " before the first checkpoint.", ""]
+              f"{sum(c.get('in_save', False) for c in kills)} of them inside a save (between writing a checkpoint's "
+              "files, before renaming it into place, before moving LATEST, while pruning, or between writing any file "
+              "and renaming it over the old one), and "
+              f"{sum(c.get('before_first_checkpoint', False) for c in kills)} before the run had a complete checkpoint "
+              "(continued by `--resume` or, every other time, by a plain rerun of the same command).", ""]
     for kind, (title, _) in KINDS.items():
         got = [c for c in cases if c["kind"] == kind]
         if not got:
