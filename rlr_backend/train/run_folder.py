@@ -50,7 +50,9 @@ def read_config(run_dir: Path) -> TrainConfig | None:
         if not isinstance(data, dict):
             raise TypeError("not a JSON object")
         return TrainConfig.from_json(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError, IndexError) as e:
+    except KeyError as e:
+        raise ValueError(f"{path} is damaged (it has no {e.args[0]!r}); it cannot be resumed") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"{path} is damaged ({one_line(e)[:200]}); it cannot be resumed") from None
     except ValueError as e:
         raise ValueError(f"{path} holds an invalid config ({one_line(e)[:200]})") from None
