@@ -35,6 +35,7 @@ from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, 
                      reward_models_in_precision)
 from .pipeline import load_pipeline, model_for_pipeline
 from .report import save_before_after, save_grid, save_reward_curve
+from .stopping import StopCheckingDenoiser, StopRequested
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Trainer:
                                     offload_text_encoders=config.offload_text_encoders)
         self.schedule = model.schedule(config.num_inference_steps, config.eta)
         self.model = model.denoiser(config.guidance_scale)
+        if should_stop is not None and not self.dp.enabled:  # stop within one model call (one process only)
+            self.model = StopCheckingDenoiser(self.model, should_stop)
         self.latent_shape = tuple(model.latent_shape)
         reward_models_in_precision(self.reward, self.device, config.precision)
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
@@ -155,6 +158,23 @@ class Trainer:
         logger.info("run %s: %s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
                     cfg.estimator, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
                     sum(p.numel() for p in self.params))
+        try:
+            step, stopped = self._loop(start, history, eval_rewards, metrics_path)
+        except StopRequested:  # inside a model call: the update in progress is dropped (no optimizer step)
+            step, stopped = history[-1]["step"] if history else start, True
+            self.optimizer.zero_grad(set_to_none=True)
+            logger.info("stop requested during a model call; keeping the LoRA of update %d", step)
+        if dp.enabled:
+            drift = dp.max_parameter_difference(self.params)
+            if drift and dp.is_main:
+                logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
+        lora_path = dp.on_main(lambda: self._write_outputs(history, eval_rewards, step, stopped))
+        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped)
+
+    def _loop(self, start: int, history: list[dict], eval_rewards: dict[int, float],
+              metrics_path: Path) -> tuple[int, bool]:
+        """The initial evaluation and the updates; returns (the last update done, whether stopped early)."""
+        cfg, run_dir, dp = self.config, self.config.run_dir, self.dp
         if start == 0:
             eval_rewards[0] = dp.on_main(lambda: self._evaluate_and_save(0))
         bar = _progress(cfg.steps, start, self.progress and dp.is_main)
@@ -185,12 +205,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        if dp.enabled:
-            drift = dp.max_parameter_difference(self.params)
-            if drift and dp.is_main:
-                logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
-        lora_path = dp.on_main(lambda: self._write_outputs(history, eval_rewards, step, stopped))
-        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped)
+        return step, stopped
 
     def _open_run(self, resume: bool) -> tuple[int, list[dict], dict[int, float]]:
         """Create the run folder, or load its latest checkpoint into this trainer (main process only).
