@@ -42,6 +42,8 @@ TEST_DEPS = ["websocket-client", "psutil"]
 NEVER = {"torch", "torchvision", "torchaudio"}
 # large and not needed to run nodes headless (ComfyUI serves without them)
 SKIP = {"comfyui-workflow-templates", "comfyui-embedded-docs"}
+# of the 'non essential' ones: ComfyUI >= 0.4 parses custom nodes' pyproject.toml with these
+ALSO = {"pydantic", "pydantic-settings"}
 PINNED = ("torch", "numpy", "torchvision", "torchaudio")
 
 # stand-ins for the optional torch libraries: just the names ComfyUI and transformers import at start
@@ -99,13 +101,12 @@ def requirements(comfy: Path) -> list[str]:
     req = comfy / "requirements.txt"
     if not req.is_file():
         return list(DEPS)
-    out = []
+    out, essential = [], True
     for line in req.read_text().splitlines():
-        if "non essential" in line.lower():
-            break
+        essential = essential and "non essential" not in line.lower()
         line = line.split("#")[0].strip()
         name = re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-")
-        if line and name not in NEVER | SKIP:
+        if line and name not in NEVER | SKIP and (essential or name in ALSO):
             out.append(line)
     return out
 

@@ -42,7 +42,7 @@ class Run:
         import websocket
 
         self.server, self.messages, self.binary = server, [], 0
-        self.client_id, self.prompt_id = uuid.uuid4().hex, uuid.uuid4().hex
+        self.client_id, self.prompt_id = str(uuid.uuid4()), str(uuid.uuid4())  # ComfyUI >= 0.4 wants UUIDs
         self.ws = websocket.create_connection(server.url.replace("http", "ws") + f"/ws?clientId={self.client_id}",
                                               timeout=900)
         self.on_message = on_message
