@@ -324,8 +324,7 @@ class SaveLoRA(io.ComfyNode):
             description="Write the LoRA (kohya format) to models/loras/rlr/ so Load LoRA lists it; LoRAs of the "
                         "embedded default go to models/rlr_loras/ instead (only RLR Sampler lists them: they fit no "
                         "SD1.x/SDXL checkpoint).",
-            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
-            inputs=[LORA.Input("lora", tooltip="from RLR Trainer"),
+            inputs=[LORA.Input("lora", lazy=True, tooltip="from RLR Trainer"),
                     io.String.Input("filename", default="rlr_lora",
                                     tooltip="file name without folders; '.safetensors' is added"),
                     io.Boolean.Input("overwrite", default=False, tooltip="replace an existing file of that name")],
@@ -333,19 +332,24 @@ class SaveLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename: str) -> bool | str:
-        """Before anything runs (a bad name must not cost a training run): the name, and an existing file
-        when overwrite is off (read from the queued prompt; one input named, so one line in the panel)."""
+        """A bad name is refused when the prompt is queued, before anything runs (one input named, so one
+        line in the error panel)."""
         try:
-            overwrite = True
-            prompt, node = getattr(cls.hidden, "prompt", None), getattr(cls.hidden, "unique_id", None)
-            if isinstance(prompt, dict) and str(node) in prompt:
-                value = prompt[str(node)].get("inputs", {}).get("overwrite", False)
-                overwrite = value if isinstance(value, bool) else True  # a linked value is known only later
-            for root in _save_roots():
-                logic.lora_target(root, filename, overwrite)
-        except (ValueError, FileExistsError) as e:
+            logic.lora_target(_save_roots()[0], filename, overwrite=True)
+        except ValueError as e:
             return str(e)
         return True
+
+    @classmethod
+    def check_lazy_status(cls, filename: str, overwrite: bool, lora=None) -> list[str]:
+        """Runs before the LoRA input is computed (ComfyUI starts with ready output nodes, and the lazy
+        input makes this one ready): an existing file without overwrite fails before any training."""
+        if lora is None:
+            loras, embedded = _save_roots()
+            logic.lora_target(loras, filename, overwrite)
+            logic.lora_target(embedded, filename, overwrite, subfolder="")
+            return ["lora"]
+        return []
 
     @classmethod
     def execute(cls, lora, filename: str, overwrite: bool) -> io.NodeOutput:

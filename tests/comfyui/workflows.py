@@ -22,6 +22,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from ui_workflow import _is_widget, api_to_ui
+
 REPO = Path(__file__).resolve().parents[2]
 API_DIR = Path(__file__).resolve().parent / "workflows"
 UI_DIR = REPO / "example_workflows"
@@ -142,11 +144,12 @@ def api(name: str, object_info: dict) -> dict:
                     if isinstance(want, str) and want not in ("*", out_type) and out_type not in want.split(","):
                         raise WorkflowError(f"{name}: {cls}.{inp} takes {want}, node {value[0]} gives {out_type}")
                 values[inp] = value
-            elif inp in info["input"].get("required", {}):
+            elif inp in info["input"].get("required", {}) or _is_widget(ispec):  # as the browser sends it
                 default = _default(ispec)
-                if default is None:
+                if default is None and inp in info["input"].get("required", {}):
                     raise WorkflowError(f"{name}: {cls}.{inp} is required and has no default; set it here")
-                values[inp] = default
+                if default is not None:
+                    values[inp] = default
         graph[node_id] = {"inputs": values, "class_type": cls, "_meta": {"title": title}}
     return graph
 
@@ -200,10 +203,9 @@ def object_info_from(source: str) -> dict:
 
 
 def write_all(object_info: dict, api_dir: Path = API_DIR, ui_dir: Path = UI_DIR) -> list[Path]:
-    from ui_workflow import api_to_ui
-
     written = []
     api_dir.mkdir(parents=True, exist_ok=True)
+    ui_dir.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOWS:
         graph = api(name, object_info)
         ui = api_to_ui(graph, object_info)
@@ -216,6 +218,5 @@ def write_all(object_info: dict, api_dir: Path = API_DIR, ui_dir: Path = UI_DIR)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     for p in write_all(object_info_from(sys.argv[1])):
         print(p.relative_to(REPO))
