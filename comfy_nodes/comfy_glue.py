@@ -18,6 +18,7 @@ import comfy.utils
 import folder_paths
 
 from . import logic
+from .watch import warm_report_imports
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def run_training(source, reward, prompts, estimator, *, node_id, run_name: str, 
                                 model_label=getattr(source, "name", None), **options)
     show = RunDisplay(node_id, config.steps)
     show.text(force=True)  # "loading the model", at once
+    warm_report_imports()
     show.phase = "evaluation before training"
     try:
         out = logic.train(source, config, on_step=show.on_step, on_preview=show.on_preview,

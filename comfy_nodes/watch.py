@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -66,3 +67,18 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (musl): nothing to trim
             pass
+
+
+def warm_report_imports() -> threading.Thread:
+    """Import matplotlib (the reward curve written when a run ends) in the background while the model
+    loads, so a Cancel does not wait ~1-2 s for that import."""
+
+    def work() -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+
+    thread = threading.Thread(target=work, name="rlr-warm-imports", daemon=True)
+    thread.start()
+    return thread

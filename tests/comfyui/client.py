@@ -144,3 +144,11 @@ def interrupt(server) -> float:
     t = time.perf_counter()
     urllib.request.urlopen(urllib.request.Request(server.url + "/interrupt", data=b"{}", method="POST"), timeout=60)
     return t
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the server process so far (all its threads)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system

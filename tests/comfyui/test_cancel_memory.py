@@ -5,11 +5,12 @@ within a model call and keeps a loadable LoRA (time from Cancel to idle measured
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
 
-from client import Run, interrupt, record, rss, workflow
+from client import Run, cpu_seconds, interrupt, record, rss, workflow
 from rlr_backend.safe_io import load_tensors
 
 pytestmark = pytest.mark.comfyui
@@ -37,6 +38,7 @@ def test_cancel_within_a_model_call_keeps_a_loadable_lora(server, phase, when, s
     def on_message(msg):
         if msg["type"] == "_text" and msg["data"]["node"] == "7" and "t" not in pressed and when(msg["data"]["text"]):
             pressed["text"] = msg["data"]["text"]
+            pressed["cpu"] = cpu_seconds(server.proc.pid)
             pressed["t"] = interrupt(server)
 
     run = Run(server, g, on_message).wait()
@@ -47,6 +49,8 @@ def test_cancel_within_a_model_call_keeps_a_loadable_lora(server, phase, when, s
     while server.get("/queue")["queue_running"] and time.perf_counter() < deadline:
         time.sleep(0.02)
     idle = time.perf_counter()  # the queue is empty: ComfyUI takes the next prompt
+    cpu = cpu_seconds(server.proc.pid) - pressed["cpu"]  # the work Cancel costs; ~wall time on a quiet core
+    load = os.getloadavg()[0]
     assert server.get("/queue")["queue_running"] == []
     latency = idle - pressed["t"]
     partial = sorted((server.base / "models" / "rlr_loras").glob(f"{name}_interrupted_step*.safetensors"))
@@ -62,7 +66,8 @@ def test_cancel_within_a_model_call_keeps_a_loadable_lora(server, phase, when, s
     assert latency < 10.0, f"Cancel took {latency:.1f} s to reach idle"
     record(f"cancel_{phase}", {"text_when_pressed": pressed["text"], "stopped_at_update": stopped,
                                "cancel_to_interrupted_message_s": round(interrupted - pressed["t"], 2),
-                               "cancel_to_idle_s": round(latency, 2)})
+                               "cancel_to_idle_s": round(latency, 2), "server_cpu_s": round(cpu, 2),
+                               "load_average": round(load, 1)})
 
 
 def test_memory_is_given_back_after_runs_and_free(server):
