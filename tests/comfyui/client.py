@@ -118,14 +118,25 @@ class PeakRSS:
 
 
 
+def history(server, prompt_id: str, timeout: float = 30) -> dict:
+    """/history of a finished prompt (ComfyUI 0.33 may store it just after the success message)."""
+    deadline = time.time() + timeout
+    while True:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry is not None or time.time() > deadline:
+            if entry is None:
+                raise AssertionError(f"ComfyUI has no history of prompt {prompt_id}")
+            return entry
+        time.sleep(0.1)
+
+
 def output_images(server, run: Run, node: str) -> list:
     """The images an output node of a finished run shows, as float arrays (H, W, 3) in [0, 1]."""
     import numpy as np
     from PIL import Image
 
-    history = server.get(f"/history/{run.prompt_id}")[run.prompt_id]
     out = []
-    for item in history["outputs"][node]["images"]:
+    for item in history(server, run.prompt_id)["outputs"][node]["images"]:
         query = urllib.parse.urlencode({k: item[k] for k in ("filename", "subfolder", "type")})
         with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=60) as r:
             out.append(np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"), dtype=np.float32) / 255)

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from client import REPO, PeakRSS, Run, output_images, record, workflow
+from client import REPO, PeakRSS, Run, history, output_images, record, workflow
 from rlr_backend.safe_io import load_tensors
 
 pytestmark = pytest.mark.comfyui
@@ -111,9 +111,9 @@ def run_and_check(server, name: str, graph: dict) -> tuple[Run, float, float]:
     seconds = time.perf_counter() - t0
     assert run.status == 200 and not run.response.get("node_errors"), run.response
     assert "execution_success" in run.types(), [e.get("exception_message") for e in run.of("execution_error")]
-    history = server.get(f"/history/{run.prompt_id}")[run.prompt_id]
+    done = history(server, run.prompt_id)
     outputs = {k for k, v in graph.items() if v["class_type"] in ("PreviewImage", "SaveImage", "RLR_SaveLoRA")}
-    assert outputs <= set(history["outputs"]), sorted(outputs - set(history["outputs"]))  # no branch dropped
+    assert outputs <= set(done["outputs"]), sorted(outputs - set(done["outputs"]))  # no branch dropped
     without, with_lora = (output_images(server, run, n) for n in LORA_BRANCH[name])
     diff = max(float(abs(a - b).mean()) for a, b in zip(without, with_lora))
     assert diff > 1 / 255, f"{name}: the LoRA branch changes the image by only {diff * 255:.2f}/255"
