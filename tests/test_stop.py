@@ -120,3 +120,17 @@ def test_the_wrapper_raises_before_the_call_and_in_backward():
     with pytest.raises(StopRequested):
         net(x, 6, None)
     assert calls == [5]
+
+
+def test_a_run_stopped_in_backward_resumes_to_the_uninterrupted_lora(tmp_path):
+    """The stop rolls the generator and statistics back to the end of update 1 and checkpoints there
+    (ckpt_every=50 would not): resuming to 3 updates gives the LoRA of an uninterrupted 3-update run."""
+    kw = dict(ckpt_every=50)
+    ref = run(tmp_path, "ref", Switch(lambda s: False), steps=3, **kw)
+    switch = Switch(lambda s: s.updates_done == 1 and in_backward())
+    stopped = run(tmp_path, "cut", switch, steps=3, **kw)
+    assert stopped.steps_done == 1 and (stopped.run_dir / "ckpt" / "step-000001").is_dir()
+    cfg = TrainConfig(steps=3, output_dir=tmp_path, run_name="cut", **{**TINY, **kw})
+    resumed = Trainer(cfg, progress=False).run(resume=True)
+    a, b = load_tensors(resumed.lora_path)[0], load_tensors(ref.lora_path)[0]
+    assert resumed.steps_done == 3 and all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,7 @@ callbacks happen on the main process (see ``distributed.py``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -105,6 +106,7 @@ class Trainer:
         self.loss_scale = DynamicLossScale() if config.precision == "fp16" else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.baseline = BaselineState()
+        self._update_start: tuple | None = None
         self.j_sampler = JSampler(getattr(self.est_config, "j_dist", "uniform"),
                                   getattr(self.est_config, "j_range", None))
         # validate estimator settings against the chain before any file is touched
@@ -163,6 +165,10 @@ class Trainer:
         except StopRequested:  # inside a model call: the update in progress is dropped (no optimizer step)
             step, stopped = history[-1]["step"] if history else start, True
             self.optimizer.zero_grad(set_to_none=True)
+            if self._update_start is not None:  # back to the end of the last finished update
+                self._restore(self._update_start)
+            if step > start:  # resumable from there, bit for bit
+                dp.on_main(lambda: self._checkpoint(step, eval_rewards))
             logger.info("stop requested during a model call; keeping the LoRA of update %d", step)
         if dp.enabled:
             drift = dp.max_parameter_difference(self.params)
@@ -174,7 +180,7 @@ class Trainer:
     def _loop(self, start: int, history: list[dict], eval_rewards: dict[int, float],
               metrics_path: Path) -> tuple[int, bool]:
         """The initial evaluation and the updates; returns (the last update done, whether stopped early)."""
-        cfg, run_dir, dp = self.config, self.config.run_dir, self.dp
+        cfg, dp = self.config, self.dp
         if start == 0:
             eval_rewards[0] = dp.on_main(lambda: self._evaluate_and_save(0))
         bar = _progress(cfg.steps, start, self.progress and dp.is_main)
@@ -182,6 +188,7 @@ class Trainer:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             metrics = self.update()
+            self._update_start = None
             metrics["seconds"] = time.perf_counter() - t0
             record = {"step": step, **metrics}
             history.append(record)
@@ -190,11 +197,7 @@ class Trainer:
                 eval_rewards[step] = dp.on_main(lambda: self._evaluate_and_save(step))
             stopped = dp.any(bool(self.should_stop and self.should_stop()))
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
-                dp.on_main(lambda: save_checkpoint(
-                    run_dir, step, self.named_params, self.optimizer, self.generator,
-                    {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
-                     **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
-                     "eval_rewards": eval_rewards}))
+                dp.on_main(lambda: self._checkpoint(step, eval_rewards))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
@@ -206,6 +209,25 @@ class Trainer:
         if bar is not None:
             bar.close()
         return step, stopped
+
+    def _checkpoint(self, step: int, eval_rewards: dict[int, float]) -> None:
+        save_checkpoint(self.config.run_dir, step, self.named_params, self.optimizer, self.generator,
+                        {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
+                         **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
+                         "eval_rewards": eval_rewards})
+
+    def _rng_and_stats(self) -> tuple:
+        """What an update changes besides the LoRA and Adam (those change only at its end)."""
+        return (self.generator.get_state(), copy.deepcopy(self.baseline.state_dict()),
+                copy.deepcopy(self.j_sampler.norms), self.loss_scale.state_dict() if self.loss_scale else None)
+
+    def _restore(self, state: tuple) -> None:
+        generator, baseline, norms, loss_scale = state
+        self.generator.set_state(generator)
+        self.baseline.load_state_dict(baseline)
+        self.j_sampler.norms = norms
+        if loss_scale is not None:
+            self.loss_scale.load_state_dict(loss_scale)
 
     def _open_run(self, resume: bool) -> tuple[int, list[dict], dict[int, float]]:
         """Create the run folder, or load its latest checkpoint into this trainer (main process only).
@@ -288,6 +310,7 @@ class Trainer:
 
     def update(self) -> dict[str, float]:
         cfg = self.config
+        self._update_start = self._rng_and_stats()  # restored when a stop request drops this update
         self.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
         shard = self.dp.shard(cfg.batch_size)  # None unless data-parallel
