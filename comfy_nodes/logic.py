@@ -371,6 +371,7 @@ def resolve_model_folder(roots: Sequence[str | Path], name: str) -> Path:
                             "StableDiffusionPipeline folder (model_index.json, unet/, vae/, ...) there")
 
 
-__all__ = ["CHECKPOINT_PREFIX", "DiffusersSource", "EMBEDDED", "InvalidModelFile", "LoraDict", "PromptPlan", "REWARD_HELP", "add_prompt",
+__all__ = ["CHECKPOINT_PREFIX", "DiffusersSource", "EMBEDDED", "EMBEDDED_LORA_FOLDER", "InvalidModelFile", "LoraDict",
+           "PromptPlan", "REWARD_HELP", "add_prompt", "is_embedded_lora", "lora_base", "release_memory",
            "add_reward", "build_config", "check_prompt", "config_field", "estimator_settings", "list_model_folders",
            "lora_target", "read_lora", "resolve_model_folder", "reward_spec", "sample", "save_lora_file", "train"]
