@@ -144,6 +144,10 @@ def layered_venv(env_dir: Path, deps: list[str]) -> Path:
     package folders, so their own .pth files, editable installs included, work) with ``deps`` installed
     on top under constraints that pin torch and numpy to this interpreter's versions."""
     py = env_dir / "bin" / "python"
+    cfg = env_dir / "pyvenv.cfg"
+    here = ".".join(map(str, sys.version_info[:3]))
+    if py.is_file() and cfg.is_file() and f"version = {here}" not in cfg.read_text():
+        shutil.rmtree(env_dir)  # made by another Python version: its packages would not load here
     if not py.is_file():
         venv.EnvBuilder(with_pip=True, symlinks=os.name != "nt").create(env_dir)
     own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
