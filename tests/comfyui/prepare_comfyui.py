@@ -169,11 +169,10 @@ def layered_venv(env_dir: Path, deps: list[str]) -> Path:
     # the tier's promise: ComfyUI runs on this interpreter's torch, never another one
     check = ("import json, torch, numpy; print(json.dumps([torch.__version__, torch.__file__, numpy.__version__]))")
     seen = json.loads(subprocess.run([str(py), "-c", check], check=True, capture_output=True, text=True).stdout)
-    import torch
-
-    if seen[0] != torch.__version__ or Path(seen[1]).resolve() != Path(torch.__file__).resolve():
+    origin = importlib.util.find_spec("torch").origin  # without importing torch here
+    if seen[0] != pins["torch"] or Path(seen[1]).resolve() != Path(origin).resolve():
         raise SystemExit(f"the ComfyUI venv {env_dir} sees torch {seen[0]} at {seen[1]}, not this Python's "
-                         f"{torch.__version__}; delete {env_dir} and run again")
+                         f"{pins['torch']}; delete {env_dir} and run again")
     return py
 
 
