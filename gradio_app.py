@@ -164,7 +164,8 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
         job = manager.stop()
         if job is None or job.finished:
             return "no run in progress"
-        return f"stopping after update {job.current.step + 1} (the update in progress); the LoRA will be saved"
+        return (f"stopping at the next model call: update {job.current.step + 1} (in progress) is dropped, the LoRA "
+                f"of update {job.current.step} will be saved")
 
     def restore_form():
         job = manager.job
