@@ -16,6 +16,7 @@ import torch
 from rlr_backend.estimators import ESTIMATORS, ZO_MODES
 from rlr_backend.lora.export import check_lora_version
 from rlr_backend.models.trainable import TrainableModel, sample_images
+from rlr_backend.choices import REWARD_ARGS, parse_reward_spec
 from rlr_backend.rewards import REWARD_HELP, REWARDS, make_reward
 from rlr_backend.safe_io import InvalidModelFile, load_tensors, save_tensors
 from rlr_backend.train import PromptSpec, StepInfo, TrainConfig, Trainer
@@ -106,13 +107,20 @@ def check_prompt(text: str, what: str = "prompt") -> str:
     return text
 
 
-def add_reward(chain: tuple[tuple[str, float], ...] | None, name: str, weight: float) -> tuple[tuple[str, float], ...]:
-    """RLR_REWARD: a weighted sum, one (name, weight) per chained Reward node."""
+def add_reward(chain: tuple[tuple[str, float], ...] | None, name: str, weight: float,
+               target: str = "") -> tuple[tuple[str, float], ...]:
+    """RLR_REWARD: a weighted sum, one (name, weight) per chained Reward node; ``target`` is the argument of a
+    reward that takes one (``position``: left / right / top / bottom / center / X:Y; ``size``: a fraction),
+    empty for its default; the name then reads ``position:left``."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
     if not torch.isfinite(torch.tensor(float(weight))) or weight == 0:
         raise ValueError(f"reward weight for {name!r} must be a non-zero number, got {weight}")
-    return tuple(chain or ()) + ((name, float(weight)),)
+    target = (target or "").strip()
+    if target and name not in REWARD_ARGS:
+        raise ValueError(f"reward {name!r} takes no target (got {target!r}); only {sorted(REWARD_ARGS)} do")
+    term = parse_reward_spec(f"{name}:{target}" if target else name)[0]  # checks the target
+    return tuple(chain or ()) + ((f"{name}:{term.arg}" if term.arg else name, float(weight)),)
 
 
 def reward_spec(chain: Sequence[tuple[str, float]]) -> str:

@@ -166,12 +166,16 @@ class Reward(io.ComfyNode):
             inputs=[io.Combo.Input("reward", options=sorted(REWARDS), default="prompt_alignment", tooltip=help_text),
                     io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
                                    tooltip="weight of this reward in the sum (negative to penalise)"),
-                    REWARD.Input("add_to", optional=True, tooltip="rewards to add this one to (weighted sum)")],
+                    REWARD.Input("add_to", optional=True, tooltip="rewards to add this one to (weighted sum)"),
+                    io.String.Input("target", default="", optional=True,
+                                    tooltip="position: left, right, top, bottom, center or X:Y in 0-1 (default "
+                                            "left); size: the fraction of the image the shape should cover (default "
+                                            "0.4); empty for the default; other rewards take none")],
             outputs=[REWARD.Output(display_name="reward")])
 
     @classmethod
-    def execute(cls, reward: str, weight: float, add_to=None) -> io.NodeOutput:
-        return io.NodeOutput(logic.add_reward(add_to, reward, weight))
+    def execute(cls, reward: str, weight: float, add_to=None, target: str = "") -> io.NodeOutput:
+        return io.NodeOutput(logic.add_reward(add_to, reward, weight, target))
 
 
 class Estimator(io.ComfyNode):
@@ -254,7 +258,9 @@ class Trainer(io.ComfyNode):
                     _int("preview_every", "eval_every", max=100_000, min=0, advanced=True,
                          tooltip="evaluate and show a preview every N updates (0: only at start and end)"),
                     io.String.Input("run_name", default="rlr", tooltip="name of the run folder in output/rlr_runs/ "
-                                                                       "and of the partial LoRA if cancelled")],
+                                                                       "and of the partial LoRA if cancelled"),
+                    _float("kl_weight", max=100.0, step=1e-4, advanced=True),
+                    _float("early_stop_drop", max=100.0, step=0.01, advanced=True)],
             outputs=[LORA.Output(display_name="lora", tooltip="kohya-format LoRA (connect to RLR Save LoRA or "
                                                               "Load LoRA Model)"),
                      io.Image.Output(display_name="reward_curve", tooltip="batch and evaluation reward per update"),
@@ -264,14 +270,16 @@ class Trainer(io.ComfyNode):
     @classmethod
     def execute(cls, rlr_model, reward, prompts, steps: int, lr: float, lora_rank: int, seed: int, batch_size: int,
                 images_per_prompt: int, num_inference_steps: int, guidance_scale: float, eta: float,
-                preview_every: int, run_name: str, estimator=None) -> io.NodeOutput:
+                preview_every: int, run_name: str, estimator=None, kl_weight: float = 0.0,
+                early_stop_drop: float = 0.0) -> io.NodeOutput:
         from . import comfy_glue
 
         out = comfy_glue.run_training(
             rlr_model, reward, prompts, estimator, node_id=cls.hidden.unique_id, run_name=run_name,
             options=dict(steps=steps, lr=lr, lora_rank=lora_rank, seed=seed, batch_size=batch_size,
                          images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale, eta=eta, eval_every=preview_every))
+                         guidance_scale=guidance_scale, eta=eta, eval_every=preview_every, kl_weight=kl_weight,
+                         early_stop_drop=early_stop_drop))
         return io.NodeOutput(out.lora, out.curve, out.grid)
 
 

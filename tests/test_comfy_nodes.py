@@ -185,6 +185,12 @@ def test_bad_inputs_give_one_clear_message(pack):
     model, r, est, p = chain(nodes)
     cases = [
         (lambda: run(nodes.Reward, reward="aesthetics", weight=1.0), ValueError, "unknown reward 'aesthetics'"),
+        (lambda: run(nodes.Reward, reward="position", weight=1.0, target="middle"), ValueError,
+         "unknown position target"),
+        (lambda: run(nodes.Reward, reward="size", weight=1.0, target="1.5"), ValueError, "between 0 and 1"),
+        (lambda: run(nodes.Reward, reward="brightness", weight=1.0, target="left"), ValueError, "takes no target"),
+        (lambda: run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est,
+                     **{**FAST, "kl_weight": -1.0}), ValueError, "kl_weight"),
         (lambda: chain(nodes, fine="   "), ValueError, "fine prompt is empty"),
         (lambda: run(nodes.Sampler, rlr_model=model, prompt="", seed=0, num_images=1, steps=2, guidance_scale=1.0,
                      eta=1.0), ValueError, "prompt is empty"),
@@ -306,3 +312,13 @@ def test_load_model_lists_and_loads_single_file_checkpoints(pack):
         run(nodes.LoadModel, model="checkpoints/old.ckpt")
     with pytest.raises(ValueError, match="image_size applies to single-file"):
         run(nodes.LoadModel, model="some-folder", image_size=64)
+
+
+def test_structure_rewards_take_their_target(pack):
+    nodes, _ = pack
+    r = run(nodes.Reward, reward="position", weight=2.0, target="0.3:0.7").args[0]
+    r = run(nodes.Reward, reward="size", weight=1.0, add_to=r).args[0]  # empty target: the default
+    assert r == (("position:0.3:0.7", 2.0), ("size:0.4", 1.0))
+    from comfy_nodes import logic
+
+    assert logic.reward_spec(r) == "position:0.3:0.7=2,size:0.4=1"
