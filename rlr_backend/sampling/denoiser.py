@@ -1,9 +1,9 @@
 """The small protocol every sampler and estimator runs on.
 
-A ``Denoiser`` maps a noisy batch ``x`` at a discrete training timestep to the model output the
-schedule's ``prediction_type`` names (noise, v or x_0). Conditioning (text embeddings, guidance) is
+A ``Denoiser`` maps a noisy batch ``x`` at a step's time input (``Schedule.timesteps``) to the model
+output the schedule's step function takes (DDIM: the noise, v or x_0 its ``prediction_type`` names). Conditioning (text embeddings, guidance) is
 opaque to samplers: they pass the object a ``PromptSchedule`` returns for the step, unchanged.
-Adapters wrap real models (``DiffusersUNetDenoiser``; the analytic test chain; ComfyUI's MODEL).
+Adapters in ``rlr_backend.models`` (and the ComfyUI pack) wrap real models; samplers never import them.
 """
 
 from __future__ import annotations
