@@ -148,14 +148,14 @@ def test_every_damaged_checkpoint_is_refused_with_one_line_and_changes_nothing(r
         files = snapshot(out)
         with pytest.raises((ValueError, OSError)) as info:
             folder = open_run_folder(tiny(out, "ref", 6), resume=True)
-            load_checkpoint(folder.checkpoint, checker.named_params, checker.optimizer, checker.generator)
+            load_checkpoint(folder.checkpoint, checker.named_params, checker.state.optimizer, checker.state.generator)
         message = str(info.value)
         assert "\n" not in message and len(message) < 600, (name, message)
         assert snapshot(out) == files, name
         refused.append(name)
     assert len(refused) == len(CHECKPOINT_MUTATIONS) >= 50
     assert all(torch.equal(a, b) for a, b in zip(before, checker.params))
-    assert not checker.optimizer.state  # never loaded
+    assert not checker.state.optimizer.state  # never loaded
 
 
 @pytest.mark.parametrize("name", ["optim: empty (Adam state lost)", "LATEST: ../../../../etc"])

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..estimators import BaselineState, ChainProblem, JSampler, describe_estimator, get_estimator
+from ..estimators import ChainProblem, describe_estimator, get_estimator
 from ..estimators.kl import draw_steps, kl_to_base
 from ..lora import save_kohya
 from ..models.trainable import TrainableModel, prompt_schedule
@@ -158,14 +158,6 @@ class Trainer:
             images = self.decode(traj.final)
             rewards = self.reward(images, [cfg.prompts[i].fine for i in ids]).float()
         return float(rewards[torch.isfinite(rewards)].mean()), images.float().cpu()
-
-    # -- the state, by its old names (library callers and tests read them) ----------------------------
-    optimizer = property(lambda self: self.state.optimizer)
-    generator = property(lambda self: self.state.generator)
-    baseline = property(lambda self: self.state.baseline)
-    j_sampler = property(lambda self: self.state.j_sampler)
-    loss_scale = property(lambda self: self.state.loss_scale)
-    best = property(lambda self: self.state.best)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
@@ -307,9 +299,9 @@ class Trainer:
     def _keep_if_best(self, step: int, reward: float) -> bool:
         """Save the LoRA as lora_best.safetensors when ``reward`` is the best evaluation so far (main
         process); returns True when the early-stop guard says to stop."""
-        best = self.best.get("reward")
+        best = self.state.best.get("reward")
         if best is None or reward > best:
-            self.best.update(step=step, reward=reward)
+            self.state.best.update(step=step, reward=reward)
             self._save_lora(self.config.run_dir / "lora_best.safetensors",
                             {"rlr_best_update": str(step), "rlr_best_eval_reward": f"{reward:.6g}"})
             return False
@@ -317,7 +309,7 @@ class Trainer:
         if drop > 0 and reward < best - drop:
             logger.warning("early stop at update %d: the evaluation reward %.4f fell more than %g below its best "
                            "%.4f (update %d); lora_best.safetensors holds that LoRA", step, reward, drop, best,
-                           self.best["step"])
+                           self.state.best["step"])
             return True
         return False
 
@@ -328,8 +320,8 @@ class Trainer:
         meta = {"rlr_steps": str(step)}
         if stopped:
             meta["rlr_interrupted_at_step"] = str(step)
-        if self.best:
-            meta.update(rlr_best_update=str(self.best["step"]), rlr_best_eval_reward=f"{self.best['reward']:.6g}")
+        if self.state.best:
+            meta.update(rlr_best_update=str(self.state.best["step"]), rlr_best_eval_reward=f"{self.state.best['reward']:.6g}")
         lora_path = self._save_lora(run_dir / "lora.safetensors", meta)
         save_reward_curve(history, eval_rewards, run_dir / "reward_curve.png", title=f"{cfg.estimator} on {self.reward.name}")
         grids = run_dir / "grids"
@@ -347,33 +339,33 @@ class Trainer:
         return save_kohya(sd, path, rank, alpha, base_model_version=self.t2i.base_model_version, metadata=meta)
 
     def update(self) -> dict[str, float]:
-        cfg = self.config
-        self._update_start = self.state.rollback_point()  # restored when a stop request drops this update
-        self.optimizer.zero_grad(set_to_none=True)
+        cfg, state = self.config, self.state
+        self._update_start = state.rollback_point()  # restored when a stop request drops this update
+        state.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
         all_nonfinite = True  # every reward of every micro-batch NaN/inf (the whole batch, on every process)
         shard = self.dp.shard(cfg.batch_size)  # None unless data-parallel
         for _ in range(cfg.grad_accum):
             # whole groups of images per prompt, so the leave-one-out baseline compares like with like
             groups = cfg.batch_size // cfg.images_per_prompt
-            ids = torch.randint(0, len(cfg.prompts), (groups,), generator=self.generator)
+            ids = torch.randint(0, len(cfg.prompts), (groups,), generator=state.generator)
             ids = ids.repeat_interleave(cfg.images_per_prompt).tolist()
-            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.generator)
+            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=state.generator)
             if shard is not None:  # drawn for the whole batch on every process; this one keeps its groups
                 ids, x_T = ids[shard.rows], x_T[shard.rows]
-            problem = replace(self.problem(ids), shard=shard,
-                              loss_scale=self.loss_scale.scale if self.loss_scale else 1.0)  # fp16: scaled gradients
+            problem = replace(self.problem(ids), shard=shard,  # fp16: the estimator writes scaled gradients
+                              loss_scale=state.loss_scale.scale if state.loss_scale else 1.0)
             with autocast(self.device, cfg.precision):
-                est = self.spec.fn(problem, x_T.to(self.device), config=self.est_config, generator=self.generator,
-                                   baseline_state=self.baseline, j_sampler=self.j_sampler)
+                est = self.spec.fn(problem, x_T.to(self.device), config=self.est_config, generator=state.generator,
+                                   baseline_state=state.baseline, j_sampler=state.j_sampler)
                 if cfg.kl_weight > 0:
-                    steps = draw_steps(self.schedule.stds, cfg.kl_steps, self.generator)
+                    steps = draw_steps(self.schedule.stds, cfg.kl_steps, state.generator)
                     est.metrics["kl"] = kl_to_base(problem, est.trajectory, steps, cfg.kl_weight, est.metrics)
             for k, v in est.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
             all_nonfinite = all_nonfinite and est.metrics.get("nonfinite_rewards", 0) >= cfg.batch_size
         if all_nonfinite:  # nothing to learn from; an optimizer step would still move Adam's moments
-            self.optimizer.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
             agg["skipped_batch"] = 1.0
             logger.warning("every reward of this batch is NaN/inf (reward %s): batch skipped", self.reward.name)
             return agg
@@ -382,7 +374,7 @@ class Trainer:
         if cfg.grad_accum > 1:
             for g in grads:
                 g.div_(cfg.grad_accum)
-        if self.loss_scale is not None and not self.loss_scale.unscale_and_update(self.params):
+        if state.loss_scale is not None and not state.loss_scale.unscale_and_update(self.params):
             agg["skipped_update"] = 1.0  # fp16 overflow: the scale was lowered (the same on every process)
             return agg
         if not all(torch.isfinite(g).all() for g in grads):
@@ -391,7 +383,7 @@ class Trainer:
             return agg
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         agg["grad_norm"] = float(norm)
-        self.optimizer.step()
+        state.optimizer.step()
         return agg
 
 
