@@ -853,9 +853,9 @@ def validate_problem(problem, latent_shape: tuple[int, ...], weights: int, estim
 
 # ------------------------------------------------------------------------------------------- report
 def machine() -> dict:
-    from benchmarks.run import machine as run_machine
+    from benchmarks.common import machine as common_machine
 
-    return run_machine()
+    return common_machine()
 
 
 def load(path: Path) -> dict:

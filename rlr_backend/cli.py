@@ -271,7 +271,7 @@ def sample_main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        from .train.pipeline import load_pipeline
+        from .models.loader import load_pipeline
         from .train.prompts import DEFAULT_PROMPT_SPLIT, parse_prompt, resolve_prompt
         from .train.report import save_grid
         from .train.sample import add_lora_file, lora_prompts, sample_images, set_lora_strength

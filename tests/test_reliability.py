@@ -172,7 +172,7 @@ def test_the_cli_refuses_a_damaged_checkpoint_with_exit_2(reference, tmp_path, c
 
 def test_damaged_lora_files_are_refused_naming_the_file(reference, tmp_path):
     from rlr_backend.lora import load_lora
-    from rlr_backend.train.pipeline import load_pipeline
+    from rlr_backend.models.loader import load_pipeline
 
     pipe = load_pipeline(None)
     good = (reference / "lora.safetensors").read_bytes()
@@ -187,7 +187,7 @@ def test_damaged_lora_files_are_refused_naming_the_file(reference, tmp_path):
 
 def test_damaged_model_weights_and_scheduler_are_refused(tmp_path):
     from rlr_backend.models.tiny_pipelines import save_tiny_pipeline
-    from rlr_backend.train.pipeline import load_pipeline
+    from rlr_backend.models.loader import load_pipeline
 
     good = save_tiny_pipeline("sd1", tmp_path / "good")
     nan = shutil.copytree(good, tmp_path / "nan")

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import gradio as gr
 
 from rlr_backend.choices import ConfigError
+from rlr_backend.images import to_pil
 from rlr_backend.train import TrainConfig
 from rlr_backend.train.prompts import parse_prompt
 
 from ..form import MODEL_LOCK, list_models, list_runs, number
-from ..render import png_file, scrub, to_pil
+from ..render import png_file, scrub
 from .common import Page
 
 

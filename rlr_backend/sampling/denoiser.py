@@ -13,6 +13,11 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 
+def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+    """eps_u + w (eps_c - eps_u) (Ho & Salimans 2022): the guided output every adapter returns."""
+    return uncond + scale * (cond - uncond)
+
+
 @runtime_checkable
 class Denoiser(Protocol):
     def __call__(self, x: Tensor, timestep: int, cond: Any) -> Tensor:

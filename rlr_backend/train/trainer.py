@@ -23,6 +23,7 @@ import torch
 from ..estimators import ChainProblem, describe_estimator, get_estimator
 from ..estimators.kl import draw_steps, kl_to_base
 from ..lora import save_kohya
+from ..models.loader import load_pipeline, model_for_pipeline
 from ..models.trainable import TrainableModel, prompt_schedule
 from ..rewards import Reward, make_reward
 from ..rewards.models.local import load_weights
@@ -33,7 +34,6 @@ from .config import TrainConfig
 from .distributed import DataParallel
 from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
                      reward_models_in_precision)
-from .pipeline import load_pipeline, model_for_pipeline
 from .prompts import schedule_metadata
 from .report import diversity, save_before_after, save_grid, save_reward_curve
 from .run_folder import append_metrics, open_run_folder, read_metrics, rewrite_metrics
