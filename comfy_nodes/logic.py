@@ -16,7 +16,7 @@ import torch
 from rlr_backend.estimators import ESTIMATORS, ZO_MODES
 from rlr_backend.lora.export import check_lora_version
 from rlr_backend.models.trainable import TrainableModel, sample_images
-from rlr_backend.choices import REWARD_ARGS, parse_reward_spec
+from rlr_backend.choices import ESTIMATOR_CHOICES, REWARD_ARGS, parse_reward_spec
 from rlr_backend.rewards import REWARD_HELP, REWARDS, make_reward
 from rlr_backend.safe_io import InvalidModelFile, load_tensors, save_tensors
 from rlr_backend.train import PromptSpec, StepInfo, TrainConfig, Trainer
@@ -131,12 +131,14 @@ def reward_spec(chain: Sequence[tuple[str, float]]) -> str:
 
 def estimator_settings(estimator: str, **knobs) -> dict[str, Any]:
     """RLR_ESTIMATOR: the TrainConfig fields of the estimator and its knobs, validated now."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
+    if estimator not in ESTIMATOR_CHOICES:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATOR_CHOICES)}")
     if knobs.get("zo_mode", "latent_lr") not in ZO_MODES:
         raise ValueError(f"unknown zo_mode {knobs['zo_mode']!r}; choose one of {list(ZO_MODES)}")
     settings = {"estimator": estimator, **knobs}
-    TrainConfig(**settings).estimator_config()  # raises on impossible values
+    config = TrainConfig(**settings)  # raises on impossible values
+    if estimator != "auto":  # auto is resolved by the trainer, once it knows the reward
+        config.estimator_config()
     return settings
 
 
