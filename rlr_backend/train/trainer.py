@@ -123,6 +123,7 @@ class Trainer:
         self.best: dict = {}  # {"step", "reward"} of the best evaluation so far (lora_best.safetensors)
         self.baseline = BaselineState()
         self._update_start: tuple | None = None
+        self._unwritten: dict | None = None  # the row of an update whose evaluation has not finished
         self.j_sampler = JSampler(getattr(self.est_config, "j_dist", "uniform"),
                                   getattr(self.est_config, "j_range", None))
         # validate estimator settings against the chain before any file is touched
@@ -182,6 +183,10 @@ class Trainer:
         try:
             step, stopped = self._loop(start, history, eval_rewards, metrics_path)
         except StopRequested:  # inside a model call: the update in progress is dropped (no optimizer step)
+            if self._unwritten is not None:  # the update finished, its evaluation did not: keep its row
+                history.append(self._unwritten)
+                dp.on_main(lambda: append_metrics(metrics_path, history[-1]))
+                self._unwritten = None
             step, stopped = history[-1]["step"] if history else start, True
             self.optimizer.zero_grad(set_to_none=True)
             if self._update_start is not None:  # back to the end of the last finished update
@@ -217,11 +222,13 @@ class Trainer:
             metrics["seconds"] = time.perf_counter() - t0
             metrics["cpu_seconds"] = time.process_time() - c0  # of this process (all its threads): load-independent
             record = {"step": step, **metrics}
+            self._unwritten = record  # written by run() if a stop interrupts this update's evaluation
             early = False
             if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
                 record.update(dp.on_main(lambda: self._evaluate_and_save(step)) or {})
                 eval_rewards[step] = record.get("eval_reward")
                 early = bool(dp.on_main(lambda: self._keep_if_best(step, eval_rewards[step])))
+            self._unwritten = None
             history.append(record)
             dp.on_main(lambda: append_metrics(metrics_path, record))
             bad_run = bad_run + 1 if metrics.get("skipped_batch") else 0
