@@ -89,7 +89,7 @@ def same_run(run: Path, ref: Path) -> str:
                                                       "state.json")]):
         if not (run / rel).is_file() or (run / rel).read_bytes() != (ref / rel).read_bytes():
             return f"{rel} differs"
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "cpu_seconds")}
              for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (run, ref)]
     if rows[0] != rows[1]:
         return "metrics.jsonl rows differ"

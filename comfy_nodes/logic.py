@@ -13,8 +13,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from rlr_backend.choices import RewardTerm, format_reward_spec, reward_term
-from rlr_backend.estimators import ESTIMATORS, ZO_MODES
+from rlr_backend.choices import ESTIMATOR_CHOICES, RewardTerm, format_reward_spec, reward_term
+from rlr_backend.estimators import ZO_MODES
 from rlr_backend.lora.export import check_lora_version
 from rlr_backend.model_paths import diffusers_folders, resolve_checkpoint, resolve_model_folder
 from rlr_backend.models.trainable import TrainableModel, sample_images
@@ -114,12 +114,14 @@ def reward_spec(chain: Sequence[RewardTerm]) -> str:
 
 def estimator_settings(estimator: str, **knobs) -> dict[str, Any]:
     """RLR_ESTIMATOR: the TrainConfig fields of the estimator and its knobs, validated now."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
+    if estimator not in ESTIMATOR_CHOICES:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATOR_CHOICES)}")
     if knobs.get("zo_mode", "latent_lr") not in ZO_MODES:
         raise ValueError(f"unknown zo_mode {knobs['zo_mode']!r}; choose one of {list(ZO_MODES)}")
     settings = {"estimator": estimator, **knobs}
-    TrainConfig(**settings).estimator_config()  # raises on impossible values
+    config = TrainConfig(**settings)  # raises on impossible values
+    if estimator != "auto":  # auto is resolved by the trainer, once it knows the reward
+        config.estimator_config()
     return settings
 
 

@@ -9,6 +9,7 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
+from rlr_backend.choices import ESTIMATOR_CHOICES
 from rlr_backend.estimators import ESTIMATORS, ZO_MODES
 from rlr_backend.rewards import REWARD_HELP, REWARDS
 
@@ -186,7 +187,8 @@ class Estimator(io.ComfyNode):
             node_id="RLR_Estimator", search_aliases=["gradient estimator", "rlr", "ddpo", "policy gradient", "backprop", "optimizer"],
             display_name="RLR Estimator", category=CATEGORY,
             description="The gradient estimator: RLR (the paper) or a baseline, with its knobs.",
-            inputs=[io.Combo.Input("estimator", options=sorted(ESTIMATORS), default="rlr", tooltip=summary),
+            inputs=[io.Combo.Input("estimator", options=list(ESTIMATOR_CHOICES), default="rlr",
+                                   tooltip=logic.config_field("estimator")["tooltip"] + "; " + summary),
                     _int("h", max=100), _int("fo_steps", max=100, min=0),
                     io.Combo.Input("zo_mode", options=list(ZO_MODES), default="latent_lr",
                                    tooltip=logic.config_field("zo_mode")["tooltip"], **ADVANCED),

@@ -17,7 +17,7 @@ from dataclasses import fields
 from fractions import Fraction
 from pathlib import Path
 
-from .choices import ESTIMATOR_NAMES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
+from .choices import ESTIMATOR_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
 from .model_paths import check_model_path
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
@@ -116,7 +116,7 @@ def train_parser() -> argparse.ArgumentParser:
            "prompts listed below)")
     a("--prompt-file", type=Path, help="UTF-8 file with one prompt per line")
     option("reward")
-    option("estimator", choices=ESTIMATOR_NAMES)
+    option("estimator", choices=ESTIMATOR_CHOICES)
     option("h", type=int)
     option("fo_steps", type=int)
     option("zo_mode", choices=ZO_MODES)

@@ -79,9 +79,9 @@ def test_a_killed_run_continues_bitwise_equal(reference, tmp_path, point, resume
 def test_a_resume_killed_while_rewriting_metrics_then_moved_still_continues(reference, tmp_path):
     trainer = Trainer(tiny(tmp_path, "k"), progress=False)
     assert run_killed(trainer.run, "step:begin@4") == "killed"  # after the step-2 checkpoint
-    assert [r["step"] for r in rows(tmp_path / "k")] == [1, 2, 3]
+    assert [r["step"] for r in rows(tmp_path / "k")] == [0, 1, 2, 3]
     assert run_killed(lambda: trainer.run(resume=True), "atomic:before_replace@1") == "killed"  # metrics rewrite
-    assert [r["step"] for r in rows(tmp_path / "k")] == [1, 2, 3] and temp_files(tmp_path / "k")
+    assert [r["step"] for r in rows(tmp_path / "k")] == [0, 1, 2, 3] and temp_files(tmp_path / "k")
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     shutil.move(tmp_path / "k", moved / "k")  # a moved (or copied) run folder resumes too
@@ -419,7 +419,7 @@ def test_an_all_nan_reward_stops_after_three_batches_with_valid_json(tmp_path):
     with pytest.raises(ValueError, match=r"reward 'broken' gave NaN/inf for every image in 3 batches in a row") as info:
         Trainer(tiny(tmp_path, "nan", 10), progress=False, reward=reward).run()
     assert "\n" not in str(info.value)
-    got = rows(tmp_path / "nan")  # strict JSON: null, never a NaN token
+    got = rows(tmp_path / "nan")[1:]  # strict JSON: null, never a NaN token (row 0: the first evaluation)
     assert [r["step"] for r in got] == [1, 2, 3] and all(r["skipped_batch"] == 1 for r in got)
     assert all(r["reward_mean"] is None for r in got)
     state = json.loads((tmp_path / "nan" / "ckpt" / "step-000002" / "state.json").read_text())
@@ -438,7 +438,7 @@ def test_a_dropped_term_is_counted_every_update_and_logged_once(tmp_path, monkey
     warnings = []  # the trainer's warnings (caplog misses them once another test reconfigured logging)
     monkeypatch.setattr(trainer_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     Trainer(tiny(tmp_path, "drop", 3, eval_every=0), progress=False, reward=reward).run()
-    got = rows(tmp_path / "drop")
+    got = rows(tmp_path / "drop")[1:]  # row 0: the first evaluation
     assert all(r.get("dropped_first_order_term") == 1 for r in got)
     assert sum("first order term was dropped" in m for m in warnings) == 1
 

@@ -2,6 +2,7 @@
 the estimator's backward passes and the final evaluation; the LoRA of the last finished update is kept."""
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -78,8 +79,8 @@ def test_stop_during_sampling_keeps_the_previous_update(tmp_path, after_one_upda
     assert meta["rlr_interrupted_at_step"] == "1"
     assert sd.keys() == after_one_update.keys()
     assert all(torch.equal(sd[k], after_one_update[k]) for k in sd)  # update 2 left no trace
-    rows = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 1
+    rows = [json.loads(r) for r in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]  # the first evaluation and update 1
 
 
 def test_stop_inside_a_backward_pass(tmp_path, after_one_update):
@@ -106,6 +107,9 @@ def test_stop_during_the_final_evaluation(tmp_path):
     assert switch.preview_steps == [0]
     sd, meta = load_tensors(result.lora_path)
     assert meta["rlr_interrupted_at_step"] == "2" and all(torch.isfinite(v.float()).all() for v in sd.values())
+    rows = [json.loads(r) for r in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval_reward" not in rows[2]  # update 2's row, no evaluation
+    assert (result.run_dir / "ckpt" / "LATEST").read_text().strip() == "step-000002"
 
 
 def test_the_wrapper_raises_before_the_call_and_in_backward():

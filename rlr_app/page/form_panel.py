@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from rlr_backend.choices import POSITION_TARGETS, REWARD_ARGS
+from rlr_backend.choices import ESTIMATOR_CHOICES, POSITION_TARGETS, REWARD_ARGS
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARD_HELP, REWARDS
 
@@ -37,9 +37,10 @@ def build(page: Page) -> FormPanel:
         info="one per line; 'coarse | mid | fine' gives three versions used over the first, middle and "
              "last third of the sampling steps (the reward sees the fine one)")
     _rewards(d, inputs)
-    inputs["estimator"] = gr.Dropdown(sorted(ESTIMATORS), value=d["estimator"], label="Estimator",
-                                      info="; ".join(f"{k}: {v.summary}" for k, v in ESTIMATORS.items()
-                                                     if k in ("rlr", "ddpo", "truncated_bp")))
+    inputs["estimator"] = gr.Dropdown(list(ESTIMATOR_CHOICES), value=d["estimator"], label="Estimator",
+                                      info=CFG_FIELDS["estimator"].metadata["help"] + "; " + "; ".join(
+                                          f"{k}: {v.summary}" for k, v in ESTIMATORS.items()
+                                          if k in ("rlr", "ddpo", "truncated_bp", "full_bp")))
     with gr.Row():
         for name in MAIN_FIELDS:
             inputs[name] = config_component(page, name)

@@ -109,8 +109,8 @@ def open_run_folder(config: TrainConfig, resume: bool) -> RunFolder:
 
 # -- metrics.jsonl ------------------------------------------------------------------------------------
 def read_metrics(path: Path, upto: int) -> list[dict]:
-    """Rows of ``metrics.jsonl`` with 0 < step <= ``upto``, one per step (a line cut short by a crash,
-    or anything that is not a row, is dropped with a warning)."""
+    """Rows of ``metrics.jsonl`` with 0 <= step <= ``upto``, one per step (step 0 is the evaluation before
+    training; a line cut short by a crash, or anything that is not a row, is dropped with a warning)."""
     if not path.is_file():
         return []
     rows: dict[int, dict] = {}
@@ -121,7 +121,7 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
         except json.JSONDecodeError:
             row = None
         step = row.get("step") if isinstance(row, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             dropped += bool(line.strip())
             continue
         if step <= upto:
