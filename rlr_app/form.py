@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from rlr_backend.choices import ESTIMATOR_CHOICES, REWARD_ARGS, ConfigError, format_reward_spec, parse_reward_spec, reward_term
+from rlr_backend.choices import (ESTIMATOR_CHOICES, REWARD_ARGS, ConfigError, format_reward_spec, parse_reward_spec,
+                                 reward_term)
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARDS, make_reward
 from rlr_backend.train import TrainConfig
