@@ -384,6 +384,7 @@ def test_guard_cost_measures_every_case():
     result = guard_cost.measure(1, batch_size=2, images_per_prompt=2, num_inference_steps=4, fo_steps=1,
                                 prompts=guard_cost.TrainConfig().prompts[:1])
     rows = {r["case"]: r for r in result["rows"]}
-    assert set(rows) == set(guard_cost.CASES) and rows["brightness (reference)"]["ratio"] == 1.0
+    assert set(rows) == set(guard_cost.CASES) and len(rows) == 8
+    assert rows["rlr: brightness (reference)"]["ratio"] == rows["truncated_bp: brightness (reference)"]["ratio"] == 1.0
     assert all(r["median_cpu_s"] > 0 for r in rows.values())
-    assert "| position:left |" in "\n".join(guard_cost.render(result))
+    assert "| truncated_bp: position:left |" in "\n".join(guard_cost.render(result))
