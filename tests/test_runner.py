@@ -82,8 +82,8 @@ def test_a_failure_is_one_line_and_the_last_checkpoint_resumes(tmp_path):
     def factory(cfg, **kw):
         return Trainer(cfg, reward=CallableReward(flaky, name="flaky"), **kw)
 
-    cfg = TrainConfig(steps=50, eval_every=0, ckpt_every=2, reward="brightness", output_dir=tmp_path,
-                      run_name="f", **TINY)
+    cfg = TrainConfig(steps=50, eval_every=0, ckpt_every=2, reward="brightness", estimator="rlr", output_dir=tmp_path,
+                      run_name="f", **TINY)  # auto would resolve to rlr, then truncated_bp on resume
     job = RunManager(factory).start([("rlr", cfg)])
     wait_until(lambda: job.finished)
     run = job.snapshot().runs[0]
