@@ -10,7 +10,7 @@ from rlr_backend.rewards import CallableReward, make_reward
 from rlr_backend.safe_io import load_tensors
 from rlr_backend.train import TrainConfig, Trainer
 from rlr_backend.train.checkpoint import latest_checkpoint
-from rlr_backend.models.loader import load_pipeline
+from rlr_backend.train.pipeline import load_pipeline
 from rlr_backend.train.runner import RunInProgress, RunManager, eval_captions
 
 TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_seeds=1, lr=1e-2)
@@ -82,8 +82,8 @@ def test_a_failure_is_one_line_and_the_last_checkpoint_resumes(tmp_path):
     def factory(cfg, **kw):
         return Trainer(cfg, reward=CallableReward(flaky, name="flaky"), **kw)
 
-    cfg = TrainConfig(steps=50, eval_every=0, ckpt_every=2, reward="brightness", estimator="rlr", output_dir=tmp_path,
-                      run_name="f", **TINY)  # auto would resolve to rlr, then truncated_bp on resume
+    cfg = TrainConfig(steps=50, estimator="rlr", eval_every=0, ckpt_every=2, reward="brightness", output_dir=tmp_path,
+                      run_name="f", **TINY)
     job = RunManager(factory).start([("rlr", cfg)])
     wait_until(lambda: job.finished)
     run = job.snapshot().runs[0]
