@@ -33,6 +33,7 @@ from rlr_app.render import (before_vs_now, curve_figure, curve_image, png_file, 
 from rlr_backend.choices import POSITION_TARGETS, REWARD_ARGS
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARD_HELP, REWARDS, make_reward
+from rlr_backend.safe_io import refuse_symlinks
 from rlr_backend.train import TrainConfig
 from rlr_backend.train.runner import RunInProgress, RunManager
 
@@ -189,9 +190,9 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
         if name not in list_runs(settings.output_dir):
             raise gr.Error(f"unknown run {name!r}; press refresh")
         run_dir = settings.output_dir / name
+        cfg = run_config(run_dir)  # refuses a run folder holding a symbolic link
         files = stage_downloads(settings, run_dir)
-        pics = {Path(f).name.removeprefix(f"{name}-"): f for f in files}
-        cfg = run_config(run_dir)
+        pics = {n: f for f in files for n in ("before_after.png", "reward_curve.png") if f.endswith(f"-{n}")}
         summary = (f"**{html.escape(name)}**: {cfg.estimator}, reward {html.escape(cfg.reward)}, {cfg.steps} updates "
                    f"of batch {cfg.batch_size}" + ("" if (run_dir / "lora.safetensors").is_file()
                                                    else " (no LoRA yet: the run did not finish)"))
@@ -199,9 +200,14 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
 
     def run_config(run_dir: Path) -> TrainConfig:
         try:
+            refuse_symlinks(run_dir)
+        except ValueError:
+            raise gr.Error(f"run {run_dir.name[:80]!r} holds a symbolic link; refused (a run folder holds only its "
+                           "own files)") from None
+        try:
             return TrainConfig.from_json(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise gr.Error(f"{run_dir.name}/config.json is not readable ({type(e).__name__})") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise gr.Error(f"{run_dir.name[:80]}/config.json is not readable ({type(e).__name__})") from None
 
     def sample_compare(name, prompt, seed, strength, num):
         from rlr_backend.train.pipeline import load_pipeline

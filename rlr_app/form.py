@@ -60,9 +60,14 @@ def list_runs(output_dir: Path, with_lora: bool = False) -> list[str]:
     """Run folders under ``output_dir`` (newest first); ``with_lora``: only those with a LoRA."""
     if not output_dir.is_dir():
         return []
-    runs = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-            and (p / "config.json").is_file() and (not with_lora or (p / "lora.safetensors").is_file())]
+    runs = [p for p in output_dir.iterdir() if not p.is_symlink() and p.is_dir() and not p.name.startswith(".")
+            and _plain(p / "config.json") and (not with_lora or _plain(p / "lora.safetensors"))]
     return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def _plain(path: Path) -> bool:
+    """A regular file, not a symbolic link (a link planted in a run folder could point anywhere)."""
+    return not path.is_symlink() and path.is_file()
 
 
 def is_int_field(name: str) -> bool:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rlr_backend.safe_io import atomic_path
+from rlr_backend.safe_io import atomic_path, child, refuse_symlinks
 from rlr_backend.train.runner import eval_captions
 
 from .form import Settings
@@ -134,13 +134,16 @@ def served_folder(settings: Settings) -> Path:
 def stage_downloads(settings: Settings, run_dir: Path, names=("lora.safetensors", "before_after.png",
                                                               "reward_curve.png")) -> list[str]:
     """Copy a run's results into the served folder. Each copy replaces the last atomically, so a browser
-    still downloading the previous copy reads it whole."""
+    still downloading the previous copy reads it whole. A run folder holding a symbolic link is refused
+    (ValueError): a link could make the app serve any file of the machine."""
+    refuse_symlinks(run_dir)
     dest = served_folder(settings) / "downloads" / run_dir.name
     out = []
     for name in names:
-        src = run_dir / name
+        src = child(run_dir, name)
         if src.is_file():
-            target = dest / f"{run_dir.name}-{name}"
+            short = run_dir.name.encode()[:100].decode(errors="ignore")  # file names stay under 255 bytes
+            target = dest / f"{short}-{name}"
             with atomic_path(target) as tmp:
                 shutil.copy2(src, tmp)
             out.append(str(target))

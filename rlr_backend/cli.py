@@ -19,10 +19,12 @@ from pathlib import Path
 
 from . import choices
 from .choices import ESTIMATOR_NAMES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
+from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
-# ValueError covers ConfigError and InvalidModelFile
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+# ValueError covers ConfigError and InvalidModelFile; OSError: files a user can fix (missing, unreadable, a full
+# disk or read-only folder: safe_io.StorageError)
+USER_ERRORS = (ValueError, OSError)
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
@@ -127,7 +129,7 @@ def train_parser() -> argparse.ArgumentParser:
                       ("eta", float), ("guidance_scale", float), ("lr", float), ("grad_clip", float),
                       ("grad_accum", int), ("lora_rank", int), ("lora_alpha", float), ("seed", int),
                       ("eval_every", int), ("eval_seeds", int), ("ckpt_every", int), ("kl_weight", float),
-                      ("kl_steps", int), ("early_stop_drop", float)]:
+                      ("kl_steps", int), ("early_stop_drop", float), ("max_nonfinite_batches", int)]:
         option(name, type=typ)
     option("device")
     option("precision", choices=PRECISION_NAMES)
@@ -193,7 +195,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
         result = Trainer(config, progress=not args.quiet).run(resume=args.resume)
     except USER_ERRORS as e:
-        print(f"rlr-train: error: {e}", file=sys.stderr)
+        print(f"rlr-train: error: {one_line(e)}", file=sys.stderr)
         return 2
     from .train.distributed import is_main_process
 
@@ -295,7 +297,7 @@ def sample_main(argv: list[str] | None = None) -> int:
                                guidance_scale=args.guidance_scale, seed=args.seed, prompt_split=split)
         save_grid(images, args.out, nrow=args.num, scale=4)
     except USER_ERRORS as e:
-        print(f"rlr-sample: error: {e}", file=sys.stderr)
+        print(f"rlr-sample: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0

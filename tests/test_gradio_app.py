@@ -331,6 +331,28 @@ def test_files_outside_the_output_folder_are_refused(app):
         assert b"CANARY" not in r.content and b"root:" not in r.content
 
 
+def test_the_run_viewer_refuses_a_run_folder_holding_a_symlink(app):
+    """A symlink planted in a run folder (here: the LoRA -> /etc/passwd) is never staged or served."""
+    import shutil
+
+    out = app["out"]
+    run = next(r for r in runs_in(out) if (out / r / "lora.safetensors").is_file())
+    client = Client(app["url"], verbose=False)
+    files, *_ = client.predict(run, api_name="/show_run")
+    assert files and all(Path(f["path"] if isinstance(f, dict) else f).is_file() for f in files)
+    planted = out / "planted"
+    shutil.copytree(out / run, planted, ignore=shutil.ignore_patterns("ckpt"))
+    try:
+        (planted / "lora.safetensors").unlink()
+        (planted / "lora.safetensors").symlink_to("/etc/passwd")
+        with pytest.raises(Exception, match="symbolic link"):
+            client.predict("planted", api_name="/show_run")
+        staged = out / ".gradio" / "downloads" / "planted"
+        assert not staged.exists() or all(b"root:" not in p.read_bytes() for p in staged.rglob("*") if p.is_file())
+    finally:
+        shutil.rmtree(planted)
+
+
 def test_other_origins_get_no_cross_origin_grant(app):
     """A page on another site cannot drive the app from a visitor's browser (CSRF): the JSON API needs a
     CORS preflight, and only the app's own origin is granted."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import InvalidModelFile, load_tensors, save_tensors
+from ..safe_io import InvalidModelFile, load_tensors, nonfinite_count, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,12 @@ def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]
     names = {n.replace(".", "_"): n for n, _ in unet.named_modules()}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            kind = value.dtype if torch.is_tensor(value) else type(value).__name__
+            raise InvalidModelFile(f"{path}: tensor {key!r} is {kind}, not a floating-point tensor")
+        bad = nonfinite_count(value)
+        if bad:
+            raise InvalidModelFile(f"{path}: tensor {key!r} holds {bad} NaN/inf values; the LoRA is damaged")
         if not key.startswith(KOHYA_PREFIX):
             raise InvalidModelFile(f"{path}: unexpected key {key!r} (only UNet LoRA keys 'lora_unet_...' are supported)")
         module_key, _, suffix = key[len(KOHYA_PREFIX):].partition(".")
@@ -136,6 +142,11 @@ def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]
             raise InvalidModelFile(f"{path}: module {module_key!r} lacks lora_down/lora_up weights")
         w = getattr(modules[names[module_key]], "weight", None)
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        alpha_ok = "alpha" not in parts or parts["alpha"].numel() == 1
+        if down.dim() < 2 or up.dim() < 2 or up.shape[1] != down.shape[0] or not alpha_ok:
+            raise InvalidModelFile(f"{path}: LoRA module {module_key!r} has mismatched shapes: lora_up "
+                                   f"{list(up.shape)}, lora_down {list(down.shape)}"
+                                   f"{', alpha ' + str(list(parts['alpha'].shape)) if 'alpha' in parts else ''}")
         if w is not None and (up.shape[0] != w.shape[0] or down[0].numel() != w[0].numel()):
             raise InvalidModelFile(f"{path}: LoRA module {module_key!r} has shape {tuple(up.shape)} x "
                                    f"{tuple(down.shape)} but the layer is {tuple(w.shape)}{arch}")
@@ -152,7 +163,12 @@ def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]
     with torch.no_grad():
         for name, m in unet.named_modules():
             if name in targets:
-                m.lora_A[adapter_name].weight.copy_(targets[name]["lora_down.weight"].float())
-                m.lora_B[adapter_name].weight.copy_(targets[name]["lora_up.weight"].float())
+                for layer, key in ((m.lora_A[adapter_name], "lora_down.weight"), (m.lora_B[adapter_name], "lora_up.weight")):
+                    value = targets[name][key]
+                    if value.numel() != layer.weight.numel():
+                        unet.delete_adapters(adapter_name)
+                        raise InvalidModelFile(f"{path}: tensor {KOHYA_PREFIX}{name.replace('.', '_')}.{key} has shape "
+                                               f"{list(value.shape)}, the layer needs {list(layer.weight.shape)}")
+                    layer.weight.copy_(value.float().reshape(layer.weight.shape))
                 params += [m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight]
     return params

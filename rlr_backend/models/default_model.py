@@ -93,6 +93,7 @@ def load_default_pipeline(path: str | Path | None = None, device: str | torch.de
         pipe = StableDiffusionPipeline.from_pretrained(
             str(p),
             local_files_only=True,
+            use_safetensors=True,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

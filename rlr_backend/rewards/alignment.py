@@ -86,26 +86,23 @@ def load_classifier(path: str | Path | None = None) -> ShapeClassifier:
         FileNotFoundError: the file is missing.
         ValueError: the file is not safetensors, or its metadata/classes do not match.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from ..safe_io import load_tensors, one_line
 
     p = Path(DEFAULT_CLASSIFIER_PATH if path is None else path)
     if p.suffix in {".ckpt", ".pt", ".pth", ".bin", ".pkl"}:
         raise ValueError(f"{p}: pickle-based weight files are not loaded; give a .safetensors file")
     if not p.is_file():
         raise FileNotFoundError(f"alignment classifier weights {p} not found; rebuild with: python -m rlr_backend.rewards.train_alignment --out {p}")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(p))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{p} is not a readable safetensors file: {e}") from e
+    sd, meta = load_tensors(p)  # refuses pickles, damaged headers and NaN/inf tensors, naming the tensor
     if meta.get("format") != "rlr_backend.alignment.ShapeClassifier":
         raise ValueError(f"{p} is not a ShapeClassifier weight file (metadata format={meta.get('format')!r})")
     if json.loads(meta.get("classes", "{}")) != {k: list(v) for k, v in CLASSES.items()}:
         raise ValueError(f"{p} was trained for other classes than {CLASSES}")
-    model = ShapeClassifier(width=int(meta.get("width", 24)))
-    model.load_state_dict(sd)
+    try:
+        model = ShapeClassifier(width=int(meta.get("width", 24)))
+        model.load_state_dict(sd)
+    except (RuntimeError, ValueError) as e:  # missing keys or wrong shapes
+        raise ValueError(f"{p}: the tensors do not fit a ShapeClassifier ({one_line(e)[:300]})") from None
     model.eval()
     return model
 

@@ -6,6 +6,7 @@ Plain Python (no torch): the command line validates a config before anything hea
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +30,19 @@ def format_fractions(values) -> str:
         frac = Fraction(v).limit_denominator(100)
         out.append(str(frac) if abs(float(frac) - v) < 1e-9 else f"{v:g}")
     return ",".join(out)
+
+
+RUN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")
+
+
+def check_run_name(name: str) -> None:
+    """A plain folder name: 1-128 characters, no separators or control characters, not hidden."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", "..") or name.startswith(".") \
+            or name != name.strip():
+        text = str(name)
+        shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+        raise ConfigError("run_name", "run_name must be a plain folder name inside output_dir (1-128 characters, no "
+                                      f"'/', '\\', control characters, leading '.' or surrounding spaces), got {shown!r}")
 
 
 def _f(default, help: str, **kw):
@@ -81,6 +95,8 @@ class TrainConfig:
                           "chain's KL is unbiased for any number; more steps: less noise, more time)", min=1)
     early_stop_drop: float = _f(0.0, "guard: stop when the evaluation reward falls this far below its best (0: "
                                      "never); lora_best.safetensors always keeps the best evaluated LoRA")
+    max_nonfinite_batches: int = _f(3, "stop the run after N batches in a row whose rewards are all NaN/inf (such "
+                                       "batches are skipped; 0: never stop)")
     device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")
     precision: str = _f("fp32", "weights of the frozen model: fp32, bf16 or fp16 (LoRA and optimizer stay fp32; "
                                 "bf16/fp16 halve the weights' memory on a GPU)", choices=PRECISION_NAMES)
@@ -137,9 +153,10 @@ class TrainConfig:
             raise ConfigError("image_size", f"image_size must be a multiple of 8 (pixels), got {self.image_size}")
         if self.estimator in ("rlr", "ddpo", "zo") and self.eta == 0:
             raise ConfigError("eta", f"{self.estimator} needs a stochastic sampler: set eta > 0 (e.g. 1.0)")
-        name = Path(self.run_name)
-        if name.is_absolute() or len(name.parts) != 1 or name.name in ("", ".", ".."):
-            raise ConfigError("run_name", f"run_name must be a plain folder name inside output_dir, got {self.run_name!r}")
+        check_run_name(self.run_name)
+        if not isinstance(self.max_nonfinite_batches, int) or self.max_nonfinite_batches < 0:
+            raise ConfigError("max_nonfinite_batches", f"max_nonfinite_batches must be >= 0, got "
+                                                       f"{self.max_nonfinite_batches}")
 
     def single_file_options(self) -> dict:
         """The loader options that apply to single-file checkpoints (a diffusers folder refuses them)."""

@@ -24,7 +24,7 @@ from .config import TrainConfig
 logger = logging.getLogger(__name__)
 
 #: Errors a user can fix; shown as their message alone. Anything else also names its type.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, OSError)  # OSError: missing files, a full disk (safe_io.StorageError), ...
 
 
 class RunInProgress(RuntimeError):

@@ -7,6 +7,7 @@ coarse and mid versions, as the trainer's evaluation images have them.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +17,7 @@ from ..lora import load_lora
 from ..models.loader import model_for_pipeline
 from ..models.trainable import ScheduledPrompt
 from ..models.trainable import sample_images as model_samples
-from ..safe_io import load_tensors
+from ..safe_io import load_tensors, nonfinite_count
 from .prompts import PromptSpec, schedule_from_metadata
 
 
@@ -34,6 +35,8 @@ def lora_prompts(path: str | Path) -> tuple[tuple[PromptSpec, ...], tuple[float,
 
 def set_lora_strength(pipe, strength: float) -> None:
     """Scale the LoRA added by :func:`add_lora_file`; 0 gives the base model exactly."""
+    if not math.isfinite(strength):
+        raise ValueError(f"the LoRA strength must be a finite number, got {strength}")
     pipe.unet.set_adapters(["default"], weights=[float(strength)])
 
 
@@ -48,6 +51,14 @@ def sample_images(pipe, prompts: Sequence[str | ScheduledPrompt], *, num_per_pro
     """
     if num_per_prompt < 1 or steps < 1:
         raise ValueError(f"num_per_prompt and steps must be >= 1, got {num_per_prompt} and {steps}")
+    for name, value in (("eta", eta), ("guidance_scale", guidance_scale)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
     texts = [p for p in prompts for _ in range(num_per_prompt)]
-    return model_samples(model_for_pipeline(pipe), texts, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
-                         seed=seed, prompt_split=prompt_split)
+    images = model_samples(model_for_pipeline(pipe), texts, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
+                           seed=seed, prompt_split=prompt_split)
+    bad = nonfinite_count(images)
+    if bad:  # would be saved as black pixels
+        raise ValueError(f"sampling produced {bad} NaN/inf pixel values: the model, the LoRA or its strength "
+                         "overflows; nothing was written")
+    return images

@@ -12,7 +12,6 @@ callbacks happen on the main process (see ``distributed.py``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -27,9 +26,10 @@ from ..estimators.kl import draw_steps, kl_to_base
 from ..lora import save_kohya
 from ..models.trainable import TrainableModel, prompt_schedule
 from ..rewards import Reward, make_reward
-from ..safe_io import save_json
+from ..rewards.models.local import load_weights
+from ..safe_io import clean_temp_files, fault_point, save_json
 from ..sampling import PromptSchedule, sample_chain
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, repair_latest, save_checkpoint
 from .config import TrainConfig
 from .distributed import DataParallel
 from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
@@ -37,10 +37,15 @@ from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, 
 from .pipeline import load_pipeline, model_for_pipeline
 from .prompts import schedule_metadata
 from .report import diversity, save_before_after, save_grid, save_reward_curve
+from .run_folder import append_metrics, open_run_folder, read_metrics, rewrite_metrics
 
 logger = logging.getLogger(__name__)
 
 EVAL_SEED = 1234
+
+
+class RewardFailure(ValueError):
+    """The reward gave no finite value for ``max_nonfinite_batches`` batches in a row; the run stopped."""
 
 
 @dataclass
@@ -160,6 +165,7 @@ class Trainer:
     def run(self, resume: bool = False) -> TrainResult:
         cfg, run_dir, dp = self.config, self.config.run_dir, self.dp
         metrics_path = run_dir / "metrics.jsonl"
+        load_weights(self.reward)  # damaged reward weights are refused before anything is written
         start, history, eval_rewards = dp.on_main(lambda: self._open_run(resume))
         if dp.enabled:
             self._share_state_from_main()
@@ -170,23 +176,36 @@ class Trainer:
             first = {"step": 0, **(dp.on_main(lambda: self._evaluate_and_save(0)) or {})}
             eval_rewards[0] = first.get("eval_reward")
             history.append(first)
-            dp.on_main(lambda: _append_jsonl(metrics_path, first))
+            dp.on_main(lambda: append_metrics(metrics_path, first))
             dp.on_main(lambda: self._keep_if_best(0, eval_rewards[0]))
         bar = _progress(cfg.steps, start, self.progress and dp.is_main)
-        stopped, step = False, start
+        stopped, step, bad_run, reported = False, start, 0, set()
         for step in range(start + 1, cfg.steps + 1):
+            fault_point("step:begin")
             t0, c0 = time.perf_counter(), time.process_time()
             metrics = self.update()
             metrics["seconds"] = time.perf_counter() - t0
             metrics["cpu_seconds"] = time.process_time() - c0  # of this process (all its threads): load-independent
             record = {"step": step, **metrics}
+            bad_run = bad_run + 1 if metrics.get("skipped_batch") else 0
+            self._report_dropped_terms(metrics, step, reported)
+            if cfg.max_nonfinite_batches and bad_run >= cfg.max_nonfinite_batches:
+                history.append(record)
+                dp.on_main(lambda: append_metrics(metrics_path, record))
+                if bar is not None:
+                    bar.close()
+                raise RewardFailure(
+                    f"reward {self.reward.name!r} gave NaN/inf for every image in {bad_run} batches in a row "
+                    f"(updates {step - bad_run + 1}-{step}); the run stopped at update {step}, its last checkpoint "
+                    "is unchanged: fix the reward (or its inputs) and continue with --resume")
             early = False
             if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
                 record.update(dp.on_main(lambda: self._evaluate_and_save(step)) or {})
                 eval_rewards[step] = record.get("eval_reward")
                 early = bool(dp.on_main(lambda: self._keep_if_best(step, eval_rewards[step])))
             history.append(record)
-            dp.on_main(lambda: _append_jsonl(metrics_path, record))
+            dp.on_main(lambda: append_metrics(metrics_path, record))
+            fault_point("step:after_metrics")
             stopped = dp.any(bool(self.should_stop and self.should_stop()) or early)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
                 dp.on_main(lambda: save_checkpoint(
@@ -212,42 +231,48 @@ class Trainer:
         return TrainResult(run_dir, lora_path, eval_rewards, step, stopped, self.eval_images,
                            self.best.get("step"), self.best.get("reward"))
 
+    @staticmethod
+    def _report_dropped_terms(metrics: dict[str, float], step: int, reported: set[str]) -> None:
+        """Log each kind of dropped (non-finite) estimator term once per run; metrics.jsonl counts them all."""
+        for key, value in metrics.items():
+            if key.startswith("dropped_") and key.endswith("_term") and value and key not in reported:
+                reported.add(key)
+                logger.warning("update %d: a non-finite %s was dropped from the gradient (counted per update as %s "
+                               "in metrics.jsonl; not logged again)", step, key[len("dropped_"):].replace("_", " "),
+                               key)
+
     def _open_run(self, resume: bool) -> tuple[int, list[dict], dict[int, float]]:
         """Create the run folder, or load its latest checkpoint into this trainer (main process only).
 
         Returns (the last finished step, the metrics rows up to it, the evaluation rewards so far)
-        and leaves ``metrics.jsonl`` holding exactly those rows.
+        and leaves ``metrics.jsonl`` holding exactly those rows. Everything is checked before the
+        folder changes (see ``run_folder.open_run_folder``); a refused start writes nothing.
         """
-        cfg, run_dir = self.config, self.config.run_dir
-        metrics_path, start = run_dir / "metrics.jsonl", 0
-        history: list[dict] = []
-        eval_rewards: dict[int, float] = {}
-        if resume:
-            ckpt = latest_checkpoint(run_dir)
-            if ckpt is None:
-                raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
-            saved = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
-            if replace(saved, steps=cfg.steps) != cfg:
-                raise ValueError(f"--resume: the options differ from the run's config.json in {run_dir}; "
-                                 "resume with the same options (only --steps may change)")
-            state = load_checkpoint(ckpt, self.named_params, self.optimizer, self.generator)
+        cfg = self.config
+        folder = open_run_folder(cfg, resume)
+        run_dir, metrics_path = folder.path, folder.path / "metrics.jsonl"
+        start, history, eval_rewards = 0, [], {}
+        if folder.checkpoint is not None:
+            state = load_checkpoint(folder.checkpoint, self.named_params, self.optimizer, self.generator)
             start = state["step"]
             self.baseline.load_state_dict(state["baseline"])
             if self.loss_scale is not None and "loss_scale" in state:
                 self.loss_scale.load_state_dict(state["loss_scale"])
-            self.j_sampler.norms = {int(k): v for k, v in state["j_norms"].items()}
-            eval_rewards = {int(k): v for k, v in state["eval_rewards"].items()}
+            self.j_sampler.norms = {int(k): float(v) for k, v in state["j_norms"].items()}
+            eval_rewards = {int(k): float("nan") if v is None else float(v) for k, v in state["eval_rewards"].items()}
             self.best = dict(state.get("best") or {})
-            if metrics_path.is_file():
-                history = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
-            logger.info("resumed %s at step %d", run_dir, start)
-        else:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise FileExistsError(f"run folder {run_dir} already exists; use --resume or another --run-name")
-            run_dir.mkdir(parents=True, exist_ok=True)
+            history = read_metrics(metrics_path, upto=start)
+            logger.info("resumed %s at step %d (%s)", run_dir, start, folder.checkpoint.name)
+        if run_dir.exists():
+            removed = clean_temp_files(run_dir)
+            if removed:
+                logger.info("%s: removed %d temporary file(s) left by an interrupted run", run_dir, removed)
+        if folder.checkpoint is not None:
+            repair_latest(run_dir, folder.checkpoint)
+        if folder.saved is None or start == 0:
             save_json(cfg.to_json(), run_dir / "config.json")
-        with open(metrics_path, "w") as f:  # rewrite: drops steps after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in history)
+        fault_point("open:before_metrics")
+        rewrite_metrics(metrics_path, history)  # atomic: drops the rows after the checkpoint
         return start, history, eval_rewards
 
     def _share_state_from_main(self) -> None:
@@ -324,6 +349,7 @@ class Trainer:
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
+        all_nonfinite = True  # every reward of every micro-batch NaN/inf (the whole batch, on every process)
         shard = self.dp.shard(cfg.batch_size)  # None unless data-parallel
         for _ in range(cfg.grad_accum):
             # whole groups of images per prompt, so the leave-one-out baseline compares like with like
@@ -345,6 +371,12 @@ class Trainer:
                     est.metrics["kl"] = kl_to_base(problem, est.trajectory, steps, cfg.kl_weight, est.metrics)
             for k, v in est.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+            all_nonfinite = all_nonfinite and est.metrics.get("nonfinite_rewards", 0) >= cfg.batch_size
+        if all_nonfinite:  # nothing to learn from; an optimizer step would still move Adam's moments
+            self.optimizer.zero_grad(set_to_none=True)
+            agg["skipped_batch"] = 1.0
+            logger.warning("every reward of this batch is NaN/inf (reward %s): batch skipped", self.reward.name)
+            return agg
         self.dp.average_gradients(self.params)  # the mean of equal shards' mean-loss gradients
         grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.grad_accum > 1:
@@ -361,22 +393,6 @@ class Trainer:
         agg["grad_norm"] = float(norm)
         self.optimizer.step()
         return agg
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a line cut short by a crash is dropped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("%s: dropping an incomplete line", path)
-    return rows
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -8,7 +8,6 @@ the wrong architecture is refused before anything is loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ...safe_io import PICKLE_SUFFIXES, InvalidModelFile, check_safetensors, load_tensors
+from ...safe_io import PICKLE_SUFFIXES, InvalidModelFile, check_safetensors, index_shards, load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +42,7 @@ def folder_weight_files(folder: Path) -> list[Path]:
     """
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise InvalidModelFile(f"{index}: not a safetensors index (no weight_map): {e}") from None
-        return [check_safetensors(folder / name) for name in sorted(set(weight_map.values()))]
+        return index_shards(index)  # only .safetensors files of this folder, each checked by its bytes
     single = folder / "model.safetensors"
     if single.is_file():
         return [check_safetensors(single)]
@@ -100,9 +95,14 @@ def meta_tensors(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tenso
 
 
 def load_files(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    """The tensors of ``files`` (finite, checked by ``load_tensors``); weights must be floating point."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(load_tensors(f)[0])
+        loaded = load_tensors(f)[0]
+        for name, t in loaded.items():
+            if not t.is_floating_point() and not name.endswith(("position_ids", "num_batches_tracked")):
+                raise InvalidModelFile(f"{f}: tensor {name!r} has dtype {t.dtype}; reward-model weights are floating point")
+        tensors.update(loaded)
     return tensors
 
 

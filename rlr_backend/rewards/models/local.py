@@ -96,3 +96,13 @@ class LocalModelReward:
     def __repr__(self) -> str:
         state = "loaded" if self._loaded else "checked" if self._plan is not None else "not checked"
         return f"{type(self).__name__}(name={self.name!r}, path={self.path}, device={self.device}, {state})"
+
+
+def load_weights(reward) -> int:
+    """Load the weights of every model part of ``reward`` (weighted sums included) now; returns how many.
+    The trainer calls it before it writes anything, so damaged weights are refused with nothing written."""
+    parts = [r for r, _ in getattr(reward, "parts", [(reward, 1.0)])]
+    models = [p for p in parts if isinstance(p, LocalModelReward)]
+    for part in models:
+        part.load()
+    return len(models)

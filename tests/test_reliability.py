@@ -1,0 +1,442 @@
+"""Reliability and security, the fast cases: kills at named points (a forked child killed with SIGKILL),
+damaged files made here, pickle canaries behind symlinks at every entry point, planted symlinks and
+traversal names, non-finite rewards, a full disk. The long battery: ``python -m benchmarks.reliability``
+(docs/reliability.md)."""
+
+import errno
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.damage import CHECKPOINT_MUTATIONS, FILE_MUTATIONS, TRAVERSAL_NAMES, plant_symlinks
+from benchmarks.faults import (TINY, model_with_symlinked_pickle, pickle_payloads, run_killed, same_run, snapshot,
+                               tiny_args)
+from rlr_backend.cli import sample_main, train_main
+from rlr_backend.rewards import CallableReward, make_reward
+from rlr_backend.safe_io import InvalidModelFile, StorageError, load_tensors, save_tensors
+from rlr_backend.train import TrainConfig, Trainer
+from rlr_backend.train.checkpoint import latest_checkpoint, load_checkpoint
+from rlr_backend.train.run_folder import open_run_folder
+from test_comfy_nodes import pack, run  # noqa: F401 -- the ComfyUI stand-in host's fixture
+
+
+def tiny(out: Path, name: str, steps: int = 4, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "steps": steps, "output_dir": out, "run_name": name, **kw})
+
+
+def rows(run: Path) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock column; strict JSON (a NaN token fails)."""
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+    out = [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in out]
+
+
+def temp_files(run: Path) -> list[str]:
+    return [str(p) for p in run.rglob(".tmp-*")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 4-update run (checkpoints at 2 and 4)."""
+    out = tmp_path_factory.mktemp("ref")
+    Trainer(tiny(out, "ref"), progress=False).run()
+    return out / "ref"
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    """Bitwise: the LoRA, the checkpoints kept and the last one's files; the metrics rows apart from their
+    timing; no temporary file left (see benchmarks.faults.same_run)."""
+    assert same_run(run, ref) == ""
+
+
+# -- kills ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("point,resume", [
+    ("step:begin@2", False),  # killed in update 2, before the first checkpoint: a plain rerun reuses the folder
+    ("ckpt:before_latest@2", True),  # killed mid-save: the last checkpoint renamed into place, LATEST not moved
+])
+def test_a_killed_run_continues_bitwise_equal(reference, tmp_path, point, resume):
+    trainer = Trainer(tiny(tmp_path, "ref"), progress=False)  # the forked child trains a copy of it
+    assert run_killed(trainer.run, point) == "killed"
+    assert not (tmp_path / "ref" / "lora.safetensors").exists()
+    trainer.run(resume=resume)
+    assert_same_run(tmp_path / "ref", reference)
+    if not resume:
+        # a run started over writes every file again: identical runs give identical bytes (safetensors headers
+        # in a fixed order), apart from config.json's output_dir and the metrics' wall-clock seconds
+        a, b = snapshot(reference), snapshot(tmp_path / "ref")
+        assert a.keys() == b.keys() and sorted(k for k in a if a[k] != b[k]) == ["config.json", "metrics.jsonl"]
+        strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "output_dir"}  # noqa: E731
+        assert strip(reference / "config.json") == strip(tmp_path / "ref" / "config.json")
+
+
+def test_a_resume_killed_while_rewriting_metrics_then_moved_still_continues(reference, tmp_path):
+    trainer = Trainer(tiny(tmp_path, "k"), progress=False)
+    assert run_killed(trainer.run, "step:begin@4") == "killed"  # after the step-2 checkpoint
+    assert [r["step"] for r in rows(tmp_path / "k")] == [0, 1, 2, 3]
+    assert run_killed(lambda: trainer.run(resume=True), "atomic:before_replace@1") == "killed"  # metrics rewrite
+    assert [r["step"] for r in rows(tmp_path / "k")] == [0, 1, 2, 3] and temp_files(tmp_path / "k")
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(tmp_path / "k", moved / "k")  # a moved (or copied) run folder resumes too
+    assert train_main(tiny_args(moved, "k", 4, "--resume")) == 0
+    assert_same_run(moved / "k", reference)
+
+
+def test_disk_full_during_a_save_keeps_the_last_checkpoint(reference, tmp_path):
+    """The file-size limit (EFBIG, as a full disk gives ENOSPC) is set after the step-2 checkpoint, so the
+    step-4 save fails: one line naming the file, step 2 intact, no temporary files; a resume ends equal."""
+    cfg, message = tiny(tmp_path, "full"), tmp_path / "message"
+
+    def limit(info):
+        if info.step == 2:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+    trainer = Trainer(cfg, progress=False, on_step=limit)  # the forked child trains a copy of it
+
+    def child():
+        try:
+            trainer.run()
+        except StorageError as e:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            message.write_text(str(e))
+            raise
+    assert run_killed(child) == "failed"
+    text = message.read_text()
+    assert "\n" not in text and "cannot write" in text and str(tmp_path / "full") in text, text
+    run = tmp_path / "full"
+    assert latest_checkpoint(run).name == "step-000002" and temp_files(run) == []
+    trainer.run(resume=True)
+    assert_same_run(run, reference)
+
+
+def test_a_read_only_folder_gives_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "x.safetensors"
+    save_tensors({"a": torch.ones(2)}, target)
+    before = target.read_bytes()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(StorageError, match=r"cannot write .*x\.safetensors: read-only file system") as info:
+        save_tensors({"a": torch.zeros(2)}, target)
+    assert "\n" not in str(info.value) and target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+# -- damaged files ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checker(reference):
+    """A trainer of the reference's options, to load checkpoints into (its tensors must never change)."""
+    return Trainer(tiny(reference.parent, "ref"), progress=False)
+
+
+def test_every_damaged_checkpoint_is_refused_with_one_line_and_changes_nothing(reference, checker, tmp_path):
+    before = [p.detach().clone() for p in checker.params]
+    refused = []
+    for i, (name, mutate) in enumerate(CHECKPOINT_MUTATIONS):
+        out = tmp_path / str(i)
+        shutil.copytree(reference, out / "ref")
+        mutate(out / "ref")
+        files = snapshot(out)
+        with pytest.raises((ValueError, OSError)) as info:
+            folder = open_run_folder(tiny(out, "ref", 6), resume=True)
+            load_checkpoint(folder.checkpoint, checker.named_params, checker.optimizer, checker.generator)
+        message = str(info.value)
+        assert "\n" not in message and len(message) < 600, (name, message)
+        assert snapshot(out) == files, name
+        refused.append(name)
+    assert len(refused) == len(CHECKPOINT_MUTATIONS) >= 50
+    assert all(torch.equal(a, b) for a, b in zip(before, checker.params))
+    assert not checker.optimizer.state  # never loaded
+
+
+@pytest.mark.parametrize("name", ["optim: empty (Adam state lost)", "LATEST: ../../../../etc"])
+def test_the_cli_refuses_a_damaged_checkpoint_with_exit_2(reference, tmp_path, capsys, name):
+    mutate = dict(CHECKPOINT_MUTATIONS)[name]
+    shutil.copytree(reference, tmp_path / "ref")
+    mutate(tmp_path / "ref")
+    files = snapshot(tmp_path)
+    assert train_main(tiny_args(tmp_path, "ref", 6, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlr-train: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(tmp_path) == files
+
+
+def test_damaged_lora_files_are_refused_naming_the_file(reference, tmp_path):
+    from rlr_backend.lora import load_lora
+    from rlr_backend.train.pipeline import load_pipeline
+
+    pipe = load_pipeline(None)
+    good = (reference / "lora.safetensors").read_bytes()
+    for i, (name, mutate) in enumerate(FILE_MUTATIONS):
+        p = tmp_path / f"{i}.safetensors"
+        p.write_bytes(mutate(good))
+        with pytest.raises(InvalidModelFile, match=f"{i}\\.safetensors") as info:
+            load_lora(pipe.unet, p)
+        assert "\n" not in str(info.value), name
+    assert not hasattr(pipe.unet, "peft_config")  # nothing was added to the UNet
+
+
+def test_damaged_model_weights_and_scheduler_are_refused(tmp_path):
+    from rlr_backend.models.tiny_pipelines import save_tiny_pipeline
+    from rlr_backend.train.pipeline import load_pipeline
+
+    good = save_tiny_pipeline("sd1", tmp_path / "good")
+    nan = shutil.copytree(good, tmp_path / "nan")
+    unet = next((nan / "unet").glob("*.safetensors"))
+    tensors, meta = load_tensors(unet)
+    key = sorted(tensors)[3]
+    tensors[key].view(-1)[0] = float("nan")
+    from safetensors.torch import save_file
+    save_file(tensors, str(unet), metadata=meta)
+    with pytest.raises(InvalidModelFile, match=f"unet tensor '{key}' holds 1 NaN/inf"):
+        load_pipeline(nan)
+    sched = shutil.copytree(good, tmp_path / "sched")
+    cfg_path = sched / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["beta_start"] = float("nan")
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(InvalidModelFile, match="scheduler setting beta_start is nan"):
+        load_pipeline(sched)
+
+
+# -- pickles: a canary behind a symlink at every entry point ---------------------------------------------
+@pytest.fixture
+def canary(tmp_path, monkeypatch):
+    """A canary file path; torch.load and pickle.load(s) raise if anything calls them, and torch's
+    weights_only default is switched off (as an unsafe extension would), so only our own checks protect."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something tried to unpickle a file")
+    for target in (torch, torch.serialization):
+        monkeypatch.setattr(target, "load", forbidden)
+    import pickle
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    path = tmp_path / "canary"
+    yield path
+    assert not path.exists(), "a pickle was unpickled"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from rlr_backend.models.tiny_pipelines import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd1", tmp_path_factory.mktemp("model") / "sd1")
+
+
+def test_cli_refuses_pickles_behind_symlinks(tiny_model, tmp_path, canary, capsys):
+    payloads = pickle_payloads(canary)
+    planted = model_with_symlinked_pickle(tiny_model, tmp_path / "m", payloads["torch-zip"],
+                                          "diffusion_pytorch_model.bin")
+    assert train_main(tiny_args(tmp_path / "runs", "r", 2, "--model", str(planted))) == 2
+    renamed = model_with_symlinked_pickle(tiny_model, tmp_path / "m2", payloads["pickle-p4"],
+                                          "extra.safetensors")  # a pickle under a safetensors name
+    assert sample_main(["a red circle", "--model", str(renamed), "--out", str(tmp_path / "x.png")]) == 2
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(payloads["torch-legacy"])
+    assert sample_main(["a red circle", "--lora", str(lora), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all("pickle" in line for line in err), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_the_app_refuses_a_pickle_behind_a_symlinked_model_folder(tiny_model, tmp_path, canary):
+    """The app's path: the model list (folders under --models-dir), the form, the run manager's trainer."""
+    from rlr_app.form import Settings, check_form, form_defaults, list_models
+    from rlr_backend.train.runner import RunManager
+
+    models = tmp_path / "models"
+    models.mkdir()
+    real = model_with_symlinked_pickle(tiny_model, tmp_path / "real", pickle_payloads(canary)["torch-zip"],
+                                       "diffusion_pytorch_model.bin")
+    (models / "linked").symlink_to(real, target_is_directory=True)
+    settings = Settings(tmp_path / "runs", models)
+    assert "linked" in list_models(models)
+    errors, kw = check_form({**form_defaults(), **TINY, "model": "linked", "steps": 2}, settings)
+    assert not errors, errors
+    manager = RunManager()
+    job = manager.start([("x", TrainConfig(**kw, output_dir=settings.output_dir, run_name="x"))])
+    while not job.finished:
+        job.wait(job.version, timeout=5)
+    assert job.runs[0].status == "failed" and "pickle" in job.runs[0].error
+
+
+def test_comfy_nodes_refuse_pickles_behind_symlinks(pack, tiny_model, canary):
+    nodes, base = pack
+    payloads = pickle_payloads(canary)
+    diffusers_dir = Path(base) / "models" / "diffusers"
+    diffusers_dir.mkdir(parents=True, exist_ok=True)
+    model_with_symlinked_pickle(tiny_model, diffusers_dir / "planted", payloads["torch-zip"], "diffusion_pytorch_model.bin")
+    with pytest.raises(InvalidModelFile, match="pickle"):
+        run(nodes.LoadModel, model="planted")
+    ckpts = Path(base) / "models" / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    (ckpts / "renamed.safetensors").write_bytes(payloads["torch-legacy"])  # a pickle under a safetensors name
+    with pytest.raises(InvalidModelFile, match="pickle"):
+        run(nodes.LoadModel, model="checkpoints/renamed.safetensors")
+    elsewhere = Path(base) / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    (elsewhere / "model.safetensors").write_bytes(payloads["torch-zip"])
+    (ckpts / "linked").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match="points outside"):
+        run(nodes.LoadModel, model="checkpoints/linked/model.safetensors")
+
+
+@pytest.mark.parametrize("reward,name", [("aesthetic", "sac+logos+ava1-l14-linearMSE.safetensors"),
+                                         ("hpsv2", "HPS_v2.1_compressed.safetensors"),
+                                         ("pickscore", "model.safetensors")])
+def test_reward_loaders_refuse_pickles_behind_symlinks(tmp_path, canary, monkeypatch, reward, name):
+    monkeypatch.delenv("RLR_REWARD_MODELS", raising=False)
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / name).write_bytes(pickle_payloads(canary)["torch-zip"])
+    (real / "weights.pth").write_bytes(pickle_payloads(canary)["pickle-p2"])
+    if reward == "pickscore":  # a transformers folder
+        (real / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / reward).symlink_to(real, target_is_directory=True)
+    with pytest.raises(InvalidModelFile, match="pickle"):
+        make_reward(reward, models_dir=tmp_path / "models")
+
+
+SHIPPED = [Path(__file__).parent.parent / d for d in ("rlr_backend", "rlr_app", "comfy_nodes", "gradio_app.py")]
+
+
+def unsafe_calls(source: str) -> list[str]:
+    """Calls that can unpickle: torch/pickle/dill/joblib load(s), torch.jit.load, np.load(allow_pickle=True),
+    trust_remote_code=True, and a model's from_pretrained without use_safetensors=True (configs and
+    tokenizers read no weights)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner, name = ast.unparse(node.func.value), node.func.attr
+        kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if (name in ("load", "loads") and owner in ("torch", "pickle", "dill", "joblib", "cloudpickle", "torch.jit",
+                                                    "torch.serialization")) \
+                or (name == "load" and owner in ("np", "numpy") and kw.get("allow_pickle") == "True") \
+                or kw.get("trust_remote_code") == "True" \
+                or (name == "from_pretrained" and not owner.endswith(("Config", "Tokenizer"))
+                    and kw.get("use_safetensors") != "True"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_nothing_in_the_shipped_code_can_unpickle():
+    files = [f for d in SHIPPED for f in ([d] if d.is_file() else d.rglob("*.py"))]
+    found = {str(f): unsafe_calls(f.read_text()) for f in files}
+    assert {f: c for f, c in found.items() if c} == {}
+    # the check can fail: each of these lines is caught
+    for bad in ("torch.load(p)", "pickle.loads(b)", "np.load(p, allow_pickle=True)",
+                "StableDiffusionPipeline.from_pretrained(p, local_files_only=True)",
+                "AutoModel.from_pretrained(p, trust_remote_code=True, use_safetensors=True)"):
+        assert unsafe_calls(bad), bad
+
+
+def test_a_sharded_index_may_name_only_safetensors_files_of_its_folder(tmp_path):
+    from rlr_backend.safe_io import index_shards
+
+    save_tensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    (tmp_path / "weights.data").write_bytes(b"\x80\x02}q\x00.")
+    for shard, message in [("weights.data", "only .safetensors"), ("../a.safetensors", "only .safetensors"),
+                           ("/etc/passwd", "only .safetensors"), ("b.safetensors", "missing")]:
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+        with pytest.raises((InvalidModelFile, FileNotFoundError), match=message):
+            index_shards(tmp_path / "model.safetensors.index.json")
+
+
+# -- paths ------------------------------------------------------------------------------------------
+def test_traversal_and_odd_run_names_are_refused_with_one_line():
+    for name in TRAVERSAL_NAMES:
+        with pytest.raises(ValueError, match="plain folder name") as info:
+            TrainConfig(run_name=name)
+        assert "\n" not in str(info.value) and len(str(info.value)) < 300, repr(name)
+
+
+def test_symlinks_in_or_as_a_run_folder_are_refused(reference, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "file").write_text("keep")
+    for i, (name, plant) in enumerate(plant_symlinks(reference, outside)):
+        run = tmp_path / str(i) / "ref"
+        shutil.copytree(reference, run)
+        for label, fn in plant_symlinks(run, outside):
+            if label == name:
+                fn()
+        with pytest.raises(ValueError, match="symbolic link"):
+            open_run_folder(tiny(run.parent, "ref", 6), resume=True)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").symlink_to(outside, target_is_directory=True)
+    assert train_main(tiny_args(tmp_path / "runs", "r", 2)) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert snapshot(outside) == {"file": snapshot(outside)["file"]} and (outside / "file").read_text() == "keep"
+
+
+def test_a_300_character_model_path_gives_one_line(tmp_path, capsys):
+    assert sample_main(["a red circle", "--model", str(tmp_path / ("a" * 300)), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_app_never_serves_through_a_symlink_in_a_run_folder(reference, tmp_path):
+    from rlr_app.form import Settings, list_runs
+    from rlr_app.render import stage_downloads
+
+    out = tmp_path / "runs"
+    settings = Settings(out)
+    shutil.copytree(reference, out / "ok")
+    shutil.copytree(reference, out / "planted")
+    (out / "planted" / "lora.safetensors").unlink()
+    (out / "planted" / "lora.safetensors").symlink_to("/etc/passwd")
+    (out / "linked").symlink_to(out / "ok", target_is_directory=True)
+    long_name = "r" * 240
+    shutil.copytree(reference, out / long_name)
+    assert sorted(list_runs(out)) == sorted(["ok", "planted", long_name])  # a linked run folder is not listed
+    assert sorted(list_runs(out, with_lora=True)) == sorted(["ok", long_name])  # nor a linked LoRA
+    assert len(stage_downloads(settings, out / long_name)) == 3  # staged names stay under 255 bytes
+    with pytest.raises(ValueError, match="symbolic link"):
+        stage_downloads(settings, out / "planted")
+    staged = [p for p in (out / ".gradio").rglob("*") if p.is_file()]
+    assert all(b"root:" not in p.read_bytes() for p in staged)
+
+
+# -- non-finite rewards -----------------------------------------------------------------------------------
+def test_an_all_nan_reward_stops_after_three_batches_with_valid_json(tmp_path):
+    reward = CallableReward(lambda images, prompts: torch.full((len(images),), float("nan")), differentiable=True,
+                            name="broken")
+    with pytest.raises(ValueError, match=r"reward 'broken' gave NaN/inf for every image in 3 batches in a row") as info:
+        Trainer(tiny(tmp_path, "nan", 10), progress=False, reward=reward).run()
+    assert "\n" not in str(info.value)
+    got = rows(tmp_path / "nan")[1:]  # strict JSON: null, never a NaN token; row 0 is the first evaluation
+    assert [r["step"] for r in got] == [1, 2, 3] and all(r["skipped_batch"] == 1 for r in got)
+    assert all(r["reward_mean"] is None for r in got)
+    state = json.loads((tmp_path / "nan" / "ckpt" / "step-000002" / "state.json").read_text())
+    assert state["eval_rewards"] == {"0": None}
+
+
+def test_a_dropped_term_is_counted_every_update_and_logged_once(tmp_path, caplog):
+    base = make_reward("brightness")
+
+    def second_call_nan(images, prompts):  # the first-order term's reward call (with grad) gives NaN
+        r = base(images, prompts)
+        return r * float("nan") if images.requires_grad else r
+    reward = CallableReward(second_call_nan, differentiable=True, name="flaky")
+    with caplog.at_level(logging.WARNING, logger="rlr_backend"):
+        Trainer(tiny(tmp_path, "drop", 3, eval_every=0), progress=False, reward=reward).run()
+    got = rows(tmp_path / "drop")[1:]  # row 0: the first evaluation
+    assert all(r.get("dropped_first_order_term") == 1 for r in got)
+    assert sum("first order term was dropped" in m for m in caplog.messages) == 1
+
