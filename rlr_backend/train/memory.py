@@ -51,6 +51,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def load_dtypes(precision: str, offload_text_encoders: bool) -> dict[str, torch.dtype]:
+    """The dtypes to load a model in for these options, as :func:`prepare_model` keeps them (UNet and VAE in
+    ``precision``; text encoders fp32 when offloaded to the CPU, else ``precision``): keyword arguments of
+    ``models.loader.load_pipeline``, so the weights are read straight into them (no fp32 copy first)."""
+    dtype = PRECISIONS[precision]
+    return {"dtype": dtype, "text_encoder_dtype": torch.float32 if offload_text_encoders else dtype}
+
+
 def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str, precision: str,
                   gradient_checkpointing: bool, offload_text_encoders: bool) -> torch.device:
     """Move and cast a diffusers-backed ``TrainableModel`` after its LoRA was added: frozen weights to

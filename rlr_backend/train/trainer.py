@@ -32,7 +32,7 @@ from ..sampling import PromptSchedule, sample_chain
 from .checkpoint import load_checkpoint, repair_latest, save_checkpoint
 from .config import TrainConfig
 from .distributed import DataParallel
-from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
+from .memory import (DynamicLossScale, autocast, load_dtypes, make_optimizer, prepare_model, resolve_device,
                      reward_models_in_precision)
 from .pipeline import load_pipeline, model_for_pipeline
 from .prompts import schedule_metadata
@@ -99,7 +99,10 @@ class Trainer:
         self.prompt_split = tuple(float(f) for f in config.prompt_split)
         PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
         if model is None:
-            model = model_for_pipeline(pipeline if pipeline is not None else load_pipeline(config.model, **config.single_file_options()))
+            if pipeline is None:  # read straight into the precision asked for (peak memory ~ the loaded model)
+                pipeline = load_pipeline(config.model, **load_dtypes(config.precision, config.offload_text_encoders),
+                                         **config.single_file_options())
+            model = model_for_pipeline(pipeline)
         self.t2i = model
         self.pipe = getattr(model, "pipe", None)  # the diffusers pipeline, when there is one
         self.named_params = model.add_lora(config.lora_rank, config.lora_alpha, config.seed)
