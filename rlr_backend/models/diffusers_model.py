@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..lora import add_lora, kohya_state_dict, load_lora_state_dict
+from ..lora import add_lora, kohya_state_dict, load_lora_state_dict, set_lora_scale
 from ..sampling import DDIMSchedule
 from .diffusers_unet import DiffusersUNetDenoiser, TextConditioning
 
@@ -79,9 +79,18 @@ class DiffusersModel:
     def lora_state_dict(self, dtype: torch.dtype = torch.float16) -> tuple[dict[str, Tensor], int, float]:
         return kohya_state_dict(self.unet, dtype=dtype)
 
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name (a LoRA's text-encoder parts go to them)."""
+        return {name: getattr(self.pipe, name) for name in ("text_encoder", "text_encoder_2")
+                if getattr(self.pipe, name, None) is not None}
+
     def load_lora(self, state_dict: dict[str, Tensor], strength: float = 1.0) -> None:
+        """Apply a LoRA (kohya, diffusers or PEFT keys; its text-encoder parts too) at ``strength``."""
         adapters = getattr(self.unet, "peft_config", {}) or {}
         name = f"applied_{len(adapters)}"
+        encoders = self.text_encoders()
         load_lora_state_dict(self.unet, state_dict, adapter_name=name, source="LoRA",
-                             model_version=self.base_model_version)
+                             model_version=self.base_model_version, text_encoders=encoders)
         self.unet.set_adapters([name], weights=[strength])
+        set_lora_scale(encoders.values(), name, strength)
+        self._emb_cache.clear()  # embeddings from before a text-encoder LoRA are stale

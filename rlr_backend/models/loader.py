@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..safe_io import PICKLE_SUFFIXES, InvalidModelFile, index_shards, nonfinite_count, one_line, safetensors_header
+from .weights import has_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def check_weights(pipe, source: object, finite: bool = True) -> None:
         for name, t in module.state_dict().items():
             if not t.is_floating_point() and not name.endswith(INTEGER_BUFFERS):
                 raise InvalidModelFile(f"{source}: {comp} tensor {name!r} has dtype {t.dtype}, not a floating type")
-            bad = nonfinite_count(t) if finite else 0
+            bad = nonfinite_count(t) if finite and has_nonfinite(t) else 0
             if bad:
                 raise InvalidModelFile(f"{source}: {comp} tensor {name!r} holds {bad} NaN/inf values (of "
                                        f"{t.numel()}); the weights are damaged")

@@ -73,29 +73,49 @@ def _read_into(f, t: torch.Tensor) -> None:
         done += n
 
 
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds NaN or inf, without allocating a tensor of its size (min/max propagate
+    both); count them with ``safe_io.nonfinite_count`` when it does."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
+
+
 def read_tensors(path: str | Path, dtypes: dict[str, torch.dtype | None], *, finite: bool = True
                  ) -> dict[str, torch.Tensor]:
     """The tensors named in ``dtypes`` (name -> target dtype; None keeps the file's), each read from
-    ``path`` on its own and cast at once, in file order. With ``finite``, a floating tensor holding
-    NaN/inf is refused naming the file and the tensor. The header must have been checked (see
-    :func:`header_tensors`); names missing from it raise KeyError."""
+    ``path`` on its own and cast at once, in file order. A tensor that keeps its dtype is read straight
+    into the tensor returned; one that is cast is read into one reused scratch buffer, so the only
+    allocations are the results (no holes for the allocator to leave in resident memory). With
+    ``finite``, a floating tensor holding NaN/inf is refused naming the file and the tensor. The header
+    must have been checked (see :func:`header_tensors`); names missing from it raise KeyError."""
     p = Path(path)
     header = safetensors_header(p)
+
+    def cast_to(name: str) -> torch.dtype | None:
+        file_dtype, target = TORCH_DTYPES[header[name]["dtype"]], dtypes[name]
+        return target if target is not None and file_dtype.is_floating_point and target != file_dtype else None
+
+    sizes = [header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in dtypes if cast_to(k) is not None]
+    scratch = torch.empty(max(sizes), dtype=torch.uint8) if sizes else None
     out: dict[str, torch.Tensor] = {}
     with open(p, "rb") as f:
         start = _data_start(f)
         for name in sorted(dtypes, key=lambda k: header[k]["data_offsets"][0]):
             info = header[name]
-            t = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
+            file_dtype, target = TORCH_DTYPES[info["dtype"]], cast_to(name)
+            if target is None:
+                t = torch.empty(info["shape"], dtype=file_dtype)
+            else:
+                n = info["data_offsets"][1] - info["data_offsets"][0]
+                t = scratch[:n].view(file_dtype).view(info["shape"])
             f.seek(start + info["data_offsets"][0])
             _read_into(f, t)
-            if finite:
-                bad = nonfinite_count(t)
-                if bad:
-                    raise InvalidModelFile(f"{p}: tensor {name!r} holds {bad} NaN/inf values (of {t.numel()}); the "
-                                           "weights are damaged")
-            target = dtypes[name]
-            out[name] = t if target is None or not t.is_floating_point() else t.to(target)
+            if finite and has_nonfinite(t):
+                raise InvalidModelFile(f"{p}: tensor {name!r} holds {nonfinite_count(t)} NaN/inf values (of "
+                                       f"{t.numel()}); the weights are damaged")
+            out[name] = t if target is None else t.to(target)
     return out
 
 
