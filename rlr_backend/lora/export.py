@@ -137,7 +137,7 @@ def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]
         modules = parsed.get(target)
         if not modules:
             continue
-        model.add_adapter(lora_config(modules), adapter_name=adapter_name)
+        _add_adapter(model, target, lora_config(modules), adapter_name)
         with torch.no_grad():
             for path, m in modules.items():
                 layer = model.get_submodule(path)
@@ -147,6 +147,20 @@ def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]
                     params += [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight]
         logger.info("%s: LoRA on %d %s module(s)", source, len(modules), target.replace("_", " "))
     return params
+
+
+def _add_adapter(model: torch.nn.Module, target: str, config, adapter_name: str) -> None:
+    """diffusers' ``add_adapter`` on the UNet (it keeps the adapter list ``set_adapters`` uses); peft's injection
+    on a text encoder (transformers' own ``add_adapter`` wants a newer peft), with only this adapter active."""
+    if target == "unet":
+        model.add_adapter(config, adapter_name=adapter_name)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    for layer in model.modules():
+        if adapter_name in getattr(layer, "lora_A", {}) and hasattr(layer, "set_adapter"):
+            layer.set_adapter([adapter_name])
 
 
 def set_lora_scale(modules, adapter_name: str, strength: float) -> None:

@@ -97,7 +97,8 @@ class Trainer:
         self.estimator_notes = describe_estimator(self.est_config, self.reward.differentiable)
         self.estimator_notes.log(once=False)
         self.prompt_split = tuple(float(f) for f in config.prompt_split)
-        PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
+        if any(p.scheduled for p in config.prompts):  # validates the split (plain prompts: one segment)
+            PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)
         if model is None:
             if pipeline is None:  # read straight into the precision asked for (peak memory ~ the loaded model)
                 pipeline = load_pipeline(config.model, **load_dtypes(config.precision, config.offload_text_encoders),
