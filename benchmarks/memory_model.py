@@ -325,10 +325,18 @@ def plan(quick: bool) -> list[Point]:
 
 
 class Measurer:
-    """Builds each model once (keeping one large model in memory at a time) and measures points."""
+    """Builds each model once (keeping one large model in memory at a time) and measures points, with
+    weights in ``dtype`` (bf16 under CPU autocast, standing for fp16; fp32: no autocast, as the trainer
+    runs on a CPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = MEASURE_DTYPE) -> None:
         self._models: dict[str, torch.nn.Module] = {}
+        self.dtype = dtype
+
+    def _autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext() if self.dtype == torch.float32 else torch.autocast("cpu", dtype=self.dtype)
 
     def model(self, arch: str) -> torch.nn.Module:
         if arch not in self._models:
@@ -340,16 +348,16 @@ class Measurer:
             if arch in ARCHS:
                 from rlr_backend.lora import add_lora
 
-                m = build_unet(arch)
+                m = build_unet(arch, dtype=self.dtype)
                 add_lora(m, rank=4, seed=0)
                 with torch.no_grad():  # a trained adapter: non-zero B, so every LoRA tensor gets a gradient
                     for n, p in m.named_parameters():
                         if "lora_B" in n:
                             p.normal_(0, 0.02)
             elif arch == "sd-vae":
-                m = build_vae().requires_grad_(False)
+                m = build_vae(dtype=self.dtype).requires_grad_(False)
             else:
-                m = build_reward()
+                m = build_reward(dtype=self.dtype)
             self._models[arch] = m
             logger.info("built %s (%.2f GB of weights) in %.0f s", arch, weight_bytes(m) / GB,
                         time.perf_counter() - t0)
@@ -363,24 +371,24 @@ class Measurer:
             a = ARCHS[p.arch]
             x = torch.randn(p.n, 4, p.lat, p.lat, generator=g).requires_grad_(True)
             t = torch.full((p.n,), 500, dtype=torch.long)
-            text = torch.randn(p.n, a["tokens"], a["text_dim"], generator=g, dtype=MEASURE_DTYPE)
+            text = torch.randn(p.n, a["tokens"], a["text_dim"], generator=g, dtype=self.dtype)
             extra = {}
             if p.arch == "sdxl":
-                extra = {"added_cond_kwargs": {"text_embeds": torch.randn(p.n, 1280, generator=g, dtype=MEASURE_DTYPE),
+                extra = {"added_cond_kwargs": {"text_embeds": torch.randn(p.n, 1280, generator=g, dtype=self.dtype),
                                                "time_ids": torch.tensor([[1024., 1024., 0., 0., 1024., 1024.]] * p.n,
-                                                                        dtype=MEASURE_DTYPE)}}
+                                                                        dtype=self.dtype)}}
             (m.enable_gradient_checkpointing if p.variant == "ckpt" else m.disable_gradient_checkpointing)()
 
             def fwd() -> torch.Tensor:
-                with _attention_kernel(p.variant), torch.autocast("cpu", dtype=MEASURE_DTYPE):
+                with _attention_kernel(p.variant), self._autocast():
                     return m(x, t, encoder_hidden_states=text, **extra).sample
             return fwd
         if p.component == "vae":
             (m.enable_gradient_checkpointing if p.variant == "ckpt" else m.disable_gradient_checkpointing)()
-            z = torch.randn(p.n, 4, p.lat, p.lat, generator=g).requires_grad_(True)
+            z = torch.randn(p.n, 4, p.lat, p.lat, generator=g, dtype=self.dtype).requires_grad_(True)
 
             def fwd() -> torch.Tensor:
-                with torch.autocast("cpu", dtype=MEASURE_DTYPE):
+                with self._autocast():
                     return m.decode(z / 0.18215).sample
             return fwd
         img = torch.rand(p.n, 3, 8 * p.lat, 8 * p.lat, generator=g).requires_grad_(True)
@@ -392,7 +400,7 @@ class Measurer:
             m.eval()
 
         def fwd() -> torch.Tensor:
-            with torch.autocast("cpu", dtype=MEASURE_DTYPE):
+            with self._autocast():
                 return m(img)
         return fwd
 
@@ -403,7 +411,7 @@ class Measurer:
         seconds = time.perf_counter() - t0
         nograd = measure_nograd(fwd) if p.nograd else None
         return {**asdict(p), "key": p.key, "pixels": p.lat * p.lat, "peak": seg.peak, "retained": seg.retained,
-                "nograd_peak": nograd, "seconds": round(seconds, 1), "dtype": str(MEASURE_DTYPE).split(".")[-1],
+                "nograd_peak": nograd, "seconds": round(seconds, 1), "dtype": str(self.dtype).split(".")[-1],
                 "weights": weight_bytes(self.model(p.arch))}
 
 
@@ -440,11 +448,11 @@ def guess_need(p: Point, rows: list[dict]) -> float:
 
 
 def run_measurements(points: Iterable[Point], rows: list[dict], save: Callable[[], None],
-                     deadline: float = float("inf")) -> list[dict]:
+                     deadline: float = float("inf"), dtype: torch.dtype = MEASURE_DTYPE) -> list[dict]:
     """Measure the points not yet in ``rows`` (appending and saving after each); skip a point whose
     guessed need (plus the weights, plus 25%) exceeds the RAM available, or once past ``deadline``."""
     done = {r["key"] for r in rows}
-    meas = Measurer()
+    meas = Measurer(dtype)
     for p in points:
         if p.key in done:
             continue
@@ -626,6 +634,8 @@ class Options:
     offload_text: bool = False  # text encoders moved to the CPU after encoding
     adam_8bit: bool = False  # Adam moments 2 bytes/param instead of 8
     reward_fp32: bool = False  # reward model in fp32 (weights 4 bytes/param, activations ~2x the measured bf16)
+    weight_bytes: float = 2.0  # bytes per frozen weight: 2 (fp16/bf16 on a GPU), 4 (fp32, e.g. the CPU validation)
+    reward_model: bool = True  # the aesthetic reward model (False: a rule reward such as brightness, no weights)
     label: str = ""
 
 
@@ -681,11 +691,17 @@ def _unet_step(fits: Fits, arch: str, n: int, px: int, ckpt: bool) -> SegmentMem
 
 def _decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward: bool = True,
                        reward_scale: float = 1.0) -> SegmentMemory:
-    """VAE decode (+ the aesthetic reward) as one segment. Checkpointed: the decode runs one sample
-    at a time under a checkpoint (peak of one checkpointed sample + the B decoded images)."""
-    img = 3 * 64 * px * 2.0  # one decoded image, 2 bytes/element, (8x8) pixels per latent pixel
+    """VAE decode (+ the aesthetic reward) as one segment, as ``DiffusersModel.decode`` runs it.
+    Checkpointed (diffusers' up-block checkpointing in the decoder): one image at a time, each under a
+    checkpoint when B > 1 (peak of one checkpointed image + the B decoded images; kept until backward:
+    the latents and images); at B = 1 the decoder's own checkpointing alone. Without grad, one image
+    at a time too. Images are returned in fp32."""
+    img = 3 * 64 * px * 4.0  # one decoded image, fp32, (8x8) pixels per latent pixel
     nograd = fits.get("vae", "sd-vae", "plain", "nograd_peak")(1 if ckpt else batch, px)
-    if ckpt:
+    if ckpt and batch == 1:
+        vae = SegmentMemory(fits.get("vae", "sd-vae", "ckpt", "peak")(1, px),
+                            fits.get("vae", "sd-vae", "ckpt", "retained")(1, px), nograd)
+    elif ckpt:
         one = fits.get("vae", "sd-vae", "ckpt", "peak")(1, px)
         vae = SegmentMemory((batch - 1) * img + one, batch * (img + 4 * px * 4.0), nograd + batch * img)
     else:
@@ -708,15 +724,17 @@ class Scenario:
     h: int = 2
     fo_steps: int = 1
     lora_rank: int = 4
+    eval_images: int = 8  # the trainer's evaluation: eval_seeds (2) images of each of the first 4 prompts
 
 
 def persistent_bytes(arch: str, opts: Options, lora_rank: int, counts: dict[str, int]) -> dict[str, float]:
     """Bytes held through the whole update: fp16 weights (UNet, VAE, reward, text encoders unless
     offloaded) and the LoRA in fp32 with its gradient and Adam's two moments."""
     lora = counts[f"lora_{arch}_r{lora_rank}"]
-    return {"unet weights": 2.0 * counts[f"unet_{arch}"], "vae weights": 2.0 * counts["vae"],
-            "reward weights": (4.0 if opts.reward_fp32 else 2.0) * counts["reward"],
-            "text encoders": 0.0 if opts.offload_text else 2.0 * counts[f"text_{arch}"],
+    w = opts.weight_bytes
+    return {"unet weights": w * counts[f"unet_{arch}"], "vae weights": w * counts["vae"],
+            "reward weights": ((4.0 if opts.reward_fp32 else w) * counts["reward"]) if opts.reward_model else 0.0,
+            "text encoders": 0.0 if opts.offload_text else w * counts[f"text_{arch}"],
             "lora + grad": 8.0 * lora, "adam moments": (2.0 if opts.adam_8bit else 8.0) * lora}
 
 
@@ -727,15 +745,32 @@ def predict(fits: Fits, s: Scenario, opts: Options, counts: dict[str, int], esti
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(PHASE_ESTIMATORS)}")
     px = (s.resolution // 8) ** 2
     step = _unet_step(fits, s.arch, 2 * s.batch, px, opts.checkpointing)
-    dec = _decode_and_reward(fits, s.batch, px, opts.checkpointing, reward_scale=2.0 if opts.reward_fp32 else 1.0)
+    scale = 2.0 if opts.reward_fp32 else 1.0
+    dec = _decode_and_reward(fits, s.batch, px, opts.checkpointing, with_reward=opts.reward_model, reward_scale=scale)
     phases = update_phases(estimator, step, dec, T=s.T, h=s.h, fo_steps=s.fo_steps)
     act, phase = phases.peak()
     pers = persistent_bytes(s.arch, opts, s.lora_rank, counts)
     store = chain_store_bytes(s.T, s.batch, px)
+    evaluation = evaluation_bytes(fits, s, opts, px)
+    if s.eval_images and evaluation > store + act:  # the evaluation between updates binds
+        act, phase, store = evaluation, "evaluation", 0.0
     total = sum(pers.values()) + store + act
     return {"scenario": asdict(s), "options": asdict(opts), "estimator": estimator, "bytes": total,
             "activations": act, "binding_phase": phase, "chain_store": store, "persistent": pers,
-            "phases": asdict(phases), "step": asdict(step), "decode_reward": asdict(dec)}
+            "phases": {**asdict(phases), "evaluation": evaluation}, "step": asdict(step),
+            "decode_reward": asdict(dec)}
+
+
+def evaluation_bytes(fits: Fits, s: Scenario, opts: Options, px: int) -> float:
+    """The trainer's evaluation (``Trainer.evaluate``, at the start and every eval_every updates): the
+    ``eval_images`` sampled together without grad (their chain stored), decoded (one at a time with
+    checkpointing on) and scored."""
+    if not s.eval_images:
+        return 0.0
+    e = s.eval_images
+    step = _unet_step(fits, s.arch, 2 * e, px, False)
+    dec = _decode_and_reward(fits, e, px, opts.checkpointing, with_reward=opts.reward_model)
+    return chain_store_bytes(s.T, e, px) + max(step.nograd, dec.nograd)
 
 
 def model_counts(lora_ranks: Iterable[int] = (4,)) -> dict[str, int]:
@@ -1022,6 +1057,9 @@ def render(data: dict, analysis: dict, out: Path, image_paths: Sequence[Path]) -
     lines += _doc_formula(fits)
     lines += _doc_measurements(rows, fits, analysis)
     lines += _doc_validation(data.get("validation", []))
+    from benchmarks.memory_validation import doc_section
+
+    lines += doc_section()
     lines += _doc_gpu()
     lines += _doc_caveats()
     text = "\n".join(lines) + "\n"

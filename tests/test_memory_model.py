@@ -85,7 +85,7 @@ COUNTS = {"vae": 84_000_000, "reward": 430_000_000, "unet_sd15": 860_000_000, "t
 
 
 def test_predictions_respond_to_each_option():
-    fits, s = _synthetic_fits(), mm.Scenario("sd15", 512, 1)
+    fits, s = _synthetic_fits(), mm.Scenario("sd15", 512, 1, eval_images=0)
     plain, ckpt, off, adam8, fp32_reward = (mm.predict(fits, s, o, COUNTS) for o in mm.OPTION_SETS)
     assert ckpt["bytes"] < plain["bytes"]
     assert ckpt["bytes"] - off["bytes"] == pytest.approx(2 * COUNTS["text_sd15"])
@@ -94,9 +94,15 @@ def test_predictions_respond_to_each_option():
     assert plain["persistent"]["unet weights"] == 2 * COUNTS["unet_sd15"]
     full = mm.predict(fits, s, mm.OPTION_SETS[0], COUNTS, "full_bp")
     assert full["bytes"] > plain["bytes"] + 40 * 2 * 0.8e9  # ~50 steps of activations
-    bigger = mm.predict(fits, mm.Scenario("sd15", 512, 4), mm.OPTION_SETS[0], COUNTS)
+    bigger = mm.predict(fits, mm.Scenario("sd15", 512, 4, eval_images=0), mm.OPTION_SETS[0], COUNTS)
     assert bigger["activations"] == pytest.approx(4 * plain["activations"], rel=0.05)
     assert mm.with_margin(plain["bytes"]) > plain["bytes"]
+    # the trainer's evaluation (8 images sampled and decoded together without grad) can bind; with
+    # checkpointing its images are decoded one at a time, as DiffusersModel.decode does
+    evaluated = mm.predict(fits, mm.Scenario("sd15", 512, 1, eval_images=8), mm.OPTION_SETS[0], COUNTS)
+    assert evaluated["binding_phase"] == "evaluation" and evaluated["bytes"] > plain["bytes"]
+    sliced = mm.predict(fits, mm.Scenario("sd15", 512, 1, eval_images=8), mm.OPTION_SETS[1], COUNTS)
+    assert sliced["phases"]["evaluation"] < evaluated["phases"]["evaluation"] / 4
 
 
 def test_lora_count_matches_add_lora():

@@ -59,7 +59,8 @@ class DiffusersModel:
     def denoiser(self, guidance_scale: float) -> DiffusersUNetDenoiser:
         return DiffusersUNetDenoiser(self.unet, guidance_scale)
 
-    #: decode one image at a time, recomputing its activations in backward (``gradient_checkpointing``)
+    #: decode one image at a time (``gradient_checkpointing``): under grad each image under a checkpoint (only
+    #: its latent and image are kept until backward), without grad simply one after the other
     decode_one_at_a_time: bool = False
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -68,9 +69,11 @@ class DiffusersModel:
             z = z.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
             return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
 
-        if self.decode_one_at_a_time and torch.is_grad_enabled() and latents.shape[0] > 1:
+        if not self.decode_one_at_a_time or latents.shape[0] == 1:
+            return run(latents)
+        if torch.is_grad_enabled():
             return torch.cat([checkpoint(run, z, use_reentrant=False) for z in latents.split(1)])
-        return run(latents)
+        return torch.cat([run(z) for z in latents.split(1)])
 
     def add_lora(self, rank: int, alpha: float | None, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
         add_lora(self.unet, rank=rank, alpha=alpha, seed=seed)

@@ -101,8 +101,9 @@ class TrainConfig:
     device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")
     precision: str = _f("fp32", "weights of the frozen model: fp32, bf16 or fp16 (LoRA and optimizer stay fp32; "
                                 "bf16/fp16 halve the weights' memory on a GPU)", choices=PRECISION_NAMES)
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (UNet blocks, backpropagated "
-                                             "steps, the VAE per image): less memory, ~1 more forward per step")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: the UNet (its blocks and every "
+                                             "backpropagated step) and the VAE decoder (one image at a time, its "
+                                             "up-blocks), not reward models: less memory, ~1 more forward per step")
     offload_text_encoders: bool = _f(True, "keep the text encoders on the CPU in fp32 (prompts are encoded "
                                            "once and cached)")
     optimizer: str = _f("adam", "adam, or adam8bit (bitsandbytes, CUDA)", choices=OPTIMIZERS)
