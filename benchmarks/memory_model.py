@@ -603,7 +603,7 @@ def truncated_bp_phases(step: SegmentMemory, reward: SegmentMemory, k: int) -> U
 
 #: estimators the composition covers (truncated_bp's K is passed as ``fo_steps``: both are the last K
 #: steps backpropagated through the reward)
-PHASE_ESTIMATORS: tuple[str, ...] = ("rlr", "full_bp", "truncated_bp", "ddpo")
+PHASE_ESTIMATORS: tuple[str, ...] = ("rlr", "full_bp", "truncated_bp", "ddpo", "zo")
 
 
 def update_phases(estimator: str, step: SegmentMemory, reward: SegmentMemory, *, T: int, h: int = 2,
@@ -615,7 +615,7 @@ def update_phases(estimator: str, step: SegmentMemory, reward: SegmentMemory, *,
         return full_bp_phases(step, reward, T)
     if estimator == "truncated_bp":
         return truncated_bp_phases(step, reward, fo_steps)
-    if estimator == "ddpo":
+    if estimator in ("ddpo", "zo"):  # zo: a likelihood-ratio term per step, each backpropagated alone, as DDPO
         return ddpo_phases(step, reward)
     raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(PHASE_ESTIMATORS)}")
 
@@ -940,7 +940,9 @@ def analyse(data: dict) -> dict:
                     preds.append(predict(fits, s, opts, counts, "rlr"))
                     if fo == 1 and not opts.adam_8bit and not opts.reward_fp32:
                         preds.append(predict(fits, s, opts, counts, "full_bp"))
+                        preds.append(predict(fits, replace(s, fo_steps=2), opts, counts, "truncated_bp"))
                         preds.append(predict(fits, s, opts, counts, "ddpo"))
+                        preds.append(predict(fits, s, opts, counts, "zo"))
     out["predictions"] = preds
     out["missing_fits"] = ["/".join(k) for k in missing]
     return out
@@ -1099,8 +1101,18 @@ def _options_table(preds: list[dict], estimator: str) -> list[str]:
                      f"{_gb(pers['lora + grad'] + pers['adam moments'])} | {_gb(p['step']['peak'])} / "
                      f"{_gb(p['decode_reward']['peak'])} | {_gb(p['activations'] + p['chain_store'])} "
                      f"({p['binding_phase'].replace('_', '-')}) | **{_gb(p['bytes'])}** | "
-                     f"{_gb(with_margin(p['bytes']))} |")
+                     f"{_gb(with_margin(p['bytes']))} | {smallest_card(p['bytes'])} |")
     return lines
+
+
+#: GPU memory sizes (GB) of common cards: 8 (RTX 3070/4060), 12 (3060/4070), 16 (4060 Ti 16G/4080), 24 (3090/4090),
+#: 48 (A6000/L40S), 80 (A100/H100)
+CARDS: tuple[int, ...] = (8, 12, 16, 24, 48, 80)
+
+
+def smallest_card(b: float) -> str:
+    """The smallest card of :data:`CARDS` the predicted peak fits with the margin ("8 GB" fits 8 GB and up)."""
+    return next((f"{c} GB" for c in CARDS if with_margin(b) <= c * GB), f"> {CARDS[-1]} GB")
 
 
 def _doc_predictions(analysis: dict) -> list[str]:
@@ -1108,25 +1120,33 @@ def _doc_predictions(analysis: dict) -> list[str]:
     if not preds:
         return ["**Predictions**: not available (missing fits: " + ", ".join(analysis["missing_fits"]) + ").", ""]
     head = ["| model | B | FO steps | options | UNet + VAE + text weights | reward weights | LoRA + grad + Adam | "
-            "one step / decode + reward peak | activations (binding phase) | predicted peak | + margin |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "one step / decode + reward peak | activations (binding phase) | predicted peak | + margin | fits a card of |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rlr1 = [p for p in preds if p["estimator"] == "rlr" and p["scenario"]["fo_steps"] == 1]
     rlr4 = [p for p in preds if p["estimator"] == "rlr" and p["scenario"]["fo_steps"] == 4]
     verdict = _verdicts(preds)
     lines = ["## Predictions", "",
              f"T = 50, h = 2, LoRA rank 4, fp16 weights and activations, the LAION aesthetic reward (CLIP ViT-L/14) "
-             f"backpropagated in the first-order window. GB = 1e9 bytes. \"+ margin\" adds "
+             f"backpropagated in the first-order window, and the trainer's evaluation between updates (8 images: 2 "
+             f"seeds of each of 4 prompts, sampled together without grad; it binds where the phase says "
+             f"\"evaluation\"). GB = 1e9 bytes. \"+ margin\" adds "
              f"{MARGIN_FRACTION:.0%} (caching-allocator fragmentation, kernel workspaces) and "
              f"{MARGIN_FIXED / GB:.1f} GB (CUDA context); compare that column with a card's memory.", "",
              *verdict, *_dominant(preds), "",
              "**RLR, first-order window of 1 step (the paper's FO):**", "", *head, *_options_table(rlr1, "rlr"), "",
              "**RLR with the project's default recipe `fo_steps=4`:**", "", *head, *_options_table(rlr4, "rlr"), "",
-             "**Beside it, full backprop through all 50 steps (and DDPO), first-order window 1:**", "", *head,
-             *_options_table(preds, "full_bp"), *_options_table(preds, "ddpo"), "",
+             "**The other estimators: full backprop through all 50 steps, truncated backprop (the last K = 2 steps, "
+             "`--truncation` default), DDPO and ZO (one likelihood-ratio step backpropagated at a time; code_compat, "
+             "kept for comparison with the official code, is not modelled):**", "", *head,
+             *_options_table(preds, "full_bp"), *_options_table(preds, "truncated_bp"),
+             *_options_table(preds, "ddpo"), *_options_table(preds, "zo"), "",
              "Options: *gradient checkpointing* = diffusers' `unet.enable_gradient_checkpointing()` inside each "
              "UNet call + a step-level `torch.utils.checkpoint` of every backpropagated step (a window keeps one "
              "step's inputs per step and recomputes one step at a time) + the VAE decode sliced per sample under a "
-             "checkpoint; *text-encoder offload* = text encoders moved to the CPU after encoding; *8-bit Adam* = "
+             "checkpoint with the decoder's own up-block checkpointing (`vae.enable_gradient_checkpointing()`), and "
+             "evaluation images decoded one at a time; reward models are not checkpointed (their activations are "
+             "the measured reward terms): this is what `rlr-train --gradient-checkpointing` does "
+             "(`rlr_backend/train/memory.py` `prepare_model`); *text-encoder offload* = text encoders moved to the CPU after encoding; *8-bit Adam* = "
              "moments in 2 bytes per parameter (the LoRA is under 1% of the memory, so it barely matters); "
              "*reward in fp32* = the reward model's weights in fp32 and its activations counted twice (a reward "
              "model left in fp32; `rlr-train` loads model rewards in `--precision` on a GPU, so the other rows "

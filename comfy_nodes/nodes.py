@@ -155,7 +155,7 @@ class Estimator(io.ComfyNode):
             node_id="RLR_Estimator", display_name="RLR Estimator", category=CATEGORY,
             description="The gradient estimator: RLR (the paper) or a baseline, with its knobs.",
             inputs=[io.Combo.Input("estimator", options=sorted(ESTIMATORS), default="rlr", tooltip=summary),
-                    _int("h", max=100), _int("fo_steps", max=100, min=0),
+                    _int("h", max=100), _int("fo_steps", max=100),
                     io.Combo.Input("zo_mode", options=list(ZO_MODES), default="latent_lr",
                                    tooltip=logic.config_field("zo_mode")["tooltip"]),
                     _float("nu", min=1e-6, max=1.0, step=1e-4),

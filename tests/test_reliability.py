@@ -250,6 +250,16 @@ def test_cli_refuses_pickles_behind_symlinks(tiny_model, tmp_path, canary, capsy
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x.png").exists()
 
 
+def test_a_pickle_beside_the_safetensors_is_never_read(tiny_model, tmp_path, canary):
+    """A full clone of an official repository has .bin files beside the .safetensors ones: the model loads
+    from the safetensors and the canary is never unpickled (the fixture checks it after the test)."""
+    from rlr_backend.models.loader import load_model
+
+    beside = model_with_symlinked_pickle(tiny_model, tmp_path / "b", pickle_payloads(canary)["torch-zip"],
+                                         "diffusion_pytorch_model.bin", beside=True)
+    assert load_model(beside).unet is not None
+
+
 def test_the_app_refuses_a_pickle_behind_a_symlinked_model_folder(tiny_model, tmp_path, canary):
     """The app's path: the model list (folders under --models-dir), the form, the run manager's trainer."""
     from rlr_app.form import Settings, check_form, form_defaults, list_models

@@ -20,7 +20,12 @@ from the state dict alone and writes no file:
    (scaled-linear betas 0.00085..0.012, 1000 steps, leading spacing, offset 1).
 3. **convert** keys with diffusers' converters (``convert_ldm_unet_checkpoint``,
    ``convert_ldm_vae_checkpoint``, ``convert_open_clip_checkpoint``) and load strictly: a missing or
-   extra tensor is an error, never silently random-initialised.
+   extra tensor, or one of another shape, is an error naming the file's key and the diffusers one, never
+   silently random-initialised.
+
+All of this runs on the header's shapes (meta tensors) before any data is read; then the modules,
+built on the meta device, receive each tensor read and cast to its target dtype on its own
+(:mod:`rlr_backend.models.weights`), so the load's peak memory is about the loaded model's size.
 
 Prediction type: ``prediction_type=`` if given; else v-prediction when the file carries ComfyUI's
 ``v_pred`` marker key, or for SD2.x (SD2.x-768 is v; SD2-base 512 checkpoints need
