@@ -68,7 +68,8 @@ KINDS: dict[str, dict] = {
 }
 #: (kind, source, precision) measured; fp32 SDXL (14 GB of weights) is left out on this 24 GB machine
 CASES: tuple[tuple[str, str, str], ...] = (
-    ("sd15", "folder", "fp32"), ("sd15", "folder", "fp16"), ("sd15", "single", "fp32"), ("sd15", "single", "fp16"),
+    ("sd15", "folder", "fp32"), ("sd15", "folder", "fp16"), ("sd15", "folder-fp32-only", "fp16"),
+    ("sd15", "single", "fp32"), ("sd15", "single", "fp16"),
     ("sd2", "folder", "fp32"), ("sd2", "folder", "fp16"), ("sd2", "single", "fp32"), ("sd2", "single", "fp16"),
     ("sdxl", "folder", "fp16"), ("sdxl", "folder", "bf16"), ("sdxl", "single", "fp16"), ("sdxl", "single", "bf16"),
 )
@@ -185,9 +186,17 @@ def build_kind(kind: str, root: Path) -> dict[str, dict]:
         fp16_bytes = fp32_bytes = write_folder(kind, comps, folder)
     single_bytes = write_single_file(comps, single)
     del comps
+    built = {"folder": {"path": str(folder), "bytes": fp32_bytes, "fp16_bytes": fp16_bytes},
+             "single": {"path": str(single), "bytes": single_bytes}}
+    if spec["fp32_files"]:  # the same folder without its fp16 variant: half precision is cast from fp32 files
+        only = root / f"{kind}-folder-fp32-only"
+        for f in folder.rglob("*"):
+            if f.is_file() and ".fp16." not in f.name:
+                (only / f.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+                (only / f.relative_to(folder)).symlink_to(f)
+        built["folder-fp32-only"] = {"path": str(only), "bytes": fp32_bytes, "fp16_bytes": fp32_bytes}
     logger.info("%s: wrote the folder and the single file in %.0f s", kind, time.perf_counter() - t0)
-    return {"folder": {"path": str(folder), "bytes": fp32_bytes, "fp16_bytes": fp16_bytes},
-            "single": {"path": str(single), "bytes": single_bytes}}
+    return built
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -232,7 +241,7 @@ def measure(kind: str, source: str, precision: str, built: dict) -> dict:
     if proc.returncode:
         raise RuntimeError(f"{kind} {source} {precision}: the load failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    file_bytes = info["fp16_bytes"] if source == "folder" and precision != "fp32" else info["bytes"]
+    file_bytes = info["fp16_bytes"] if source.startswith("folder") and precision != "fp32" else info["bytes"]
     row.update(kind=kind, source=source, precision=precision, file_bytes=file_bytes)
     logger.info("%s %s %s: peak %.2f GB over %.2f GB before (model %.2f GB, files %.2f GB), %.0f s", kind, source,
                 precision, row["peak"] / GB, row["rss_before"] / GB, row["model_bytes"] / GB, file_bytes / GB,
@@ -250,9 +259,9 @@ def render(data: dict) -> str:
              "peak RSS GB | peak - RSS before load, GB | / loaded model | peak RSS / files | load s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        files = ("folder, fp16 variant" if r["precision"] != "fp32" and KINDS[r["kind"]]["fp32_files"] else
-                 "folder, fp32" if KINDS[r["kind"]]["fp32_files"] else "folder, fp16") if r["source"] == "folder" \
-            else "single file, fp16"
+        files = {"single": "single file, fp16", "folder-fp32-only": "folder, fp32 (no fp16 variant)"}.get(
+            r["source"], "folder, fp16 variant" if r["precision"] != "fp32" and KINDS[r["kind"]]["fp32_files"] else
+            "folder, fp32" if KINDS[r["kind"]]["fp32_files"] else "folder, fp16")
         extra = r["peak"] - r["rss_before"]
         lines.append(f"| {KINDS[r['kind']]['label']} | {files} | {r['precision']} | {r['model_bytes'] / GB:.2f} | "
                      f"{r['file_bytes'] / GB:.2f} | {r['peak'] / GB:.2f} | {extra / GB:.2f} | "
