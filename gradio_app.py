@@ -30,7 +30,7 @@ from rlr_app.form import (ADVANCED_FIELDS, CFG_FIELDS, DEFAULT_MODEL, FORM_KEYS,
                           list_models, list_runs, new_run_name, number, parse_prompts, reward_facts)
 from rlr_app.render import (before_vs_now, curve_figure, curve_image, png_file, scrub, stage_downloads, status_html,
                             to_pil)
-from rlr_backend.choices import POSITION_TARGETS, REWARD_ARGS
+from rlr_backend.choices import ESTIMATOR_CHOICES, POSITION_TARGETS, REWARD_ARGS
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARD_HELP, REWARDS, make_reward
 from rlr_backend.safe_io import refuse_symlinks
@@ -164,7 +164,8 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
         job = manager.stop()
         if job is None or job.finished:
             return "no run in progress"
-        return f"stopping after update {job.current.step + 1} (the update in progress); the LoRA will be saved"
+        return (f"stopping at the next model call: update {job.current.step + 1} (in progress) is dropped, the LoRA "
+                f"of update {job.current.step} will be saved")
 
     def restore_form():
         job = manager.job
@@ -291,9 +292,11 @@ def build_ui(settings: Settings, manager: RunManager | None = None):
                                 inputs["a:size"] = gr.Number(defaults["a:size"], label="size: target fraction",
                                                              info="of the image the shape covers, between 0 and 1",
                                                              minimum=0.01, maximum=0.99, step=0.05)
-                inputs["estimator"] = gr.Dropdown(sorted(ESTIMATORS), value=defaults["estimator"], label="Estimator",
-                                                  info="; ".join(f"{k}: {v.summary}" for k, v in ESTIMATORS.items()
-                                                                 if k in ("rlr", "ddpo", "truncated_bp")))
+                inputs["estimator"] = gr.Dropdown(list(ESTIMATOR_CHOICES), value=defaults["estimator"],
+                                                  label="Estimator",
+                                                  info=CFG_FIELDS["estimator"].metadata["help"] + "; " + "; ".join(
+                                                      f"{k}: {v.summary}" for k, v in ESTIMATORS.items()
+                                                      if k in ("rlr", "ddpo", "truncated_bp", "full_bp")))
                 with gr.Row():
                     for name in MAIN_FIELDS:
                         inputs[name] = component(name)

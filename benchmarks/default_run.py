@@ -30,7 +30,9 @@ from rlr_backend.train import TrainConfig, Trainer
 
 from .common import machine_line
 
-ESTIMATORS = ("rlr", "ddpo", "truncated_bp")
+ESTIMATORS = ("auto", "rlr", "ddpo", "truncated_bp")
+#: variant label -> TrainConfig changes (an estimator name alone changes only the estimator)
+GUARDED = {"auto + kl": {"estimator": "auto", "kl_weight": 1e-3}}
 RESULTS = Path(__file__).parent / "results" / "default-run.json"
 
 
@@ -41,7 +43,7 @@ def border_colour(images: torch.Tensor) -> torch.Tensor:
     return ring.median(dim=2).values
 
 
-def train_one(cfg: TrainConfig) -> dict:
+def train_one(cfg: TrainConfig, label: str = "") -> dict:
     """One run; the evaluation images' reward parts and background colours before and after."""
     parts = {"alignment": make_reward("prompt_alignment"), "brightness": make_reward("brightness")}
     ids = [i for i in range(min(len(cfg.prompts), 4)) for _ in range(cfg.eval_seeds)]  # Trainer.evaluate's
@@ -58,7 +60,7 @@ def train_one(cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     result = Trainer(cfg, progress=False, on_preview=score).run()
-    return {"estimator": cfg.estimator, "seed": cfg.seed, "before": result.eval_rewards[0],
+    return {"estimator": label or cfg.estimator, "seed": cfg.seed, "before": result.eval_rewards[0],
             "after": result.eval_rewards[result.steps_done], "eval_images": result.eval_images,
             "parts_before": seen[0], "parts_after": seen[result.steps_done], "wall_s": time.perf_counter() - t0,
             "cpu_s": time.process_time() - cpu0, "load": os.getloadavg()[0]}
@@ -74,8 +76,9 @@ def render(result: dict) -> str:
              f"Training: reward `{c.reward}`, {steps} updates x batch {c.batch_size} "
              f"({c.images_per_prompt} images per prompt), T={c.num_inference_steps}, eta {c.eta:g}, "
              f"guidance {c.guidance_scale:g}, lr {c.lr:g}, LoRA rank {c.lora_rank}; rlr with h={c.h}, "
-             f"fo_steps={c.fo_steps}, ZO {c.zo_mode}; truncated_bp backpropagates the last {c.truncation} steps. "
-             "Every estimator sees the same number of generated samples.",
+             f"fo_steps={c.fo_steps}, ZO {c.zo_mode}; truncated_bp backpropagates the last {c.truncation} steps; auto "
+             "is full backprop with gradient checkpointing for this (differentiable) reward; `+ kl` adds the KL guard "
+             f"(weight {GUARDED['auto + kl']['kl_weight']:g}). Every estimator sees the same number of generated samples.",
              f"Evaluation: the {n_eval} fixed-seed images `rlr-train` evaluates and prints (the 4 training prompts x "
              f"{c.eval_seeds} seeds); reward = alignment + brightness, each also shown alone.", "",
              "| estimator | seed | eval reward before | after | change | alignment before -> after "
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=TrainConfig().steps)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
+    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS) + list(GUARDED),
+                    help=f"estimators, or guarded variants: {list(GUARDED)}")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--out", type=Path, default=Path("docs/results/default_run.md"))
     ap.add_argument("--threads", type=int, default=1)
@@ -129,15 +133,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     config = TrainConfig(steps=args.steps)
     result = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    if result.get("config") != json.loads(json.dumps(config.to_json())):
+    def settings(cfg_json: dict) -> dict:  # what every run shares (each run sets its own estimator)
+        return {k: v for k, v in cfg_json.items() if k != "estimator"}
+
+    if settings(result.get("config", {})) != settings(json.loads(json.dumps(config.to_json()))):
         result = {"config": config.to_json(), "machine": machine_line(), "runs": []}  # new settings: start over
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for est in args.estimators:
                 if any(r["estimator"] == est and r["seed"] == seed for r in result["runs"]):
                     continue
-                row = train_one(replace(config, estimator=est, seed=seed, eval_every=0, output_dir=Path(tmp),
-                                        run_name=f"{est}-{seed}"))
+                changes = GUARDED.get(est, {"estimator": est})
+                row = train_one(replace(config, **changes, seed=seed, eval_every=0, output_dir=Path(tmp),
+                                        run_name=f"{est.replace(' ', '').replace('+', '_')}-{seed}"), label=est)
                 result["runs"].append(row)
                 save_json(result, args.results)
                 print(f"{est} seed {seed}: {row['before']:.4f} -> {row['after']:.4f} in {row['wall_s']:.0f} s wall, "

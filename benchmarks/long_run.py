@@ -64,8 +64,15 @@ def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | No
     return max(tried, key=tried.get) if tried else None
 
 
-def run_suite(quick: bool, *, done: list | None = None, save=None) -> dict:
+def run_suite(quick: bool, *, done: list | None = None, save=None, variants: list[str] | None = None) -> dict:
+    """Train what is not in ``done``; ``variants`` restricts the suite to some variants, so two processes can
+    share the work (their result files are merged by the page)."""
     cfg = settings(quick)
+    if variants:
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        cfg["variants"] = [v for v in cfg["variants"] if v in variants]
     runs = list(done or [])
     have = {_key(r) for r in runs}
 

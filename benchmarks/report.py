@@ -19,9 +19,11 @@ def _load(results: Path, suite: str) -> dict | None:
     reward (``efficiency-full-<reward>.json``) are merged."""
     for budget in ("full", "quick"):
         p = results / f"{suite}-{budget}.json"
-        if p.is_file():
-            return json.loads(p.read_text())
         parts = sorted(results.glob(f"{suite}-{budget}-*.json"))
+        if p.is_file() and not (suite == "longrun" and parts):
+            return json.loads(p.read_text())
+        if p.is_file():
+            parts = [p, *parts]  # the long-run suite may be split by variant across processes
         if parts:
             loaded = [json.loads(q.read_text()) for q in parts]
             merged = dict(loaded[0])

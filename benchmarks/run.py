@@ -61,11 +61,14 @@ def run_memory_model(budget: str, threads: int) -> Path:
     return memory_model.QUICK_RESULTS if budget == "quick" else memory_model.RESULTS
 
 
-def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS) -> Path:
+def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
+        variants: tuple[str, ...] = ()) -> Path:
     """Run one suite and save its JSON; the efficiency suite saves one file per reward (two processes can
     share the work: ``--only efficiency --rewards prompt_alignment`` and ``... jpeg_compressibility``)."""
     if suite == "efficiency" and len(rewards) == 1:
         path = RESULTS / f"{suite}-{budget}-{rewards[0]}.json"
+    elif suite == "longrun" and variants:
+        path = RESULTS / f"{suite}-{budget}-{'-'.join(v.replace(' ', '').replace('+', '_') for v in variants)}.json"
     else:
         path = RESULTS / f"{suite}-{budget}.json"
     meta = {"suite": suite, "budget": budget, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
@@ -82,7 +85,7 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS) 
         if suite == "bias":
             data = bias_map.run_suite(quick, done=saved.get("cells", []), save=save)
         elif suite == "longrun":
-            data = long_run.run_suite(quick, done=saved.get("runs", []), save=save)
+            data = long_run.run_suite(quick, done=saved.get("runs", []), save=save, variants=list(variants))
         else:
             done = saved.get("runs", [])
             data = (efficiency.run_suite(quick, done=done, save=save, rewards=rewards) if suite == "efficiency"
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="+", choices=SUITES, default=list(SUITES))
     ap.add_argument("--rewards", nargs="+", choices=efficiency.REWARDS, default=list(efficiency.REWARDS),
                     help="efficiency suite: the rewards to train on (one reward per process splits the work)")
+    ap.add_argument("--variants", nargs="+", choices=tuple(long_run.VARIANTS), default=[],
+                    help="longrun suite: only these variants (two processes can share the work; the page merges them)")
     ap.add_argument("--report-only", action="store_true", help="only re-render docs/benchmarks.md")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             if suite == "memory":
                 run_memory_model(args.suite, args.threads)
             else:
-                run(suite, args.suite, tuple(args.rewards))
+                run(suite, args.suite, tuple(args.rewards), tuple(args.variants))
     report.render(RESULTS, args.out)
 
 

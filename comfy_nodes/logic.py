@@ -5,7 +5,6 @@ translate between ComfyUI and these functions, so this module is tested without 
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -15,16 +14,21 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from rlr_backend.estimators import ESTIMATORS, ZO_MODES
+from rlr_backend.lora.export import check_lora_version
 from rlr_backend.models.trainable import TrainableModel, sample_images
+from rlr_backend.choices import ESTIMATOR_CHOICES, REWARD_ARGS, parse_reward_spec
 from rlr_backend.rewards import REWARD_HELP, REWARDS, make_reward
 from rlr_backend.safe_io import InvalidModelFile, load_tensors, save_tensors
 from rlr_backend.train import PromptSpec, StepInfo, TrainConfig, Trainer
 from rlr_backend.train.prompts import parse_prompt
 
+from .watch import release_memory, watch_model_calls
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "(embedded default)"
-LORA_SUBFOLDER = "rlr"
+LORA_SUBFOLDER = "rlr"  # models/loras/rlr/: LoRAs of real checkpoints (the core Load LoRA lists them)
+EMBEDDED_LORA_FOLDER = "rlr_loras"  # models/rlr_loras/: LoRAs of the embedded default (no core loader lists it)
 MAX_PROMPT_CHARS = 2000
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,118}[A-Za-z0-9_-])?")
 
@@ -103,13 +107,20 @@ def check_prompt(text: str, what: str = "prompt") -> str:
     return text
 
 
-def add_reward(chain: tuple[tuple[str, float], ...] | None, name: str, weight: float) -> tuple[tuple[str, float], ...]:
-    """RLR_REWARD: a weighted sum, one (name, weight) per chained Reward node."""
+def add_reward(chain: tuple[tuple[str, float], ...] | None, name: str, weight: float,
+               target: str = "") -> tuple[tuple[str, float], ...]:
+    """RLR_REWARD: a weighted sum, one (name, weight) per chained Reward node; ``target`` is the argument of a
+    reward that takes one (``position``: left / right / top / bottom / center / X:Y; ``size``: a fraction),
+    empty for its default; the name then reads ``position:left``."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
     if not torch.isfinite(torch.tensor(float(weight))) or weight == 0:
         raise ValueError(f"reward weight for {name!r} must be a non-zero number, got {weight}")
-    return tuple(chain or ()) + ((name, float(weight)),)
+    target = (target or "").strip()
+    if target and name not in REWARD_ARGS:
+        raise ValueError(f"reward {name!r} takes no target (got {target!r}); only {sorted(REWARD_ARGS)} do")
+    term = parse_reward_spec(f"{name}:{target}" if target else name)[0]  # checks the target
+    return tuple(chain or ()) + ((f"{name}:{term.arg}" if term.arg else name, float(weight)),)
 
 
 def reward_spec(chain: Sequence[tuple[str, float]]) -> str:
@@ -120,12 +131,14 @@ def reward_spec(chain: Sequence[tuple[str, float]]) -> str:
 
 def estimator_settings(estimator: str, **knobs) -> dict[str, Any]:
     """RLR_ESTIMATOR: the TrainConfig fields of the estimator and its knobs, validated now."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
+    if estimator not in ESTIMATOR_CHOICES:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATOR_CHOICES)}")
     if knobs.get("zo_mode", "latent_lr") not in ZO_MODES:
         raise ValueError(f"unknown zo_mode {knobs['zo_mode']!r}; choose one of {list(ZO_MODES)}")
     settings = {"estimator": estimator, **knobs}
-    TrainConfig(**settings).estimator_config()  # raises on impossible values
+    config = TrainConfig(**settings)  # raises on impossible values
+    if estimator != "auto":  # auto is resolved by the trainer, once it knows the reward
+        config.estimator_config()
     return settings
 
 
@@ -155,27 +168,40 @@ def add_prompt(plan: PromptPlan | None, fine: str, coarse: str = "", mid: str = 
 
 
 # -- filenames ---------------------------------------------------------------------------------------
-def lora_target(loras_dir: str | Path, filename: str, overwrite: bool = False) -> Path:
-    """The path ``<loras_dir>/rlr/<filename>.safetensors``, refusing traversal, odd names and, unless
-    ``overwrite``, an existing file. Checked after resolving symlinks."""
+def lora_target(loras_dir: str | Path, filename: str, overwrite: bool = False,
+                subfolder: str = LORA_SUBFOLDER) -> Path:
+    """The path ``<loras_dir>/<subfolder>/<filename>.safetensors``, refusing traversal, odd names and,
+    unless ``overwrite``, an existing file. Checked after resolving symlinks."""
     raw = (filename or "").strip()
     name = raw[: -len(".safetensors")] if raw.lower().endswith(".safetensors") else raw
+    label = "/".join(p for p in (Path(loras_dir).name, subfolder) if p)
     if not _NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"filename {filename!r} is not accepted: use letters, digits, '.', '_' and '-' only "
-                         "(no folders, no '..'); the file goes to loras/rlr/")
+                         f"(no folders, no '..'); the file goes to {label}/")
     if name.split(".")[0].upper() in {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                                       *(f"LPT{i}" for i in range(1, 10))}:
         raise ValueError(f"filename {filename!r} is a reserved device name on Windows")
     root = Path(loras_dir).resolve()
-    folder = root / LORA_SUBFOLDER
+    folder = root / subfolder if subfolder else root
     target = (folder / f"{name}.safetensors")
     resolved = target.resolve()
     if resolved.parent != folder.resolve() or not str(resolved).startswith(str(root) + "/"):
         raise ValueError(f"filename {filename!r} would be written outside {root}; refused")
     if target.exists() and not overwrite:
-        raise FileExistsError(f"loras/{LORA_SUBFOLDER}/{target.name} already exists; choose another filename or "
+        raise FileExistsError(f"{label}/{target.name} already exists; choose another filename or "
                               "set overwrite to true")
     return target
+
+
+def lora_base(lora: dict) -> str | None:
+    """The base-model id in a LoRA's header (kohya ``ss_base_model_version``), None without one."""
+    return getattr(lora, "metadata", {}).get("ss_base_model_version") or None
+
+
+def is_embedded_lora(lora: dict) -> bool:
+    from rlr_backend.models.default_model import BASE_MODEL_VERSION
+
+    return lora_base(lora) == BASE_MODEL_VERSION
 
 
 def save_lora_file(lora: dict, target: Path) -> Path:
@@ -237,19 +263,24 @@ def build_config(*, prompts: PromptPlan, reward: Sequence[tuple[str, float]], es
 
 def train(source: ModelSource, config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = None,
           on_preview: Callable[[torch.Tensor, int], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, reward_models_dir: str | None = None) -> TrainOutcome:
-    """One training run in ``config.run_dir`` on a freshly loaded model; memory is released afterwards.
-    Preference-model rewards look for their weights in ``reward_models_dir`` (ComfyUI's models folder).
+          should_stop: Callable[[], bool] | None = None, reward_models_dir: str | None = None,
+          on_model_image: Callable[[torch.Tensor], None] | None = None) -> TrainOutcome:
+    """One training run in ``config.run_dir`` on a freshly loaded model; memory is released afterwards
+    (also when it fails or is cancelled). Preference-model rewards look for their weights in
+    ``reward_models_dir`` (ComfyUI's models folder). ``should_stop`` is asked at every model call;
+    ``on_model_image`` gets a decoded preview of the model's current estimate now and then.
 
     Runs with autograd on even inside ComfyUI's ``torch.inference_mode()`` (the model is loaded in here,
     so its weights are ordinary tensors).
     """
     check_source(source, "RLR Trainer")
-    trainer = model = None
+    trainer = model = reward = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
             reward = make_reward(config.reward, models_dir=reward_models_dir)  # weights must be ordinary tensors too; fails before the model loads
             model = source.load()
+            if on_model_image is not None:
+                watch_model_calls(model, config, on_model_image)
             trainer = Trainer(config, model=model, reward=reward, on_step=on_step, on_preview=on_preview,
                               should_stop=should_stop, progress=False)
             result = trainer.run()
@@ -257,13 +288,15 @@ def train(source: ModelSource, config: TrainConfig, *, on_step: Callable[[StepIn
         run = result.run_dir
         grid = run / "before_after.png"
         if not grid.is_file():
-            grid = sorted((run / "grids").glob("step-*.png"))[-1]
-        return TrainOutcome(LoraDict(sd, meta), png_as_image(run / "reward_curve.png"), png_as_image(grid),
+            grids = sorted((run / "grids").glob("step-*.png"))
+            grid = grids[-1] if grids else None  # stopped during the first evaluation: no grid yet
+        curve = png_as_image(run / "reward_curve.png")
+        return TrainOutcome(LoraDict(sd, meta), curve, png_as_image(grid) if grid else torch.zeros_like(curve),
                             result.steps_done, result.stopped_early, run, dict(result.eval_rewards))
     finally:
         _release(model)
-        del trainer, model
-        gc.collect()
+        del trainer, model, reward
+        release_memory()
 
 
 def sample(source: ModelSource, prompt: str, *, lora: dict | None = None, strength: float = 1.0, seed: int = 0,
@@ -278,6 +311,9 @@ def sample(source: ModelSource, prompt: str, *, lora: dict | None = None, streng
     try:
         with torch.inference_mode(False):
             model = source.load()
+            if lora is not None and lora_base(lora):  # refused whatever the strength: the wrong LoRA is a mistake
+                check_lora_version({"ss_base_model_version": lora_base(lora)}, model.base_model_version,
+                                   "RLR Sampler")
             if lora is not None and strength != 0:
                 model.load_lora(dict(lora), strength)
             images = sample_images(model, [prompt] * num_images, num_steps=num_steps, eta=eta,
@@ -286,7 +322,7 @@ def sample(source: ModelSource, prompt: str, *, lora: dict | None = None, streng
     finally:
         _release(model)
         del model
-        gc.collect()
+        release_memory()
 
 
 def _release(model) -> None:
@@ -345,6 +381,7 @@ def resolve_model_folder(roots: Sequence[str | Path], name: str) -> Path:
                             "StableDiffusionPipeline folder (model_index.json, unet/, vae/, ...) there")
 
 
-__all__ = ["CHECKPOINT_PREFIX", "DiffusersSource", "EMBEDDED", "InvalidModelFile", "LoraDict", "PromptPlan", "REWARD_HELP", "add_prompt",
+__all__ = ["CHECKPOINT_PREFIX", "DiffusersSource", "EMBEDDED", "EMBEDDED_LORA_FOLDER", "InvalidModelFile", "LoraDict",
+           "PromptPlan", "REWARD_HELP", "add_prompt", "is_embedded_lora", "lora_base", "release_memory",
            "add_reward", "build_config", "check_prompt", "config_field", "estimator_settings", "list_model_folders",
            "lora_target", "read_lora", "resolve_model_folder", "reward_spec", "sample", "save_lora_file", "train"]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
+import os
 
 from comfy_api.latest import ComfyExtension, io
 
+from rlr_backend.choices import ESTIMATOR_CHOICES
 from rlr_backend.estimators import ESTIMATORS, ZO_MODES
 from rlr_backend.rewards import REWARD_HELP, REWARDS
 
@@ -14,6 +18,15 @@ from . import logic
 logger = logging.getLogger(__name__)
 
 CATEGORY = "RLR"
+# V3 schema features newer ComfyUIs offer, used where this one has them (the pack supports >= 0.3.64)
+_SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)} if dataclasses.is_dataclass(io.Schema) else set()
+ADVANCED = {"advanced": True} if "advanced" in inspect.signature(io.Int.Input.__init__).parameters else {}
+
+
+def _schema(**kw) -> io.Schema:
+    """io.Schema without the optional fields this ComfyUI lacks (search_aliases: ComfyUI >= 0.9)."""
+    optional = {"search_aliases"}
+    return io.Schema(**{k: v for k, v in kw.items() if k not in optional or k in _SCHEMA_FIELDS})
 MODEL = io.Custom("RLR_MODEL")
 REWARD = io.Custom("RLR_REWARD")
 ESTIMATOR = io.Custom("RLR_ESTIMATOR")
@@ -23,18 +36,19 @@ BIG = 2**31 - 1
 
 
 def _int(name: str, field: str | None = None, *, max: int = 10_000, default=None, tooltip: str | None = None,
-         min: int | None = None, **kw) -> io.Int.Input:
+         min: int | None = None, advanced: bool = False, **kw) -> io.Int.Input:
     spec = logic.config_field(field or name)
     lo = spec["min"] if min is None else min
     return io.Int.Input(name, default=spec["default"] if default is None else default,
-                        min=lo if lo is not None else 0, max=max, tooltip=tooltip or spec["tooltip"], **kw)
+                        min=lo if lo is not None else 0, max=max, tooltip=tooltip or spec["tooltip"],
+                        **(ADVANCED if advanced else {}), **kw)
 
 
 def _float(name: str, field: str | None = None, *, min: float = 0.0, max: float = 100.0, step: float = 0.01,
-           default=None, tooltip: str | None = None) -> io.Float.Input:
+           default=None, tooltip: str | None = None, advanced: bool = False) -> io.Float.Input:
     spec = logic.config_field(field or name)
     return io.Float.Input(name, default=spec["default"] if default is None else default, min=min, max=max,
-                          step=step, tooltip=tooltip or spec["tooltip"])
+                          step=step, tooltip=tooltip or spec["tooltip"], **(ADVANCED if advanced else {}))
 
 
 def _folder_paths():
@@ -47,10 +61,21 @@ NO_LORA = "(none)"
 
 
 def _lora_files() -> list[str]:
-    try:
-        return [f for f in _folder_paths().get_filename_list("loras") if f.endswith(".safetensors")]
-    except KeyError:
-        return []
+    """LoRA files for RLR Sampler: models/loras, then the embedded default's own folder as rlr_loras/<name>."""
+    out = []
+    for kind, prefix in (("loras", ""), (logic.EMBEDDED_LORA_FOLDER, logic.EMBEDDED_LORA_FOLDER + "/")):
+        try:
+            out += [prefix + f for f in _folder_paths().get_filename_list(kind) if f.endswith(".safetensors")]
+        except KeyError:
+            pass
+    return out
+
+
+def _lora_path(name: str) -> str:
+    prefix = logic.EMBEDDED_LORA_FOLDER + "/"
+    if name.startswith(prefix):
+        return _folder_paths().get_full_path_or_raise(logic.EMBEDDED_LORA_FOLDER, name[len(prefix):])
+    return _folder_paths().get_full_path_or_raise("loras", name)
 
 
 def _folder_list(kind: str) -> list[str]:
@@ -71,8 +96,9 @@ def _checkpoint_names() -> list[str]:
 class LoadModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="RLR_LoadModel", display_name="RLR Load Model", category=CATEGORY,
+        return _schema(
+            node_id="RLR_LoadModel", search_aliases=["load model for training", "rlr model", "embedded default", "reward fine-tuning model"],
+            display_name="RLR Load Model", category=CATEGORY,
             description="A model for RLR training through diffusers: the tiny embedded default, a SD1.x/SD2.x/SDXL "
                         "diffusers folder from models/diffusers, or a single-file .safetensors checkpoint from "
                         "models/checkpoints (architecture read from the weights, offline).",
@@ -109,8 +135,9 @@ class LoadModel(io.ComfyNode):
 class FromComfyModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="RLR_FromComfyModel", display_name="RLR From Comfy Model", category=CATEGORY,
+        return _schema(
+            node_id="RLR_FromComfyModel", search_aliases=["train checkpoint", "checkpoint to rlr", "lora training from checkpoint", "train model"],
+            display_name="RLR From Comfy Model", category=CATEGORY,
             description="Train through the MODEL, CLIP and VAE of a Load Checkpoint node (SD1.x, SD2.x, SDXL). "
                         "The inputs are never modified: training works on a clone with LoRA weight wrappers.",
             inputs=[io.Model.Input("model", tooltip="the diffusion model from Load Checkpoint (SD1.x/SD2.x/SDXL UNet)"),
@@ -133,33 +160,41 @@ class Reward(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         help_text = "; ".join(f"{k}: {v}" for k, v in REWARD_HELP.items())
-        return io.Schema(
-            node_id="RLR_Reward", display_name="RLR Reward", category=CATEGORY,
+        return _schema(
+            node_id="RLR_Reward", search_aliases=["reward", "reward function", "score", "aesthetic", "brightness", "prompt alignment"],
+            display_name="RLR Reward", category=CATEGORY,
             description="A reward from the backend's registry; chain nodes for a weighted sum.",
             inputs=[io.Combo.Input("reward", options=sorted(REWARDS), default="prompt_alignment", tooltip=help_text),
                     io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
                                    tooltip="weight of this reward in the sum (negative to penalise)"),
-                    REWARD.Input("add_to", optional=True, tooltip="rewards to add this one to (weighted sum)")],
+                    REWARD.Input("add_to", optional=True, tooltip="rewards to add this one to (weighted sum)"),
+                    io.String.Input("target", default="", optional=True,
+                                    tooltip="position: left, right, top, bottom, center or X:Y in 0-1 (default "
+                                            "left); size: the fraction of the image the shape should cover (default "
+                                            "0.4); empty for the default; other rewards take none")],
             outputs=[REWARD.Output(display_name="reward")])
 
     @classmethod
-    def execute(cls, reward: str, weight: float, add_to=None) -> io.NodeOutput:
-        return io.NodeOutput(logic.add_reward(add_to, reward, weight))
+    def execute(cls, reward: str, weight: float, add_to=None, target: str = "") -> io.NodeOutput:
+        return io.NodeOutput(logic.add_reward(add_to, reward, weight, target))
 
 
 class Estimator(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         summary = "; ".join(f"{k}: {v.summary}" for k, v in sorted(ESTIMATORS.items()))
-        return io.Schema(
-            node_id="RLR_Estimator", display_name="RLR Estimator", category=CATEGORY,
+        return _schema(
+            node_id="RLR_Estimator", search_aliases=["gradient estimator", "rlr", "ddpo", "policy gradient", "backprop", "optimizer"],
+            display_name="RLR Estimator", category=CATEGORY,
             description="The gradient estimator: RLR (the paper) or a baseline, with its knobs.",
-            inputs=[io.Combo.Input("estimator", options=sorted(ESTIMATORS), default="rlr", tooltip=summary),
+            inputs=[io.Combo.Input("estimator", options=list(ESTIMATOR_CHOICES), default="rlr",
+                                   tooltip=logic.config_field("estimator")["tooltip"] + "; " + summary),
                     _int("h", max=100), _int("fo_steps", max=100),
                     io.Combo.Input("zo_mode", options=list(ZO_MODES), default="latent_lr",
-                                   tooltip=logic.config_field("zo_mode")["tooltip"]),
-                    _float("nu", min=1e-6, max=1.0, step=1e-4),
-                    _int("truncation", max=100, min=1), _int("chain_len", max=100, min=1)],
+                                   tooltip=logic.config_field("zo_mode")["tooltip"], **ADVANCED),
+                    _float("nu", min=1e-6, max=1.0, step=1e-4, advanced=True),
+                    _int("truncation", max=100, min=1, advanced=True),
+                    _int("chain_len", max=100, min=1, advanced=True)],
             outputs=[ESTIMATOR.Output(display_name="estimator")])
 
     @classmethod
@@ -172,8 +207,9 @@ class Estimator(io.ComfyNode):
 class PromptSchedule(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="RLR_PromptSchedule", display_name="RLR Prompt Schedule", category=CATEGORY,
+        return _schema(
+            node_id="RLR_PromptSchedule", search_aliases=["prompt", "training prompts", "prompt schedule", "chain of thought", "dcot"],
+            display_name="RLR Prompt Schedule", category=CATEGORY,
             description="A training prompt with coarse / mid / fine versions for the early / middle / late "
                         "sampling steps (the paper's Diffusive Chain-of-Thought); chain nodes for more prompts.",
             inputs=[io.String.Input("fine", multiline=True, default="a red circle on a blue background",
@@ -187,9 +223,9 @@ class PromptSchedule(io.ComfyNode):
                                    tooltip="fraction of the steps after which the fine prompt takes over"),
                     io.Int.Input("ho_start", default=0, min=0, max=1000,
                                  tooltip="RLR: lowest paper step j of the half-order sub-chain (1 = last step); "
-                                         "0 and 0: uniform over the chain"),
+                                         "0 and 0: uniform over the chain", **ADVANCED),
                     io.Int.Input("ho_end", default=0, min=0, max=1000,
-                                 tooltip="RLR: highest paper step j of the half-order sub-chain"),
+                                 tooltip="RLR: highest paper step j of the half-order sub-chain", **ADVANCED),
                     PROMPTS.Input("add_to", optional=True, tooltip="prompts to add this one to")],
             outputs=[PROMPTS.Output(display_name="prompts")])
 
@@ -202,23 +238,31 @@ class PromptSchedule(io.ComfyNode):
 class Trainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="RLR_Trainer", display_name="RLR Trainer", category=CATEGORY,
-            description="Reward fine-tuning of a LoRA. Progress bar with previews; Cancel stops after the current "
-                        "update and saves the partial LoRA to loras/rlr/.",
+        return _schema(
+            node_id="RLR_Trainer", search_aliases=["lora train", "train lora", "reward", "reward fine-tuning", "rl fine-tune", "rlhf", "ddpo", "training"],
+            display_name="RLR Trainer", category=CATEGORY,
+            description="Reward fine-tuning of a LoRA. Progress text and previews from the first model call, the "
+                        "bar counts updates; Cancel stops within one denoising step and saves the LoRA of the last "
+                        "finished update (loras/rlr/, or rlr_loras/ for the embedded default). The seed is fixed, so "
+                        "queueing again with the same inputs reuses the trained LoRA.",
             inputs=[MODEL.Input("rlr_model", tooltip="from RLR Load Model or RLR From Comfy Model"),
                     REWARD.Input("reward", tooltip="from RLR Reward"),
                     PROMPTS.Input("prompts", tooltip="from RLR Prompt Schedule"),
                     ESTIMATOR.Input("estimator", optional=True, tooltip="from RLR Estimator (default: RLR)"),
                     _int("steps", max=100_000), _float("lr", min=1e-6, max=1.0, step=1e-5),
-                    _int("lora_rank", max=256), _int("seed", max=BIG, min=0, control_after_generate=True),
+                    _int("lora_rank", max=256, advanced=True),
+                    _int("seed", max=BIG, min=0, control_after_generate=False,
+                         tooltip="seed of the run (sampling noise, prompt order, LoRA init); fixed, so the same "
+                                 "inputs give the same LoRA and ComfyUI reuses it instead of training again"),
                     _int("batch_size", max=256), _int("images_per_prompt", max=256),
                     _int("num_inference_steps", max=1000), _float("guidance_scale", max=30.0, step=0.1),
-                    _float("eta", max=1.0, step=0.05),
-                    _int("preview_every", "eval_every", max=100_000, min=0,
+                    _float("eta", max=1.0, step=0.05, advanced=True),
+                    _int("preview_every", "eval_every", max=100_000, min=0, advanced=True,
                          tooltip="evaluate and show a preview every N updates (0: only at start and end)"),
                     io.String.Input("run_name", default="rlr", tooltip="name of the run folder in output/rlr_runs/ "
-                                                                       "and of the partial LoRA if cancelled")],
+                                                                       "and of the partial LoRA if cancelled"),
+                    _float("kl_weight", max=100.0, step=1e-4, advanced=True),
+                    _float("early_stop_drop", max=100.0, step=0.01, advanced=True)],
             outputs=[LORA.Output(display_name="lora", tooltip="kohya-format LoRA (connect to RLR Save LoRA or "
                                                               "Load LoRA Model)"),
                      io.Image.Output(display_name="reward_curve", tooltip="batch and evaluation reward per update"),
@@ -228,23 +272,27 @@ class Trainer(io.ComfyNode):
     @classmethod
     def execute(cls, rlr_model, reward, prompts, steps: int, lr: float, lora_rank: int, seed: int, batch_size: int,
                 images_per_prompt: int, num_inference_steps: int, guidance_scale: float, eta: float,
-                preview_every: int, run_name: str, estimator=None) -> io.NodeOutput:
+                preview_every: int, run_name: str, estimator=None, kl_weight: float = 0.0,
+                early_stop_drop: float = 0.0) -> io.NodeOutput:
         from . import comfy_glue
 
         out = comfy_glue.run_training(
             rlr_model, reward, prompts, estimator, node_id=cls.hidden.unique_id, run_name=run_name,
             options=dict(steps=steps, lr=lr, lora_rank=lora_rank, seed=seed, batch_size=batch_size,
                          images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale, eta=eta, eval_every=preview_every))
+                         guidance_scale=guidance_scale, eta=eta, eval_every=preview_every, kl_weight=kl_weight,
+                         early_stop_drop=early_stop_drop))
         return io.NodeOutput(out.lora, out.curve, out.grid)
 
 
 class Sampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="RLR_Sampler", display_name="RLR Sampler", category=CATEGORY,
-            description="Images from the model with an optional LoRA, for before/after comparisons (DDIM).",
+        return _schema(
+            node_id="RLR_Sampler", search_aliases=["sample", "generate images", "lora preview", "before after", "ddim"],
+            display_name="RLR Sampler", category=CATEGORY,
+            description="Images from the model with an optional LoRA, for before/after comparisons (DDIM). A LoRA "
+                        "whose header names another base model is refused.",
             inputs=[MODEL.Input("rlr_model", tooltip="from RLR Load Model or RLR From Comfy Model"),
                     io.String.Input("prompt", multiline=True, default="a red circle on a blue background",
                                     tooltip="the prompt"),
@@ -252,11 +300,12 @@ class Sampler(io.ComfyNode):
                     io.Int.Input("num_images", default=4, min=1, max=64, tooltip="images to generate"),
                     io.Int.Input("steps", default=20, min=2, max=1000, tooltip="DDIM steps"),
                     _float("guidance_scale", max=30.0, step=0.1),
-                    _float("eta", max=1.0, step=0.05),
+                    _float("eta", max=1.0, step=0.05, advanced=True),
                     LORA.Input("lora", optional=True, tooltip="a LoRA from RLR Trainer (or any kohya LoRA)"),
                     io.Combo.Input("lora_file", options=[NO_LORA, *_lora_files()], default=NO_LORA, optional=True,
-                                   tooltip="or a LoRA file from models/loras (.safetensors; used when no lora is "
-                                           "connected)"),
+                                   tooltip="or a LoRA file from models/loras or (embedded default) models/rlr_loras "
+                                           "(.safetensors; used when no lora is connected); a LoRA made for "
+                                           "another base model is refused"),
                     io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                    tooltip="LoRA strength (0: the base model)")],
             outputs=[io.Image.Output(display_name="images")],
@@ -268,7 +317,7 @@ class Sampler(io.ComfyNode):
         from . import comfy_glue
 
         if lora is None and lora_file not in (None, NO_LORA):
-            lora = logic.read_lora(_folder_paths().get_full_path_or_raise("loras", lora_file))
+            lora = logic.read_lora(_lora_path(lora_file))
 
         images = comfy_glue.run_sampling(rlr_model, prompt, node_id=cls.hidden.unique_id, lora=lora,
                                          strength=strength, seed=seed, num_images=num_images, num_steps=steps,
@@ -279,22 +328,62 @@ class Sampler(io.ComfyNode):
 class SaveLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="RLR_SaveLoRA", display_name="RLR Save LoRA", category=CATEGORY, is_output_node=True,
-            description="Write the LoRA (kohya format) to models/loras/rlr/ so Load LoRA lists it.",
-            inputs=[LORA.Input("lora", tooltip="from RLR Trainer"),
+        return _schema(
+            node_id="RLR_SaveLoRA", search_aliases=["save lora", "export lora", "lora file", "write lora"],
+            display_name="RLR Save LoRA", category=CATEGORY, is_output_node=True,
+            description="Write the LoRA (kohya format) to models/loras/rlr/ so Load LoRA lists it; LoRAs of the "
+                        "embedded default go to models/rlr_loras/ instead (only RLR Sampler lists them: they fit no "
+                        "SD1.x/SDXL checkpoint).",
+            inputs=[LORA.Input("lora", lazy=True, tooltip="from RLR Trainer"),
                     io.String.Input("filename", default="rlr_lora",
                                     tooltip="file name without folders; '.safetensors' is added"),
                     io.Boolean.Input("overwrite", default=False, tooltip="replace an existing file of that name")],
             outputs=[io.String.Output(display_name="lora_name", tooltip="the name Load LoRA lists, e.g. rlr/x.safetensors")])
 
     @classmethod
+    def validate_inputs(cls, filename: str) -> bool | str:
+        """A bad name is refused when the prompt is queued, before anything runs (one input named, so one
+        line in the error panel)."""
+        try:
+            logic.lora_target(_save_roots()[0], filename, overwrite=True)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def check_lazy_status(cls, filename: str, overwrite: bool, lora=None) -> list[str]:
+        """Runs before the LoRA input is computed (ComfyUI starts with ready output nodes, and the lazy
+        input makes this one ready): an existing file without overwrite fails before any training."""
+        if lora is None:
+            loras, embedded = _save_roots()
+            logic.lora_target(loras, filename, overwrite)
+            logic.lora_target(embedded, filename, overwrite, subfolder="")
+            return ["lora"]
+        return []
+
+    @classmethod
     def execute(cls, lora, filename: str, overwrite: bool) -> io.NodeOutput:
-        root = _folder_paths().get_folder_paths("loras")[0]
-        target = logic.lora_target(root, filename, overwrite)
+        embedded = logic.is_embedded_lora(lora)
+        root = _save_roots()[1 if embedded else 0]
+        target = logic.lora_target(root, filename, overwrite, subfolder="" if embedded else logic.LORA_SUBFOLDER)
         logic.save_lora_file(lora, target)
-        name = f"{logic.LORA_SUBFOLDER}/{target.name}"
-        return io.NodeOutput(name, ui={"text": [f"saved loras/{name}"]})
+        name = f"{logic.EMBEDDED_LORA_FOLDER}/{target.name}" if embedded else f"{logic.LORA_SUBFOLDER}/{target.name}"
+        where = name if embedded else f"loras/{name}"
+        return io.NodeOutput(name, ui={"text": [f"saved {where}"]})
+
+
+def _save_roots() -> tuple[str, str]:
+    """(models/loras, models/rlr_loras): where SaveLoRA writes LoRAs of real checkpoints / of the embedded default."""
+    fp = _folder_paths()
+    return fp.get_folder_paths("loras")[0], fp.get_folder_paths(logic.EMBEDDED_LORA_FOLDER)[0]
+
+
+def register_folders() -> None:
+    """models/rlr_loras: LoRAs of the embedded default, in a folder of their own (no core loader lists it).
+    In-memory only: the folder is created when the first such LoRA is saved."""
+    fp = _folder_paths()
+    if logic.EMBEDDED_LORA_FOLDER not in getattr(fp, "folder_names_and_paths", {}):
+        fp.add_model_folder_path(logic.EMBEDDED_LORA_FOLDER, os.path.join(fp.models_dir, logic.EMBEDDED_LORA_FOLDER))
 
 
 NODES: list[type[io.ComfyNode]] = [LoadModel, FromComfyModel, Reward, Estimator, PromptSchedule, Trainer, Sampler,
@@ -302,5 +391,9 @@ NODES: list[type[io.ComfyNode]] = [LoadModel, FromComfyModel, Reward, Estimator,
 
 
 class RLRExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folders()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_folders()  # also here: on_load is new in some versions
         return NODES

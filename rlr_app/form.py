@@ -13,7 +13,7 @@ import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from rlr_backend.choices import REWARD_ARGS, ConfigError, parse_reward_spec
+from rlr_backend.choices import ESTIMATOR_CHOICES, REWARD_ARGS, ConfigError, parse_reward_spec
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARDS, make_reward
 from rlr_backend.train import TrainConfig, parse_prompt
@@ -189,11 +189,12 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
             except (ValueError, FileNotFoundError) as e:
                 errors[f"w:{r}"] = str(e).replace("\n", " ")
     est = estimator or values.get("estimator")
-    if est not in ESTIMATORS:
-        errors["estimator"] = f"unknown estimator {est!r}; choose one of {sorted(ESTIMATORS)}"
+    if est not in ESTIMATOR_CHOICES:
+        errors["estimator"] = f"unknown estimator {est!r}; choose one of {list(ESTIMATOR_CHOICES)}"
     else:
         kw["estimator"] = est
-        if parts and ESTIMATORS[est].needs_differentiable_reward and not all(_differentiable(r) for r, _ in parts):
+        if (parts and est in ESTIMATORS and ESTIMATORS[est].needs_differentiable_reward
+                and not all(_differentiable(r) for r, _ in parts)):
             errors["estimator"] = f"{est} back-propagates the reward; choose differentiable rewards or rlr/ddpo/zo"
     for name in (*MAIN_FIELDS, *ADVANCED_FIELDS):
         if "choices" in CFG_FIELDS[name].metadata:

@@ -13,6 +13,9 @@ import re
 from typing import NamedTuple
 
 ESTIMATOR_NAMES: tuple[str, ...] = ("code_compat", "ddpo", "full_bp", "rlr", "truncated_bp", "zo")
+#: what a user may ask for: a registered estimator, or ``auto``, the measured choice for the reward
+#: (TrainConfig.resolve_estimator says which; docs/estimators.md has the measurements behind it)
+ESTIMATOR_CHOICES: tuple[str, ...] = ("auto", *ESTIMATOR_NAMES)
 ZO_MODES: tuple[str, ...] = ("latent_lr", "param_1pt", "param_2pt")
 PRECISION_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adam8bit")

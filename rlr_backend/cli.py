@@ -18,12 +18,12 @@ from fractions import Fraction
 from pathlib import Path
 
 from . import choices
-from .choices import ESTIMATOR_NAMES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
+from .choices import ESTIMATOR_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
 # ValueError covers ConfigError and InvalidModelFile; OSError: files a user can fix (missing, unreadable, a full
-# disk or read-only folder: safe_io.StorageError)
+# disk or a read-only folder: safe_io.StorageError)
 USER_ERRORS = (ValueError, OSError)
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -116,7 +116,7 @@ def train_parser() -> argparse.ArgumentParser:
            "prompts listed below)")
     a("--prompt-file", type=Path, help="UTF-8 file with one prompt per line")
     option("reward")
-    option("estimator", choices=ESTIMATOR_NAMES)
+    option("estimator", choices=ESTIMATOR_CHOICES)
     option("h", type=int)
     option("fo_steps", type=int)
     option("zo_mode", choices=ZO_MODES)
@@ -182,7 +182,7 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)  # every option checked before torch and diffusers are imported
     except USER_ERRORS as e:
-        print(f"rlr-train: error: {e}", file=sys.stderr)
+        print(f"rlr-train: error: {one_line(e)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     quiet_libraries()
@@ -270,7 +270,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     try:
         check_sample_args(args)
     except USER_ERRORS as e:
-        print(f"rlr-sample: error: {e}", file=sys.stderr)
+        print(f"rlr-sample: error: {one_line(e)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
@@ -323,7 +323,7 @@ def advise_main(argv: list[str] | None = None) -> int:
         if args.batches < 2:
             raise ValueError(f"--batches must be >= 2 (a variance needs two), got {args.batches}")
     except USER_ERRORS as e:
-        print(f"rlr-advise: error: {e}", file=sys.stderr)
+        print(f"rlr-advise: error: {one_line(e)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     quiet_libraries()
@@ -348,7 +348,7 @@ def advise_main(argv: list[str] | None = None) -> int:
         if bar is not None:
             bar.close()
     except USER_ERRORS as e:
-        print(f"rlr-advise: error: {e}", file=sys.stderr)
+        print(f"rlr-advise: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(format_advice(result))
     return 0

@@ -173,6 +173,8 @@ def index_shards(index: str | Path) -> list[Path]:
 
 def nonfinite_count(t: torch.Tensor) -> int:
     """Number of NaN/inf values of a floating tensor (0 for other dtypes)."""
+    import torch
+
     if not (t.is_floating_point() or t.is_complex()):
         return 0
     import torch

@@ -361,3 +361,14 @@ def test_quality_page_names_its_bias_statistic(tmp_path):
     assert "Hotelling's two-sample T^2" in new and "| 0.25 |" in new and "12-dimensional" in new
     old = page({"mean_sq_z": 1.25})
     assert "predate the switch to Hotelling's T^2" in old and "| 1.25 |" in old
+
+
+def test_guard_cost_measures_every_case():
+    from benchmarks import guard_cost
+
+    result = guard_cost.measure(1, batch_size=2, images_per_prompt=2, num_inference_steps=4, fo_steps=1,
+                                prompts=guard_cost.TrainConfig().prompts[:1])
+    rows = {r["case"]: r for r in result["rows"]}
+    assert set(rows) == set(guard_cost.CASES) and rows["brightness (reference)"]["ratio"] == 1.0
+    assert all(r["median_cpu_s"] > 0 for r in rows.values())
+    assert "| position:left |" in "\n".join(guard_cost.render(result))

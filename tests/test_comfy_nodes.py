@@ -114,18 +114,24 @@ def test_train_save_sample_chain(pack):
     comfy.utils.UPDATES.clear()
     out = run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est, **FAST)
     lora, curve, grid = out.args
-    assert lora.metadata["ss_base_model_version"] == "sd_v1" and lora.metadata["rlr_steps"] == "2"
+    from rlr_backend.models.default_model import BASE_MODEL_VERSION
+
+    assert lora.metadata["ss_base_model_version"] == BASE_MODEL_VERSION and lora.metadata["rlr_steps"] == "2"
     assert all(k.startswith("lora_unet_") for k in lora) and any(v.abs().sum() > 0 for k, v in lora.items()
                                                                   if k.endswith("lora_up.weight"))
     for img in (curve, grid):
         assert img.dim() == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and 0 <= img.min() <= img.max() <= 1
-    assert [u[1] for u in comfy.utils.UPDATES] == [1, 2] and comfy.utils.UPDATES[0][3]  # progress with a preview
+    bar = [u[1] for u in comfy.utils.UPDATES]
+    assert bar == sorted(bar) and bar[-2:] == [1, 2] and bar.count(1) >= 1  # the bar counts updates
+    assert comfy.utils.UPDATES[0][1] == 0 and comfy.utils.UPDATES[0][3]  # a preview before the first update
     runs = list((base / "output" / "rlr_runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.jsonl").is_file()
 
     name = run(nodes.SaveLoRA, lora=lora, filename="my_lora", overwrite=False).args[0]
-    path = base / "models" / "loras" / name
-    assert name == "rlr/my_lora.safetensors" and path.is_file()
+    path = base / "models" / name  # the embedded default's LoRAs: models/rlr_loras, which no core loader lists
+    assert name == "rlr_loras/my_lora.safetensors" and path.is_file()
+    assert not (base / "models" / "loras").exists()
+    assert "rlr_loras/my_lora.safetensors" in nodes._lora_files()
     saved, meta = load_tensors(path)
     assert saved.keys() == lora.keys() and meta["ss_network_module"] == "networks.lora"
     before = path.read_bytes()
@@ -142,7 +148,7 @@ def test_train_save_sample_chain(pack):
     assert torch.equal(base_img, zero) and not torch.equal(base_img, with_lora)
 
 
-def test_cancel_stops_after_one_update_and_keeps_the_partial_lora(pack):
+def test_cancel_stops_within_a_model_call_and_keeps_the_last_update(pack):
     nodes, base = pack
     import comfy.model_management as mm
     import comfy.utils
@@ -153,7 +159,8 @@ def test_cancel_stops_after_one_update_and_keeps_the_partial_lora(pack):
 
     def press_cancel_after_first(self, value, total=None, preview=None):
         real(self, value, total, preview)
-        mm.interrupt_current_processing(True)  # Cancel arrives during update 2
+        if value == 1:
+            mm.interrupt_current_processing(True)  # Cancel arrives right after update 1
 
     comfy.utils.ProgressBar.update_absolute = press_cancel_after_first
     try:
@@ -163,10 +170,10 @@ def test_cancel_stops_after_one_update_and_keeps_the_partial_lora(pack):
     finally:
         comfy.utils.ProgressBar.update_absolute = real
     assert not mm.processing_interrupted()
-    partial = list((base / "models" / "loras" / "rlr").glob("cancel_interrupted_step*.safetensors"))
-    assert len(partial) == 1 and partial[0].name.startswith("cancel_interrupted_step2_")  # within one update
+    partial = list((base / "models" / "rlr_loras").glob("cancel_interrupted_step*.safetensors"))
+    assert len(partial) == 1 and partial[0].name.startswith("cancel_interrupted_step1_")  # update 2 never finished
     tensors, meta = load_tensors(partial[0])
-    assert meta["rlr_interrupted_at_step"] == "2" and all(torch.isfinite(v.float()).all() for v in tensors.values())
+    assert meta["rlr_interrupted_at_step"] == "1" and all(torch.isfinite(v.float()).all() for v in tensors.values())
     from rlr_backend.lora import load_lora
     from rlr_backend.models.default_model import load_default_pipeline
 
@@ -178,6 +185,12 @@ def test_bad_inputs_give_one_clear_message(pack):
     model, r, est, p = chain(nodes)
     cases = [
         (lambda: run(nodes.Reward, reward="aesthetics", weight=1.0), ValueError, "unknown reward 'aesthetics'"),
+        (lambda: run(nodes.Reward, reward="position", weight=1.0, target="middle"), ValueError,
+         "unknown position target"),
+        (lambda: run(nodes.Reward, reward="size", weight=1.0, target="1.5"), ValueError, "between 0 and 1"),
+        (lambda: run(nodes.Reward, reward="brightness", weight=1.0, target="left"), ValueError, "takes no target"),
+        (lambda: run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est,
+                     **{**FAST, "kl_weight": -1.0}), ValueError, "kl_weight"),
         (lambda: chain(nodes, fine="   "), ValueError, "fine prompt is empty"),
         (lambda: run(nodes.Sampler, rlr_model=model, prompt="", seed=0, num_images=1, steps=2, guidance_scale=1.0,
                      eta=1.0), ValueError, "prompt is empty"),
@@ -299,3 +312,13 @@ def test_load_model_lists_and_loads_single_file_checkpoints(pack):
         run(nodes.LoadModel, model="checkpoints/old.ckpt")
     with pytest.raises(ValueError, match="image_size applies to single-file"):
         run(nodes.LoadModel, model="some-folder", image_size=64)
+
+
+def test_structure_rewards_take_their_target(pack):
+    nodes, _ = pack
+    r = run(nodes.Reward, reward="position", weight=2.0, target="0.3:0.7").args[0]
+    r = run(nodes.Reward, reward="size", weight=1.0, add_to=r).args[0]  # empty target: the default
+    assert r == (("position:0.3:0.7", 2.0), ("size:0.4", 1.0))
+    from comfy_nodes import logic
+
+    assert logic.reward_spec(r) == "position:0.3:0.7=2,size:0.4=1"

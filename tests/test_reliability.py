@@ -429,7 +429,7 @@ def test_an_all_nan_reward_stops_after_three_batches_with_valid_json(tmp_path):
     with pytest.raises(ValueError, match=r"reward 'broken' gave NaN/inf for every image in 3 batches in a row") as info:
         Trainer(tiny(tmp_path, "nan", 10), progress=False, reward=reward).run()
     assert "\n" not in str(info.value)
-    got = rows(tmp_path / "nan")[1:]  # strict JSON: null, never a NaN token; row 0 is the first evaluation
+    got = rows(tmp_path / "nan")[1:]  # strict JSON: null, never a NaN token (row 0: the first evaluation)
     assert [r["step"] for r in got] == [1, 2, 3] and all(r["skipped_batch"] == 1 for r in got)
     assert all(r["reward_mean"] is None for r in got)
     state = json.loads((tmp_path / "nan" / "ckpt" / "step-000002" / "state.json").read_text())

@@ -36,7 +36,7 @@ def test_one_job_at_a_time_and_stop_keeps_the_partial_lora(tmp_path):
     manager.stop()
     wait_until(lambda: job.finished)
     run = job.snapshot().runs[0]
-    assert run.status == "stopped" and at_stop <= run.step <= at_stop + 1  # within the update in progress
+    assert run.status == "stopped" and at_stop <= run.step <= at_stop + 1  # the update in progress is dropped
     assert manager.max_active == 1 and not (tmp_path / "second").exists()
     tensors, meta = load_tensors(run.lora_path)
     assert meta["rlr_steps"] == str(run.step)

@@ -172,7 +172,7 @@ def test_inference_uses_the_trained_prompt_schedule(tmp_path, capsys):
 def test_should_stop_ends_early_with_a_lora(tmp_path):
     cfg = TrainConfig(steps=50, output_dir=tmp_path, run_name="stop", **TINY)
     result = Trainer(cfg, progress=False, should_stop=lambda: True).run()
-    assert result.stopped_early and result.steps_done == 1 and result.lora_path.is_file()
+    assert result.stopped_early and result.steps_done == 0 and result.lora_path.is_file()  # stops at once
 
 
 @pytest.mark.parametrize("args,message", [
@@ -253,3 +253,18 @@ def test_cli_defaults_are_the_config_defaults():
     split = build_config(train_parser().parse_args(["--prompt-split", "0.5,0.25,0.25"]))
     assert split.prompt_split == (0.5, 0.25, 0.25)
     assert TrainConfig.from_json(json.loads(json.dumps(split.to_json()))) == split
+
+
+def test_auto_estimator_is_full_backprop_for_differentiable_rewards_and_rlr_otherwise(tmp_path):
+    from rlr_backend.cli import build_config, train_parser
+
+    assert build_config(train_parser().parse_args(["--estimator", "auto"])).estimator == "auto"
+    for reward, expected in (("brightness", "full_bp"), ("jpeg_compressibility", "rlr")):
+        cfg = TrainConfig(steps=1, estimator="auto", reward=reward, output_dir=tmp_path, run_name=reward, **TINY)
+        trainer = Trainer(cfg, progress=False)
+        assert trainer.config.estimator == expected
+        assert trainer.config.gradient_checkpointing == (expected == "full_bp")
+        result = trainer.run()
+        assert load_tensors(result.lora_path)[1]["rlr_estimator"] == expected
+        # a resume with the same options (estimator auto) resolves the same way and is accepted
+        Trainer(TrainConfig(**{**cfg.__dict__, "steps": 2}), progress=False).run(resume=True)

@@ -59,7 +59,7 @@ def kl_to_base(problem: ChainProblem, traj: Trajectory, steps: Sequence[int], we
             base, _ = step_mean(problem.model, problem.schedule, problem.prompts, k, x)
         mean, _ = step_mean(problem.model, problem.schedule, problem.prompts, k, x)
         kl = ((mean - base) ** 2).flatten(1).sum(1) / (2 * sigma**2)
-        backward_if_finite(weight * scale * kl.mean(), metrics, "kl")
+        backward_if_finite(weight * scale * kl.mean(), metrics, "kl", params)
         total += scale * float(kl.detach().mean())
     metrics["model_calls"] = metrics.get("model_calls", 0.0) + 2 * len(steps)
     metrics["model_calls_with_grad"] = metrics.get("model_calls_with_grad", 0.0) + len(steps)

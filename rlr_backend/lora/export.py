@@ -79,7 +79,10 @@ def save_lora(unet: torch.nn.Module, path: str | Path, *, base_model_version: st
 
 
 #: kohya ``ss_base_model_version`` prefix -> the architecture it names (for error messages)
-MODEL_FAMILIES: dict[str, str] = {"sdxl": "SDXL", "sd_v2": "SD2.x", "sd_v1": "SD1.x"}
+MODEL_FAMILIES: dict[str, str] = {"sdxl": "SDXL", "sd_v2": "SD2.x", "sd_v1": "SD1.x",
+                                   "rlr_default": "RLR-default"}
+#: LoRAs of the embedded default written before it had its own id say sd_v1; accepted on it (shapes decide)
+LEGACY_FAMILIES = {("RLR-default", "SD1.x")}
 
 
 def model_family(base_model_version: str) -> str:
@@ -93,7 +96,8 @@ def model_family(base_model_version: str) -> str:
 def check_lora_version(metadata: dict[str, str], model_version: str, source: str = "LoRA") -> None:
     """Refuse a LoRA whose header says it was trained on another architecture than the model's."""
     lora_version = metadata.get("ss_base_model_version")
-    if lora_version and model_family(lora_version) != model_family(model_version):
+    if lora_version and model_family(lora_version) != model_family(model_version) and (
+            model_family(model_version), model_family(lora_version)) not in LEGACY_FAMILIES:
         raise InvalidModelFile(f"{source}: this LoRA was made for {model_family(lora_version)} "
                                f"(ss_base_model_version={lora_version!r}) but the model is {model_family(model_version)} "
                                f"({model_version}); use a LoRA trained on a {model_family(model_version)} model")

@@ -45,6 +45,10 @@ DEFAULT_NUM_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
 
 
+#: the ``ss_base_model_version`` of LoRAs trained on the embedded default: its own id, so that tools and
+#: ComfyUI's loaders never take such a LoRA for an SD1.x one (the default has the SD1 layout, 32x32 px)
+BASE_MODEL_VERSION = "rlr_default_shapes32_v1"
+
 def check_model_dir(path: str | Path) -> Path:
     """Check that ``path`` is a complete default-model folder; return it as a Path.
 
@@ -109,5 +113,6 @@ def load_default_pipeline(path: str | Path | None = None, device: str | torch.de
     if torch.device(device).type != "cpu":  # loaded on the CPU (diffusers warns about fp16 on a .to("cpu"))
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.rlr_base_model_version = BASE_MODEL_VERSION  # read by DiffusersModel
     logger.debug("loaded default model from %s", p)
     return pipe

@@ -24,6 +24,8 @@ class DiffusersModel:
         """``base_model_version`` (kohya's ``ss_base_model_version``) defaults to ``sd_v2`` for a
         v-prediction or 1024-wide cross-attention UNet (SD2.x), else ``sd_v1``."""
         self.pipe, self.unet, self.vae = pipe, pipe.unet, pipe.vae
+        if base_model_version is None:  # the embedded default names its own; else SD1.x / SD2.x by its layout
+            base_model_version = getattr(pipe, "rlr_base_model_version", None)
         if base_model_version is None:
             v_pred = getattr(pipe.scheduler.config, "prediction_type", "epsilon") == "v_prediction"
             sd2 = v_pred or self.unet.config.cross_attention_dim == 1024

@@ -215,6 +215,13 @@ def read_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
         for k, v in table.items():
             if v is not None or key == "j_norms":
                 _number(v, path, f"{key}[{k}]")
+    best = state.get("best")  # {"step", "reward"} of lora_best.safetensors (absent in older checkpoints)
+    if best is not None:
+        if not isinstance(best, dict) or (best and set(best) != {"step", "reward"}):
+            raise _fail(path, f"best is malformed: {best!r}")
+        if best:
+            _number(best["step"], path, "best.step", low=0, integer=True)
+            _number(best["reward"], path, "best.reward")
     if "loss_scale" in state:
         ls = state["loss_scale"]
         if not isinstance(ls, dict):

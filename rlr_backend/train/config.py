@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
 
-from ..choices import (ESTIMATOR_NAMES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, ZO_MODES, ConfigError,
+from ..choices import (ESTIMATOR_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, ZO_MODES, ConfigError,
                        check_choice, check_device, parse_reward_spec)
 from .prompts import DEFAULT_PROMPT_SPLIT, PromptSpec, prompts_from_json, prompts_to_json
 
@@ -61,7 +61,8 @@ class TrainConfig:
                                            "SD2-base 512 files need epsilon)", choices=PREDICTION_TYPES)
     prompts: tuple[PromptSpec, ...] = _f(tuple(PromptSpec(p) for p in DEFAULT_PROMPTS), "training prompts")
     reward: str = _f("prompt_alignment=1,brightness=1", "reward name, or weighted sum 'name=w,name=w'")
-    estimator: str = _f("rlr", "gradient estimator", choices=ESTIMATOR_NAMES)
+    estimator: str = _f("rlr", "gradient estimator; auto: the measured choice for the reward (full backprop with "
+                               "checkpointing when the reward is differentiable, else rlr)", choices=ESTIMATOR_CHOICES)
     h: int = _f(2, "rlr: half-order sub-chain length", min=1)
     fo_steps: int = _f(4, "rlr: backprop (first-order) through the last K steps (the paper uses 1; 4 learns faster, still unbiased)",
                        min=1)
@@ -111,7 +112,7 @@ class TrainConfig:
     run_name: str = _f("default", "name of this run's folder inside output_dir")
 
     def __post_init__(self) -> None:
-        check_choice("estimator", self.estimator, ESTIMATOR_NAMES)
+        check_choice("estimator", self.estimator, ESTIMATOR_CHOICES)
         check_choice("zo_mode", self.zo_mode, ZO_MODES)
         check_choice("precision", self.precision, PRECISION_NAMES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -128,7 +129,7 @@ class TrainConfig:
         if self.batch_size % self.images_per_prompt:
             raise ConfigError("batch_size", f"batch_size ({self.batch_size}) must be a multiple of images_per_prompt "
                                             f"({self.images_per_prompt}): change either")
-        if self.estimator == "rlr" and self.h + self.fo_steps > self.num_inference_steps:
+        if self.estimator in ("rlr", "auto") and self.h + self.fo_steps > self.num_inference_steps:
             raise ConfigError("h", f"rlr needs h + fo_steps <= num_inference_steps, got {self.h} + {self.fo_steps} > "
                                    f"{self.num_inference_steps}: lower h or fo_steps, or sample with more steps")
         split = tuple(self.prompt_split)
@@ -153,12 +154,24 @@ class TrainConfig:
                 raise ConfigError(name, f"{name} must be a number >= 0, got {value}")
         if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
             raise ConfigError("image_size", f"image_size must be a multiple of 8 (pixels), got {self.image_size}")
-        if self.estimator in ("rlr", "ddpo", "zo") and self.eta == 0:
+        if self.estimator in ("rlr", "ddpo", "zo", "auto") and self.eta == 0:
             raise ConfigError("eta", f"{self.estimator} needs a stochastic sampler: set eta > 0 (e.g. 1.0)")
         check_run_name(self.run_name)
         if not isinstance(self.max_nonfinite_batches, int) or self.max_nonfinite_batches < 0:
             raise ConfigError("max_nonfinite_batches", f"max_nonfinite_batches must be >= 0, got "
                                                        f"{self.max_nonfinite_batches}")
+
+    def resolve_estimator(self, reward_differentiable: bool, can_checkpoint: bool = True) -> "TrainConfig":
+        """This config with ``estimator="auto"`` replaced by the measured choice for the reward: full backprop
+        with gradient checkpointing (unbiased, the least noise, memory flat in T; ``can_checkpoint`` False, for
+        models that manage their own memory such as ComfyUI's, keeps the config's setting) when the reward is
+        differentiable, RLR when it is not (backprop cannot run; RLR's half-order and likelihood-ratio terms
+        can). Any other estimator is returned unchanged. Deterministic, so a resumed run resolves the same."""
+        if self.estimator != "auto":
+            return self
+        if reward_differentiable:
+            return replace(self, estimator="full_bp", gradient_checkpointing=can_checkpoint or self.gradient_checkpointing)
+        return replace(self, estimator="rlr")
 
     def single_file_options(self) -> dict:
         """The loader options that apply to single-file checkpoints (a diffusers folder refuses them)."""

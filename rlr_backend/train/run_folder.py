@@ -109,8 +109,8 @@ def open_run_folder(config: TrainConfig, resume: bool) -> RunFolder:
 
 # -- metrics.jsonl ------------------------------------------------------------------------------------
 def read_metrics(path: Path, upto: int) -> list[dict]:
-    """Rows of ``metrics.jsonl`` with 0 <= step <= ``upto`` (row 0: the evaluation before training), one per step (a line cut short by a crash,
-    or anything that is not a row, is dropped with a warning)."""
+    """Rows of ``metrics.jsonl`` with 0 <= step <= ``upto``, one per step (step 0 is the evaluation before
+    training; a line cut short by a crash, or anything that is not a row, is dropped with a warning)."""
     if not path.is_file():
         return []
     rows: dict[int, dict] = {}

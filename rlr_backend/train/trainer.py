@@ -12,6 +12,7 @@ callbacks happen on the main process (see ``distributed.py``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from .pipeline import load_pipeline, model_for_pipeline
 from .prompts import schedule_metadata
 from .report import diversity, save_before_after, save_grid, save_reward_curve
 from .run_folder import append_metrics, open_run_folder, read_metrics, rewrite_metrics
+from .stopping import StopCheckingDenoiser, StopRequested
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class Trainer:
         if reward is None:
             reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
         self.reward = reward
+        diffusers = model is None or getattr(model, "pipe", None) is not None  # it can checkpoint
+        config = self.config = config.resolve_estimator(self.reward.differentiable, diffusers)  # "auto" -> one
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
@@ -113,6 +117,8 @@ class Trainer:
                                     offload_text_encoders=config.offload_text_encoders)
         self.schedule = model.schedule(config.num_inference_steps, config.eta)
         self.model = model.denoiser(config.guidance_scale)
+        if should_stop is not None and not self.dp.enabled:  # stop within one model call (one process only)
+            self.model = StopCheckingDenoiser(self.model, should_stop)
         self.latent_shape = tuple(model.latent_shape)
         reward_models_in_precision(self.reward, self.device, config.precision)
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
@@ -120,6 +126,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.best: dict = {}  # {"step", "reward"} of the best evaluation so far (lora_best.safetensors)
         self.baseline = BaselineState()
+        self._update_start: tuple | None = None
+        self._unwritten: dict | None = None  # the row of an update whose evaluation has not finished
         self.j_sampler = JSampler(getattr(self.est_config, "j_dist", "uniform"),
                                   getattr(self.est_config, "j_range", None))
         # validate estimator settings against the chain before any file is touched
@@ -176,6 +184,32 @@ class Trainer:
         logger.info("run %s: %s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
                     cfg.estimator, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
                     sum(p.numel() for p in self.params))
+        try:
+            step, stopped = self._loop(start, history, eval_rewards, metrics_path)
+        except StopRequested:  # inside a model call: the update in progress is dropped (no optimizer step)
+            if self._unwritten is not None:  # the update finished, its evaluation did not: keep its row
+                history.append(self._unwritten)
+                dp.on_main(lambda: append_metrics(metrics_path, history[-1]))
+                self._unwritten = None
+            step, stopped = history[-1]["step"] if history else start, True
+            self.optimizer.zero_grad(set_to_none=True)
+            if self._update_start is not None:  # back to the end of the last finished update
+                self._restore(self._update_start)
+            if step > start:  # resumable from there, bit for bit
+                dp.on_main(lambda: self._checkpoint(step, eval_rewards))
+            logger.info("stop requested during a model call; keeping the LoRA of update %d", step)
+        if dp.enabled:
+            drift = dp.max_parameter_difference(self.params)
+            if drift and dp.is_main:
+                logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
+        lora_path = dp.on_main(lambda: self._write_outputs(history, eval_rewards, step, stopped))
+        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped, self.eval_images,
+                           self.best.get("step"), self.best.get("reward"))
+
+    def _loop(self, start: int, history: list[dict], eval_rewards: dict[int, float],
+              metrics_path: Path) -> tuple[int, bool]:
+        """The initial evaluation and the updates; returns (the last update done, whether stopped early)."""
+        cfg, dp = self.config, self.dp
         if start == 0:
             first = {"step": 0, **(dp.on_main(lambda: self._evaluate_and_save(0)) or {})}
             eval_rewards[0] = first.get("eval_reward")
@@ -188,35 +222,32 @@ class Trainer:
             fault_point("step:begin")
             t0, c0 = time.perf_counter(), time.process_time()
             metrics = self.update()
+            self._update_start = None
             metrics["seconds"] = time.perf_counter() - t0
             metrics["cpu_seconds"] = time.process_time() - c0  # of this process (all its threads): load-independent
             record = {"step": step, **metrics}
+            self._unwritten = record  # written by run() if a stop interrupts this update's evaluation
+            early = False
+            if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
+                record.update(dp.on_main(lambda: self._evaluate_and_save(step)) or {})
+                eval_rewards[step] = record.get("eval_reward")
+                early = bool(dp.on_main(lambda: self._keep_if_best(step, eval_rewards[step])))
+            self._unwritten = None
+            history.append(record)
+            dp.on_main(lambda: append_metrics(metrics_path, record))
             bad_run = bad_run + 1 if metrics.get("skipped_batch") else 0
             self._report_dropped_terms(metrics, step, reported)
             if cfg.max_nonfinite_batches and bad_run >= cfg.max_nonfinite_batches:
-                history.append(record)
-                dp.on_main(lambda: append_metrics(metrics_path, record))
                 if bar is not None:
                     bar.close()
                 raise RewardFailure(
                     f"reward {self.reward.name!r} gave NaN/inf for every image in {bad_run} batches in a row "
                     f"(updates {step - bad_run + 1}-{step}); the run stopped at update {step}, its last checkpoint "
                     "is unchanged: fix the reward (or its inputs) and continue with --resume")
-            early = False
-            if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
-                record.update(dp.on_main(lambda: self._evaluate_and_save(step)) or {})
-                eval_rewards[step] = record.get("eval_reward")
-                early = bool(dp.on_main(lambda: self._keep_if_best(step, eval_rewards[step])))
-            history.append(record)
-            dp.on_main(lambda: append_metrics(metrics_path, record))
             fault_point("step:after_metrics")
             stopped = dp.any(bool(self.should_stop and self.should_stop()) or early)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
-                dp.on_main(lambda: save_checkpoint(
-                    run_dir, step, self.named_params, self.optimizer, self.generator,
-                    {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
-                     **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
-                     "eval_rewards": eval_rewards, "best": self.best}))
+                dp.on_main(lambda: self._checkpoint(step, eval_rewards))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
@@ -227,13 +258,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        if dp.enabled:
-            drift = dp.max_parameter_difference(self.params)
-            if drift and dp.is_main:
-                logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
-        lora_path = dp.on_main(lambda: self._write_outputs(history, eval_rewards, step, stopped))
-        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped, self.eval_images,
-                           self.best.get("step"), self.best.get("reward"))
+        return step, stopped
 
     @staticmethod
     def _report_dropped_terms(metrics: dict[str, float], step: int, reported: set[str]) -> None:
@@ -244,6 +269,25 @@ class Trainer:
                 logger.warning("update %d: a non-finite %s was dropped from the gradient (counted per update as %s "
                                "in metrics.jsonl; not logged again)", step, key[len("dropped_"):].replace("_", " "),
                                key)
+
+    def _checkpoint(self, step: int, eval_rewards: dict[int, float]) -> None:
+        save_checkpoint(self.config.run_dir, step, self.named_params, self.optimizer, self.generator,
+                        {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
+                         **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
+                         "eval_rewards": eval_rewards, "best": self.best})
+
+    def _rng_and_stats(self) -> tuple:
+        """What an update changes besides the LoRA and Adam (those change only at its end)."""
+        return (self.generator.get_state(), copy.deepcopy(self.baseline.state_dict()),
+                copy.deepcopy(self.j_sampler.norms), self.loss_scale.state_dict() if self.loss_scale else None)
+
+    def _restore(self, state: tuple) -> None:
+        generator, baseline, norms, loss_scale = state
+        self.generator.set_state(generator)
+        self.baseline.load_state_dict(baseline)
+        self.j_sampler.norms = norms
+        if loss_scale is not None:
+            self.loss_scale.load_state_dict(loss_scale)
 
     def _open_run(self, resume: bool) -> tuple[int, list[dict], dict[int, float]]:
         """Create the run folder, or load its latest checkpoint into this trainer (main process only).
@@ -351,6 +395,7 @@ class Trainer:
 
     def update(self) -> dict[str, float]:
         cfg = self.config
+        self._update_start = self._rng_and_stats()  # restored when a stop request drops this update
         self.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
         all_nonfinite = True  # every reward of every micro-batch NaN/inf (the whole batch, on every process)

@@ -3,6 +3,18 @@
 import os
 
 base = os.environ.get("RLR_STANDIN_BASE", "/nonexistent")
+folder_names_and_paths: dict = {}
+registered: list = []
+
+
+def __getattr__(name):
+    if name == "models_dir":
+        return os.path.join(base, "models")
+    raise AttributeError(name)
+
+
+def add_model_folder_path(folder_name, full_folder_path, is_default=False):
+    registered.append((folder_name, full_folder_path))  # get_folder_paths already maps any name into base
 
 
 def get_output_directory():

@@ -81,7 +81,7 @@ def server(comfy_inprocess, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("comfyui")
     for d in ("models/checkpoints", "models/loras", "models/diffusers", "custom_nodes", "output", "temp", "input",
-              "user"):
+              "user"):  # no models/rlr_loras: the pack registers it and the first save creates it
         (base / d).mkdir(parents=True)
     (base / "custom_nodes" / "rlr-backend").symlink_to(REPO, target_is_directory=True)
     t0 = time.perf_counter()
@@ -96,6 +96,7 @@ def server(comfy_inprocess, tmp_path_factory):
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=comfy_inprocess["comfyui_dir"], env=env, stdout=f, stderr=subprocess.STDOUT)
     srv = Server(f"http://127.0.0.1:{port}", proc, base, log)
+    srv.version = comfy_inprocess.get("version", "")
     deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:

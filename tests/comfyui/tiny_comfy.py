@@ -7,6 +7,7 @@ inference-tensor trap for real.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -103,6 +104,12 @@ def save_sd15_shaped_checkpoint(path, seed: int = 0) -> int:
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     vae_model = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     vae_sd = random_state(vae_model, seed + 2)
-    sd = base.state_dict_for_saving(clip.get_sd(), vae_sd, None)
+    # keyword arguments: ComfyUI >= 0.4 added unet_state_dict as the first parameter (the UNet's own keys)
+    kw = dict(clip_state_dict=clip.get_sd(), vae_state_dict=vae_sd)
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        kw["unet_state_dict"] = base.diffusion_model.state_dict()
+    sd = base.state_dict_for_saving(**kw)
+    if not any(k.startswith("model.diffusion_model.") for k in sd):
+        raise RuntimeError("state_dict_for_saving returned no UNet weights; ComfyUI's signature changed again")
     save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(path))
     return sum(p.numel() for p in base.diffusion_model.parameters())

@@ -85,6 +85,44 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """UI-format workflow -> API format, as the browser does when it queues a workflow: widget values
+    by position over the node's widget inputs (a seed's control_after_generate value skipped), links
+    to the inputs they feed; widgets the file has no value for take the server's default (an input a
+    newer ComfyUI added). Raises ValueError for a node type the server lacks."""
+    links = {link[0]: link for link in ui["links"]}
+    graph = {}
+    for node in ui["nodes"]:
+        if node.get("mode", 0) != 0:  # muted or bypassed
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            raise ValueError(f"node {node['id']}: this ComfyUI has no {node['type']}")
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name, spec in _ordered_inputs(info):
+            if name in linked:  # api_to_ui keeps no value for a linked widget
+                link = linked[name]
+                inputs[name] = [str(link[1]), link[2]]
+                continue
+            if not _is_widget(spec):
+                continue
+            value = values.pop(0) if values else None
+            if value is None:
+                value = spec[1].get("default") if len(spec) > 1 else None
+                if value is None and isinstance(spec[0], list):
+                    value = spec[0][0]
+            if len(spec) > 1 and spec[1].get("control_after_generate") and values and values[0] in CONTROL_VALUES:
+                values.pop(0)
+            inputs[name] = value
+        graph[str(node["id"])] = {"inputs": inputs, "class_type": node["type"]}
+    return graph
+
+
 if __name__ == "__main__":
     info_path, api_path, out_path = sys.argv[1:4]
     ui = api_to_ui(json.load(open(api_path)), json.load(open(info_path)))

@@ -41,6 +41,7 @@ def Custom(io_type: str):
 
 class Hidden:
     unique_id = "UNIQUE_ID"
+    prompt = "PROMPT"
 
 
 @dataclass
