@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=[name for name, _, _ in RUNS], help="run one case")
+    ap.add_argument("--redo", action="store_true", help="measure the runs again (default: keep those measured)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -254,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="memory-validation-") as tmp:
             path = write_model(Path(tmp))
             for name, ckpt, size in RUNS:
-                if args.only and name != args.only:
-                    continue
+                if (args.only and name != args.only) or (name in data["runs"] and not args.redo):
+                    continue  # resumable: a measured run is kept unless --redo
                 logger.info("%s: one update ...", name)
                 data["runs"][name] = run_case(path, ckpt, size, args.threads)
                 save()
