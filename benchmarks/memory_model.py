@@ -1074,7 +1074,8 @@ def _doc_intro(counts: dict) -> list[str]:
     return [
         "Peak memory of one RLR update as a function of model, resolution, batch B, chain length T, "
         "half-order length h and the trainer's memory options, fitted to measurements of the real "
-        "SD1.5 / SDXL architectures on CPU and validated against whole updates. The code is "
+        "SD1.5 / SDXL architectures on CPU and validated against whole updates (small stacks, and full-size "
+        "SD1.5 updates on the CPU). The code is "
         "`benchmarks/memory_model.py`.", "",
         "**What it rests on.** The real architectures built at random init from their public configs "
         f"(SD1.5 UNet {counts['unet_sd15'] / 1e6:.0f} M parameters, SDXL UNet {counts['unet_sdxl'] / 1e6:.0f} M, "
@@ -1132,7 +1133,7 @@ def _doc_predictions(analysis: dict) -> list[str]:
              f"\"evaluation\"). GB = 1e9 bytes. \"+ margin\" adds "
              f"{MARGIN_FRACTION:.0%} (caching-allocator fragmentation, kernel workspaces) and "
              f"{MARGIN_FIXED / GB:.1f} GB (CUDA context); compare that column with a card's memory.", "",
-             *verdict, *_dominant(preds), "",
+             *verdict, *_dominant(preds), "", *_validation_summary(),
              "**RLR, first-order window of 1 step (the paper's FO):**", "", *head, *_options_table(rlr1, "rlr"), "",
              "**RLR with the project's default recipe `fo_steps=4`:**", "", *head, *_options_table(rlr4, "rlr"), "",
              "**The other estimators: full backprop through all 50 steps, truncated backprop (the last K = 2 steps, "
@@ -1157,6 +1158,13 @@ def _doc_predictions(analysis: dict) -> list[str]:
              "for an extra forward per step (see the cost table in docs/benchmarks.md), not the other way round.", ""]
     lines += ["![predicted peaks](images/memory_predictions.png)", ""]
     return lines
+
+
+def _validation_summary() -> list[str]:
+    from benchmarks.memory_validation import summary_line
+
+    line = summary_line()
+    return [line, ""] if line else []
 
 
 def _dominant(preds: list[dict]) -> list[str]:
