@@ -1,4 +1,5 @@
-"""The default training run (`rlr-train` with no options) with RLR, DDPO and truncated backprop.
+"""The default training run (`rlr-train` with no options) with RLR, DDPO and truncated backprop (what the
+default `--estimator auto` picks for the default reward), and truncated backprop with the KL guard.
 
 Same prompts, reward, batch and number of updates (so the same number of generated samples) for
 each estimator and seed, and the same evaluation `rlr-train` prints (its fixed-seed images). Reports
@@ -30,7 +31,7 @@ from rlr_backend.train import TrainConfig, Trainer
 
 from .common import machine_line
 
-ESTIMATORS = ("auto", "rlr", "ddpo", "truncated_bp")
+ESTIMATORS = ("rlr", "ddpo", "truncated_bp")  # auto is truncated_bp for this (differentiable) reward
 #: variant label -> TrainConfig changes (an estimator name alone changes only the estimator)
 GUARDED = {"auto + kl": {"estimator": "auto", "kl_weight": 1e-3}}
 RESULTS = Path(__file__).parent / "results" / "default-run.json"
@@ -76,8 +77,8 @@ def render(result: dict) -> str:
              f"Training: reward `{c.reward}`, {steps} updates x batch {c.batch_size} "
              f"({c.images_per_prompt} images per prompt), T={c.num_inference_steps}, eta {c.eta:g}, "
              f"guidance {c.guidance_scale:g}, lr {c.lr:g}, LoRA rank {c.lora_rank}; rlr with h={c.h}, "
-             f"fo_steps={c.fo_steps}, ZO {c.zo_mode}; truncated_bp backpropagates the last {c.truncation} steps; auto "
-             "is full backprop with gradient checkpointing for this (differentiable) reward; `+ kl` adds the KL guard "
+             f"fo_steps={c.fo_steps}, ZO {c.zo_mode}; truncated_bp backpropagates the last {c.truncation} steps (it is "
+             "what `--estimator auto`, the default, picks for this differentiable reward); `+ kl` adds the KL guard "
              f"(weight {GUARDED['auto + kl']['kl_weight']:g}). Every estimator sees the same number of generated samples.",
              f"Evaluation: the {n_eval} fixed-seed images `rlr-train` evaluates and prints (the 4 training prompts x "
              f"{c.eval_seeds} seeds); reward = alignment + brightness, each also shown alone.", "",

@@ -12,7 +12,10 @@ best final eval reward trains the remaining seeds, so DDPO is not judged at a ra
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +23,9 @@ from pathlib import Path
 import torch
 
 from rlr_backend.rewards import make_reward
+from rlr_backend.safe_io import save_json
 from rlr_backend.train import TrainConfig, Trainer
+from rlr_backend.train.checkpoint import latest_checkpoint
 from rlr_backend.train.report import diversity
 
 logger = logging.getLogger(__name__)
@@ -33,38 +38,59 @@ EVAL_SEEDS = 4
 DEFAULT_LR = TrainConfig.__dataclass_fields__["lr"].default
 
 
+def work_dir(suite: str) -> Path:
+    """Where a suite's runs train: kept between invocations so a killed run resumes from its last checkpoint
+    (``RLR_BENCH_WORK`` overrides the root, default ``~/.cache/rlr-bench``)."""
+    root = Path(os.environ.get("RLR_BENCH_WORK") or Path.home() / ".cache" / "rlr-bench")
+    return root / suite
+
+
 def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: int, batch: int,
                 per_prompt: int, num_steps: int, out: Path, lr: float = DEFAULT_LR, overrides: dict | None = None,
                 tag: str = "", heldout_seed: int | None = None, eval_seeds: int = EVAL_SEEDS) -> dict:
     """Train one run and record, at every evaluation: samples so far, training wall and CPU seconds, the
-    fixed-seed eval reward, diversity, and (``heldout_seed``) the reward on a second held-out seed set."""
+    fixed-seed eval reward, diversity, and (``heldout_seed``) the reward on a second held-out seed set.
+
+    Checkpointed at every evaluation with the points so far in ``points.json``: called again on the same
+    ``out`` after a kill, it resumes from the last evaluation (the trainer's resume is bit for bit)."""
     kw = dict(estimator=estimator, reward=reward, seed=seed, steps=steps, eval_every=eval_every, lr=lr,
               batch_size=batch, images_per_prompt=per_prompt, num_inference_steps=num_steps,
-              fo_steps=min(4, num_steps - 2), eval_seeds=eval_seeds, ckpt_every=steps, output_dir=out,
-              run_name=f"{reward.replace(':', '_')}-{estimator}{tag.replace(' ', '_')}-lr{lr:g}-{seed}")
+              fo_steps=min(4, num_steps - 2), eval_seeds=eval_seeds, ckpt_every=eval_every or steps,
+              output_dir=out, run_name=f"{reward.replace(':', '_')}-{estimator}{tag.replace(' ', '_')}-lr{lr:g}-{seed}")
     cfg = TrainConfig(**{**kw, **(overrides or {})})
+    points_path = cfg.run_dir / "points.json"
+    resume = latest_checkpoint(cfg.run_dir) is not None
     points: dict[int, dict] = {}
-    clock = {"train": 0.0, "cpu": 0.0}
-
-    def on_step(info) -> None:
-        clock["train"] += info.seconds
-        clock["cpu"] += info.metrics.get("cpu_seconds", 0.0)
+    if resume and points_path.is_file():
+        points = {int(k): v for k, v in json.loads(points_path.read_text()).items()}
 
     def on_preview(images: torch.Tensor, step: int) -> None:
-        points[step] = {"step": step, "samples": step * batch, "train_seconds": clock["train"],
-                        "train_cpu_seconds": clock["cpu"], "diversity": diversity(images, eval_seeds)}
+        points[step] = {"step": step, "samples": step * batch, "diversity": diversity(images, eval_seeds)}
         if heldout_seed is not None:
             points[step]["heldout_reward"] = trainer.evaluate(seed=heldout_seed)[0]
+        save_json({str(k): v for k, v in sorted(points.items())}, points_path)
 
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, progress=False, on_step=on_step, on_preview=on_preview)
-    result = trainer.run()
+    trainer = Trainer(cfg, progress=False, on_preview=on_preview)
+    if resume:
+        logger.info("%s: resuming", cfg.run_dir)
+    result = trainer.run(resume=resume)
     for step, r in result.eval_rewards.items():
         points.setdefault(step, {"step": step, "samples": step * batch})["eval_reward"] = r
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for p in points.values():  # training time up to and including the point's update, across resumes
+        done = [r for r in rows if 0 < r["step"] <= p["step"]]
+        p["train_seconds"] = sum(r.get("seconds", 0.0) for r in done)
+        p["train_cpu_seconds"] = sum(r.get("cpu_seconds", 0.0) for r in done)
     logger.info("%s %s%s lr %g seed %d: %s in %.0fs", reward, estimator, tag, lr, seed,
                 " ".join(f"{p['eval_reward']:.3f}" for _, p in sorted(points.items())), time.perf_counter() - t0)
     return {"estimator": estimator, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": time.perf_counter() - t0,
-            "points": [points[k] for k in sorted(points)]}
+            "points": [points[k] for k in sorted(points)], "run_name": cfg.run_name}
+
+
+def forget(out: Path, run_name: str) -> None:
+    """Delete a recorded run's training folder (its figures are in the results file)."""
+    shutil.rmtree(out / run_name, ignore_errors=True)
 
 
 def run_lr(run: dict) -> float:
@@ -96,22 +122,25 @@ def run_suite(quick: bool, done: list[dict] | None = None, save=None, rewards: t
     def ensure(reward: str, est: str, lr: float, seed: int, tmp: Path) -> None:
         if (reward, est, lr, seed) in have:
             return
-        runs.append(train_curve(est, reward, seed, steps, every, batch, per_prompt, T, tmp, lr=lr))
+        run = train_curve(est, reward, seed, steps, every, batch, per_prompt, T, tmp, lr=lr)
+        name = run.pop("run_name")
+        runs.append(run)
         have.add((reward, est, lr, seed))
         if save is not None:
             save({"settings": cfg, "runs": runs})
+        forget(tmp, name)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for reward in rewards:
-            differentiable = make_reward(reward).differentiable
-            for est in ESTIMATORS:
-                if not differentiable and est in ("truncated_bp", "code_compat"):
-                    continue
-                for lr in sweep.get(est, ()):
-                    ensure(reward, est, lr, seeds[0], Path(tmp))
-                lr = chosen_lr(runs, reward, est, sweep)
-                for seed in seeds:
-                    ensure(reward, est, lr, seed, Path(tmp))
+    tmp = work_dir("efficiency-quick" if quick else "efficiency")  # a killed run resumes
+    for reward in rewards:
+        differentiable = make_reward(reward).differentiable
+        for est in ESTIMATORS:
+            if not differentiable and est in ("truncated_bp", "code_compat"):
+                continue
+            for lr in sweep.get(est, ()):
+                ensure(reward, est, lr, seeds[0], tmp)
+            lr = chosen_lr(runs, reward, est, sweep)
+            for seed in seeds:
+                ensure(reward, est, lr, seed, tmp)
     return {"settings": cfg, "runs": runs}
 
 
@@ -202,6 +231,7 @@ def run_collapse(quick: bool, done: list[dict] | None = None, save=None) -> dict
                 if (est, seed) in have:
                     continue
                 runs.append(train_curve(est, "prompt_alignment", seed, steps, every, 8, 4, T, Path(tmp)))
+                runs[-1].pop("run_name")
                 if save is not None:
                     save({"settings": cfg, "runs": runs})
     return {"settings": cfg, "runs": runs}

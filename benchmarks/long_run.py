@@ -11,19 +11,19 @@ rewards are not inflated by selection. Reported per reward and T:
 * images and training CPU seconds to reach 90% of the best variant's final gain;
 * sample diversity at the end against the start.
 
-    python -m benchmarks.run --only longrun [--suite full]     # resumable: every run is saved when done
+    python -m benchmarks.run --only longrun [--suite full]     # resumable: a killed run continues from its
+                                                               # last evaluation (see efficiency.work_dir)
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
-import tempfile
 from pathlib import Path
 
 from rlr_backend.rewards import make_reward
 
-from .efficiency import train_curve
+from .efficiency import forget, train_curve, work_dir
 
 logger = logging.getLogger(__name__)
 
@@ -83,24 +83,26 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
         run = train_curve(estimator, reward, seed, cfg["updates"], cfg["eval_every"], cfg["batch"],
                           cfg["images_per_prompt"], T, tmp, lr=lr, overrides=overrides, tag=f"-{variant}",
                           heldout_seed=HELDOUT_SEED, eval_seeds=cfg["eval_seeds"])
+        name = run.pop("run_name")
         runs.append({**run, "variant": variant, "T": T})
         have.add((reward, T, variant, lr, seed))
         if save is not None:
             save({"settings": cfg, "runs": runs})
+        forget(tmp, name)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for reward in cfg["rewards"]:
-            differentiable = make_reward(reward).differentiable
-            for T in cfg["Ts"]:
-                variants = [v for v in cfg["variants"] if differentiable or VARIANTS[v][0] not in
-                            ("truncated_bp", "full_bp")]
-                for lr in cfg["lrs"]:  # the sweep, on seed 0: every variant at the first rate, then the next
-                    for variant in variants:
-                        if variant not in SHARES_LR:
-                            ensure(reward, T, variant, lr, cfg["seeds"][0], Path(tmp))
-                for seed in cfg["seeds"]:
-                    for variant in variants:
-                        ensure(reward, T, variant, chosen_lr(runs, reward, T, variant), seed, Path(tmp))
+    tmp = work_dir("longrun-quick" if quick else "longrun")  # a killed run resumes from its last evaluation
+    for reward in cfg["rewards"]:
+        differentiable = make_reward(reward).differentiable
+        for T in cfg["Ts"]:
+            variants = [v for v in cfg["variants"] if differentiable or VARIANTS[v][0] not in
+                        ("truncated_bp", "full_bp")]
+            for lr in cfg["lrs"]:  # the sweep, on seed 0: every variant at the first rate, then the next
+                for variant in variants:
+                    if variant not in SHARES_LR:
+                        ensure(reward, T, variant, lr, cfg["seeds"][0], tmp)
+            for seed in cfg["seeds"]:
+                for variant in variants:
+                    ensure(reward, T, variant, chosen_lr(runs, reward, T, variant), seed, tmp)
     return {"settings": cfg, "runs": runs}
 
 

@@ -187,7 +187,7 @@ class Estimator(io.ComfyNode):
             node_id="RLR_Estimator", search_aliases=["gradient estimator", "rlr", "ddpo", "policy gradient", "backprop", "optimizer"],
             display_name="RLR Estimator", category=CATEGORY,
             description="The gradient estimator: RLR (the paper) or a baseline, with its knobs.",
-            inputs=[io.Combo.Input("estimator", options=list(ESTIMATOR_CHOICES), default="rlr",
+            inputs=[io.Combo.Input("estimator", options=list(ESTIMATOR_CHOICES), default=logic.config_field("estimator")["default"],
                                    tooltip=logic.config_field("estimator")["tooltip"] + "; " + summary),
                     _int("h", max=100), _int("fo_steps", max=100),
                     io.Combo.Input("zo_mode", options=list(ZO_MODES), default="latent_lr",

@@ -15,6 +15,8 @@ each candidate estimator:
 The recommendation: when truncated backprop is nearly unbiased for this reward (cosine and recovered
 share above the thresholds below), its low noise wins and it is recommended; otherwise the unbiased
 candidate with the lowest noise x cost. The thresholds come from docs/estimators.md's measurements.
+This rule answers "which gradient is right"; ``--estimator auto`` answers "which trained best so far"
+(truncated backprop on every differentiable task measured), and the advice says so when they differ.
 """
 
 from __future__ import annotations
@@ -178,6 +180,9 @@ def recommend(measured: list[Measured]) -> tuple[str, list[str]]:
             reasons.append(f"{m.name} is biased for this reward: cosine {cos:.2f} to full backprop's gradient, "
                            f"recovers {share:.0%} of it (thresholds {COSINE_OK} and {SHARE_OK:.0%}); it optimises "
                            "the last steps only")
+            reasons.append(f"but on every differentiable task measured on the embedded model a biased {m.name} "
+                           "still trained to the higher reward (its noise is lower), which is why --estimator auto "
+                           "uses it; the bias matters when the reward needs early changes (docs/estimators.md)")
     return best.name, reasons
 
 

@@ -54,6 +54,17 @@ def test_efficiency_run_and_page(cost_rows, tmp_path):
     assert other_rate["lr"] == 1e-4 and run["lr"] == efficiency.DEFAULT_LR
     assert [p["samples"] for p in run["points"]] == [0, 2, 4]
     assert all(math.isfinite(p["eval_reward"]) for p in run["points"])
+    # killed after update 1 (a run of 1 update stands in), then called again: resumes, the same curve
+    efficiency.train_curve("rlr", "brightness", 0, steps=1, eval_every=1, batch=2, per_prompt=2, num_steps=4,
+                           out=tmp_path / "killed", heldout_seed=7)
+    resumed = efficiency.train_curve("rlr", "brightness", 0, steps=2, eval_every=1, batch=2, per_prompt=2,
+                                     num_steps=4, out=tmp_path / "killed", heldout_seed=7)
+    whole = efficiency.train_curve("rlr", "brightness", 0, steps=2, eval_every=1, batch=2, per_prompt=2,
+                                   num_steps=4, out=tmp_path / "whole", heldout_seed=7)
+    same = ("step", "samples", "eval_reward", "heldout_reward", "diversity")
+    assert [{k: p[k] for k in same} for p in resumed["points"]] == [{k: p[k] for k in same} for p in whole["points"]]
+    cpu = [p["train_cpu_seconds"] for p in resumed["points"]]
+    assert cpu[0] == 0.0 < cpu[1] < cpu[2]  # update 1's time counted before the resume
     meta = {"budget": "quick", "started": "now", "seconds": 1.0, "command": "test", "load_at_end": 0.0,
             "machine": {"cpu": "x", "cores": 2, "threads": 1, "load_at_start": 0.0, "torch": torch.__version__,
                         "diffusers": "-", "commit": "-"}}
@@ -100,13 +111,14 @@ def _fake_curve(finals: dict):
     def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=efficiency.DEFAULT_LR):
         calls.append((est, lr, seed))
         end = finals[(est, lr)] + 0.001 * seed
-        return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0,
+        return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0, "run_name": "r",
                 "points": [{"step": i, "samples": i * batch, "eval_reward": 0.5 + (end - 0.5) * i / 3,
                             "diversity": 0.3} for i in range(4)]}
     return curve, calls
 
 
-def test_swept_estimators_train_their_other_seeds_at_the_best_rate(monkeypatch):
+def test_swept_estimators_train_their_other_seeds_at_the_best_rate(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLR_BENCH_WORK", str(tmp_path))
     lr0 = efficiency.DEFAULT_LR
     finals = {("rlr", lr0): 0.9, ("ddpo", 3e-4): 0.6, ("ddpo", 1e-3): 0.7, ("ddpo", lr0): 0.4,
               ("zo", 3e-4): 0.55, ("zo", 1e-3): 0.52, ("zo", lr0): 0.3}
@@ -275,12 +287,15 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
         calls.append((variant, lr, seed))
         end = ends[(variant, lr)]
         shape = [0.0, 0.5, 1.0] if variant != "truncated_bp" else [0.0, 1.0, 0.5]  # truncated_bp peaks early
-        return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0, "points": [
+        return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0, "run_name": "r",
+                "points": [
             {"step": i, "samples": i * batch, "train_cpu_seconds": 10.0 * i, "eval_reward": 0.5 + (end - 0.5) * f,
              "heldout_reward": 0.5 + (end - 0.5) * f, "diversity": 0.3 - 0.05 * i} for i, f in enumerate(shape)]}
 
     monkeypatch.setattr(long_run, "train_curve", curve)
+    monkeypatch.setenv("RLR_BENCH_WORK", str(tmp_path / "work"))
     result = long_run.run_suite(True)
+    assert all("run_name" not in r for r in result["runs"])
     assert calls[:4] == [("rlr", 1e-3, 0), ("truncated_bp", 1e-3, 0), ("rlr", 3e-3, 0), ("truncated_bp", 3e-3, 0)]
     assert set(calls[4:]) == {("rlr", 3e-3, 0), ("truncated_bp", 1e-3, 0), ("rlr + kl", 3e-3, 0),
                               ("rlr", 3e-3, 1), ("truncated_bp", 1e-3, 1), ("rlr + kl", 3e-3, 1)} - {
@@ -369,6 +384,7 @@ def test_guard_cost_measures_every_case():
     result = guard_cost.measure(1, batch_size=2, images_per_prompt=2, num_inference_steps=4, fo_steps=1,
                                 prompts=guard_cost.TrainConfig().prompts[:1])
     rows = {r["case"]: r for r in result["rows"]}
-    assert set(rows) == set(guard_cost.CASES) and rows["brightness (reference)"]["ratio"] == 1.0
+    assert set(rows) == set(guard_cost.CASES) and len(rows) == 8
+    assert rows["rlr: brightness (reference)"]["ratio"] == rows["truncated_bp: brightness (reference)"]["ratio"] == 1.0
     assert all(r["median_cpu_s"] > 0 for r in rows.values())
-    assert "| position:left |" in "\n".join(guard_cost.render(result))
+    assert "| truncated_bp: position:left |" in "\n".join(guard_cost.render(result))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlr_backend.estimators import ESTIMATORS
+from rlr_backend.choices import ESTIMATOR_CHOICES
 from rlr_backend.rewards import REWARDS
 from rlr_backend.safe_io import load_tensors
 from rlr_backend.train import TrainConfig
@@ -67,7 +67,7 @@ def test_schemas(pack):
                 assert i.kw["min"] >= meta[name]["min"], f"{node_id}.{i.id} allows less than the config's min"
     combos = {i.id: i.kw["options"] for i in schemas["RLR_Reward"].inputs + schemas["RLR_Estimator"].inputs
               if "options" in i.kw}
-    assert combos["reward"] == sorted(REWARDS) and combos["estimator"] == ["auto", *sorted(ESTIMATORS)]
+    assert combos["reward"] == sorted(REWARDS) and combos["estimator"] == sorted(ESTIMATOR_CHOICES)
     trainer = {i.id: i for i in schemas["RLR_Trainer"].inputs}
     assert trainer["steps"].kw["default"] == TrainConfig.steps and trainer["steps"].kw["min"] == 1
     assert [o.io_type for o in schemas["RLR_Trainer"].outputs] == ["LORA_MODEL", "IMAGE", "IMAGE"]

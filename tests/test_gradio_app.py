@@ -301,7 +301,7 @@ def test_advise_button_measures_the_form_and_refuses_bad_targets(app):
     client = Client(app["url"], verbose=False)
     rewards = {"w:prompt_alignment": 0, "w:brightness": 0, "w:position": 1, "a:position": "right"}
     with pytest.raises(Exception, match="unknown position target"):
-        client.predict(*form(**rewards, **{"a:position": "middle"}), api_name="/advise")
+        client.predict(*form(**{**rewards, "a:position": "middle"}), api_name="/advise")
     text = client.predict(*form(**rewards), api_name="/advise")
     assert "reward position:right=1" in text and "recommended:" in text and "truncated_bp (K=2)" in text
 

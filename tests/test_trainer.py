@@ -255,15 +255,15 @@ def test_cli_defaults_are_the_config_defaults():
     assert TrainConfig.from_json(json.loads(json.dumps(split.to_json()))) == split
 
 
-def test_auto_estimator_is_full_backprop_for_differentiable_rewards_and_rlr_otherwise(tmp_path):
+def test_auto_estimator_is_truncated_backprop_for_differentiable_rewards_and_rlr_otherwise(tmp_path):
     from rlr_backend.cli import build_config, train_parser
 
     assert build_config(train_parser().parse_args(["--estimator", "auto"])).estimator == "auto"
-    for reward, expected in (("brightness", "full_bp"), ("jpeg_compressibility", "rlr")):
+    for reward, expected in (("brightness", "truncated_bp"), ("jpeg_compressibility", "rlr")):
         cfg = TrainConfig(steps=1, estimator="auto", reward=reward, output_dir=tmp_path, run_name=reward, **TINY)
         trainer = Trainer(cfg, progress=False)
         assert trainer.config.estimator == expected
-        assert trainer.config.gradient_checkpointing == (expected == "full_bp")
+        assert trainer.config.gradient_checkpointing is False  # auto changes the estimator only
         result = trainer.run()
         assert load_tensors(result.lora_path)[1]["rlr_estimator"] == expected
         # a resume with the same options (estimator auto) resolves the same way and is accepted

@@ -90,8 +90,7 @@ class Trainer:
         if reward is None:
             reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
         self.reward = reward
-        diffusers = model is None or getattr(model, "pipe", None) is not None  # it can checkpoint
-        config = self.config = config.resolve_estimator(self.reward.differentiable, diffusers)  # "auto" -> one
+        config = self.config = config.resolve_estimator(self.reward.differentiable)  # "auto" -> one estimator
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
