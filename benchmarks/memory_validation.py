@@ -225,6 +225,18 @@ def rss_correction(rows: list[dict]) -> dict:
     return {"extra": extras[len(extras) // 2] if extras else 0.0, "factor": factor, "fitted_on": fitted_on}
 
 
+def _allocator_check(data: dict) -> str:
+    a = data.get("allocator_check")
+    row = next((r for r in compare(data) if a and r["case"] == a["case"]), None)
+    if row is None:
+        return ""
+    env = " ".join(f"{k}={v}" for k, v in a["env"].items())
+    growth = (a["peak_update"] - a["rss_built"]) / row["tensor_predicted"]
+    return (f"With the threshold fixed (`{env}`) the {a['case']} update grew by {growth:.2f}x its tensor bytes "
+            f"instead of {row['rss_growth_ratio']:.2f}x (peak {a['peak_update'] / GB:.2f} GB instead of "
+            f"{row['measured'] / GB:.2f} GB): on a CPU that setting lowers the peak. ")
+
+
 def summary_line(data: dict | None = None) -> str:
     """One sentence for the predictions section: what the full-size check found (empty if nothing ran)."""
     if data is None:
@@ -240,10 +252,10 @@ def summary_line(data: dict | None = None) -> str:
               f"the traced update ({', '.join(r['case'] for r in traced)}); ") if traced else ""
     return (f"**Checked at full size** (SD1.5 on the CPU, fp32, [below](#checked-at-full-size-real-sd15-updates-on-the-"
             f"cpu)): {tensor}the process's resident memory grew by {min(ratios):.2f}-{max(ratios):.2f}x the update's "
-            "predicted tensor bytes (the C allocator's heap and the CPU kernels' scratch buffers, which the profiler "
-            "does not see; the largest ratio with checkpointing), so the uncorrected CPU prediction was low by up "
-            f"to {-min(r['error'] for r in rows):.0%}. The GPU figures here are tensor bytes plus the margin; how "
-            "much a GPU adds beyond its caching allocator (cuDNN workspaces) has not been measured.")
+            "predicted tensor bytes (mostly freed memory glibc's allocator keeps, which the profiler does not see; "
+            "the largest ratio with checkpointing), so the uncorrected CPU prediction was low by up to "
+            f"{-min(r['error'] for r in rows):.0%}; the corrected CPU model below adds it. The GPU figures here are "
+            "tensor bytes plus the margin for the CUDA caching allocator; they have not been measured on a GPU.")
 
 
 def doc_section(data: dict | None = None) -> list[str]:
@@ -288,9 +300,10 @@ def doc_section(data: dict | None = None) -> list[str]:
         f"({', '.join(r['case'] for r in traced)})." if traced else "No run traced yet."),
         "",
         f"**Resident memory: the uncorrected model is low by up to {-worst['error']:.0%}** ({worst['case']}). The "
-        "process grows by more than the tensor bytes during an update: the C allocator keeps freed blocks "
-        "(fragmented heap) and the CPU kernels allocate scratch buffers outside torch's allocator, and the "
-        "profiler sees neither. The corrected CPU model adds what the runs measured: "
+        "process grows by more than the tensor bytes during an update: freed blocks stay in glibc's heap (its "
+        "mmap threshold rises to 32 MB after the first large free, so activations of up to 32 MB come from the heap "
+        "and its freed blocks are kept), and the profiler sees only live tensors. " + _allocator_check(data) +
+        "The corrected CPU model adds what the runs measured: "
         f"{corr['extra'] / GB:.2f} GB of process memory once the trainer is built (beyond libraries, weights and "
         "LoRA state) and the update's tensor bytes times "
         + ", ".join(f"{corr['factor'][c]:.2f} {'with' if c else 'without'} checkpointing" for c in (False, True))
