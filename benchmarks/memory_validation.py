@@ -1,22 +1,27 @@
-"""The memory model checked at full size: one real ``rlr-train`` update of SD1.5 on the CPU against its prediction.
+"""The memory model checked at full size: real ``rlr-train`` updates of SD1.5 on the CPU against its prediction.
 
-    python -m benchmarks.memory_validation                # fp32 components (~15 min) + two full updates (~1 h)
-    python -m benchmarks.memory_validation --report-only  # re-render the docs/memory.md section
+    python -m benchmarks.memory_validation --threads 1          # fp32 components, then every run not yet measured
+    python -m benchmarks.memory_validation --trace              # the TRACED runs again under the profiler
+    python -m benchmarks.memory_validation --only "no options, 128 px" --model sd15.safetensors --results x.json
+    python -m benchmarks.memory_validation --report-only        # re-render (docs/memory.md via benchmarks.memory_model)
 
 The memory model (``benchmarks.memory_model``) composes an update's peak from per-component
 measurements. Here the composition is fed with the real SD1.5 UNet and VAE measured in fp32 (the
 trainer's precision on a CPU, no autocast) at the exact sizes of the runs, and its prediction
 (libraries + fp32 weights of UNet, VAE and text encoder + LoRA, gradient and Adam state + stored
-chain + the binding phase) is compared with the peak resident memory (VmHWM) of a fresh process
-that builds a ``Trainer`` on a random-weight SD1.5 single file and runs one ``update()``:
+chain + the binding phase) is compared with a fresh process that builds a ``Trainer`` on a
+random-weight SD1.5 single file and runs one ``update()``:
 
-* with ``--gradient-checkpointing`` at 512 px (SD1.5's native size);
-* without it at 256 px: at 512 px it needs about 20 GB (the VAE decoder's backward alone ~12 GB in
-  fp32), more than this shared 24 GB machine can give one process; the model predicts 512 px from the
-  same composition.
+* its peak resident memory (VmHWM, reset once the trainer is built), for each of RUNS: with
+  ``--gradient-checkpointing`` at 512 px (SD1.5's native size) and 256 px, without it at 256 and 128 px
+  (at 512 px it needs about 28 GB, more than this shared 24 GB machine gives one process);
+* ``--trace``: the peak of live tensor bytes of the same update under the profiler (what the component
+  points measure), for TRACED.
 
-Both: batch 2 (the config's minimum), T = 3, h = 1, one first-order step, reward ``brightness`` (no
-reward model: the reward terms are zero), rank-4 LoRA. Results: benchmarks/results/memory-validation.json.
+Every run: batch 2 (the config's minimum), T = 3, h = 1, one first-order step, reward ``brightness``
+(no reward model: the reward terms are zero), rank-4 LoRA. Measured runs are kept (``--redo`` measures
+them again). On 2 busy cores with one thread the 512 px checkpointed update takes about 35 minutes, the
+others 2-11. Results: benchmarks/results/memory-validation.json.
 """
 
 from __future__ import annotations
@@ -249,10 +254,11 @@ def summary_line(data: dict | None = None) -> str:
     traced = [r for r in rows if r["tensor_error"] is not None]
     ratios = [r["rss_growth_ratio"] for r in rows]
     tensor = (f"the composition's tensor bytes came within {max(abs(r['tensor_error']) for r in traced):.1%} of "
-              f"the traced update ({', '.join(r['case'] for r in traced)}); ") if traced else ""
+              f"the traced updates ({'; '.join(r['case'] for r in traced)}); ") if traced else ""
     return (f"**Checked at full size** (SD1.5 on the CPU, fp32, [below](#checked-at-full-size-real-sd15-updates-on-the-"
             f"cpu)): {tensor}the process's resident memory grew by {min(ratios):.2f}-{max(ratios):.2f}x the update's "
-            "predicted tensor bytes (mostly freed memory glibc's allocator keeps, which the profiler does not see; "
+            "predicted tensor bytes (memory glibc's allocator keeps after freeing, as far as checked, which the "
+            "profiler does not see; "
             "the largest ratio with checkpointing), so the uncorrected CPU prediction was low by up to "
             f"{-min(r['error'] for r in rows):.0%}; the corrected CPU model below adds it. The GPU figures here are "
             "tensor bytes plus the margin for the CUDA caching allocator; they have not been measured on a GPU.")
@@ -297,7 +303,7 @@ def doc_section(data: dict | None = None) -> list[str]:
     lines += ["", f"**Tensor bytes: the composition holds.** " + (
         "Largest error of the predicted tensor peak against the traced update: "
         f"{max((r['tensor_error'] for r in traced), key=abs):+.1%} "
-        f"({', '.join(r['case'] for r in traced)})." if traced else "No run traced yet."),
+        f"({'; '.join(r['case'] for r in traced)})." if traced else "No run traced yet."),
         "",
         f"**Resident memory: the uncorrected model is low by up to {-worst['error']:.0%}** ({worst['case']}). The "
         "process grows by more than the tensor bytes during an update: freed blocks stay in glibc's heap (its "
