@@ -30,7 +30,7 @@ def max_rel_diff(a, b):
 
 
 def test_gradient_checkpointing_gives_the_same_gradient_with_one_step_in_memory(tmp_path):
-    opts = dict(fo_steps=2, h=2, batch_size=4)
+    opts = dict(estimator="rlr", fo_steps=2, h=2, batch_size=4)
     plain, m_plain, _ = one_update_grads(tmp_path, "plain", **opts)
     ckpt, m_ckpt, trainer = one_update_grads(tmp_path, "ckpt", gradient_checkpointing=True, **opts)
     assert max_rel_diff(plain, ckpt) < 1e-5
@@ -44,7 +44,8 @@ def test_gradient_checkpointing_lowers_the_peak_memory_of_an_update(tmp_path):
     peaks = {}
     for ckpt in (False, True):
         trainer = Trainer(TrainConfig(steps=1, output_dir=tmp_path, run_name=f"m{ckpt}", gradient_checkpointing=ckpt,
-                                      **{**TINY, "fo_steps": 4, "h": 2, "num_inference_steps": 6, "batch_size": 4}), progress=False)
+                                      **{**TINY, "estimator": "rlr", "fo_steps": 4, "h": 2, "num_inference_steps": 6,
+                                         "batch_size": 4}), progress=False)
         trainer.update()  # warm-up (caches, lazy init)
         peaks[ckpt] = peak_allocated(trainer.update)
     assert peaks[True] < 0.8 * peaks[False], peaks

@@ -447,7 +447,7 @@ def test_a_dropped_term_is_counted_every_update_and_logged_once(tmp_path, monkey
 
     warnings = []  # the trainer's warnings (caplog misses them once another test reconfigured logging)
     monkeypatch.setattr(trainer_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
-    Trainer(tiny(tmp_path, "drop", 3, eval_every=0), progress=False, reward=reward).run()
+    Trainer(tiny(tmp_path, "drop", 3, eval_every=0, estimator="rlr"), progress=False, reward=reward).run()
     got = rows(tmp_path / "drop")[1:]  # row 0: the first evaluation
     assert all(r.get("dropped_first_order_term") == 1 for r in got)
     assert sum("first order term was dropped" in m for m in warnings) == 1

@@ -82,7 +82,7 @@ def test_a_failure_is_one_line_and_the_last_checkpoint_resumes(tmp_path):
     def factory(cfg, **kw):
         return Trainer(cfg, reward=CallableReward(flaky, name="flaky"), **kw)
 
-    cfg = TrainConfig(steps=50, eval_every=0, ckpt_every=2, reward="brightness", output_dir=tmp_path,
+    cfg = TrainConfig(steps=50, estimator="rlr", eval_every=0, ckpt_every=2, reward="brightness", output_dir=tmp_path,
                       run_name="f", **TINY)
     job = RunManager(factory).start([("rlr", cfg)])
     wait_until(lambda: job.finished)

@@ -123,8 +123,11 @@ def test_nan_rewards_are_skipped_and_training_continues(tmp_path):
 def test_the_lora_says_whether_its_estimator_was_unbiased(reference_run, tmp_path, caplog):
     """Options that bias the estimator are logged once at the start of the run and recorded in the LoRA;
     so is a non-differentiable reward taking away RLR's first-order part."""
-    _, result = reference_run
-    assert load_tensors(result.lora_path)[1]["rlr_unbiased"] == "true"  # the default run
+    _, result = reference_run  # the default estimator, auto: truncated backprop for this differentiable reward
+    meta = load_tensors(result.lora_path)[1]
+    assert meta["rlr_estimator"] == "truncated_bp" and meta["rlr_unbiased"] == "false"
+    rlr = Trainer(TrainConfig(steps=1, estimator="rlr", output_dir=tmp_path, run_name="r", **TINY), progress=False).run()
+    assert load_tensors(rlr.lora_path)[1]["rlr_unbiased"] == "true"  # RLR with its default settings
     with caplog.at_level("WARNING"):
         biased = Trainer(TrainConfig(steps=1, estimator="truncated_bp", output_dir=tmp_path, run_name="t", **TINY),
                          progress=False).run()
