@@ -50,7 +50,8 @@ GB = 1e9
 #: the runs: (case name, gradient checkpointing, image size in pixels)
 RUNS: tuple[tuple[str, bool, int], ...] = (("checkpointing, 512 px", True, 512), ("checkpointing, 256 px", True, 256),
                                            ("no options, 256 px", False, 256), ("no options, 128 px", False, 128))
-#: runs repeated under the profiler (tensor bytes, as the component points are measured; their RSS is the profiler's too)
+#: runs repeated under the profiler: tensor bytes, as the component points are measured (their RSS includes the
+#: profiler's own memory, so the RSS comparison uses the untraced runs)
 TRACED: tuple[str, ...] = ("checkpointing, 256 px", "no options, 256 px", "no options, 128 px")
 BATCH, T, H, FO = 2, 3, 1, 1
 #: fp32 component points at the runs' sizes: (component, arch, variant, call batch n, latent side, grad, no-grad)

@@ -137,8 +137,10 @@ def test_full_size_validation_corrects_resident_memory_from_its_largest_run():
                 "peak": peak, "retained": retained, "nograd_peak": nograd}
 
     G = 1e9
-    points = [point("unet", "sd15", 32, 4, 1.0 * G, 0.9 * G, 0.1 * G), point("vae", "sd-vae", 32, 2, 2.0 * G, 2.0 * G, 0.2 * G),
-              point("unet", "sd15", 16, 4, 0.3 * G, 0.25 * G, 0.03 * G), point("vae", "sd-vae", 16, 2, 0.5 * G, 0.5 * G, 0.05 * G)]
+    points = [point("unet", "sd15", 32, 4, 1.0 * G, 0.9 * G, 0.1 * G),
+              point("vae", "sd-vae", 32, 2, 2.0 * G, 2.0 * G, 0.2 * G),
+              point("unet", "sd15", 16, 4, 0.3 * G, 0.25 * G, 0.03 * G),
+              point("vae", "sd-vae", 16, 2, 0.5 * G, 0.5 * G, 0.05 * G)]
     counts = {"unet_sd15": 1e9, "vae": 1e8, "text_sd15": 1e8, "lora_sd15_r4": 1e6, "reward": 4e8}
     persistent = 4.0 * (1e9 + 1e8 + 1e8) + 16.0 * 1e6  # fp32 weights, no reward model; LoRA + grad + Adam
     libs, extra = 0.3 * G, 0.1 * G
