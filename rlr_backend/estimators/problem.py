@@ -192,22 +192,27 @@ def detach_rows(x: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, x.detach())
 
 
+def _count_dropped(metrics: dict[str, float], name: str) -> None:
+    """Count a dropped term twice: in ``nonfinite_terms`` (all kinds) and in ``dropped_<name>_term``
+    (the trainer logs each kind once per run)."""
+    metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
+    key = "dropped_" + name.replace("-", "_").replace(" ", "_") + "_term"
+    metrics[key] = metrics.get(key, 0.0) + 1
+
+
 def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str,
                        params: Sequence[Tensor] | None = None) -> float:
     """Add the gradient of ``loss`` to ``params``' ``.grad`` unless the loss or that gradient is NaN/inf.
 
-    A skipped term is counted in ``metrics`` twice: in ``nonfinite_terms`` (all kinds) and in
-    ``dropped_<name>_term`` (the trainer logs each kind once). The gradient is checked
-    because a finite loss can still have a non-finite gradient (a reward whose backward pass overflows
-    on some rows). Under fp16 loss scaling (``loss_scaling``) a non-finite gradient is counted but still
-    written, so the loss scaler sees the overflow, skips the update and lowers its scale. Without
+    A skipped term is counted (:func:`_count_dropped`). The gradient is checked because a finite loss
+    can still have a non-finite gradient (a reward whose backward pass overflows on some rows). Under
+    fp16 loss scaling (``loss_scaling``) a non-finite gradient is counted in ``nonfinite_terms`` but
+    still written, so the loss scaler sees the overflow, skips the update and lowers its scale. Without
     ``params`` the loss is back-propagated into every leaf and only its value is checked.
     """
     value = float(loss.detach())
-    key = "dropped_" + name.replace("-", "_").replace(" ", "_") + "_term"
     if not torch.isfinite(loss.detach()):
-        metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
-        metrics[key] = metrics.get(key, 0.0) + 1
+        _count_dropped(metrics, name)
         logger.debug("skipping a non-finite %s term (value %s)", name, value)
         return 0.0
     if not loss.requires_grad:
@@ -221,11 +226,11 @@ def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str,
     grads = torch.autograd.grad(scaled, params, allow_unused=True)
     present = [g for g in grads if g is not None]
     if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):
-        metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
         if scale == 1.0:
-            metrics[key] = metrics.get(key, 0.0) + 1
+            _count_dropped(metrics, name)
             logger.debug("dropping the %s term: its loss is finite (%s) but its gradient is not", name, value)
             return 0.0
+        metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
         logger.warning("the %s term's gradient overflowed under fp16 loss scale %g; the update will be skipped",
                        name, scale)
     for p, g in zip(params, grads):
