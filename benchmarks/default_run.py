@@ -33,7 +33,7 @@ from .common import machine_line
 
 ESTIMATORS = ("rlr", "ddpo", "truncated_bp")  # auto is truncated_bp for this (differentiable) reward
 #: variant label -> TrainConfig changes (an estimator name alone changes only the estimator)
-GUARDED = {"auto + kl": {"estimator": "auto", "kl_weight": 1e-3}}
+GUARDED = {"auto + kl": {"estimator": "auto", "kl_weight": 1e-3}, "auto + kl 1e-5": {"estimator": "auto", "kl_weight": 1e-5}}
 RESULTS = Path(__file__).parent / "results" / "default-run.json"
 
 
@@ -79,7 +79,7 @@ def render(result: dict) -> str:
              f"guidance {c.guidance_scale:g}, lr {c.lr:g}, LoRA rank {c.lora_rank}; rlr with h={c.h}, "
              f"fo_steps={c.fo_steps}, ZO {c.zo_mode}; truncated_bp backpropagates the last {c.truncation} steps (it is "
              "what `--estimator auto`, the default, picks for this differentiable reward); `+ kl` adds the KL guard "
-             f"(weight {GUARDED['auto + kl']['kl_weight']:g}). Every estimator sees the same number of generated samples.",
+             f"(weight {GUARDED['auto + kl']['kl_weight']:g} unless named). Every estimator sees the same number of generated samples.",
              f"Evaluation: the {n_eval} fixed-seed images `rlr-train` evaluates and prints (the 4 training prompts x "
              f"{c.eval_seeds} seeds); reward = alignment + brightness, each also shown alone.", "",
              "| estimator | seed | eval reward before | after | change | alignment before -> after "

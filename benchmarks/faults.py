@@ -162,13 +162,19 @@ def pickle_payloads(canary: Path) -> dict[str, bytes]:
     return out
 
 
-def model_with_symlinked_pickle(good_model: Path, dest: Path, payload: bytes, weight_name: str) -> Path:
-    """A copy of a diffusers folder whose ``unet/`` is a symlink to a folder elsewhere that also holds a
-    pickled canary named ``weight_name`` (a scan that does not follow links never sees it)."""
+def model_with_symlinked_pickle(good_model: Path, dest: Path, payload: bytes, weight_name: str,
+                                beside: bool = False) -> Path:
+    """A copy of a diffusers folder whose ``unet/`` is a symlink to a folder elsewhere that holds a pickled
+    canary named ``weight_name`` (a scan that does not follow links never sees it). A canary with a pickle
+    name (``.bin``) replaces the UNet's ``.safetensors`` weights, so the UNet exists only as a pickle (refused),
+    unless ``beside`` (then it is ignored); one named ``.safetensors`` is a pickle in disguise (refused)."""
     shutil.copytree(good_model, dest, symlinks=True)
     elsewhere = dest.parent / f"{dest.name}-elsewhere"
     shutil.move(str(dest / "unet"), elsewhere)
     (dest / "unet").symlink_to(elsewhere, target_is_directory=True)
+    if not beside and not weight_name.endswith(".safetensors"):
+        for f in elsewhere.glob("*.safetensors"):
+            f.unlink()
     (elsewhere / weight_name).write_bytes(payload)
     return dest
 

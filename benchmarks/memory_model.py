@@ -325,10 +325,18 @@ def plan(quick: bool) -> list[Point]:
 
 
 class Measurer:
-    """Builds each model once (keeping one large model in memory at a time) and measures points."""
+    """Builds each model once (keeping one large model in memory at a time) and measures points, with
+    weights in ``dtype`` (bf16 under CPU autocast, standing for fp16; fp32: no autocast, as the trainer
+    runs on a CPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = MEASURE_DTYPE) -> None:
         self._models: dict[str, torch.nn.Module] = {}
+        self.dtype = dtype
+
+    def _autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext() if self.dtype == torch.float32 else torch.autocast("cpu", dtype=self.dtype)
 
     def model(self, arch: str) -> torch.nn.Module:
         if arch not in self._models:
@@ -340,16 +348,16 @@ class Measurer:
             if arch in ARCHS:
                 from rlr_backend.lora import add_lora
 
-                m = build_unet(arch)
+                m = build_unet(arch, dtype=self.dtype)
                 add_lora(m, rank=4, seed=0)
                 with torch.no_grad():  # a trained adapter: non-zero B, so every LoRA tensor gets a gradient
                     for n, p in m.named_parameters():
                         if "lora_B" in n:
                             p.normal_(0, 0.02)
             elif arch == "sd-vae":
-                m = build_vae().requires_grad_(False)
+                m = build_vae(dtype=self.dtype).requires_grad_(False)
             else:
-                m = build_reward()
+                m = build_reward(dtype=self.dtype)
             self._models[arch] = m
             logger.info("built %s (%.2f GB of weights) in %.0f s", arch, weight_bytes(m) / GB,
                         time.perf_counter() - t0)
@@ -363,24 +371,24 @@ class Measurer:
             a = ARCHS[p.arch]
             x = torch.randn(p.n, 4, p.lat, p.lat, generator=g).requires_grad_(True)
             t = torch.full((p.n,), 500, dtype=torch.long)
-            text = torch.randn(p.n, a["tokens"], a["text_dim"], generator=g, dtype=MEASURE_DTYPE)
+            text = torch.randn(p.n, a["tokens"], a["text_dim"], generator=g, dtype=self.dtype)
             extra = {}
             if p.arch == "sdxl":
-                extra = {"added_cond_kwargs": {"text_embeds": torch.randn(p.n, 1280, generator=g, dtype=MEASURE_DTYPE),
+                extra = {"added_cond_kwargs": {"text_embeds": torch.randn(p.n, 1280, generator=g, dtype=self.dtype),
                                                "time_ids": torch.tensor([[1024., 1024., 0., 0., 1024., 1024.]] * p.n,
-                                                                        dtype=MEASURE_DTYPE)}}
+                                                                        dtype=self.dtype)}}
             (m.enable_gradient_checkpointing if p.variant == "ckpt" else m.disable_gradient_checkpointing)()
 
             def fwd() -> torch.Tensor:
-                with _attention_kernel(p.variant), torch.autocast("cpu", dtype=MEASURE_DTYPE):
+                with _attention_kernel(p.variant), self._autocast():
                     return m(x, t, encoder_hidden_states=text, **extra).sample
             return fwd
         if p.component == "vae":
             (m.enable_gradient_checkpointing if p.variant == "ckpt" else m.disable_gradient_checkpointing)()
-            z = torch.randn(p.n, 4, p.lat, p.lat, generator=g).requires_grad_(True)
+            z = torch.randn(p.n, 4, p.lat, p.lat, generator=g, dtype=self.dtype).requires_grad_(True)
 
             def fwd() -> torch.Tensor:
-                with torch.autocast("cpu", dtype=MEASURE_DTYPE):
+                with self._autocast():
                     return m.decode(z / 0.18215).sample
             return fwd
         img = torch.rand(p.n, 3, 8 * p.lat, 8 * p.lat, generator=g).requires_grad_(True)
@@ -392,7 +400,7 @@ class Measurer:
             m.eval()
 
         def fwd() -> torch.Tensor:
-            with torch.autocast("cpu", dtype=MEASURE_DTYPE):
+            with self._autocast():
                 return m(img)
         return fwd
 
@@ -403,7 +411,7 @@ class Measurer:
         seconds = time.perf_counter() - t0
         nograd = measure_nograd(fwd) if p.nograd else None
         return {**asdict(p), "key": p.key, "pixels": p.lat * p.lat, "peak": seg.peak, "retained": seg.retained,
-                "nograd_peak": nograd, "seconds": round(seconds, 1), "dtype": str(MEASURE_DTYPE).split(".")[-1],
+                "nograd_peak": nograd, "seconds": round(seconds, 1), "dtype": str(self.dtype).split(".")[-1],
                 "weights": weight_bytes(self.model(p.arch))}
 
 
@@ -440,11 +448,11 @@ def guess_need(p: Point, rows: list[dict]) -> float:
 
 
 def run_measurements(points: Iterable[Point], rows: list[dict], save: Callable[[], None],
-                     deadline: float = float("inf")) -> list[dict]:
+                     deadline: float = float("inf"), dtype: torch.dtype = MEASURE_DTYPE) -> list[dict]:
     """Measure the points not yet in ``rows`` (appending and saving after each); skip a point whose
     guessed need (plus the weights, plus 25%) exceeds the RAM available, or once past ``deadline``."""
     done = {r["key"] for r in rows}
-    meas = Measurer()
+    meas = Measurer(dtype)
     for p in points:
         if p.key in done:
             continue
@@ -595,7 +603,7 @@ def truncated_bp_phases(step: SegmentMemory, reward: SegmentMemory, k: int) -> U
 
 #: estimators the composition covers (truncated_bp's K is passed as ``fo_steps``: both are the last K
 #: steps backpropagated through the reward)
-PHASE_ESTIMATORS: tuple[str, ...] = ("rlr", "full_bp", "truncated_bp", "ddpo")
+PHASE_ESTIMATORS: tuple[str, ...] = ("rlr", "full_bp", "truncated_bp", "ddpo", "zo")
 
 
 def update_phases(estimator: str, step: SegmentMemory, reward: SegmentMemory, *, T: int, h: int = 2,
@@ -607,7 +615,7 @@ def update_phases(estimator: str, step: SegmentMemory, reward: SegmentMemory, *,
         return full_bp_phases(step, reward, T)
     if estimator == "truncated_bp":
         return truncated_bp_phases(step, reward, fo_steps)
-    if estimator == "ddpo":
+    if estimator in ("ddpo", "zo"):  # zo: a likelihood-ratio term per step, each backpropagated alone, as DDPO
         return ddpo_phases(step, reward)
     raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(PHASE_ESTIMATORS)}")
 
@@ -626,6 +634,8 @@ class Options:
     offload_text: bool = False  # text encoders moved to the CPU after encoding
     adam_8bit: bool = False  # Adam moments 2 bytes/param instead of 8
     reward_fp32: bool = False  # reward model in fp32 (weights 4 bytes/param, activations ~2x the measured bf16)
+    weight_bytes: float = 2.0  # bytes per frozen weight: 2 (fp16/bf16 on a GPU), 4 (fp32, e.g. the CPU validation)
+    reward_model: bool = True  # the aesthetic reward model (False: a rule reward such as brightness, no weights)
     label: str = ""
 
 
@@ -681,11 +691,17 @@ def _unet_step(fits: Fits, arch: str, n: int, px: int, ckpt: bool) -> SegmentMem
 
 def _decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward: bool = True,
                        reward_scale: float = 1.0) -> SegmentMemory:
-    """VAE decode (+ the aesthetic reward) as one segment. Checkpointed: the decode runs one sample
-    at a time under a checkpoint (peak of one checkpointed sample + the B decoded images)."""
-    img = 3 * 64 * px * 2.0  # one decoded image, 2 bytes/element, (8x8) pixels per latent pixel
+    """VAE decode (+ the aesthetic reward) as one segment, as ``DiffusersModel.decode`` runs it.
+    Checkpointed (diffusers' up-block checkpointing in the decoder): one image at a time, each under a
+    checkpoint when B > 1 (peak of one checkpointed image + the B decoded images; kept until backward:
+    the latents and images); at B = 1 the decoder's own checkpointing alone. Without grad, one image
+    at a time too. Images are returned in fp32."""
+    img = 3 * 64 * px * 4.0  # one decoded image, fp32, (8x8) pixels per latent pixel
     nograd = fits.get("vae", "sd-vae", "plain", "nograd_peak")(1 if ckpt else batch, px)
-    if ckpt:
+    if ckpt and batch == 1:
+        vae = SegmentMemory(fits.get("vae", "sd-vae", "ckpt", "peak")(1, px),
+                            fits.get("vae", "sd-vae", "ckpt", "retained")(1, px), nograd)
+    elif ckpt:
         one = fits.get("vae", "sd-vae", "ckpt", "peak")(1, px)
         vae = SegmentMemory((batch - 1) * img + one, batch * (img + 4 * px * 4.0), nograd + batch * img)
     else:
@@ -708,15 +724,17 @@ class Scenario:
     h: int = 2
     fo_steps: int = 1
     lora_rank: int = 4
+    eval_images: int = 8  # the trainer's evaluation: eval_seeds (2) images of each of the first 4 prompts
 
 
 def persistent_bytes(arch: str, opts: Options, lora_rank: int, counts: dict[str, int]) -> dict[str, float]:
     """Bytes held through the whole update: fp16 weights (UNet, VAE, reward, text encoders unless
     offloaded) and the LoRA in fp32 with its gradient and Adam's two moments."""
     lora = counts[f"lora_{arch}_r{lora_rank}"]
-    return {"unet weights": 2.0 * counts[f"unet_{arch}"], "vae weights": 2.0 * counts["vae"],
-            "reward weights": (4.0 if opts.reward_fp32 else 2.0) * counts["reward"],
-            "text encoders": 0.0 if opts.offload_text else 2.0 * counts[f"text_{arch}"],
+    w = opts.weight_bytes
+    return {"unet weights": w * counts[f"unet_{arch}"], "vae weights": w * counts["vae"],
+            "reward weights": ((4.0 if opts.reward_fp32 else w) * counts["reward"]) if opts.reward_model else 0.0,
+            "text encoders": 0.0 if opts.offload_text else w * counts[f"text_{arch}"],
             "lora + grad": 8.0 * lora, "adam moments": (2.0 if opts.adam_8bit else 8.0) * lora}
 
 
@@ -727,15 +745,32 @@ def predict(fits: Fits, s: Scenario, opts: Options, counts: dict[str, int], esti
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(PHASE_ESTIMATORS)}")
     px = (s.resolution // 8) ** 2
     step = _unet_step(fits, s.arch, 2 * s.batch, px, opts.checkpointing)
-    dec = _decode_and_reward(fits, s.batch, px, opts.checkpointing, reward_scale=2.0 if opts.reward_fp32 else 1.0)
+    scale = 2.0 if opts.reward_fp32 else 1.0
+    dec = _decode_and_reward(fits, s.batch, px, opts.checkpointing, with_reward=opts.reward_model, reward_scale=scale)
     phases = update_phases(estimator, step, dec, T=s.T, h=s.h, fo_steps=s.fo_steps)
     act, phase = phases.peak()
     pers = persistent_bytes(s.arch, opts, s.lora_rank, counts)
     store = chain_store_bytes(s.T, s.batch, px)
+    evaluation = evaluation_bytes(fits, s, opts, px)
+    if s.eval_images and evaluation > store + act:  # the evaluation between updates binds
+        act, phase, store = evaluation, "evaluation", 0.0
     total = sum(pers.values()) + store + act
     return {"scenario": asdict(s), "options": asdict(opts), "estimator": estimator, "bytes": total,
             "activations": act, "binding_phase": phase, "chain_store": store, "persistent": pers,
-            "phases": asdict(phases), "step": asdict(step), "decode_reward": asdict(dec)}
+            "phases": {**asdict(phases), "evaluation": evaluation}, "step": asdict(step),
+            "decode_reward": asdict(dec)}
+
+
+def evaluation_bytes(fits: Fits, s: Scenario, opts: Options, px: int) -> float:
+    """The trainer's evaluation (``Trainer.evaluate``, at the start and every eval_every updates): the
+    ``eval_images`` sampled together without grad (their chain stored), decoded (one at a time with
+    checkpointing on) and scored."""
+    if not s.eval_images:
+        return 0.0
+    e = s.eval_images
+    step = _unet_step(fits, s.arch, 2 * e, px, False)
+    dec = _decode_and_reward(fits, e, px, opts.checkpointing, with_reward=opts.reward_model)
+    return chain_store_bytes(s.T, e, px) + max(step.nograd, dec.nograd)
 
 
 def model_counts(lora_ranks: Iterable[int] = (4,)) -> dict[str, int]:
@@ -905,7 +940,9 @@ def analyse(data: dict) -> dict:
                     preds.append(predict(fits, s, opts, counts, "rlr"))
                     if fo == 1 and not opts.adam_8bit and not opts.reward_fp32:
                         preds.append(predict(fits, s, opts, counts, "full_bp"))
+                        preds.append(predict(fits, replace(s, fo_steps=2), opts, counts, "truncated_bp"))
                         preds.append(predict(fits, s, opts, counts, "ddpo"))
+                        preds.append(predict(fits, s, opts, counts, "zo"))
     out["predictions"] = preds
     out["missing_fits"] = ["/".join(k) for k in missing]
     return out
@@ -1022,6 +1059,9 @@ def render(data: dict, analysis: dict, out: Path, image_paths: Sequence[Path]) -
     lines += _doc_formula(fits)
     lines += _doc_measurements(rows, fits, analysis)
     lines += _doc_validation(data.get("validation", []))
+    from benchmarks.memory_validation import doc_section
+
+    lines += doc_section()
     lines += _doc_gpu()
     lines += _doc_caveats()
     text = "\n".join(lines) + "\n"
@@ -1034,7 +1074,8 @@ def _doc_intro(counts: dict) -> list[str]:
     return [
         "Peak memory of one RLR update as a function of model, resolution, batch B, chain length T, "
         "half-order length h and the trainer's memory options, fitted to measurements of the real "
-        "SD1.5 / SDXL architectures on CPU and validated against whole updates. The code is "
+        "SD1.5 / SDXL architectures on CPU and validated against whole updates (small stacks, and full-size "
+        "SD1.5 updates on the CPU). The code is "
         "`benchmarks/memory_model.py`.", "",
         "**What it rests on.** The real architectures built at random init from their public configs "
         f"(SD1.5 UNet {counts['unet_sd15'] / 1e6:.0f} M parameters, SDXL UNet {counts['unet_sdxl'] / 1e6:.0f} M, "
@@ -1061,8 +1102,18 @@ def _options_table(preds: list[dict], estimator: str) -> list[str]:
                      f"{_gb(pers['lora + grad'] + pers['adam moments'])} | {_gb(p['step']['peak'])} / "
                      f"{_gb(p['decode_reward']['peak'])} | {_gb(p['activations'] + p['chain_store'])} "
                      f"({p['binding_phase'].replace('_', '-')}) | **{_gb(p['bytes'])}** | "
-                     f"{_gb(with_margin(p['bytes']))} |")
+                     f"{_gb(with_margin(p['bytes']))} | {smallest_card(p['bytes'])} |")
     return lines
+
+
+#: GPU memory sizes (GB) of common cards: 8 (RTX 3070/4060), 12 (3060/4070), 16 (4060 Ti 16G/4080), 24 (3090/4090),
+#: 48 (A6000/L40S), 80 (A100/H100)
+CARDS: tuple[int, ...] = (8, 12, 16, 24, 48, 80)
+
+
+def smallest_card(b: float) -> str:
+    """The smallest card of :data:`CARDS` the predicted peak fits with the margin ("8 GB" fits 8 GB and up)."""
+    return next((f"{c} GB" for c in CARDS if with_margin(b) <= c * GB), f"> {CARDS[-1]} GB")
 
 
 def _doc_predictions(analysis: dict) -> list[str]:
@@ -1070,25 +1121,33 @@ def _doc_predictions(analysis: dict) -> list[str]:
     if not preds:
         return ["**Predictions**: not available (missing fits: " + ", ".join(analysis["missing_fits"]) + ").", ""]
     head = ["| model | B | FO steps | options | UNet + VAE + text weights | reward weights | LoRA + grad + Adam | "
-            "one step / decode + reward peak | activations (binding phase) | predicted peak | + margin |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "one step / decode + reward peak | activations (binding phase) | predicted peak | + margin | fits a card of |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rlr1 = [p for p in preds if p["estimator"] == "rlr" and p["scenario"]["fo_steps"] == 1]
     rlr4 = [p for p in preds if p["estimator"] == "rlr" and p["scenario"]["fo_steps"] == 4]
     verdict = _verdicts(preds)
     lines = ["## Predictions", "",
              f"T = 50, h = 2, LoRA rank 4, fp16 weights and activations, the LAION aesthetic reward (CLIP ViT-L/14) "
-             f"backpropagated in the first-order window. GB = 1e9 bytes. \"+ margin\" adds "
+             f"backpropagated in the first-order window, and the trainer's evaluation between updates (8 images: 2 "
+             f"seeds of each of 4 prompts, sampled together without grad; it binds where the phase says "
+             f"\"evaluation\"). GB = 1e9 bytes. \"+ margin\" adds "
              f"{MARGIN_FRACTION:.0%} (caching-allocator fragmentation, kernel workspaces) and "
              f"{MARGIN_FIXED / GB:.1f} GB (CUDA context); compare that column with a card's memory.", "",
-             *verdict, *_dominant(preds), "",
+             *verdict, *_dominant(preds), "", *_validation_summary(),
              "**RLR, first-order window of 1 step (the paper's FO):**", "", *head, *_options_table(rlr1, "rlr"), "",
              "**RLR with the project's default recipe `fo_steps=4`:**", "", *head, *_options_table(rlr4, "rlr"), "",
-             "**Beside it, full backprop through all 50 steps (and DDPO), first-order window 1:**", "", *head,
-             *_options_table(preds, "full_bp"), *_options_table(preds, "ddpo"), "",
+             "**The other estimators: full backprop through all 50 steps, truncated backprop (the last K = 2 steps, "
+             "`--truncation` default), DDPO and ZO (one likelihood-ratio step backpropagated at a time; code_compat, "
+             "kept for comparison with the official code, is not modelled):**", "", *head,
+             *_options_table(preds, "full_bp"), *_options_table(preds, "truncated_bp"),
+             *_options_table(preds, "ddpo"), *_options_table(preds, "zo"), "",
              "Options: *gradient checkpointing* = diffusers' `unet.enable_gradient_checkpointing()` inside each "
              "UNet call + a step-level `torch.utils.checkpoint` of every backpropagated step (a window keeps one "
              "step's inputs per step and recomputes one step at a time) + the VAE decode sliced per sample under a "
-             "checkpoint; *text-encoder offload* = text encoders moved to the CPU after encoding; *8-bit Adam* = "
+             "checkpoint with the decoder's own up-block checkpointing (`vae.enable_gradient_checkpointing()`), and "
+             "evaluation images decoded one at a time; reward models are not checkpointed (their activations are "
+             "the measured reward terms): this is what `rlr-train --gradient-checkpointing` does "
+             "(`rlr_backend/train/memory.py` `prepare_model`); *text-encoder offload* = text encoders moved to the CPU after encoding; *8-bit Adam* = "
              "moments in 2 bytes per parameter (the LoRA is under 1% of the memory, so it barely matters); "
              "*reward in fp32* = the reward model's weights in fp32 and its activations counted twice (a reward "
              "model left in fp32; `rlr-train` loads model rewards in `--precision` on a GPU, so the other rows "
@@ -1099,6 +1158,13 @@ def _doc_predictions(analysis: dict) -> list[str]:
              "for an extra forward per step (see the cost table in docs/benchmarks.md), not the other way round.", ""]
     lines += ["![predicted peaks](images/memory_predictions.png)", ""]
     return lines
+
+
+def _validation_summary() -> list[str]:
+    from benchmarks.memory_validation import summary_line
+
+    line = summary_line()
+    return [line, ""] if line else []
 
 
 def _dominant(preds: list[dict]) -> list[str]:

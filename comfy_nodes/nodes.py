@@ -189,7 +189,7 @@ class Estimator(io.ComfyNode):
             description="The gradient estimator: RLR (the paper) or a baseline, with its knobs.",
             inputs=[io.Combo.Input("estimator", options=list(ESTIMATOR_CHOICES), default=logic.config_field("estimator")["default"],
                                    tooltip=logic.config_field("estimator")["tooltip"] + "; " + summary),
-                    _int("h", max=100), _int("fo_steps", max=100, min=0),
+                    _int("h", max=100), _int("fo_steps", max=100),
                     io.Combo.Input("zo_mode", options=list(ZO_MODES), default="latent_lr",
                                    tooltip=logic.config_field("zo_mode")["tooltip"], **ADVANCED),
                     _float("nu", min=1e-6, max=1.0, step=1e-4, advanced=True),

@@ -220,6 +220,9 @@ def sample_parser() -> argparse.ArgumentParser:
                                      "native size, SD1.x 512, SD2.x-v 768, SDXL 1024)")
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="single-file checkpoints: override the detected prediction type (SD2-base 512: epsilon)")
+    a("--precision", choices=PRECISION_NAMES, default="fp32",
+      help="weights of the UNet and the VAE, read straight into it: fp32, bf16 or fp16 (half the memory; the text "
+           "encoders stay fp32; default: fp32)")
     a("--lora", type=Path, help="LoRA .safetensors (kohya format, e.g. from rlr-train)")
     a("--lora-scale", type=float, default=1.0, help="LoRA strength (default: 1)")
     a("--num", type=_positive_int, default=4, help="images per prompt (default: 4)")
@@ -284,7 +287,9 @@ def sample_main(argv: list[str] | None = None) -> int:
                       f"{format_fractions(split)} of the steps (--no-prompt-schedule: the fine prompt on every step)")
         single = {k: v for k, v in (("image_size", args.image_size), ("prediction_type", args.prediction_type))
                   if v is not None}
-        pipe = load_pipeline(args.model, **single)
+        from .train.memory import load_dtypes
+
+        pipe = load_pipeline(args.model, **load_dtypes(args.precision, offload_text_encoders=True), **single)
         if args.lora is not None:
             add_lora_file(pipe, args.lora)
             set_lora_strength(pipe, args.lora_scale)

@@ -177,6 +177,8 @@ def nonfinite_count(t: torch.Tensor) -> int:
 
     if not (t.is_floating_point() or t.is_complex()):
         return 0
+    import torch
+
     return int((~torch.isfinite(t)).sum())
 
 

@@ -291,7 +291,7 @@ assert len(nodes) == 8 and all(n.define_schema().node_id.startswith("RLR_") for 
 def test_load_model_lists_and_loads_single_file_checkpoints(pack):
     """models/checkpoints/*.safetensors appear as checkpoints/<name> and load offline at a chosen size;
     pickles are not listed, traversal and image_size on a folder are refused."""
-    from ldm_export import save_ldm_checkpoint
+    from benchmarks.ldm_export import save_ldm_checkpoint
 
     from rlr_backend.models.loader import load_model
     from rlr_backend.models.tiny_pipelines import save_tiny_pipeline

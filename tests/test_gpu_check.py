@@ -191,8 +191,9 @@ def test_docs_predictions_cover_every_variant_and_truncated_backprop_is_a_first_
     d = mm.SegmentMemory(peak=5.0, retained=4.0, nograd=3.0)
     assert mm.update_phases("truncated_bp", s, d, T=50, fo_steps=2).first_order == \
         mm.rlr_phases(s, d, h=2, fo_steps=2).first_order
-    with pytest.raises(ValueError, match="unknown estimator 'zo'"):
-        mm.update_phases("zo", s, d, T=50)
+    assert mm.update_phases("zo", s, d, T=50) == mm.ddpo_phases(s, d)  # one likelihood-ratio step at a time
+    with pytest.raises(ValueError, match="unknown estimator 'code_compat'"):
+        mm.update_phases("code_compat", s, d, T=50)
 
 
 def test_live_bytes_counts_a_transient_and_the_bytes_at_a_mark():

@@ -85,7 +85,7 @@ COUNTS = {"vae": 84_000_000, "reward": 430_000_000, "unet_sd15": 860_000_000, "t
 
 
 def test_predictions_respond_to_each_option():
-    fits, s = _synthetic_fits(), mm.Scenario("sd15", 512, 1)
+    fits, s = _synthetic_fits(), mm.Scenario("sd15", 512, 1, eval_images=0)
     plain, ckpt, off, adam8, fp32_reward = (mm.predict(fits, s, o, COUNTS) for o in mm.OPTION_SETS)
     assert ckpt["bytes"] < plain["bytes"]
     assert ckpt["bytes"] - off["bytes"] == pytest.approx(2 * COUNTS["text_sd15"])
@@ -94,9 +94,15 @@ def test_predictions_respond_to_each_option():
     assert plain["persistent"]["unet weights"] == 2 * COUNTS["unet_sd15"]
     full = mm.predict(fits, s, mm.OPTION_SETS[0], COUNTS, "full_bp")
     assert full["bytes"] > plain["bytes"] + 40 * 2 * 0.8e9  # ~50 steps of activations
-    bigger = mm.predict(fits, mm.Scenario("sd15", 512, 4), mm.OPTION_SETS[0], COUNTS)
+    bigger = mm.predict(fits, mm.Scenario("sd15", 512, 4, eval_images=0), mm.OPTION_SETS[0], COUNTS)
     assert bigger["activations"] == pytest.approx(4 * plain["activations"], rel=0.05)
     assert mm.with_margin(plain["bytes"]) > plain["bytes"]
+    # the trainer's evaluation (8 images sampled and decoded together without grad) can bind; with
+    # checkpointing its images are decoded one at a time, as DiffusersModel.decode does
+    evaluated = mm.predict(fits, mm.Scenario("sd15", 512, 1, eval_images=8), mm.OPTION_SETS[0], COUNTS)
+    assert evaluated["binding_phase"] == "evaluation" and evaluated["bytes"] > plain["bytes"]
+    sliced = mm.predict(fits, mm.Scenario("sd15", 512, 1, eval_images=8), mm.OPTION_SETS[1], COUNTS)
+    assert sliced["phases"]["evaluation"] < evaluated["phases"]["evaluation"] / 4
 
 
 def test_lora_count_matches_add_lora():
@@ -118,3 +124,45 @@ def test_composed_peak_matches_a_measured_rlr_update():
                             h=2, fo_steps=2)
     assert r["measured"] > r["weights"]
     assert abs(r["rel_error"]) < 0.10, r
+
+
+def test_full_size_validation_corrects_resident_memory_from_its_largest_run():
+    """benchmarks.memory_validation: the uncorrected prediction is libraries + the composition's tensor
+    bytes; the corrected one scales the update's tensor bytes by the RSS growth of the largest run of the
+    option (its error is then 0) and is checked on the smaller run."""
+    from benchmarks import memory_validation as mv
+
+    def point(comp, arch, lat, n, peak, retained, nograd):
+        return {"component": comp, "arch": arch, "variant": "plain", "n": n, "lat": lat, "pixels": lat * lat,
+                "peak": peak, "retained": retained, "nograd_peak": nograd}
+
+    G = 1e9
+    points = [point("unet", "sd15", 32, 4, 1.0 * G, 0.9 * G, 0.1 * G),
+              point("vae", "sd-vae", 32, 2, 2.0 * G, 2.0 * G, 0.2 * G),
+              point("unet", "sd15", 16, 4, 0.3 * G, 0.25 * G, 0.03 * G),
+              point("vae", "sd-vae", 16, 2, 0.5 * G, 0.5 * G, 0.05 * G)]
+    counts = {"unet_sd15": 1e9, "vae": 1e8, "text_sd15": 1e8, "lora_sd15_r4": 1e6, "reward": 4e8}
+    persistent = 4.0 * (1e9 + 1e8 + 1e8) + 16.0 * 1e6  # fp32 weights, no reward model; LoRA + grad + Adam
+    libs, extra = 0.3 * G, 0.1 * G
+    act256 = 2.9 * G + 4.0 * (7 * 2 * 4 * 32 * 32 + 2 * 3)  # first-order: step retained + decode peak; the chain
+    act128 = 0.75 * G + 4.0 * (7 * 2 * 4 * 16 * 16 + 2 * 3)
+    built = libs + persistent + extra
+
+    def run(growth):
+        return {"rss_libraries": libs, "rss_built": built, "peak_update": built + growth, "peak_load": built,
+                "update_seconds": 1.0}
+
+    data = {"counts": counts, "points": points, "traced": {"no options, 128 px": {"tensor_peak": act128 / 1.02}},
+            "runs": {"no options, 256 px": run(1.25 * act256), "no options, 128 px": run(1.5 * act128)}}
+    rows = {r["case"]: r for r in mv.compare(data)}
+    big, small = rows["no options, 256 px"], rows["no options, 128 px"]
+    assert big["tensor_predicted"] == pytest.approx(act256) and small["tensor_predicted"] == pytest.approx(act128)
+    assert big["predicted"] == pytest.approx(libs + persistent + act256)
+    assert big["error"] == pytest.approx((libs + persistent + act256) / (built + 1.25 * act256) - 1)
+    assert big["fitted_on"] and not small["fitted_on"]
+    assert big["rss_growth_ratio"] == pytest.approx(1.25) and big["corrected_error"] == pytest.approx(0, abs=1e-12)
+    assert small["corrected"] == pytest.approx(built + 1.25 * act128)
+    assert small["corrected_error"] == pytest.approx((built + 1.25 * act128) / (built + 1.5 * act128) - 1)
+    assert small["tensor_error"] == pytest.approx(0.02) and big["tensor_error"] is None
+    text = "\n".join(mv.doc_section({**data, "date": "d", "machine": "m"}))
+    assert "| no options, 128 px |" in text and "+2.0%" in text and "(sets the factor)" in text

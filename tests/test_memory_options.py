@@ -37,6 +37,7 @@ def test_gradient_checkpointing_gives_the_same_gradient_with_one_step_in_memory(
     assert m_plain["steps_in_memory"] == 2 and m_ckpt["steps_in_memory"] == 1
     assert m_ckpt["model_calls"] == m_plain["model_calls"] + 4  # one more forward per backpropagated step
     assert trainer.t2i.decode_one_at_a_time and trainer.t2i.unet.is_gradient_checkpointing
+    assert trainer.t2i.vae.is_gradient_checkpointing
 
 
 def test_gradient_checkpointing_lowers_the_peak_memory_of_an_update(tmp_path):
@@ -50,6 +51,22 @@ def test_gradient_checkpointing_lowers_the_peak_memory_of_an_update(tmp_path):
     assert peaks[True] < 0.8 * peaks[False], peaks
 
 
+def test_gradient_checkpointing_covers_the_vae_decoder(tmp_path):
+    """The decode + reward backward is the largest activation term at full size (docs/memory.md): the option
+    checkpoints the decoder's blocks as well as slicing it per image."""
+    trainer = Trainer(TrainConfig(steps=1, output_dir=tmp_path, run_name="v", gradient_checkpointing=True, **TINY),
+                      progress=False)
+    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+
+    def decode_backward():
+        trainer.decode(z).sum().backward()
+    decode_backward()  # warm-up
+    with_vae = peak_allocated(decode_backward)
+    trainer.t2i.vae.disable_gradient_checkpointing()
+    without_vae = peak_allocated(decode_backward)
+    assert with_vae < 0.8 * without_vae, (with_vae, without_vae)
+
+
 def test_sliced_decode_equals_batched_decode_with_its_gradient(tmp_path):
     trainer = Trainer(TrainConfig(steps=1, output_dir=tmp_path, run_name="d", **TINY), progress=False)
     z = torch.randn(3, *trainer.latent_shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -61,7 +78,10 @@ def test_sliced_decode_equals_batched_decode_with_its_gradient(tmp_path):
         images = trainer.decode(z)
         (images * weights).sum().backward()
         outs.append((images.detach(), z.grad.clone()))
+    with torch.no_grad():  # evaluation images: one at a time too
+        outs.append((trainer.decode(z), outs[1][1]))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][0], outs[2][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
 
 
@@ -135,6 +155,7 @@ def test_the_defaults_leave_the_model_as_loaded(tmp_path):
     a, _, trainer = one_update_grads(tmp_path, "a")
     assert all(p.dtype == torch.float32 for p in trainer.t2i.unet.parameters())
     assert not trainer.t2i.decode_one_at_a_time and not trainer.t2i.unet.is_gradient_checkpointing
+    assert not trainer.t2i.vae.is_gradient_checkpointing
     b, _, _ = one_update_grads(tmp_path, "b", device="cpu", offload_text_encoders=False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 

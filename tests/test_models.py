@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from ldm_export import save_ldm_checkpoint  # tests/ helper: diffusers pipeline -> one LDM-layout file
+from benchmarks.ldm_export import save_ldm_checkpoint  # diffusers pipeline -> one LDM-layout file
 
 from rlr_backend.lora import save_kohya
 from rlr_backend.models.loader import load_model
@@ -119,12 +119,30 @@ def test_pickle_checkpoint_is_refused(tmp_path, name):
     assert not out.exists()
 
 
-def test_pickle_weights_in_a_folder_are_refused(folders, tmp_path):
-    bad = tmp_path / "f"
-    shutil.copytree(folders["sd1"], bad)
-    (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02")
-    with pytest.raises(InvalidModelFile, match="pickle"):
-        load_model(bad)
+def test_pickles_beside_safetensors_are_ignored_and_a_pickle_only_component_is_refused(folders, tmp_path, caplog):
+    """An official repository's full clone has .bin files beside the .safetensors ones: the safetensors are
+    loaded, the pickles never read (one info line); a component with only a pickle is refused naming it."""
+    import logging
+    import pickle
+
+    good = tmp_path / "f"
+    shutil.copytree(folders["sd1"], good)
+    for comp, name in (("unet", "diffusion_pytorch_model.bin"), ("text_encoder", "pytorch_model.bin"),
+                       ("vae", "diffusion_pytorch_model.fp16.bin")):
+        (good / comp / name).write_bytes(pickle.dumps({"x": 1}))
+    (good / "v1-5-pruned.ckpt").write_bytes(pickle.dumps({"x": 1}))
+    with caplog.at_level(logging.INFO, logger="rlr_backend.models.loader"):
+        model = load_model(good)
+    notes = [r.getMessage() for r in caplog.records if "pickle file" in r.getMessage()]
+    assert len(notes) == 1 and "ignoring 4 pickle file(s)" in notes[0], notes
+    torch.testing.assert_close(denoise(model), denoise(load_model(folders["sd1"])))
+
+    only = tmp_path / "only"
+    shutil.copytree(good, only)
+    (only / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(InvalidModelFile, match=r"the unet weights exist only as a pickle \(unet/diffusion_pytorch_model"
+                                               r"\.bin\); pickles are never loaded"):
+        load_model(only)
 
 
 # -- single-file checkpoints (ComfyUI/A1111 layout) ------------------------------------------------

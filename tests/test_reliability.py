@@ -35,7 +35,7 @@ def rows(run: Path) -> list[dict]:
     def refuse(token):
         raise ValueError(f"non-JSON token {token}")
     out = [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in out]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in out]
 
 
 def temp_files(run: Path) -> list[str]:
@@ -248,6 +248,16 @@ def test_cli_refuses_pickles_behind_symlinks(tiny_model, tmp_path, canary, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all("pickle" in line for line in err), err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_a_pickle_beside_the_safetensors_is_never_read(tiny_model, tmp_path, canary):
+    """A full clone of an official repository has .bin files beside the .safetensors ones: the model loads
+    from the safetensors and the canary is never unpickled (the fixture checks it after the test)."""
+    from rlr_backend.models.loader import load_model
+
+    beside = model_with_symlinked_pickle(tiny_model, tmp_path / "b", pickle_payloads(canary)["torch-zip"],
+                                         "diffusion_pytorch_model.bin", beside=True)
+    assert load_model(beside).unet is not None
 
 
 def test_the_app_refuses_a_pickle_behind_a_symlinked_model_folder(tiny_model, tmp_path, canary):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import InvalidModelFile, load_tensors, nonfinite_count, save_tensors
+from ..safe_io import InvalidModelFile, load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -95,75 +95,73 @@ def check_lora_version(metadata: dict[str, str], model_version: str, source: str
 
 
 def load_lora(unet: torch.nn.Module, path: str | Path, adapter_name: str = "default",
-              model_version: str | None = None) -> list[torch.nn.Parameter]:
-    """Add the LoRA in a kohya file (as written by ``save_kohya``) to ``unet``; returns its parameters.
-    With ``model_version`` (the model's ``ss_base_model_version``) a LoRA whose header names another
-    architecture is refused before anything changes."""
+              model_version: str | None = None, text_encoders: dict[str, torch.nn.Module] | None = None
+              ) -> list[torch.nn.Parameter]:
+    """Add the LoRA in ``path`` (kohya, diffusers or PEFT keys: see :mod:`rlr_backend.lora.formats`) to ``unet``
+    and, for its text-encoder parts, to ``text_encoders`` ({"text_encoder": ..., "text_encoder_2": ...});
+    returns the UNet's LoRA parameters. With ``model_version`` (the model's ``ss_base_model_version``) a LoRA
+    whose header names another architecture is refused before anything changes."""
     tensors, metadata = load_tensors(path)
     if model_version is not None:
         check_lora_version(metadata, model_version, str(path))
-    return load_lora_state_dict(unet, tensors, adapter_name, source=str(path), model_version=model_version)
+    return load_lora_state_dict(unet, tensors, adapter_name, source=str(path), model_version=model_version,
+                                metadata=metadata, text_encoders=text_encoders)
 
 
 def load_lora_state_dict(unet: torch.nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
-                         source: str = "LoRA", model_version: str | None = None) -> list[torch.nn.Parameter]:
-    """Add a kohya state dict to ``unet`` as a peft adapter; ``source`` names it in error messages.
-    Every module name and shape is checked before the UNet is touched; ``model_version`` names the
-    model's architecture in the error."""
-    from peft import LoraConfig
+                         source: str = "LoRA", model_version: str | None = None, metadata: dict[str, str] | None = None,
+                         text_encoders: dict[str, torch.nn.Module] | None = None) -> list[torch.nn.Parameter]:
+    """Add a LoRA state dict (any format of :mod:`rlr_backend.lora.formats`) to ``unet`` (and ``text_encoders``)
+    as a peft adapter; ``source`` names it in error messages. Every module name and shape is checked before
+    anything is touched; ``model_version`` names the model's architecture in the error. Text-encoder parts
+    without a text encoder to apply them to are skipped with a warning."""
+    from .formats import lora_config, parse_lora
 
-    path = source
     arch = f" (the model is {model_family(model_version)}; was the LoRA made for another base model, e.g. SDXL vs SD1.5?)" \
         if model_version else " (another base model?)"
-    modules = dict(unet.named_modules())
-    names = {n.replace(".", "_"): n for n, _ in unet.named_modules()}
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if not torch.is_tensor(value) or not value.is_floating_point():
-            kind = value.dtype if torch.is_tensor(value) else type(value).__name__
-            raise InvalidModelFile(f"{path}: tensor {key!r} is {kind}, not a floating-point tensor")
-        bad = nonfinite_count(value)
-        if bad:
-            raise InvalidModelFile(f"{path}: tensor {key!r} holds {bad} NaN/inf values; the LoRA is damaged")
-        if not key.startswith(KOHYA_PREFIX):
-            raise InvalidModelFile(f"{path}: unexpected key {key!r} (only UNet LoRA keys 'lora_unet_...' are supported)")
-        module_key, _, suffix = key[len(KOHYA_PREFIX):].partition(".")
-        groups.setdefault(module_key, {})[suffix] = value
-    targets, ranks, alphas = {}, set(), set()
-    for module_key, parts in groups.items():
-        if module_key not in names:
-            raise InvalidModelFile(f"{path}: LoRA module {module_key!r} does not exist in this UNet{arch}")
-        if not {"lora_down.weight", "lora_up.weight"} <= parts.keys():
-            raise InvalidModelFile(f"{path}: module {module_key!r} lacks lora_down/lora_up weights")
-        w = getattr(modules[names[module_key]], "weight", None)
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        alpha_ok = "alpha" not in parts or parts["alpha"].numel() == 1
-        if down.dim() < 2 or up.dim() < 2 or up.shape[1] != down.shape[0] or not alpha_ok:
-            raise InvalidModelFile(f"{path}: LoRA module {module_key!r} has mismatched shapes: lora_up "
-                                   f"{list(up.shape)}, lora_down {list(down.shape)}"
-                                   f"{', alpha ' + str(list(parts['alpha'].shape)) if 'alpha' in parts else ''}")
-        if w is not None and (up.shape[0] != w.shape[0] or down[0].numel() != w[0].numel()):
-            raise InvalidModelFile(f"{path}: LoRA module {module_key!r} has shape {tuple(up.shape)} x "
-                                   f"{tuple(down.shape)} but the layer is {tuple(w.shape)}{arch}")
-        rank = parts["lora_down.weight"].shape[0]
-        ranks.add(rank)
-        alphas.add(float(parts["alpha"]) if "alpha" in parts else float(rank))
-        targets[names[module_key]] = parts
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise InvalidModelFile(f"{path}: mixed ranks {sorted(ranks)} / alphas {sorted(alphas)} are not supported")
-    rank, alpha = ranks.pop(), alphas.pop()
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), init_lora_weights=False)
-    unet.add_adapter(config, adapter_name=adapter_name)
-    params = []
-    with torch.no_grad():
-        for name, m in unet.named_modules():
-            if name in targets:
-                for layer, key in ((m.lora_A[adapter_name], "lora_down.weight"), (m.lora_B[adapter_name], "lora_up.weight")):
-                    value = targets[name][key]
-                    if value.numel() != layer.weight.numel():
-                        unet.delete_adapters(adapter_name)
-                        raise InvalidModelFile(f"{path}: tensor {KOHYA_PREFIX}{name.replace('.', '_')}.{key} has shape "
-                                               f"{list(value.shape)}, the layer needs {list(layer.weight.shape)}")
-                    layer.weight.copy_(value.float().reshape(layer.weight.shape))
-                params += [m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight]
+    models = {"unet": unet, **(text_encoders or {})}
+    parsed = parse_lora(tensors, metadata, models, source, arch)
+    skipped = {t: len(mods) for t, mods in parsed.items() if t not in models}
+    if skipped:
+        logger.warning("%s: %s not applied (no such text encoder here; only the UNet is adapted)", source,
+                       ", ".join(f"{n} {t.replace('_', ' ')} module(s)" for t, n in skipped.items()))
+    if not parsed.get("unet") and not any(parsed.get(t) for t in models if t != "unet"):
+        raise InvalidModelFile(f"{source}: no module of this model is adapted by the LoRA")
+    params: list[torch.nn.Parameter] = []
+    for target, model in models.items():
+        modules = parsed.get(target)
+        if not modules:
+            continue
+        _add_adapter(model, target, lora_config(modules), adapter_name)
+        with torch.no_grad():
+            for path, m in modules.items():
+                layer = model.get_submodule(path)
+                for lora_layer, value in ((layer.lora_A[adapter_name], m.down), (layer.lora_B[adapter_name], m.up)):
+                    lora_layer.weight.copy_(value.to(lora_layer.weight.dtype).reshape(lora_layer.weight.shape))
+                if target == "unet":
+                    params += [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight]
+        logger.info("%s: LoRA on %d %s module(s)", source, len(modules), target.replace("_", " "))
     return params
+
+
+def _add_adapter(model: torch.nn.Module, target: str, config, adapter_name: str) -> None:
+    """diffusers' ``add_adapter`` on the UNet (it keeps the adapter list ``set_adapters`` uses); peft's injection
+    on a text encoder (transformers' own ``add_adapter`` wants a newer peft), with only this adapter active."""
+    if target == "unet":
+        model.add_adapter(config, adapter_name=adapter_name)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    for layer in model.modules():
+        if adapter_name in getattr(layer, "lora_A", {}) and hasattr(layer, "set_adapter"):
+            layer.set_adapter([adapter_name])
+
+
+def set_lora_scale(modules, adapter_name: str, strength: float) -> None:
+    """Scale the ``adapter_name`` LoRA of every peft layer in ``modules`` (UNet, text encoders) by ``strength``
+    (0 gives the base model exactly)."""
+    for module in modules:
+        for layer in module.modules():
+            if hasattr(layer, "set_scale") and adapter_name in getattr(layer, "lora_A", {}):
+                layer.set_scale(adapter_name, float(strength))

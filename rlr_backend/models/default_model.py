@@ -74,13 +74,15 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-def load_default_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_default_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu",
+                          dtype: torch.dtype | dict[str, torch.dtype] = torch.float32):
     """Load the default model as a diffusers ``StableDiffusionPipeline``, offline.
 
     Args:
         path: model folder; default :data:`DEFAULT_MODEL_DIR`.
         device: torch device to move the pipeline to.
-        dtype: parameter dtype (float32 recommended on CPU).
+        dtype: parameter dtype (float32 recommended on CPU), or diffusers' component -> dtype dict
+            (``"default"`` for the others).
 
     Returns:
         The pipeline, with ``safety_checker=None`` and the progress bar disabled.
@@ -101,15 +103,15 @@ def load_default_pipeline(path: str | Path | None = None, device: str | torch.de
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
+            dtype=dtype,
         )
     except Exception as e:  # corrupt weights or configs: diffusers/safetensors raise many types
         raise ValueError(
             f"could not load the default model from {p} ({type(e).__name__}: {e}); "
             f"rebuild it with: python -m rlr_backend.models.pretrain_default --out {p}"
         ) from e
-    if pipe.unet.dtype != dtype:
-        pipe = pipe.to(dtype=dtype)
-    pipe = pipe.to(device)
+    if torch.device(device).type != "cpu":  # loaded on the CPU (diffusers warns about fp16 on a .to("cpu"))
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.rlr_base_model_version = BASE_MODEL_VERSION  # read by DiffusersModel
     logger.debug("loaded default model from %s", p)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..lora import add_lora, kohya_state_dict, load_lora_state_dict
+from ..lora import add_lora, kohya_state_dict, load_lora_state_dict, set_lora_scale
 from ..sampling import DDIMSchedule
 from .diffusers_unet import DiffusersUNetDenoiser, TextConditioning
 
@@ -61,7 +61,8 @@ class DiffusersModel:
     def denoiser(self, guidance_scale: float) -> DiffusersUNetDenoiser:
         return DiffusersUNetDenoiser(self.unet, guidance_scale)
 
-    #: decode one image at a time, recomputing its activations in backward (``gradient_checkpointing``)
+    #: decode one image at a time (``gradient_checkpointing``): under grad each image under a checkpoint (only
+    #: its latent and image are kept until backward), without grad simply one after the other
     decode_one_at_a_time: bool = False
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -70,9 +71,11 @@ class DiffusersModel:
             z = z.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
             return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
 
-        if self.decode_one_at_a_time and torch.is_grad_enabled() and latents.shape[0] > 1:
+        if not self.decode_one_at_a_time or latents.shape[0] == 1:
+            return run(latents)
+        if torch.is_grad_enabled():
             return torch.cat([checkpoint(run, z, use_reentrant=False) for z in latents.split(1)])
-        return run(latents)
+        return torch.cat([run(z) for z in latents.split(1)])
 
     def add_lora(self, rank: int, alpha: float | None, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
         add_lora(self.unet, rank=rank, alpha=alpha, seed=seed)
@@ -81,9 +84,18 @@ class DiffusersModel:
     def lora_state_dict(self, dtype: torch.dtype = torch.float16) -> tuple[dict[str, Tensor], int, float]:
         return kohya_state_dict(self.unet, dtype=dtype)
 
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name (a LoRA's text-encoder parts go to them)."""
+        return {name: getattr(self.pipe, name) for name in ("text_encoder", "text_encoder_2")
+                if getattr(self.pipe, name, None) is not None}
+
     def load_lora(self, state_dict: dict[str, Tensor], strength: float = 1.0) -> None:
+        """Apply a LoRA (kohya, diffusers or PEFT keys; its text-encoder parts too) at ``strength``."""
         adapters = getattr(self.unet, "peft_config", {}) or {}
         name = f"applied_{len(adapters)}"
+        encoders = self.text_encoders()
         load_lora_state_dict(self.unet, state_dict, adapter_name=name, source="LoRA",
-                             model_version=self.base_model_version)
+                             model_version=self.base_model_version, text_encoders=encoders)
         self.unet.set_adapters([name], weights=[strength])
+        set_lora_scale(encoders.values(), name, strength)
+        self._emb_cache.clear()  # embeddings from before a text-encoder LoRA are stale

@@ -8,12 +8,21 @@
 * a single-file ``.safetensors`` checkpoint (ComfyUI/A1111 layout), see
   :mod:`rlr_backend.models.single_file`.
 
-Weights are read from ``.safetensors`` only (``use_safetensors=True``); pickles are refused before
-anything is loaded: the folder scan follows symlinks (a linked ``unet/`` is scanned too) and judges
-files by their first bytes as well as their names, and every sharded-weights index may name only
-``.safetensors`` files of its own folder. Nothing is ever downloaded (``local_files_only=True``,
-``HF_HUB_OFFLINE=1``). After loading, every weight must be finite and the scheduler's noise schedule
-valid, or the model is refused naming the tensor.
+Weights are read from ``.safetensors`` only (``use_safetensors=True``); no pickle is ever loaded. The
+folder scan follows symlinks (a linked ``unet/`` is scanned too) and judges files by their real names
+and, for ``.safetensors``, by their first bytes: a pickle under a ``.safetensors`` name is refused; pickles
+*beside* the safetensors weights (a full clone of an official repository ships ``.bin`` files too) are
+ignored with one info line; a component whose weights exist only as a pickle is refused naming it.
+Every sharded-weights index may name only ``.safetensors`` files of its own folder. Nothing is ever
+downloaded (``local_files_only=True``, ``HF_HUB_OFFLINE=1``).
+
+Precision: the UNet and the VAE are loaded in ``dtype`` and the text encoders in
+``text_encoder_dtype``, straight from the files (diffusers/transformers build the modules on the meta
+device and cast each tensor as it is read; a folder's ``*.fp16.safetensors`` variant is read when a
+half precision is asked for and every component has one), so peak memory stays near the loaded
+model's size (docs/models.md has the measured figures). The memory a load needs is checked against
+the memory available before anything is read. After loading, every weight must be finite and the
+scheduler's noise schedule valid, or the model is refused naming the tensor.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..safe_io import PICKLE_SUFFIXES, InvalidModelFile, index_shards, nonfinite_count, one_line, safetensors_header
+from .weights import has_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +68,12 @@ def check_pipeline_dir(path: str | Path) -> str:
     if cls not in PIPELINE_LAYOUTS:
         raise ValueError(f"{p}: unsupported architecture {cls!r}; supported diffusers pipelines: "
                          f"{', '.join(f'{k} ({v[0]})' for k, v in PIPELINE_LAYOUTS.items())}")
-    scan_model_folder(p)
+    scan_model_folder(p, PIPELINE_LAYOUTS[cls][1])
     missing = []
     for comp in PIPELINE_LAYOUTS[cls][1]:
         if not (p / comp / "config.json").is_file():
             missing.append(f"{comp}/config.json")
-        if not any((p / comp).glob("*.safetensors")):
+        if not weight_files(p / comp):
             missing.append(f"{comp}/*.safetensors")
     for tok in _TOKENIZERS[cls]:
         if not (p / tok).is_dir():
@@ -88,21 +98,46 @@ def _walk(root: Path):
             yield Path(dirpath) / name
 
 
-def scan_model_folder(folder: Path) -> None:
-    """Refuse a model folder holding anything pickled, behind symlinks too: by suffix (of the name and of
-    a symlink's target) and, for weight files, by their first bytes; check every sharded-weights index."""
+def _is_pickle_name(f: Path) -> bool:
+    """A pickle by its name or, for a symlink, by its target's name."""
+    return any(n.lower().endswith(PICKLE_SUFFIXES) for n in (f.name, Path(os.path.realpath(f)).name))
+
+
+def weight_files(component: Path) -> list[Path]:
+    """The ``.safetensors`` weight files of a component folder (by their real names: a link named
+    ``.safetensors`` to a pickle does not count)."""
+    if not component.is_dir():
+        return []
+    return sorted(f for f in component.iterdir() if f.name.lower().endswith(".safetensors") and not _is_pickle_name(f))
+
+
+def scan_model_folder(folder: Path, components: tuple[str, ...] = ()) -> None:
+    """Check a model folder, behind symlinks too, before anything is loaded: every ``.safetensors`` file
+    must be safetensors by its bytes (a pickle renamed is refused) with float weights, and every
+    sharded-weights index may name only ``.safetensors`` shards of its own folder. Pickles are never
+    read: beside safetensors weights they are ignored (one info line); a component of ``components``
+    whose weights exist only as a pickle is refused naming it."""
     pickles = []
     for f in _walk(folder):
-        names = {f.name.lower(), Path(os.path.realpath(f)).name.lower()}
-        if any(n.endswith(PICKLE_SUFFIXES) for n in names):
-            pickles.append(str(f.relative_to(folder)))
+        if _is_pickle_name(f):
+            pickles.append(f)
         elif f.name.lower().endswith(".safetensors"):
             check_float_weights(f)  # a pickle renamed .safetensors is refused by its bytes
         elif f.name.endswith(".index.json"):
             index_shards(f)
+    only_pickled = [c for c in components if not weight_files(folder / c)
+                    and any(p.parent == folder / c or os.path.realpath(p.parent) == os.path.realpath(folder / c)
+                            for p in pickles)]
+    if only_pickled:
+        comp = only_pickled[0]
+        names = sorted(p.name for p in pickles if os.path.realpath(p.parent) == os.path.realpath(folder / comp))
+        raise InvalidModelFile(f"{folder}: the {comp} weights exist only as a pickle ({comp}/{names[0]}); pickles are "
+                               "never loaded: convert it to .safetensors with a tool you trust, or use a copy of the "
+                               "model that ships .safetensors")
     if pickles:
-        raise InvalidModelFile(f"{folder} contains pickle weights ({', '.join(sorted(pickles)[:3])}); only .safetensors "
-                               "is accepted")
+        shown = sorted(str(p.relative_to(folder)) for p in pickles)
+        logger.info("%s: ignoring %d pickle file(s) beside the .safetensors weights (%s%s); pickles are never loaded",
+                    folder, len(shown), ", ".join(shown[:3]), ", ..." if len(shown) > 3 else "")
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
@@ -122,9 +157,10 @@ def check_float_weights(path: Path, only: tuple[str, ...] = ("",)) -> None:
                                    "point (the file is damaged or not a model)")
 
 
-def check_weights(pipe, source: object) -> None:
-    """Refuse a loaded pipeline whose weights hold NaN/inf or non-float tensors, or whose noise schedule is
-    not a valid one (a NaN ``beta_start`` gives NaN images), naming the component and the tensor."""
+def check_weights(pipe, source: object, finite: bool = True) -> None:
+    """Refuse a loaded pipeline whose weights hold NaN/inf (with ``finite``) or non-float tensors, or whose
+    noise schedule is not a valid one (a NaN ``beta_start`` gives NaN images), naming the component and
+    the tensor."""
     for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, comp, None)
         if module is None:
@@ -132,7 +168,7 @@ def check_weights(pipe, source: object) -> None:
         for name, t in module.state_dict().items():
             if not t.is_floating_point() and not name.endswith(INTEGER_BUFFERS):
                 raise InvalidModelFile(f"{source}: {comp} tensor {name!r} has dtype {t.dtype}, not a floating type")
-            bad = nonfinite_count(t)
+            bad = nonfinite_count(t) if finite and has_nonfinite(t) else 0
             if bad:
                 raise InvalidModelFile(f"{source}: {comp} tensor {name!r} holds {bad} NaN/inf values (of "
                                        f"{t.numel()}); the weights are damaged")
@@ -146,13 +182,46 @@ def check_weights(pipe, source: object) -> None:
                                "cumulative alphas outside (0, 1]; the scheduler config is damaged")
 
 
-def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.float32, **single_file):
-    """The diffusers pipeline for ``model`` (see the module docstring), on CPU, progress bar off.
-    ``single_file`` options (``image_size``, ``prediction_type``) apply to single-file checkpoints only."""
-    from .default_model import load_default_pipeline
+def _variant_of(f: Path) -> str | None:
+    """``fp16`` for ``model.fp16.safetensors`` / ``model.fp16-00001-of-00002.safetensors``, None without a variant."""
+    stem = f.name[:-len(".safetensors")].split("-0", 1)[0]
+    return stem.rsplit(".", 1)[1] if "." in stem else None
 
+
+def _half_variant(folder: Path, components: tuple[str, ...]) -> str | None:
+    """``fp16`` when every component has ``*.fp16.safetensors`` weights (the official repositories' half
+    precision copies), else None."""
+    ok = all(any(_variant_of(f) == "fp16" for f in weight_files(folder / c)) for c in components)
+    return "fp16" if ok else None
+
+
+def _folder_weight_bytes(folder: Path, components: tuple[str, ...], variant: str | None,
+                         dtypes: dict[str, torch.dtype]) -> int:
+    """Bytes the components' weights take once loaded in their dtypes, from the headers of the files
+    diffusers will read."""
+    from .weights import header_tensors, tensor_bytes
+
+    total = 0
+    for comp in components:
+        dtype = dtypes.get(comp, dtypes["default"])
+        for f in weight_files(folder / comp):
+            if _variant_of(f) == variant:
+                total += tensor_bytes(header_tensors(f).values(), lambda t: dtype)
+    return total
+
+
+def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                  text_encoder_dtype: torch.dtype | None = None, **single_file):
+    """The diffusers pipeline for ``model`` (see the module docstring), on CPU, progress bar off: UNet and
+    VAE in ``dtype``, text encoders in ``text_encoder_dtype`` (default ``dtype``). ``single_file`` options
+    (``image_size``, ``prediction_type``) apply to single-file checkpoints only."""
+    from .default_model import load_default_pipeline
+    from .weights import check_memory
+
+    text_dtype = text_encoder_dtype or dtype
+    dtypes = {"default": dtype, "text_encoder": text_dtype, "text_encoder_2": text_dtype}
     if model is None:
-        pipe = load_default_pipeline()
+        pipe = load_default_pipeline(dtype=dtypes)
         check_weights(pipe, "the embedded default model")
         return pipe
     p = Path(model)
@@ -165,8 +234,8 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
 
         if p.is_file() and p.suffix.lower() == ".safetensors":
             check_float_weights(p, SINGLE_FILE_PARTS)
-        pipe = load_single_file(p, dtype=dtype, **single_file)
-        check_weights(pipe, p)
+        pipe = load_single_file(p, dtype=dtype, text_encoder_dtype=text_dtype, **single_file)
+        check_weights(pipe, p, finite=False)  # each tensor was checked as it was read, naming the file's key
         return pipe
     if single_file:
         raise ValueError(f"{', '.join(single_file)} only apply to single-file checkpoints; a diffusers folder's "
@@ -174,18 +243,25 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
     cls = check_pipeline_dir(p)
     import diffusers
 
-    kwargs = dict(local_files_only=True)
+    components = PIPELINE_LAYOUTS[cls][1]
+    # half precision: read the fp16 copies when the folder has them (half the bytes; fp32 text encoders are
+    # then upcast from them)
+    variant = _half_variant(p, components) if dtype != torch.float32 else None
+    needed = _folder_weight_bytes(p, components, variant, dtypes)
+    check_memory(needed, f"{p.name} ({cls}, {needed / 1e9:.1f} GB of weights)")
+    kwargs = dict(local_files_only=True, low_cpu_mem_usage=True)
     if cls == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         kwargs.update(add_watermarker=False)
     try:
-        pipe = getattr(diffusers, cls).from_pretrained(str(p), dtype=dtype, use_safetensors=True, **kwargs)
+        pipe = getattr(diffusers, cls).from_pretrained(str(p), dtype=dtypes, use_safetensors=True, variant=variant,
+                                                       **kwargs)
     except Exception as e:  # corrupt weights or configs: diffusers/safetensors raise many types
         raise ValueError(f"could not load the {cls} folder {p} ({type(e).__name__}: {one_line(e)[:500]})") from e
     check_weights(pipe, p)
     pipe.set_progress_bar_config(disable=True)
-    logger.info("loaded %s (%s) from %s", cls, PIPELINE_LAYOUTS[cls][0], p)
+    logger.info("loaded %s (%s) from %s%s", cls, PIPELINE_LAYOUTS[cls][0], p, f" ({variant} weights)" if variant else "")
     return pipe
 
 
@@ -203,7 +279,8 @@ def model_for_pipeline(pipe):
     raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(PIPELINE_LAYOUTS)}")
 
 
-def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32, **single_file):
+def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               text_encoder_dtype: torch.dtype | None = None, **single_file):
     """Load ``model`` (None: the embedded default; a diffusers folder; a single-file .safetensors) as
-    the ``TrainableModel`` of its architecture (``single_file``: see :func:`load_pipeline`)."""
-    return model_for_pipeline(load_pipeline(model, dtype=dtype, **single_file))
+    the ``TrainableModel`` of its architecture (dtypes and ``single_file``: see :func:`load_pipeline`)."""
+    return model_for_pipeline(load_pipeline(model, dtype=dtype, text_encoder_dtype=text_encoder_dtype, **single_file))

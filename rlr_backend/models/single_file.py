@@ -20,7 +20,12 @@ from the state dict alone and writes no file:
    (scaled-linear betas 0.00085..0.012, 1000 steps, leading spacing, offset 1).
 3. **convert** keys with diffusers' converters (``convert_ldm_unet_checkpoint``,
    ``convert_ldm_vae_checkpoint``, ``convert_open_clip_checkpoint``) and load strictly: a missing or
-   extra tensor is an error, never silently random-initialised.
+   extra tensor, or one of another shape, is an error naming the file's key and the diffusers one, never
+   silently random-initialised.
+
+All of this runs on the header's shapes (meta tensors) before any data is read; then the modules,
+built on the meta device, receive each tensor read and cast to its target dtype on its own
+(:mod:`rlr_backend.models.weights`), so the load's peak memory is about the loaded model's size.
 
 Prediction type: ``prediction_type=`` if given; else v-prediction when the file carries ComfyUI's
 ``v_pred`` marker key, or for SD2.x (SD2.x-768 is v; SD2-base 512 checkpoints need
@@ -36,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import InvalidModelFile, load_tensors
+from ..safe_io import InvalidModelFile
+from .weights import assign_weights, check_memory, empty_weights, header_tensors, read_tensors, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -175,36 +181,92 @@ def _text_config(t: dict, prefix: str, kind: str, arch: str):
                           bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if kind == "clip" else 0)
 
 
-def _load_strict(module: torch.nn.Module, sd: dict, what: str, source: str) -> None:
-    expected = set(module.state_dict())
-    bad_extra = {k for k in sd if k not in expected}
-    missing = expected - set(sd)
-    if missing or bad_extra:
-        raise UnsupportedCheckpoint(
-            f"{source}: the {what} weights do not match the architecture inferred from them ("
-            f"{len(missing)} missing, e.g. {sorted(missing)[:2]}; {len(bad_extra)} unexpected, e.g. {sorted(bad_extra)[:2]}); "
-            f"expected an {SUPPORTED}")
-    module.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=True)
+class _Traced(torch.Tensor):
+    """A meta tensor that remembers the file key it came from through any operation (slicing, transposes,
+    splits, copies), so a converted diffusers key can be traced back to the key in the user's file."""
+
+    src: str
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = super().__torch_function__(func, types, args, kwargs)
+        src = next((getattr(a, "src", None) for a in (*args, *kwargs.values()) if isinstance(a, _Traced)), None)
+        if src is not None:
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, _Traced):
+                    o.src = src
+        return out
 
 
-def _text_encoder(t: dict, prefix: str, kind: str, cfg, with_projection: bool, source: str):
+def _traced(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in shapes.items():
+        t = v.as_subclass(_Traced)
+        t.src = k
+        out[k] = t
+    return out
+
+
+def _text_state(t: dict, prefix: str, kind: str, model, cfg) -> dict[str, torch.Tensor]:
+    """A text encoder's tensors under ``model``'s names, without the ones SD checkpoints carry but the model
+    does not use (SD2's last OpenCLIP layer, OpenCLIP's logit scale and unused projection, position ids)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
     if kind == "clip":
         sd = {"text_model." + k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
     else:
         sd = convert_open_clip_checkpoint(model, t, prefix=prefix)
     if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
         sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    def unused(k: str) -> bool:  # SD2's last OpenCLIP layer, OpenCLIP's logit scale / unused projection
+    expected = model.state_dict()
+
+    def unused(k: str) -> bool:
         m = re.search(r"layers\.(\d+)\.", k)
         return bool(m and int(m.group(1)) >= cfg.num_hidden_layers) or k.endswith(("position_ids", "logit_scale")) \
             or k.startswith("text_projection")
-    _load_strict(model, {k: v for k, v in sd.items() if k in model.state_dict() or not unused(k)}, "text encoder",
-                 source)
-    return model
+    return {k: v for k, v in sd.items() if k in expected or not unused(k)}
+
+
+class _Part:
+    """One component of a single-file checkpoint: its module (built on the meta device), the file prefix
+    its tensors live under, and how its keys convert to the module's."""
+
+    def __init__(self, name: str, module: torch.nn.Module, prefix: str, convert, dtype: torch.dtype):
+        self.name, self.module, self.prefix, self.convert, self.dtype = name, module, prefix, convert, dtype
+
+    def check(self, traced: dict[str, torch.Tensor], source: str) -> dict[str, str]:
+        """Check every key and shape on the meta tensors (nothing read yet); returns module key -> file key.
+        Errors name the file's key, the module's key and the shapes."""
+        state = self.convert(traced)
+        expected = self.module.state_dict()
+        extra = sorted(k for k in state if k not in expected)
+        missing = sorted(k for k in expected if k not in state)
+        if missing or extra:
+            what = []
+            if missing:
+                what.append(f"{len(missing)} {self.name} tensor(s) have no tensor in the file, e.g. {missing[0]!r}")
+            if extra:
+                what.append(f"{len(extra)} tensor(s) of the file have no place in the {self.name}, e.g. "
+                            f"{state[extra[0]].src!r} (as {extra[0]!r})")
+            raise UnsupportedCheckpoint(f"{source}: the {self.name} weights do not match the architecture inferred "
+                                        f"from them ({'; '.join(what)}); expected an {SUPPORTED}")
+        for key, t in state.items():
+            want = tuple(expected[key].shape)
+            if tuple(t.shape) != want:
+                file_shape = list(traced[t.src].shape)
+                conv = f", converted to {list(t.shape)}" if list(t.shape) != file_shape else ""
+                raise UnsupportedCheckpoint(f"{source}: tensor {t.src!r} has shape {file_shape}{conv}, but the "
+                                            f"{self.name} needs {list(want)} there ({self.name} {key!r}); the file is "
+                                            "damaged or mixes parts of different models")
+        return {k: t.src for k, t in state.items()}
+
+    def load(self, path: Path, sources: dict[str, str]) -> None:
+        """Read this part's tensors (in its dtype), convert them and hand them to the module."""
+        real = read_tensors(path, {k: self.dtype for k in set(sources.values())})
+        state = self.convert(real)
+        del real  # tensors the conversion copied (OpenCLIP's fused q/k/v) are freed once assigned
+        assign_weights(self.module, {k: state[k] for k in sources})
 
 
 def _tokenizer(kind: str, max_length: int):
@@ -217,42 +279,66 @@ def _tokenizer(kind: str, max_length: int):
     return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=max_length, **kw)
 
 
-def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
-                     image_size: int | None = None):
+def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32, text_encoder_dtype: torch.dtype | None = None,
+                     prediction_type: str | None = None, image_size: int | None = None):
     """A StableDiffusionPipeline / StableDiffusionXLPipeline from one ``.safetensors`` checkpoint.
 
+    The UNet and the VAE are loaded in ``dtype``, the text encoders in ``text_encoder_dtype`` (default:
+    ``dtype``), each tensor read and cast on its own (:mod:`rlr_backend.models.weights`): peak memory is
+    the loaded model plus one tensor. Every key and shape is checked against the inferred architecture
+    before any data is read, and the memory the load needs against the memory available.
     ``image_size`` (pixels) sets the training/sampling resolution (default: the architecture's native
     size); ``prediction_type`` ("epsilon" | "v_prediction") overrides the rule in the module docstring.
-    Raises InvalidModelFile (pickle, corrupt file) or UnsupportedCheckpoint (naming the architecture)."""
+    Raises InvalidModelFile (pickle, corrupt file), UnsupportedCheckpoint (naming the architecture or the
+    file's tensor that does not fit) or NotEnoughMemory."""
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
         raise InvalidModelFile(f"{p}: single-file checkpoints must be .safetensors")
-    tensors, _ = load_tensors(p)  # refuses pickles and corrupt files
-    arch = detect_architecture(tensors, str(p))
+    shapes = header_tensors(p)  # refuses pickles and damaged files; no data read
+    arch = detect_architecture(shapes, str(p))
     if prediction_type is None:
-        prediction_type = "v_prediction" if ("v_pred" in tensors or arch == "sd2") else "epsilon"
+        prediction_type = "v_prediction" if ("v_pred" in shapes or arch == "sd2") else "epsilon"
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     size = image_size or (NATIVE_SIZE[arch] if arch != "sd2" or prediction_type == "v_prediction" else 512)
+    text_dtype = text_encoder_dtype or dtype
 
     encoders = TEXT_ENCODERS[arch]
-    text_cfgs = [_text_config(tensors, pre, kind, arch) for pre, kind in encoders]
-    vae_cfg = _vae_config(tensors, arch, size)
-    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    unet_cfg = _unet_config(tensors, arch, text_cfgs, size, vae_factor)
+    try:
+        text_cfgs = [_text_config(shapes, pre, kind, arch) for pre, kind in encoders]
+        vae_cfg = _vae_config(shapes, arch, size)
+        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        unet_cfg = _unet_config(shapes, arch, text_cfgs, size, vae_factor)
+    except (KeyError, StopIteration, IndexError) as e:
+        key = e.args[0] if isinstance(e, KeyError) and e.args else "a tensor the architecture needs"
+        raise UnsupportedCheckpoint(f"{p}: the {ARCH_NAMES[arch]} checkpoint lacks {key!r}; expected an "
+                                    f"{SUPPORTED}") from None
 
-    unet = UNet2DConditionModel.from_config(unet_cfg)
-    _load_strict(unet, convert_ldm_unet_checkpoint(tensors, dict(unet.config)), "UNet", str(p))
-    vae = AutoencoderKL.from_config(vae_cfg)
-    _load_strict(vae, convert_ldm_vae_checkpoint(tensors, dict(vae.config)), "VAE", str(p))
-    text = [_text_encoder(tensors, pre, kind, cfg, arch == "sdxl" and i == 1, str(p))
-            for i, ((pre, kind), cfg) in enumerate(zip(encoders, text_cfgs))]
+    with empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        vae = AutoencoderKL.from_config(vae_cfg)
+        text = [(CLIPTextModelWithProjection if arch == "sdxl" and i == 1 else CLIPTextModel)(cfg)
+                for i, cfg in enumerate(text_cfgs)]
+    parts = [_Part("UNet", unet, U, lambda t: convert_ldm_unet_checkpoint(t, dict(unet.config)), dtype),
+             _Part("VAE", vae, VAE, lambda t: convert_ldm_vae_checkpoint(t, dict(vae.config)), dtype)]
+    for i, ((pre, kind), cfg) in enumerate(zip(encoders, text_cfgs)):
+        name = "text encoder" if len(encoders) == 1 else f"text encoder {i + 1}"
+        parts.append(_Part(name, text[i], pre, lambda t, pre=pre, kind=kind, m=text[i], cfg=cfg:
+                           _text_state(t, pre, kind, m, cfg), text_dtype))
+    traced = _traced(shapes)
+    sources = [part.check(traced, str(p)) for part in parts]
+    needed = sum(tensor_bytes((shapes[k] for k in set(src.values())), lambda t, d=part.dtype: d)
+                 for part, src in zip(parts, sources))
+    check_memory(needed, f"{p.name} ({ARCH_NAMES[arch]}, {needed / 1e9:.1f} GB of weights)")
+    for part, src in zip(parts, sources):
+        part.load(p, src)
+
     toks = [_tokenizer(kind, cfg.max_position_embeddings) for (_, kind), cfg in zip(encoders, text_cfgs)]
-    del tensors
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                           steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading",
                           prediction_type=prediction_type)
@@ -263,8 +349,7 @@ def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32, pr
     else:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text[0], tokenizer=toks[0], unet=unet, scheduler=sched,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    logger.info("loaded %s single-file checkpoint %s (%s, %d px)", ARCH_NAMES[arch], p, prediction_type, size)
+    logger.info("loaded %s single-file checkpoint %s (%s, %d px; UNet/VAE %s, text encoders %s)", ARCH_NAMES[arch], p,
+                prediction_type, size, str(dtype).split(".")[-1], str(text_dtype).split(".")[-1])
     return pipe

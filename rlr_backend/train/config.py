@@ -41,8 +41,8 @@ def check_run_name(name: str) -> None:
             or name != name.strip():
         text = str(name)
         shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
-        raise ConfigError("run_name", f"run_name must be a plain folder name inside output_dir (1-128 characters, no '/', '\\', "
-                         f"control characters, leading '.' or surrounding spaces), got {shown!r}")
+        raise ConfigError("run_name", "run_name must be a plain folder name inside output_dir (1-128 characters, no "
+                                      f"'/', '\\', control characters, leading '.' or surrounding spaces), got {shown!r}")
 
 
 def _f(default, help: str, **kw):
@@ -63,16 +63,17 @@ class TrainConfig:
     reward: str = _f("prompt_alignment=1,brightness=1", "reward name, or weighted sum 'name=w,name=w'")
     estimator: str = _f("auto", "gradient estimator; auto: the measured choice for the reward (truncated backprop "
                                "when the reward is differentiable, else rlr)", choices=ESTIMATOR_CHOICES)
-    h: int = _f(2, "rlr: half-order sub-chain length")
-    fo_steps: int = _f(4, "rlr: backprop (first-order) through the last K steps (the paper uses 1; 4 learns faster, still unbiased)")
+    h: int = _f(2, "rlr: half-order sub-chain length", min=1)
+    fo_steps: int = _f(4, "rlr: backprop (first-order) through the last K steps (the paper uses 1; 4 learns faster, still unbiased)",
+                       min=1)
     zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
     nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
     prompt_split: tuple[float, float, float] = _f(DEFAULT_PROMPT_SPLIT, "fractions of the sampling steps for the "
                                                  "coarse / mid / fine versions of a prompt")
     ho_range: tuple[int, int] | None = _f(None, "rlr: draw the sub-chain start j in a..b (paper order, 1 = last step; default: "
                                                    "uniformly over the steps before the first-order ones)")
-    truncation: int = _f(2, "truncated_bp: number of last steps backpropagated")
-    chain_len: int = _f(2, "code_compat: number of single-step PPO terms")
+    truncation: int = _f(2, "truncated_bp: number of last steps backpropagated", min=1)
+    chain_len: int = _f(2, "code_compat: number of single-step PPO terms", min=1)
     steps: int = _f(60, "optimizer updates", min=1)
     batch_size: int = _f(8, "images sampled per update", min=2)
     images_per_prompt: int = _f(4, "images per prompt in a batch (the baseline compares images of one prompt)", min=1)
@@ -85,9 +86,9 @@ class TrainConfig:
     lora_rank: int = _f(4, "LoRA rank", min=1)
     lora_alpha: float | None = _f(None, "LoRA alpha (default: the rank)")
     seed: int = _f(0, "seed of the run (sampling noise, prompts, j)")
-    eval_every: int = _f(10, "evaluate every N updates (0: only at start and end)")
-    eval_seeds: int = _f(2, "evaluation images per evaluation prompt")
-    ckpt_every: int = _f(10, "checkpoint every N updates")
+    eval_every: int = _f(10, "evaluate every N updates (0: only at start and end)", min=0)
+    eval_seeds: int = _f(2, "evaluation images per evaluation prompt", min=1)
+    ckpt_every: int = _f(10, "checkpoint every N updates", min=1)
     kl_weight: float = _f(0.0, "guard: weight of the KL divergence to the base model along the sampled chain "
                                "(per-step Gaussian KL of the LoRA's transition to the base model's, estimated on "
                                "kl_steps steps drawn by their share of it; 0: off). Keeps the model near the base, "
@@ -101,8 +102,9 @@ class TrainConfig:
     device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")
     precision: str = _f("fp32", "weights of the frozen model: fp32, bf16 or fp16 (LoRA and optimizer stay fp32; "
                                 "bf16/fp16 halve the weights' memory on a GPU)", choices=PRECISION_NAMES)
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (UNet blocks, backpropagated "
-                                             "steps, the VAE per image): less memory, ~1 more forward per step")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: the UNet (its blocks and every "
+                                             "backpropagated step) and the VAE decoder (one image at a time, its "
+                                             "up-blocks), not reward models: less memory, ~1 more forward per step")
     offload_text_encoders: bool = _f(True, "keep the text encoders on the CPU in fp32 (prompts are encoded "
                                            "once and cached)")
     optimizer: str = _f("adam", "adam, or adam8bit (bitsandbytes, CUDA)", choices=OPTIMIZERS)

@@ -6,8 +6,12 @@ The options a consumer GPU needs (docs/memory.md has the measured memory model):
   optimizer state in fp32, model calls under ``torch.autocast``. fp16 also gets a dynamic loss scale
   (``DynamicLossScale``), because small LoRA gradients underflow in fp16; bf16 does not need one.
 * ``gradient_checkpointing``: diffusers' block checkpointing inside every UNet call with a graph, the
-  estimators' step-level checkpointing of a backpropagated window, and the VAE decoded one image at a
-  time with checkpointing. Gradients are unchanged; each backpropagated step costs one more forward.
+  estimators' step-level checkpointing of a backpropagated window, and the VAE decoder run one image at
+  a time (under grad: each image under a checkpoint, with diffusers' up-block checkpointing inside;
+  without grad, e.g. for evaluation images: one at a time). Reward models are not checkpointed: their
+  activations are a small part at their input size (CLIP ViT-L/14 at 224 px: 0.18 GB per image in
+  half precision, docs/memory.md). Gradients are unchanged; each backpropagated step costs one more
+  forward, a backpropagated decode two more.
 * ``offload_text_encoders``: text encoders stay on the CPU (prompts are encoded once and cached); only
   the UNet and the VAE go to the GPU.
 * ``optimizer = "adam8bit"``: bitsandbytes' 8-bit Adam when it is installed.
@@ -51,6 +55,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def load_dtypes(precision: str, offload_text_encoders: bool) -> dict[str, torch.dtype]:
+    """The dtypes to load a model in for these options, as :func:`prepare_model` keeps them (UNet and VAE in
+    ``precision``; text encoders fp32 when offloaded to the CPU, else ``precision``): keyword arguments of
+    ``models.loader.load_pipeline``, so the weights are read straight into them (no fp32 copy first)."""
+    dtype = PRECISIONS[precision]
+    return {"dtype": dtype, "text_encoder_dtype": torch.float32 if offload_text_encoders else dtype}
+
+
 def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str, precision: str,
                   gradient_checkpointing: bool, offload_text_encoders: bool) -> torch.device:
     """Move and cast a diffusers-backed ``TrainableModel`` after its LoRA was added: frozen weights to
@@ -87,6 +99,7 @@ def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str
     model.decode_one_at_a_time = gradient_checkpointing
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
     logger.info("model on %s, frozen weights %s, LoRA fp32%s%s", target, precision,
                 ", gradient checkpointing" if gradient_checkpointing else "",
                 ", text encoders on the CPU" if offload_text_encoders and target.type != "cpu" else "")

@@ -13,19 +13,20 @@ from typing import Sequence
 
 import torch
 
-from ..lora import load_lora
-from ..safe_io import nonfinite_count
+from ..lora import load_lora, set_lora_scale
 from ..models.loader import model_for_pipeline
 from ..models.trainable import ScheduledPrompt
 from ..models.trainable import sample_images as model_samples
-from ..safe_io import load_tensors
+from ..safe_io import load_tensors, nonfinite_count
 from .prompts import PromptSpec, schedule_from_metadata
 
 
 def add_lora_file(pipe, path: str | Path) -> None:
-    """Add the LoRA in a kohya ``.safetensors`` file to ``pipe.unet`` as adapter ``default`` (strength 1);
-    a LoRA made for another architecture (by its header, module names or shapes) is refused unchanged."""
-    load_lora(pipe.unet, path, model_version=model_for_pipeline(pipe).base_model_version)
+    """Add the LoRA in a ``.safetensors`` file (kohya, diffusers or PEFT keys) to ``pipe``'s UNet and text encoders
+    as adapter ``default`` (strength 1); a LoRA made for another architecture (by its header, module names or
+    shapes) or in an unknown format is refused unchanged."""
+    model = model_for_pipeline(pipe)
+    load_lora(pipe.unet, path, model_version=model.base_model_version, text_encoders=model.text_encoders())
 
 
 def lora_prompts(path: str | Path) -> tuple[tuple[PromptSpec, ...], tuple[float, float, float]]:
@@ -39,6 +40,8 @@ def set_lora_strength(pipe, strength: float) -> None:
     if not math.isfinite(strength):
         raise ValueError(f"the LoRA strength must be a finite number, got {strength}")
     pipe.unet.set_adapters(["default"], weights=[float(strength)])
+    set_lora_scale([getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None],
+                   "default", strength)
 
 
 def sample_images(pipe, prompts: Sequence[str | ScheduledPrompt], *, num_per_prompt: int = 1, steps: int = 20,

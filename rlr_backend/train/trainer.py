@@ -32,7 +32,7 @@ from ..sampling import PromptSchedule, sample_chain
 from .checkpoint import repair_latest
 from .config import TrainConfig
 from .distributed import DataParallel
-from .memory import (DynamicLossScale, autocast, make_optimizer, prepare_model, resolve_device,
+from .memory import (DynamicLossScale, autocast, load_dtypes, make_optimizer, prepare_model, resolve_device,
                      reward_models_in_precision)
 from .prompts import schedule_metadata
 from .report import diversity, save_before_after, save_grid, save_reward_curve
@@ -99,9 +99,13 @@ class Trainer:
         self.estimator_notes = describe_estimator(self.est_config, self.reward.differentiable)
         self.estimator_notes.log(once=False)
         self.prompt_split = tuple(float(f) for f in config.prompt_split)
-        PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)  # validates
+        if any(p.scheduled for p in config.prompts):  # validates the split (plain prompts: one segment)
+            PromptSchedule.from_fractions([None] * 3, self.prompt_split, config.num_inference_steps)
         if model is None:
-            model = model_for_pipeline(pipeline if pipeline is not None else load_pipeline(config.model, **config.single_file_options()))
+            if pipeline is None:  # read straight into the precision asked for (peak memory ~ the loaded model)
+                pipeline = load_pipeline(config.model, **load_dtypes(config.precision, config.offload_text_encoders),
+                                         **config.single_file_options())
+            model = model_for_pipeline(pipeline)
         self.t2i = model
         self.pipe = getattr(model, "pipe", None)  # the diffusers pipeline, when there is one
         self.named_params = model.add_lora(config.lora_rank, config.lora_alpha, config.seed)
@@ -252,7 +256,7 @@ class Trainer:
     def _report_dropped_terms(metrics: dict[str, float], step: int, reported: set[str]) -> None:
         """Log each kind of dropped (non-finite) estimator term once per run; metrics.jsonl counts them all."""
         for key, value in metrics.items():
-            if key.startswith("dropped_") and value and key not in reported:
+            if key.startswith("dropped_") and key.endswith("_term") and value and key not in reported:
                 reported.add(key)
                 logger.warning("update %d: a non-finite %s was dropped from the gradient (counted per update as %s "
                                "in metrics.jsonl; not logged again)", step, key[len("dropped_"):].replace("_", " "),
