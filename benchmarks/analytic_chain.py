@@ -1,6 +1,6 @@
 """Bias, variance and cost of every estimator on the linear-Gaussian chain with a known gradient.
 
-Runs the production estimators on ``rlr_backend.models.analytic_chain`` (d=3, T=8, DDIM eta=1,
+Runs the production estimators on ``rlr_backend.estimators.analytic_chain`` (d=3, T=8, DDIM eta=1,
 sigma growing with t as in SD) and writes a table: bias (norm and largest per-coordinate z-score
 against the exact gradient), trace of the covariance of one update at batch B, model calls (mean per update), and
 variance x cost, where cost = forward-equivalents (no-grad forward 1, forward+backward 3).
@@ -20,7 +20,7 @@ import torch
 from rlr_backend.estimators import (CodeCompatConfig, DDPOConfig, FullBPConfig, RLRConfig, TruncatedBPConfig,
                                     ZOConfig, code_compat_estimate, ddpo_estimate, full_bp_estimate, rlr_estimate,
                                     truncated_bp_estimate, zo_estimate)
-from rlr_backend.models.analytic_chain import collect_estimates, make_analytic_chain, z_scores
+from rlr_backend.estimators.analytic_chain import collect_estimates, make_analytic_chain, z_scores
 
 from .common import machine_line
 from .hotelling import one_sample

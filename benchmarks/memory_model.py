@@ -819,18 +819,18 @@ def validation_cases(quick: bool) -> list[ValidationCase]:
 def stack_components(problem, latent_shape: tuple[int, ...], *, device: str | torch.device = "cpu",
                      measure: Callable[[Callable[[], torch.Tensor]], SegmentMemory] | None = None
                      ) -> tuple[SegmentMemory, SegmentMemory]:
-    """Measure a stack's step (rlr_backend.sampling.step_mean: CFG UNet call + DDIM mean, input
+    """Measure a stack's step (rlr_backend.sampling.model_step: CFG UNet call + DDIM step, input
     requiring grad) and its reward (decode + reward) as segments, on the stack itself. ``measure``
     (default: the CPU profiler's ``measure_segment`` + ``measure_nograd``) measures one forward; a GPU
     passes its own, with the latents on ``device``."""
-    from rlr_backend.sampling import step_mean
+    from rlr_backend.sampling import model_step
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(latent_shape, generator=g).to(device)
     k = problem.num_steps // 2
 
     def step_fwd() -> torch.Tensor:
-        return step_mean(problem.model, problem.schedule, problem.prompts, k, x.requires_grad_(True))[0]
+        return model_step(problem.model, problem.schedule, problem.prompts, k, x.requires_grad_(True), None).mean
 
     def reward_fwd() -> torch.Tensor:
         return problem.reward(x.requires_grad_(True))
@@ -888,9 +888,9 @@ def validate_problem(problem, latent_shape: tuple[int, ...], weights: int, estim
 
 # ------------------------------------------------------------------------------------------- report
 def machine() -> dict:
-    from benchmarks.run import machine as run_machine
+    from benchmarks.common import machine as common_machine
 
-    return run_machine()
+    return common_machine()
 
 
 def load(path: Path) -> dict:

@@ -78,7 +78,7 @@ class Reference:
         from rlr_backend.cli import quiet_libraries
 
         quiet_libraries()
-        from rlr_backend.train.pipeline import load_pipeline
+        from rlr_backend.models.loader import load_pipeline
 
         self.pipe, self.steps = load_pipeline(None), steps
         self.seconds: list[float] = []

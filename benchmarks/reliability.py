@@ -19,7 +19,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import random
 import re
 import resource
@@ -40,6 +39,7 @@ from rlr_backend.train import TrainConfig, Trainer
 from rlr_backend.train.checkpoint import latest_checkpoint
 
 from . import faults, reliability_inputs
+from .common import machine
 from .faults import ARGS, CFG, case, cli, refused, run_killed, same_run
 
 RESULTS = Path(__file__).parent / "results" / "reliability.json"
@@ -347,17 +347,6 @@ def render(data: dict) -> str:
         lines += ["", "</details>", ""]
     lines += [Path(__file__).with_name("reliability_notes.md").read_text().rstrip(), ""]
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_at_start": os.getloadavg()[0], "torch": torch.__version__, "python": platform.python_version(),
-            "commit": commit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,6 @@ import datetime
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,25 +29,10 @@ import torch
 from rlr_backend.safe_io import save_json
 
 from . import bias_map, cost, efficiency, long_run, quality, report, scaling
+from .common import machine
 
 RESULTS = Path(__file__).parent / "results"
 SUITES = ("cost", "quality", "efficiency", "collapse", "scaling", "bias", "longrun", "memory")
-
-
-def machine() -> dict:
-    import diffusers
-    import peft
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_at_start": os.getloadavg()[0],
-            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "commit": commit}
 
 
 def run_memory_model(budget: str, threads: int) -> Path:

@@ -24,7 +24,7 @@ import comfy.utils
 import torch
 from torch import Tensor
 
-from rlr_backend.sampling import DDIMSchedule
+from rlr_backend.sampling import DDIMSchedule, classifier_free_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -276,4 +276,4 @@ class ComfyDenoiser:
         if not guided:
             return eps
         eps_u, eps_c = eps.chunk(2)
-        return eps_u + self.guidance_scale * (eps_c - eps_u)
+        return classifier_free_guidance(eps_u, eps_c, self.guidance_scale)

@@ -13,14 +13,15 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from rlr_backend.estimators import ESTIMATORS, ZO_MODES
+from rlr_backend.choices import ESTIMATOR_CHOICES, RewardTerm, format_reward_spec, reward_term
+from rlr_backend.estimators import ZO_MODES
 from rlr_backend.lora.export import check_lora_version
+from rlr_backend.model_paths import diffusers_folders, resolve_checkpoint, resolve_model_folder
 from rlr_backend.models.trainable import TrainableModel, sample_images
-from rlr_backend.choices import ESTIMATOR_CHOICES, REWARD_ARGS, parse_reward_spec
 from rlr_backend.rewards import REWARD_HELP, REWARDS, make_reward
 from rlr_backend.safe_io import InvalidModelFile, load_tensors, save_tensors
 from rlr_backend.train import PromptSpec, StepInfo, TrainConfig, Trainer
-from rlr_backend.train.prompts import parse_prompt
+from rlr_backend.train.prompts import check_prompt_text, prompt_versions
 
 from .watch import release_memory, watch_model_calls
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 EMBEDDED = "(embedded default)"
 LORA_SUBFOLDER = "rlr"  # models/loras/rlr/: LoRAs of real checkpoints (the core Load LoRA lists them)
 EMBEDDED_LORA_FOLDER = "rlr_loras"  # models/rlr_loras/: LoRAs of the embedded default (no core loader lists it)
-MAX_PROMPT_CHARS = 2000
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,118}[A-Za-z0-9_-])?")
 
 
@@ -96,37 +96,20 @@ def check_source(source: Any, node: str) -> ModelSource:
     return source
 
 
-def check_prompt(text: str, what: str = "prompt") -> str:
-    text = (text or "").strip()
-    if not text:
-        raise ValueError(f"{what} is empty; type the text of a prompt")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise ValueError(f"{what} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted")
-    if any(ord(c) < 32 and c not in "\t\n" for c in text):
-        raise ValueError(f"{what} contains control characters")
-    return text
-
-
-def add_reward(chain: tuple[tuple[str, float], ...] | None, name: str, weight: float,
-               target: str = "") -> tuple[tuple[str, float], ...]:
-    """RLR_REWARD: a weighted sum, one (name, weight) per chained Reward node; ``target`` is the argument of a
-    reward that takes one (``position``: left / right / top / bottom / center / X:Y; ``size``: a fraction),
-    empty for its default; the name then reads ``position:left``."""
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
-    if not torch.isfinite(torch.tensor(float(weight))) or weight == 0:
+def add_reward(chain: tuple[RewardTerm, ...] | None, name: str, weight: float, target: str = "") -> tuple[RewardTerm, ...]:
+    """RLR_REWARD: a weighted sum, one term per chained Reward node; ``target`` is the argument of a reward
+    that takes one (``position``: left / right / top / bottom / center / X:Y; ``size``: a fraction), empty
+    for its default. A node with weight 0 would add nothing, so it is refused."""
+    term = reward_term(name, weight, target)
+    if term.weight == 0:
         raise ValueError(f"reward weight for {name!r} must be a non-zero number, got {weight}")
-    target = (target or "").strip()
-    if target and name not in REWARD_ARGS:
-        raise ValueError(f"reward {name!r} takes no target (got {target!r}); only {sorted(REWARD_ARGS)} do")
-    term = parse_reward_spec(f"{name}:{target}" if target else name)[0]  # checks the target
-    return tuple(chain or ()) + ((f"{name}:{term.arg}" if term.arg else name, float(weight)),)
+    return tuple(chain or ()) + (term,)
 
 
-def reward_spec(chain: Sequence[tuple[str, float]]) -> str:
+def reward_spec(chain: Sequence[RewardTerm]) -> str:
     if not chain:
         raise ValueError(f"no reward given; connect an RLR Reward node ({', '.join(sorted(REWARDS))})")
-    return ",".join(f"{n}={w:g}" for n, w in chain)
+    return format_reward_spec(chain)
 
 
 def estimator_settings(estimator: str, **knobs) -> dict[str, Any]:
@@ -146,13 +129,7 @@ def add_prompt(plan: PromptPlan | None, fine: str, coarse: str = "", mid: str = 
                mid_end: float = 2 / 3, ho_start: int = 0, ho_end: int = 0) -> PromptPlan:
     """Append one prompt (with optional coarse / mid versions) to ``plan``; the split and HO range of the
     last node in a chain apply to all of its prompts."""
-    fine = check_prompt(fine, "fine prompt")
-    coarse = check_prompt(coarse, "coarse prompt") if coarse.strip() else None
-    mid = check_prompt(mid, "mid prompt") if mid.strip() else None
-    if "|" in fine and coarse is None and mid is None:
-        spec = parse_prompt(fine)  # the prompt-file syntax 'coarse | mid | fine' also works here
-    else:
-        spec = PromptSpec(fine, coarse or (fine if mid else None), mid or (fine if coarse else None))
+    spec = prompt_versions(fine, coarse, mid)  # a fine prompt 'coarse | mid | fine' with the others empty works too
     if not 0 < coarse_end < mid_end < 1:
         raise ValueError(f"step ranges need 0 < coarse_end < mid_end < 1, got {coarse_end} and {mid_end}")
     split = (coarse_end, mid_end - coarse_end, 1 - mid_end)
@@ -304,7 +281,7 @@ def sample(source: ModelSource, prompt: str, *, lora: dict | None = None, streng
            callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """ComfyUI IMAGE (num_images, H, W, 3) from a fresh model, with the LoRA applied at ``strength``."""
     check_source(source, "RLR Sampler")
-    prompt = check_prompt(prompt)
+    prompt = check_prompt_text(prompt)
     if lora is not None and not isinstance(lora, dict):
         raise ValueError(f"RLR Sampler: the lora input is not a LoRA (got {type(lora).__name__})")
     model = None
@@ -333,12 +310,7 @@ def _release(model) -> None:
 
 def list_model_folders(roots: Sequence[str | Path]) -> list[str]:
     """Names of the diffusers pipeline folders (with model_index.json) directly inside ``roots``."""
-    names = set()
-    for root in roots:
-        p = Path(root)
-        if p.is_dir():
-            names.update(d.name for d in p.iterdir() if (d / "model_index.json").is_file())
-    return sorted(names)
+    return sorted({name for root in roots for name in diffusers_folders(root)})
 
 
 CHECKPOINT_PREFIX = "checkpoints/"
@@ -351,37 +323,7 @@ def model_choices(diffusers_roots: Sequence[str | Path], checkpoint_names: Seque
     return [EMBEDDED, *list_model_folders(diffusers_roots), *(CHECKPOINT_PREFIX + n for n in files)]
 
 
-def resolve_checkpoint(roots: Sequence[str | Path], name: str) -> Path:
-    """The single file ``name`` (relative, may be in a subfolder) inside one of the checkpoint ``roots``;
-    refuses traversal, other formats and missing files with one message."""
-    if not name.lower().endswith(".safetensors"):
-        raise InvalidModelFile(f"checkpoint {name!r}: only .safetensors single files are accepted (no pickles)")
-    for root in roots:
-        base = Path(root).resolve()
-        candidate = (base / name).resolve()
-        if not candidate.is_relative_to(base):
-            raise ValueError(f"checkpoint {name!r} points outside {root}; refused")
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"checkpoint {name!r} does not exist in models/checkpoints")
-
-
-def resolve_model_folder(roots: Sequence[str | Path], name: str) -> Path:
-    """The folder ``name`` inside one of ``roots``; clear errors for traversal and missing folders."""
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ValueError(f"model {name!r} must be the name of a folder in models/diffusers")
-    for root in roots:
-        candidate = Path(root) / name
-        if candidate.is_dir():
-            if candidate.resolve().parent != Path(root).resolve():
-                raise ValueError(f"model folder {name!r} points outside {root}; refused")
-            return candidate
-    searched = ", ".join(str(r) for r in roots) or "(no diffusers folder configured)"
-    raise FileNotFoundError(f"model folder {name!r} does not exist in {searched}; put a diffusers "
-                            "StableDiffusionPipeline folder (model_index.json, unet/, vae/, ...) there")
-
-
 __all__ = ["CHECKPOINT_PREFIX", "DiffusersSource", "EMBEDDED", "EMBEDDED_LORA_FOLDER", "InvalidModelFile", "LoraDict",
            "PromptPlan", "REWARD_HELP", "add_prompt", "is_embedded_lora", "lora_base", "release_memory",
-           "add_reward", "build_config", "check_prompt", "config_field", "estimator_settings", "list_model_folders",
-           "lora_target", "read_lora", "resolve_model_folder", "reward_spec", "sample", "save_lora_file", "train"]
+           "add_reward", "build_config", "check_prompt_text", "config_field", "estimator_settings", "list_model_folders",
+           "lora_target", "read_lora", "resolve_checkpoint", "resolve_model_folder", "reward_spec", "sample", "save_lora_file", "train"]

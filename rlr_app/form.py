@@ -9,17 +9,17 @@ import functools
 import math
 import threading
 import time
-import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from rlr_backend.choices import ESTIMATOR_CHOICES, REWARD_ARGS, ConfigError, parse_reward_spec
+from rlr_backend.choices import (ESTIMATOR_CHOICES, REWARD_ARGS, ConfigError, format_reward_spec, parse_reward_spec,
+                                 reward_term)
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARDS, make_reward
-from rlr_backend.train import TrainConfig, parse_prompt
+from rlr_backend.train import TrainConfig
+from rlr_backend.train.prompts import parse_prompt_lines
 
 DEFAULT_MODEL = "default (embedded)"
-MAX_PROMPTS, MAX_PROMPT_CHARS = 64, 1000
 CFG_FIELDS = {f.name: f for f in fields(TrainConfig)}
 MAIN_FIELDS = ("steps", "lr", "lora_rank", "seed", "eval_every")
 ADVANCED_FIELDS = ("batch_size", "images_per_prompt", "num_inference_steps", "eta", "guidance_scale", "h",
@@ -117,21 +117,6 @@ def number(value, integer: bool) -> tuple[float | int | None, str | None]:
     return x, None
 
 
-def parse_prompts(text: str) -> list:
-    lines = [ln.strip() for ln in (text or "").splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
-        raise ValueError("enter at least one prompt (one per line)")
-    if len(lines) > MAX_PROMPTS:
-        raise ValueError(f"at most {MAX_PROMPTS} prompts, got {len(lines)}")
-    for i, line in enumerate(lines, 1):
-        if len(line) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt {i} has {len(line)} characters; at most {MAX_PROMPT_CHARS}")
-        if any(unicodedata.category(c) in ("Cc", "Cf") for c in line):
-            raise ValueError(f"prompt {i} contains control characters")
-    return [parse_prompt(line) for line in lines]
-
-
 @functools.lru_cache(maxsize=None)
 def reward_facts(name: str) -> tuple[bool, bool]:
     """(differentiable, is a model reward with local weights) of a registry reward."""
@@ -161,8 +146,8 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
     else:
         kw["model"] = None if models[model] is None else str(models[model])
     try:
-        kw["prompts"] = tuple(parse_prompts(values.get("prompts", "")))
-    except ValueError as e:
+        kw["prompts"] = tuple(parse_prompt_lines(values.get("prompts", "")))
+    except ConfigError as e:
         errors["prompts"] = str(e)
     parts = []
     for r in REWARDS:
@@ -174,14 +159,13 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
     if not parts and not any(k.startswith("w:") for k in errors):
         errors[f"w:{next(iter(REWARDS))}"] = "set at least one reward weight (not 0)"
     args = {}
-    for r in REWARD_ARGS:
-        arg = str(values.get(f"a:{r}") if values.get(f"a:{r}") not in (None, "") else REWARD_ARGS[r]).strip()
+    for r in REWARD_ARGS:  # checked whether or not the reward is used, so a bad target shows at once
         try:
-            parse_reward_spec(f"{r}:{arg}")
-            args[r] = arg
+            args[r] = reward_term(r, 1.0, str(values.get(f"a:{r}") or "")).arg
         except ConfigError as e:
             errors[f"a:{r}"] = str(e)
-    kw["reward"] = ",".join(f"{r}:{args[r]}={w!r}" if r in args else f"{r}={w!r}" for r, w in parts)
+    terms = [reward_term(r, w, args.get(r)) for r, w in parts if r in args or r not in REWARD_ARGS]
+    kw["reward"] = format_reward_spec(terms) if terms else ""
     for r, _ in parts:
         if is_model_reward(r):
             try:  # model rewards check their weight files (headers only; no model is built)
@@ -224,10 +208,20 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
         try:
             TrainConfig(**kw, output_dir=settings.output_dir, run_name="check")
         except ConfigError as e:
-            errors[e.field if e.field in FORM_KEYS else "estimator"] = str(e)
-        except ValueError as e:
+            errors[form_key(e.field, parts)] = str(e)
+        except ValueError as e:  # not a user's setting: shown on the estimator, never a crash
             errors["estimator"] = str(e)
     return errors, kw
+
+
+def form_key(field: str, parts: list[tuple[str, float]]) -> str:
+    """The form key that shows a ``ConfigError`` of a TrainConfig field (the estimator's for settings with no
+    field of their own)."""
+    if field == "reward":
+        return f"w:{parts[0][0]}" if parts else f"w:{next(iter(REWARDS))}"
+    if field == "ho_range":
+        return "ho_from"
+    return field if field in FORM_KEYS else "estimator"
 
 
 def new_run_name(output_dir: Path, tag: str) -> str:

@@ -12,37 +12,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rlr_backend.images import grid_image, to_pil
 from rlr_backend.safe_io import atomic_path, child, refuse_symlinks
 from rlr_backend.train.runner import eval_captions
 
 from .form import Settings
 
-def to_pil(images, scale: int):
-    from PIL import Image
-
-    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST) for a in arr]
-
-
 def before_vs_now(run) -> list[tuple[object, str]]:
     """One picture per evaluation prompt: its fixed-seed samples before training (top row) and now
     (bottom row), so the same seed is in the same column."""
-    from PIL import Image
-
     if run.before is None:
         return []
     k = run.config.eval_seeds
     scale = max(1, 128 // run.before.shape[-1])
     before, now = to_pil(run.before, scale), to_pil(run.latest, scale)
-    w, h, gap, mid = before[0].width, before[0].height, 4, 12
-    items = []
-    for p, caption in enumerate(eval_captions(run.config)[::k]):
-        canvas = Image.new("RGB", (k * w + (k - 1) * gap, 2 * h + mid), "white")
-        for j in range(k):
-            canvas.paste(before[p * k + j], (j * (w + gap), 0))
-            canvas.paste(now[p * k + j], (j * (w + gap), h + mid))
-        items.append((canvas, f"{caption}: step 0 (top) vs step {run.latest_step} (bottom)"))
-    return items
+    return [(grid_image(before[p * k:(p + 1) * k] + now[p * k:(p + 1) * k], k, gap=4, row_gap=12),
+             f"{caption}: step 0 (top) vs step {run.latest_step} (bottom)")
+            for p, caption in enumerate(eval_captions(run.config)[::k])]
 
 
 def curve_figure(job):

@@ -135,7 +135,7 @@ def advise(config: TrainConfig, *, batches: int = 4, progress: Callable[[int, in
 
             def call() -> None:
                 spec.fn(problem, x_T.to(device), config=est_config, generator=torch.Generator().manual_seed(seed),
-                        baseline_state=BaselineState(), j_sampler=trainer.j_sampler)
+                        baseline_state=BaselineState(), j_sampler=trainer.state.j_sampler)
 
             t0 = clock()
             if i == 0 and measure_memory:

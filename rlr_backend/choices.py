@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 ESTIMATOR_NAMES: tuple[str, ...] = ("code_compat", "ddpo", "full_bp", "rlr", "truncated_bp", "zo")
 #: what a user may ask for: a registered estimator, or ``auto``, the measured choice for the reward
@@ -95,6 +95,23 @@ def size_target(arg: str) -> float:
 _ARG_CHECKS = {"position": position_target, "size": size_target}
 
 
+def reward_term(name: str, weight: float = 1.0, arg: str | None = None) -> RewardTerm:
+    """One checked term of a reward sum: a known name, a finite weight, the argument of a reward that takes
+    one (its default when left out) and none for the others."""
+    name, arg = (name or "").strip(), (arg or "").strip()
+    if name not in REWARD_HELP:
+        raise ConfigError("reward", f"unknown reward {name!r}; choose one of {list(REWARD_NAMES)}")
+    if name in REWARD_ARGS:
+        arg = arg or REWARD_ARGS[name]
+        _ARG_CHECKS[name](arg)
+    elif arg:
+        raise ConfigError("reward", f"reward {name!r} takes no argument, got {name}:{arg}; rewards with one: "
+                                    f"{list(REWARD_ARGS)}")
+    if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
+        raise ConfigError("reward", f"reward weight for {name!r} must be finite, got {weight!r}")
+    return RewardTerm(name, float(weight), arg or None)
+
+
 def parse_reward_spec(spec: str) -> tuple[RewardTerm, ...]:
     """``"name"``, ``"name:arg"`` or ``"name[:arg]=weight,..."`` -> RewardTerms; unknown names list the choices.
 
@@ -106,23 +123,25 @@ def parse_reward_spec(spec: str) -> tuple[RewardTerm, ...]:
     for item in spec.split(","):
         head, _, weight = item.strip().partition("=")
         name, _, arg = head.strip().partition(":")
-        name, arg = name.strip(), arg.strip()
-        if name not in REWARD_HELP:
-            raise ConfigError("reward", f"unknown reward {name!r}; choose one of {list(REWARD_NAMES)}")
-        if name in REWARD_ARGS:
-            arg = arg or REWARD_ARGS[name]
-            _ARG_CHECKS[name](arg)
-        elif arg:
-            raise ConfigError("reward", f"reward {name!r} takes no argument, got {name}:{arg}; rewards with one: "
-                                        f"{list(REWARD_ARGS)}")
+        term = reward_term(name, 1.0, arg)  # the name and argument are said first
         try:
             w = float(weight) if weight.strip() else 1.0
         except ValueError:
-            raise ConfigError("reward", f"reward weight for {name!r} must be a number, got {weight!r}") from None
-        if not math.isfinite(w):
-            raise ConfigError("reward", f"reward weight for {name!r} must be finite, got {weight!r}")
-        parts.append(RewardTerm(name, w, arg or None))
+            raise ConfigError("reward", f"reward weight for {term.name!r} must be a number, got {weight!r}") from None
+        parts.append(reward_term(term.name, w, term.arg))
     return tuple(parts)
+
+
+def format_reward_spec(terms: Sequence[RewardTerm]) -> str:
+    """The spec ``parse_reward_spec`` reads back as ``terms`` (weights written exactly, 1.0 as ``1``)."""
+    if not terms:
+        raise ConfigError("reward", f"no reward given; choose one of {list(REWARD_NAMES)}")
+
+    def number(w: float) -> str:
+        short = f"{w:g}"
+        return short if float(short) == w else repr(w)
+
+    return ",".join(f"{t.name}{':' + t.arg if t.arg else ''}={number(t.weight)}" for t in terms)
 
 
 def check_device(name: str) -> str:
@@ -136,20 +155,3 @@ def check_choice(field: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(field, f"unknown {field} {value!r}; choose one of {list(choices)}")
     return value
-
-
-def check_model_path(path: str | None, field: str = "model") -> None:
-    """A model given by path must exist and must not be a pickle (the loader checks its contents)."""
-    if path is None:
-        return
-    from pathlib import Path
-
-    from .safe_io import PICKLE_SUFFIXES, InvalidModelFile
-
-    p = Path(path)
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        raise InvalidModelFile(f"{p}: pickle-based checkpoints (.ckpt/.pt/.bin) are not accepted; use a diffusers "
-                               "folder or a single-file checkpoint with .safetensors weights")
-    if not p.exists():
-        raise ConfigError(field, f"--{field} {p} does not exist; give a diffusers folder or a single-file "
-                                 ".safetensors checkpoint")

@@ -17,8 +17,8 @@ from dataclasses import fields
 from fractions import Fraction
 from pathlib import Path
 
-from . import choices
 from .choices import ESTIMATOR_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
+from .model_paths import check_model_path
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
@@ -151,16 +151,13 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     prompts = []
     if args.prompt_file is not None:
         prompts += read_prompt_file(args.prompt_file)
-    for text in args.prompt_list or []:
-        if not text.strip():
-            raise ValueError("--prompt is empty; give the text of a prompt")
-        prompts.append(parse_prompt(text))
+    prompts += [parse_prompt(text, "--prompt") for text in args.prompt_list or []]
     kw = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)}}
     kw.pop("prompts", None)
     if prompts:
         kw["prompts"] = tuple(prompts)
     config = TrainConfig(**kw)
-    choices.check_model_path(config.model)
+    check_model_path(config.model)
     return config
 
 
@@ -249,11 +246,9 @@ def check_sample_args(args: argparse.Namespace) -> None:
 
     from .train.prompts import parse_prompt
 
-    if any(not p.strip() for p in args.prompt):
-        raise ValueError("empty prompt; give the text of each prompt")
     for p in args.prompt:
         parse_prompt(p)  # 'coarse | mid | fine' with three non-empty parts
-    choices.check_model_path(args.model)
+    check_model_path(args.model)
     if args.lora is not None and not args.lora.is_file():
         raise FileNotFoundError(f"--lora {args.lora}: no such file")
     for name in ("lora_scale", "eta", "guidance_scale"):
@@ -279,7 +274,7 @@ def sample_main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        from .train.pipeline import load_pipeline
+        from .models.loader import load_pipeline
         from .train.prompts import DEFAULT_PROMPT_SPLIT, parse_prompt, resolve_prompt
         from .train.report import save_grid
         from .train.sample import add_lora_file, lora_prompts, sample_images, set_lora_strength

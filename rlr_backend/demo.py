@@ -14,7 +14,7 @@ import torch
 
 from .estimators import (BaselineState, ChainProblem, DDPOConfig, RLRConfig, TruncatedBPConfig, ddpo_estimate,
                          rlr_estimate, truncated_bp_estimate)
-from .models.analytic_chain import collect_estimates, make_analytic_chain, z_scores
+from .estimators.analytic_chain import collect_estimates, make_analytic_chain, z_scores
 from .sampling import DDIMSchedule, PromptSchedule, sample_chain
 
 

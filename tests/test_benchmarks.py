@@ -345,7 +345,7 @@ def test_hotelling_flags_a_5_percent_bias_and_passes_an_unbiased_estimator():
     from benchmarks.hotelling import one_sample, two_sample
     from rlr_backend.estimators import (FullBPConfig, RLRConfig, TruncatedBPConfig, full_bp_estimate, rlr_estimate,
                                         truncated_bp_estimate)
-    from rlr_backend.models.analytic_chain import collect_estimates, make_analytic_chain
+    from rlr_backend.estimators.analytic_chain import collect_estimates, make_analytic_chain
 
     chain = make_analytic_chain(d=3, num_steps=8, seed=0)
     exact = chain.per_step_gradient().sum(0)

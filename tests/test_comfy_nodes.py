@@ -110,7 +110,7 @@ def test_train_save_sample_chain(pack):
     import comfy.utils
 
     model, r, est, p = chain(nodes)
-    assert r == (("prompt_alignment", 1.0), ("saturation", 0.2)) and p.ho_range == (2, 3) and len(p.prompts) == 2
+    assert [(t.name, t.weight) for t in r] == [("prompt_alignment", 1.0), ("saturation", 0.2)] and p.ho_range == (2, 3) and len(p.prompts) == 2
     comfy.utils.UPDATES.clear()
     out = run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est, **FAST)
     lora, curve, grid = out.args
@@ -188,7 +188,7 @@ def test_bad_inputs_give_one_clear_message(pack):
         (lambda: run(nodes.Reward, reward="position", weight=1.0, target="middle"), ValueError,
          "unknown position target"),
         (lambda: run(nodes.Reward, reward="size", weight=1.0, target="1.5"), ValueError, "between 0 and 1"),
-        (lambda: run(nodes.Reward, reward="brightness", weight=1.0, target="left"), ValueError, "takes no target"),
+        (lambda: run(nodes.Reward, reward="brightness", weight=1.0, target="left"), ValueError, "takes no argument"),
         (lambda: run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est,
                      **{**FAST, "kl_weight": -1.0}), ValueError, "kl_weight"),
         (lambda: chain(nodes, fine="   "), ValueError, "fine prompt is empty"),
@@ -318,7 +318,7 @@ def test_structure_rewards_take_their_target(pack):
     nodes, _ = pack
     r = run(nodes.Reward, reward="position", weight=2.0, target="0.3:0.7").args[0]
     r = run(nodes.Reward, reward="size", weight=1.0, add_to=r).args[0]  # empty target: the default
-    assert r == (("position:0.3:0.7", 2.0), ("size:0.4", 1.0))
+    assert [(t.name, t.arg, t.weight) for t in r] == [("position", "0.3:0.7", 2.0), ("size", "0.4", 1.0)]
     from comfy_nodes import logic
 
     assert logic.reward_spec(r) == "position:0.3:0.7=2,size:0.4=1"

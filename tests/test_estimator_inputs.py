@@ -5,7 +5,7 @@ import torch
 
 from rlr_backend.estimators import (ChainProblem, DDPOConfig, JSampler, RecomputationMismatch, RewardOutputError,
                                     RLRConfig, compute_advantages, ddpo_estimate, get_estimator, rlr_estimate)
-from rlr_backend.models.analytic_chain import make_analytic_chain
+from rlr_backend.estimators.analytic_chain import make_analytic_chain
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from rlr_backend.estimators import (CodeCompatConfig, DDPOConfig, FullBPConfig, RLRConfig, TruncatedBPConfig,
                                     ZOConfig, code_compat_estimate, ddpo_estimate, full_bp_estimate, rlr_estimate,
                                     split_chain, truncated_bp_estimate, zo_estimate)
-from rlr_backend.models.analytic_chain import collect_estimates, make_analytic_chain, z_scores
+from rlr_backend.estimators.analytic_chain import collect_estimates, make_analytic_chain, z_scores
 
 T, H = 8, 2
 

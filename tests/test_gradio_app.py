@@ -235,7 +235,7 @@ def test_train_streams_survives_a_closed_tab_stops_and_the_lora_loads(app):
     lora = next(Path(f) for f in final[4] if f.endswith("lora.safetensors"))
     from rlr_backend.lora import load_lora
     from rlr_backend.safe_io import load_tensors
-    from rlr_backend.train.pipeline import load_pipeline
+    from rlr_backend.models.loader import load_pipeline
 
     tensors, meta = load_tensors(lora)
     assert int(meta["rlr_steps"]) == done and meta.get("rlr_interrupted_at_step") == meta["rlr_steps"]

@@ -9,7 +9,7 @@ import torch
 
 from rlr_backend.estimators import ChainProblem
 from rlr_backend.estimators.kl import draw_steps, kl_to_base, step_probabilities
-from rlr_backend.models.analytic_chain import make_analytic_chain
+from rlr_backend.estimators.analytic_chain import make_analytic_chain
 from rlr_backend.safe_io import load_tensors
 from rlr_backend.sampling import sample_chain
 from rlr_backend.train import TrainConfig, Trainer

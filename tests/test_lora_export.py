@@ -5,9 +5,15 @@ import re
 import pytest
 import torch
 
-from rlr_backend.lora import add_lora, load_lora, save_lora
+from rlr_backend.lora import add_lora, kohya_state_dict, load_lora, save_kohya
 from rlr_backend.models.tiny import build_tiny_unet
 from rlr_backend.safe_io import InvalidModelFile, load_tensors
+
+
+def save_lora(unet, path, dtype=torch.float16):
+    """The peft adapter of ``unet`` written as a kohya file (what a model's lora_state_dict + save_kohya do)."""
+    sd, rank, alpha = kohya_state_dict(unet, dtype=dtype)
+    return save_kohya(sd, path, rank, alpha)
 
 
 def unet_with_trained_lora(alpha=8.0):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.common import peak_allocated
-from rlr_backend.estimators import loss_scaling
+from rlr_backend.estimators import Gradients
 from rlr_backend.safe_io import load_tensors
 from rlr_backend.train import TrainConfig, Trainer
 from rlr_backend.train.memory import DynamicLossScale, make_optimizer, resolve_device
@@ -109,12 +109,10 @@ def test_half_precision_trains_fp32_lora_on_half_weights(tmp_path, precision):
 
 
 def test_loss_scaling_scales_every_gradient_and_the_scaler_recovers_from_overflow():
-    from rlr_backend.estimators.problem import add_to_grad, backward_if_finite
-
     w = torch.zeros(3, requires_grad=True)
-    with loss_scaling(1024.0):
-        backward_if_finite((w * torch.tensor([1.0, 2.0, 3.0])).sum(), {}, "test")
-        add_to_grad([w], [torch.ones(3)], 0.5)
+    grads = Gradients([w], {}, scale=1024.0)
+    assert grads.add_loss((w * torch.tensor([1.0, 2.0, 3.0])).sum(), "test") == 0.0  # the unscaled loss value
+    grads.add_direction([torch.ones(3)], 0.5)
     torch.testing.assert_close(w.grad, torch.tensor([1.5, 2.5, 3.5]) * 1024)
     scaler = DynamicLossScale(scale=1024.0, growth_interval=2)
     assert scaler.unscale_and_update([w]) and torch.allclose(w.grad, torch.tensor([1.5, 2.5, 3.5]))

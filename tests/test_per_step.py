@@ -5,7 +5,7 @@ import torch
 
 from rlr_backend.estimators import ChainProblem, full_bp_estimate, truncated_bp_estimate
 from rlr_backend.estimators.per_step import cosine_with_se, norm_ratio_with_se, per_step_gradients
-from rlr_backend.models.analytic_chain import make_analytic_chain
+from rlr_backend.estimators.analytic_chain import make_analytic_chain
 
 
 def analytic_problem(chain):

@@ -148,14 +148,14 @@ def test_every_damaged_checkpoint_is_refused_with_one_line_and_changes_nothing(r
         files = snapshot(out)
         with pytest.raises((ValueError, OSError)) as info:
             folder = open_run_folder(tiny(out, "ref", 6), resume=True)
-            load_checkpoint(folder.checkpoint, checker.named_params, checker.optimizer, checker.generator)
+            load_checkpoint(folder.checkpoint, checker.named_params, checker.state.optimizer, checker.state.generator)
         message = str(info.value)
         assert "\n" not in message and len(message) < 600, (name, message)
         assert snapshot(out) == files, name
         refused.append(name)
     assert len(refused) == len(CHECKPOINT_MUTATIONS) >= 50
     assert all(torch.equal(a, b) for a, b in zip(before, checker.params))
-    assert not checker.optimizer.state  # never loaded
+    assert not checker.state.optimizer.state  # never loaded
 
 
 @pytest.mark.parametrize("name", ["optim: empty (Adam state lost)", "LATEST: ../../../../etc"])
@@ -172,7 +172,7 @@ def test_the_cli_refuses_a_damaged_checkpoint_with_exit_2(reference, tmp_path, c
 
 def test_damaged_lora_files_are_refused_naming_the_file(reference, tmp_path):
     from rlr_backend.lora import load_lora
-    from rlr_backend.train.pipeline import load_pipeline
+    from rlr_backend.models.loader import load_pipeline
 
     pipe = load_pipeline(None)
     good = (reference / "lora.safetensors").read_bytes()
@@ -187,7 +187,7 @@ def test_damaged_lora_files_are_refused_naming_the_file(reference, tmp_path):
 
 def test_damaged_model_weights_and_scheduler_are_refused(tmp_path):
     from rlr_backend.models.tiny_pipelines import save_tiny_pipeline
-    from rlr_backend.train.pipeline import load_pipeline
+    from rlr_backend.models.loader import load_pipeline
 
     good = save_tiny_pipeline("sd1", tmp_path / "good")
     nan = shutil.copytree(good, tmp_path / "nan")

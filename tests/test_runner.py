@@ -10,7 +10,7 @@ from rlr_backend.rewards import CallableReward, make_reward
 from rlr_backend.safe_io import load_tensors
 from rlr_backend.train import TrainConfig, Trainer
 from rlr_backend.train.checkpoint import latest_checkpoint
-from rlr_backend.train.pipeline import load_pipeline
+from rlr_backend.models.loader import load_pipeline
 from rlr_backend.train.runner import RunInProgress, RunManager, eval_captions
 
 TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_seeds=1, lr=1e-2)

@@ -135,7 +135,7 @@ def _nvidia_smi(field: str) -> str:
 
 def environment(device: torch.device) -> dict:
     """GPU, driver, CUDA, cuDNN, torch, diffusers and the rest of the machine record (benchmarks.run)."""
-    from ..run import machine
+    from ..common import machine
 
     env = {**machine(), "device": str(device), "torch_cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,

@@ -7,15 +7,15 @@ from .likelihood_ratio import DDPOConfig, ZOConfig, ddpo_estimate, ddpo_update, 
 from .notes import EstimatorNotes
 from .notes import describe as describe_estimator
 from .partition import ChainSplit, JSampler, split_chain
-from .problem import (BatchShard, ChainProblem, Estimate, RecomputationMismatch, RewardOutputError, evaluate_reward,
-                      loss_scaling)
+from .problem import (BatchShard, ChainProblem, Estimate, Gradients, RecomputationMismatch, RewardOutputError,
+                      evaluate_reward)
 from .registry import ESTIMATORS, EstimatorSpec, get_estimator
 from .rlr import ZO_MODES, RLRConfig, rlr_estimate
 
 __all__ = [
     "BASELINES", "BaselineState", "BatchShard", "ChainProblem", "ChainSplit", "CodeCompatConfig", "DDPOConfig", "ESTIMATORS",
-    "Estimate", "EstimatorNotes", "EstimatorSpec", "FullBPConfig", "JSampler", "RLRConfig", "RecomputationMismatch",
+    "Estimate", "EstimatorNotes", "Gradients", "EstimatorSpec", "FullBPConfig", "JSampler", "RLRConfig", "RecomputationMismatch",
     "RewardOutputError", "TruncatedBPConfig", "ZOConfig", "ZO_MODES", "code_compat_estimate", "compute_advantages",
-    "ddpo_estimate", "ddpo_update", "describe_estimator", "evaluate_reward", "full_bp_estimate", "get_estimator", "loss_scaling", "rlr_estimate",
+    "ddpo_estimate", "ddpo_update", "describe_estimator", "evaluate_reward", "full_bp_estimate", "get_estimator", "rlr_estimate",
     "split_chain", "truncated_bp_estimate", "zo_estimate",
 ]

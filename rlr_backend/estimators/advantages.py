@@ -17,14 +17,12 @@ from __future__ import annotations
 import logging
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .notes import log_once
 
-BaselineKind = Literal["loo", "ema", "none", "batch_norm", "per_prompt_norm"]
 BASELINES: tuple[str, ...] = ("loo", "ema", "none", "batch_norm", "per_prompt_norm")
 
 

@@ -15,20 +15,30 @@ import torch
 from torch import Tensor
 
 from ..sampling import sample_chain
+from .advantages import BaselineState
+from .config import EstimatorConfig
 from .notes import describe
-from .problem import (ChainProblem, Estimate, backward_if_finite, detach_rows, evaluate_reward, reward_metrics,
-                      valid_row_scale)
+from .partition import JSampler
+from .problem import ChainProblem, Estimate, detach_rows, evaluate_reward, reward_metrics, valid_row_scale
 from .terms import first_order_loss
 
 
 @dataclass(frozen=True)
-class TruncatedBPConfig:
+class TruncatedBPConfig(EstimatorConfig):
+    name = "truncated_bp"
     k: int = 2  # number of last steps backpropagated
     use_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"truncated backprop needs k >= 1 steps, got {self.k}")
+
+    @classmethod
+    def from_settings(cls, s) -> "TruncatedBPConfig":
+        return cls(k=s.truncation, use_checkpoint=s.gradient_checkpointing)
+
+    def biases(self, reward_differentiable: bool) -> list[str]:
+        return [f"truncated backprop through the last {self.k} step(s) drops the earlier steps' share"]
 
     def check(self, problem: ChainProblem) -> None:
         if not problem.reward_differentiable:
@@ -38,8 +48,13 @@ class TruncatedBPConfig:
 
 
 @dataclass(frozen=True)
-class FullBPConfig:
+class FullBPConfig(EstimatorConfig):
+    name = "full_bp"
     use_checkpoint: bool = False  # recompute activations in backward: memory ~ 1 step, +T forwards
+
+    @classmethod
+    def from_settings(cls, s) -> "FullBPConfig":
+        return cls(use_checkpoint=s.gradient_checkpointing)
 
     def check(self, problem: ChainProblem) -> None:
         TruncatedBPConfig(1).check(problem)
@@ -56,20 +71,24 @@ def _backprop_last(problem: ChainProblem, x_T: Tensor, k: int, use_checkpoint: b
     all_rewards = problem.gather(rewards.detach())
     metrics = {"model_calls": float(n + (k if use_checkpoint else 0)),
                "model_calls_with_grad": float(k), "steps_in_memory": float(1 if use_checkpoint else k)}
-    loss = backward_if_finite(first_order_loss(rewards, valid, valid_row_scale(all_rewards)), metrics, "backprop",
-                              problem.params)
+    grads = problem.gradients(metrics)
+    grads.add_loss(first_order_loss(rewards, valid, valid_row_scale(all_rewards)), "backprop")
     metrics.update(reward_metrics(all_rewards))
-    return Estimate(loss, metrics, rewards.detach(), traj)
+    return Estimate(grads.total, metrics, rewards.detach(), traj)
 
 
 def truncated_bp_estimate(problem: ChainProblem, x_T: Tensor, *, config: TruncatedBPConfig = TruncatedBPConfig(),
-                          generator: torch.Generator | None = None, **_: object) -> Estimate:
+                          generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
+                          j_sampler: JSampler | None = None) -> Estimate:
+    """Backprop through the last ``config.k`` steps (no baseline, no j: those arguments are unused)."""
     config.check(problem)
     describe(config).log()
     return _backprop_last(problem, x_T, config.k, config.use_checkpoint, generator)
 
 
 def full_bp_estimate(problem: ChainProblem, x_T: Tensor, *, config: FullBPConfig = FullBPConfig(),
-                     generator: torch.Generator | None = None, **_: object) -> Estimate:
+                     generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
+                     j_sampler: JSampler | None = None) -> Estimate:
+    """Backprop through every step (no baseline, no j: those arguments are unused)."""
     config.check(problem)
     return _backprop_last(problem, x_T, problem.num_steps, config.use_checkpoint, generator)

@@ -17,22 +17,37 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..sampling import gaussian_log_prob, sample_chain, step_mean
+from ..sampling import DDIMSchedule, model_step, sample_chain
+from .advantages import BaselineState
+from .config import EstimatorConfig
 from .notes import describe
-from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, check_recomputed_step,
-                      detach_rows, evaluate_reward, reward_metrics, valid_row_scale)
+from .partition import JSampler
+from .problem import (ChainProblem, Estimate, batch_advantages, check_recomputed_step, detach_rows, evaluate_reward,
+                      reward_metrics, valid_row_scale)
 from .terms import first_order_loss, ppo_loss
 
 
 @dataclass(frozen=True)
-class CodeCompatConfig:
+class CodeCompatConfig(EstimatorConfig):
+    name = "code_compat"
     chain_len: int = 2
     fo_coeff: float = 0.05
     ho_coeff: float = 0.001
     clip_range: float = 1e-4
     last_step_deterministic: bool = True
 
+    @classmethod
+    def from_settings(cls, s) -> "CodeCompatConfig":
+        return cls(chain_len=s.chain_len)
+
+    def biases(self, reward_differentiable: bool) -> list[str]:
+        return ["the official code's estimate: no zeroth-order part, batch-normalised PPO-clipped terms with fixed "
+                "weights"]
+
     def check(self, problem: ChainProblem) -> None:
+        if not isinstance(problem.schedule, DDIMSchedule):
+            raise ValueError("code_compat reproduces the official code's DDIM chain; it needs a DDIMSchedule, got "
+                             f"{type(problem.schedule).__name__}")
         if not problem.reward_differentiable:
             raise ValueError("code_compat needs a differentiable reward (its FO term backpropagates it)")
         if self.chain_len < 0:
@@ -40,7 +55,10 @@ class CodeCompatConfig:
 
 
 def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeCompatConfig = CodeCompatConfig(),
-                         generator: torch.Generator | None = None, **_: object) -> Estimate:
+                         generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
+                         j_sampler: JSampler | None = None) -> Estimate:
+    """The official code's estimate (its batch-normalised rewards need no carried baseline; no j: those
+    arguments are unused)."""
     config.check(problem)
     describe(config).log()
     n = problem.num_steps
@@ -68,21 +86,21 @@ def code_compat_estimate(problem: ChainProblem, x_T: Tensor, *, config: CodeComp
                "steps_in_memory": float(1 + len(ho_steps))}
     # FO through the last step
     k = n - 1
-    mean, sigma = step_mean(prob.model, sched, prob.prompts, k, traj.latents[k])
-    check_recomputed_step(mean, sigma, traj, k, metrics, what="the first-order term")
-    x0 = mean + sigma * traj.noises[k] if sigma > 0 else mean
-    r_fo, _ = evaluate_reward(prob, detach_rows(x0, valid))
+    step = model_step(prob.model, sched, prob.prompts, k, traj.latents[k], traj.noises[k])
+    check_recomputed_step(step, traj, k, metrics, what="the first-order term")
+    r_fo, _ = evaluate_reward(prob, detach_rows(step.prev_sample, valid))
     adv, all_rewards = batch_advantages(prob, rewards, "batch_norm")  # normalised by the whole batch's mean, std
     row_scale = valid_row_scale(all_rewards)
     loss = config.fo_coeff * first_order_loss(r_fo, valid, row_scale)
     # the single-step PPO terms
     d = traj.latents[0][0].numel()
     for k in ho_steps:
-        m, s = step_mean(prob.model, sched, prob.prompts, k, traj.latents[k])
-        check_recomputed_step(m, s, traj, k, metrics, what="a PPO term")
-        logp = gaussian_log_prob(traj.latents[k + 1], m, s) / d
+        step = model_step(prob.model, sched, prob.prompts, k, traj.latents[k], traj.noises[k])
+        check_recomputed_step(step, traj, k, metrics, what="a PPO term")
+        logp = step.log_prob_of(traj.latents[k + 1]) / d
         term, _ = ppo_loss(logp, traj.log_probs[:, k] / d, adv, config.clip_range, row_scale)
         loss = loss + config.ho_coeff * term
-    total = backward_if_finite(loss, metrics, "code_compat", prob.params)
+    grads = prob.gradients(metrics)
+    grads.add_loss(loss, "code_compat")
     metrics.update(reward_metrics(all_rewards))
-    return Estimate(total, metrics, rewards.detach(), traj)
+    return Estimate(grads.total, metrics, rewards.detach(), traj)

@@ -24,9 +24,9 @@ from typing import Sequence
 
 import torch
 
-from ..sampling import Trajectory, step_mean
+from ..sampling import Trajectory, model_step
 from .perturbation import zeroed
-from .problem import ChainProblem, backward_if_finite
+from .problem import ChainProblem
 
 
 def step_probabilities(sigma: Sequence[float]) -> torch.Tensor:
@@ -48,18 +48,19 @@ def kl_to_base(problem: ChainProblem, traj: Trajectory, steps: Sequence[int], we
                metrics: dict[str, float]) -> float:
     """Backpropagate weight * (1/m) sum_i mean_b KL_{k_i} / p_{k_i} over the drawn ``steps`` (from
     ``draw_steps``); return that estimate of the chain's KL."""
-    params = list(problem.params)
-    probs = step_probabilities(problem.schedule.sigma)
+    params, grads = list(problem.params), problem.gradients(metrics)
+    stds = problem.schedule.stds
+    probs = step_probabilities(stds)
     total = 0.0
     for k in steps:
-        sigma = float(problem.schedule.sigma[k])
+        sigma = float(stds[k])
         scale = 1.0 / (len(steps) * float(probs[k]))
         x = traj.latents[k]
         with torch.no_grad(), zeroed(params):
-            base, _ = step_mean(problem.model, problem.schedule, problem.prompts, k, x)
-        mean, _ = step_mean(problem.model, problem.schedule, problem.prompts, k, x)
+            base = model_step(problem.model, problem.schedule, problem.prompts, k, x, None).mean
+        mean = model_step(problem.model, problem.schedule, problem.prompts, k, x, None).mean
         kl = ((mean - base) ** 2).flatten(1).sum(1) / (2 * sigma**2)
-        backward_if_finite(weight * scale * kl.mean(), metrics, "kl", params)
+        grads.add_loss(weight * scale * kl.mean(), "kl")
         total += scale * float(kl.detach().mean())
     metrics["model_calls"] = metrics.get("model_calls", 0.0) + 2 * len(steps)
     metrics["model_calls_with_grad"] = metrics.get("model_calls_with_grad", 0.0) + len(steps)

@@ -17,23 +17,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..sampling import Trajectory, gaussian_log_prob, sample_chain, step_mean
+from ..sampling import Trajectory, model_step, sample_chain
 from .advantages import BASELINES, BaselineState
+from .config import EstimatorConfig, baseline_biases
 from .notes import describe
-from .problem import (ChainProblem, Estimate, backward_if_finite, batch_advantages, check_recomputed_step,
-                      evaluate_reward, reward_metrics, valid_row_scale)
+from .partition import JSampler
+from .problem import (ChainProblem, Estimate, batch_advantages, check_recomputed_step, evaluate_reward, reward_metrics,
+                      valid_row_scale)
 from .terms import likelihood_ratio_loss, ppo_loss
 
 
 def _check_stochastic(problem: ChainProblem, steps, name: str) -> None:
-    bad = [k for k in steps if problem.schedule.sigma[k] <= 0]
+    stds = problem.schedule.stds
+    bad = [k for k in steps if stds[k] <= 0]
     if bad:
         raise ValueError(f"{name} needs sigma > 0 at every trained step, but sigma = 0 at steps {bad[:5]}; "
                          "set eta > 0")
 
 
 @dataclass(frozen=True)
-class DDPOConfig:
+class DDPOConfig(EstimatorConfig):
+    name = "ddpo"
     clip_range: float = 1e-4
     adv_clip: float | None = 5.0
     baseline: str = "per_prompt_norm"
@@ -51,32 +55,35 @@ class DDPOConfig:
     def check(self, problem: ChainProblem) -> None:
         _check_stochastic(problem, range(problem.num_steps), "ddpo")
 
+    def biases(self, reward_differentiable: bool) -> list[str]:
+        return baseline_biases(self.baseline, self.adv_clip)
+
 
 def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, config: DDPOConfig,
                 metrics: dict[str, float], scale: float = 1.0, check: bool = True) -> float:
     """PPO pass over the steps of a stored trajectory (callable again for extra inner epochs: pass
     ``check=False`` once the parameters moved, since the recomputed means then differ by design).
     ``scale``: B / valid rows of the whole batch (``valid_row_scale``), so the loss is a mean over valid rows."""
-    n, total = problem.num_steps, 0.0
+    n, grads = problem.num_steps, problem.gradients(metrics)
     d = traj.latents[0][0].numel()
     step_scale = 1.0 / n if config.step_reduction == "mean" else 1.0
     kl = clipfrac = 0.0
     for k in range(n):
-        mean, sigma = step_mean(problem.model, problem.schedule, problem.prompts, k, traj.latents[k])
+        step = model_step(problem.model, problem.schedule, problem.prompts, k, traj.latents[k], traj.noises[k])
         if check:
-            check_recomputed_step(mean, sigma, traj, k, metrics, what="a DDPO term")
-        logp = gaussian_log_prob(traj.latents[k + 1], mean, sigma)
+            check_recomputed_step(step, traj, k, metrics, what="a DDPO term")
+        logp = step.log_prob_of(traj.latents[k + 1])
         old = traj.log_probs[:, k]
         if config.logprob_reduction == "mean":
             logp, old = logp / d, old / d
         loss, stats = ppo_loss(logp, old, advantages, config.clip_range, scale)
-        total += backward_if_finite(step_scale * loss, metrics, "ppo", problem.params)
+        grads.add_loss(step_scale * loss, "ppo")
         kl += stats["approx_kl"] / n
         clipfrac += stats["clipfrac"] / n
     metrics.update(approx_kl=kl, clipfrac=clipfrac)
     metrics["model_calls"] = metrics.get("model_calls", 0.0) + n
     metrics["model_calls_with_grad"] = metrics.get("model_calls_with_grad", 0.0) + n
-    return total
+    return grads.total
 
 
 def _sample_and_advantages(problem: ChainProblem, x_T: Tensor, generator: torch.Generator | None, baseline: str,
@@ -95,7 +102,8 @@ def _sample_and_advantages(problem: ChainProblem, x_T: Tensor, generator: torch.
 
 def ddpo_estimate(problem: ChainProblem, x_T: Tensor, *, config: DDPOConfig = DDPOConfig(),
                   generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
-                  **_: object) -> Estimate:
+                  j_sampler: JSampler | None = None) -> Estimate:
+    """One PPO pass over a freshly sampled batch (no j: ``j_sampler`` is unused)."""
     config.check(problem)
     describe(config).log()
     traj, rewards, adv, scale, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
@@ -105,7 +113,8 @@ def ddpo_estimate(problem: ChainProblem, x_T: Tensor, *, config: DDPOConfig = DD
 
 
 @dataclass(frozen=True)
-class ZOConfig:
+class ZOConfig(EstimatorConfig):
+    name = "zo"
     baseline: str = "loo"
 
     def __post_init__(self) -> None:
@@ -115,21 +124,23 @@ class ZOConfig:
     def check(self, problem: ChainProblem) -> None:
         _check_stochastic(problem, range(problem.num_steps), "zo")
 
+    def biases(self, reward_differentiable: bool) -> list[str]:
+        return baseline_biases(self.baseline, None)
+
 
 def zo_estimate(problem: ChainProblem, x_T: Tensor, *, config: ZOConfig = ZOConfig(),
                 generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
-                **_: object) -> Estimate:
-    """Pure likelihood ratio on every step (no reward gradient needed)."""
+                j_sampler: JSampler | None = None) -> Estimate:
+    """Pure likelihood ratio on every step (no reward gradient needed; no j: ``j_sampler`` is unused)."""
     config.check(problem)
     describe(config).log()
     traj, rewards, adv, scale, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
                                                                 baseline_state, None)
-    total = 0.0
+    grads = problem.gradients(metrics)
     for k in range(problem.num_steps):
-        mean, sigma = step_mean(problem.model, problem.schedule, problem.prompts, k, traj.latents[k])
-        check_recomputed_step(mean, sigma, traj, k, metrics, what="a likelihood-ratio term")
-        total += backward_if_finite(likelihood_ratio_loss(mean, traj.latents[k + 1], sigma, adv, scale), metrics,
-                                    "lr", problem.params)
+        step = model_step(problem.model, problem.schedule, problem.prompts, k, traj.latents[k], traj.noises[k])
+        check_recomputed_step(step, traj, k, metrics, what="a likelihood-ratio term")
+        grads.add_loss(likelihood_ratio_loss(step.mean, traj.latents[k + 1], step.std, adv, scale), "lr")
     metrics["model_calls"] += problem.num_steps
     metrics["model_calls_with_grad"] = float(problem.num_steps)
-    return Estimate(total, metrics, rewards.detach(), traj)
+    return Estimate(grads.total, metrics, rewards.detach(), traj)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..sampling import sample_chain, step_mean
+from ..sampling import model_step, sample_chain
 from .problem import ChainProblem, evaluate_reward
 
 
@@ -69,7 +69,7 @@ def per_step_gradients(problem: ChainProblem, x_T: Tensor, *, generator: torch.G
     for k in reversed(range(n)):
         x = traj.latents[k].detach().requires_grad_()
         with torch.enable_grad():
-            mean, _ = step_mean(problem.model, problem.schedule, problem.prompts, k, x)
+            mean = model_step(problem.model, problem.schedule, problem.prompts, k, x, None).mean
             grads = torch.autograd.grad(mean, [x, *params], grad_outputs=adj, allow_unused=True)
         adj = grads[0]
         shares[k] = flat(g if g is not None else torch.zeros_like(p) for g, p in zip(grads[1:], params))

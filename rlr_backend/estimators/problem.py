@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -11,8 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..models.denoiser import Denoiser
-from ..sampling import DDIMSchedule, PromptSchedule, Trajectory
+from ..sampling import Denoiser, PromptSchedule, Schedule, StepOutput, Trajectory
 from .advantages import BaselineState, compute_advantages
 
 logger = logging.getLogger(__name__)
@@ -58,20 +55,23 @@ class ChainProblem:
     """A sampler, its conditioning, a reward on x_0 and the parameters being trained.
 
     ``reward`` maps the final latents x_0 (B, ...) to rewards (B,); decoding to pixels is inside it.
-    ``params`` are the trainable tensors: gradients are accumulated into their ``.grad`` and
-    parameter-space zeroth-order estimators perturb them. ``groups`` (B,) are prompt ids, used by
-    per-prompt baselines. ``shard`` (None: the whole batch is here) says which rows of a batch split
-    across processes this one holds; ``x_T``, ``groups`` and the reward then cover those rows only.
+    ``params`` are the trainable tensors: estimators add their gradients to their ``.grad`` (through
+    ``Gradients``) and parameter-space zeroth-order estimators perturb them. ``groups`` (B,) are prompt
+    ids, used by per-prompt baselines. ``shard`` (None: the whole batch is here) says which rows of a
+    batch split across processes this one holds; ``x_T``, ``groups`` and the reward then cover those rows
+    only. ``loss_scale`` multiplies every gradient written (fp16 training; the trainer divides it out
+    again, see ``train.memory.DynamicLossScale``); reported loss values are not scaled.
     """
 
     model: Denoiser
-    schedule: DDIMSchedule
+    schedule: Schedule
     prompts: PromptSchedule
     reward: Callable[[Tensor], Tensor]
     params: Sequence[Tensor]
     reward_differentiable: bool = True
     groups: Tensor | None = None
     shard: BatchShard | None = None
+    loss_scale: float = 1.0
 
     @property
     def num_steps(self) -> int:
@@ -94,11 +94,15 @@ class ChainProblem:
         """The mean over processes of a tensor computed from this shard (itself when not split)."""
         return value if self.shard is None else self.shard.mean(value)
 
+    def gradients(self, metrics: dict[str, float]) -> "Gradients":
+        """Where an estimate on this problem writes its gradients (counting dropped terms in ``metrics``)."""
+        return Gradients(self.params, metrics, self.loss_scale)
+
 
 @dataclass
 class Estimate:
     """Result of one estimator call. Gradients of ``loss`` (the negated reward-gradient estimate)
-    have already been accumulated into ``param.grad``; ``loss`` is its detached value for logging."""
+    have been added to ``param.grad`` (by its ``Gradients``); ``loss`` is its value for logging."""
 
     loss: float
     metrics: dict[str, float]
@@ -116,20 +120,6 @@ def evaluate_reward(problem: ChainProblem, x0: Tensor) -> tuple[Tensor, Tensor]:
             f"the reward must return a tensor of shape ({x0.shape[0]},), one value per image; got {shape}"
         )
     return r, torch.isfinite(r.detach())
-
-
-_LOSS_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar("rlr_loss_scale", default=1.0)
-
-
-@contextlib.contextmanager
-def loss_scaling(scale: float):
-    """Inside the block every gradient an estimator adds is multiplied by ``scale`` (fp16 training: the
-    trainer divides it out again, see ``train.memory.DynamicLossScale``). Reported loss values are not."""
-    token = _LOSS_SCALE.set(float(scale))
-    try:
-        yield
-    finally:
-        _LOSS_SCALE.reset(token)
 
 
 def batch_advantages(problem: ChainProblem, rewards: Tensor, kind: str, *, state: BaselineState | None = None,
@@ -150,14 +140,13 @@ def batch_advantages(problem: ChainProblem, rewards: Tensor, kind: str, *, state
 RECOMPUTE_RTOL = 1e-4
 
 
-def check_recomputed_step(mean: Tensor, sigma: float, traj: Trajectory, k: int, metrics: dict[str, float],
+def check_recomputed_step(step: StepOutput, traj: Trajectory, k: int, metrics: dict[str, float],
                           rtol: float = RECOMPUTE_RTOL, what: str = "a likelihood-ratio term") -> None:
-    """Raise ``RecomputationMismatch`` unless a recomputed step mean reproduces the sampled step:
-    mean + sigma * eps_k must give the stored x_{k+1}. A likelihood ratio taken at a mean that does not
-    would score the wrong noise. Costs a few elementwise operations; the largest error seen goes to
-    ``metrics["recompute_max_err"]``."""
+    """Raise ``RecomputationMismatch`` unless step k, recomputed with its stored noise eps_k, reproduces the
+    sampled step: its ``prev_sample`` must be the stored x_{k+1}. A likelihood ratio taken at a mean that
+    does not would score the wrong noise. The largest error seen goes to ``metrics["recompute_max_err"]``."""
     target = traj.latents[k + 1]
-    err = float((mean.detach() + sigma * traj.noises[k] - target).abs().max())
+    err = float((step.prev_sample.detach() - target).abs().max())
     metrics["recompute_max_err"] = max(metrics.get("recompute_max_err", 0.0), err)
     tol = rtol * (float(target.abs().max()) + 1.0)
     if not err <= tol:
@@ -192,60 +181,75 @@ def detach_rows(x: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, x.detach())
 
 
-def _count_dropped(metrics: dict[str, float], name: str) -> None:
-    """Count a dropped term twice: in ``nonfinite_terms`` (all kinds) and in ``dropped_<name>_term``
-    (the trainer logs each kind once per run)."""
-    metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
-    key = "dropped_" + name.replace("-", "_").replace(" ", "_") + "_term"
-    metrics[key] = metrics.get(key, 0.0) + 1
+class Gradients:
+    """Where an estimator writes its gradients: each term's gradient is added to ``params``' ``.grad`` as the
+    term is computed, in the order the terms run (micro-batches and terms sum into one ``.grad``), multiplied
+    by ``scale`` (the problem's fp16 loss scale). ``total`` is the sum of the written terms' loss values.
 
-
-def backward_if_finite(loss: Tensor, metrics: dict[str, float], name: str,
-                       params: Sequence[Tensor] | None = None) -> float:
-    """Add the gradient of ``loss`` to ``params``' ``.grad`` unless the loss or that gradient is NaN/inf.
-
-    A skipped term is counted (:func:`_count_dropped`). The gradient is checked because a finite loss
-    can still have a non-finite gradient (a reward whose backward pass overflows on some rows). Under
-    fp16 loss scaling (``loss_scaling``) a non-finite gradient is counted in ``nonfinite_terms`` but
-    still written, so the loss scaler sees the overflow, skips the update and lowers its scale. Without
-    ``params`` the loss is back-propagated into every leaf and only its value is checked.
+    A term whose loss or gradient is NaN/inf is dropped and counted in ``metrics`` twice: in
+    ``nonfinite_terms`` (all kinds) and in ``dropped_<name>_term`` (the trainer logs each kind once). The
+    gradient is checked because a finite loss can still have a non-finite gradient (a reward whose backward
+    pass overflows on some rows). Under fp16 loss scaling (``scale`` != 1) a non-finite gradient is counted
+    but still written, so the loss scaler sees the overflow, skips the update and lowers its scale.
     """
-    value = float(loss.detach())
-    if not torch.isfinite(loss.detach()):
-        _count_dropped(metrics, name)
-        logger.debug("skipping a non-finite %s term (value %s)", name, value)
-        return 0.0
-    if not loss.requires_grad:
+
+    def __init__(self, params: Sequence[Tensor], metrics: dict[str, float], scale: float = 1.0):
+        self.params, self.metrics, self.scale = list(params), metrics, float(scale)
+        self.total = 0.0
+
+    def of_loss(self, loss: Tensor, name: str) -> tuple[float, list[Tensor | None] | None]:
+        """(the loss value, d(scale * loss)/d params: None for a parameter it does not reach), or (0, None)
+        when the term is dropped (non-finite loss or gradient). Writes nothing."""
+        value = float(loss.detach())
+        key = "dropped_" + name.replace("-", "_").replace(" ", "_") + "_term"
+        if not torch.isfinite(loss.detach()):
+            self._count(key)
+            logger.debug("skipping a non-finite %s term (value %s)", name, value)
+            return 0.0, None
+        if not loss.requires_grad:
+            return value, None
+        scaled = loss * self.scale if self.scale != 1.0 else loss
+        trained = [p for p in self.params if p.requires_grad]
+        it = iter(torch.autograd.grad(scaled, trained, allow_unused=True))
+        grads = [next(it) if p.requires_grad else None for p in self.params]
+        present = [g for g in grads if g is not None]
+        if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):
+            self.metrics["nonfinite_terms"] = self.metrics.get("nonfinite_terms", 0.0) + 1
+            if self.scale == 1.0:
+                self.metrics[key] = self.metrics.get(key, 0.0) + 1
+                logger.debug("dropping the %s term: its loss is finite (%s) but its gradient is not", name, value)
+                return 0.0, None
+            logger.warning("the %s term's gradient overflowed under fp16 loss scale %g; the update will be skipped",
+                           name, self.scale)
+        return value, grads
+
+    def add(self, grads: Sequence[Tensor | None] | None) -> None:
+        """param.grad += grad, for every parameter the gradient reaches."""
+        for p, g in zip(self.params, grads or ()):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = g.detach()
+                else:
+                    p.grad.add_(g)
+
+    def write(self, value: float, grads: Sequence[Tensor | None] | None) -> float:
+        """Add a term's gradient (from ``of_loss``) and its value to the total; returns the value."""
+        self.add(grads)
+        self.total += value
         return value
-    scale = _LOSS_SCALE.get()
-    scaled = loss * scale if scale != 1.0 else loss
-    if params is None:
-        scaled.backward()
-        return value
-    params = [p for p in params if p.requires_grad]
-    grads = torch.autograd.grad(scaled, params, allow_unused=True)
-    present = [g for g in grads if g is not None]
-    if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):
-        if scale == 1.0:
-            _count_dropped(metrics, name)
-            logger.debug("dropping the %s term: its loss is finite (%s) but its gradient is not", name, value)
-            return 0.0
-        metrics["nonfinite_terms"] = metrics.get("nonfinite_terms", 0.0) + 1
-        logger.warning("the %s term's gradient overflowed under fp16 loss scale %g; the update will be skipped",
-                       name, scale)
-    for p, g in zip(params, grads):
-        if g is not None:
+
+    def add_loss(self, loss: Tensor, name: str) -> float:
+        """Write the gradient of the term ``loss`` (``name`` labels it in the metrics); returns its value."""
+        return self.write(*self.of_loss(loss, name))
+
+    def add_direction(self, updates: Sequence[Tensor], coef: float) -> None:
+        """param.grad += scale * coef * update (a term that yields its gradient directly: parameter-space ZO)."""
+        coef *= self.scale
+        for p, u in zip(self.params, updates):
             if p.grad is None:
-                p.grad = g.detach()
-            else:
-                p.grad.add_(g)
-    return value
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(u.to(p.grad.dtype), alpha=coef)
 
-
-def add_to_grad(params: Sequence[Tensor], updates: Sequence[Tensor], scale: float) -> None:
-    """param.grad += scale * update (for estimators that produce a gradient directly)."""
-    scale *= _LOSS_SCALE.get()
-    for p, u in zip(params, updates):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.add_(u.to(p.grad.dtype), alpha=scale)
+    def _count(self, key: str) -> None:
+        self.metrics["nonfinite_terms"] = self.metrics.get("nonfinite_terms", 0.0) + 1
+        self.metrics[key] = self.metrics.get(key, 0.0) + 1

@@ -24,34 +24,30 @@ and decoder backward (FO) + h forward/backward holding h steps of activations (H
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..choices import ZO_MODES
-from ..sampling import sample_chain, step_mean
+from ..sampling import sample_chain
 from .advantages import BASELINES, BaselineState
+from .config import EstimatorConfig, baseline_biases
 from .notes import describe
 from .partition import J_DISTRIBUTIONS, JSampler, check_h, split_chain
-from .perturbation import direction, perturbed
-from .problem import (ChainProblem, Estimate, add_to_grad, backward_if_finite, batch_advantages,
-                      check_recomputed_step, detach_rows, evaluate_reward, reward_metrics, valid_row_scale)
-from .terms import first_order_loss, likelihood_ratio_loss
+from .problem import ChainProblem, Estimate, batch_advantages, evaluate_reward, reward_metrics, valid_row_scale
+from .rlr_terms import ZO_TERMS, SampledBatch, first_order_term, grad_norm, half_order_term, perturbation_context
 
 logger = logging.getLogger(__name__)
 
-ZOMode = Literal["latent_lr", "param_1pt", "param_2pt"]
-
 
 @dataclass(frozen=True)
-class RLRConfig:
+class RLRConfig(EstimatorConfig):
     """Knobs of the RLR estimator. ``j`` values are in paper order (t = 1 is the last step)."""
 
+    name = "rlr"
     h: int = 2  # half-order sub-chain length (paper recommends 2)
     fo_steps: int = 1  # first-order (backprop) over the last K steps; the paper uses 1
     zo_mode: str = "latent_lr"  # one of ZO_MODES
@@ -87,14 +83,36 @@ class RLRConfig:
         if self.j_dist == "range" and self.j_range is None:
             raise ValueError("j_dist='range' needs j_range=(a, b) (paper order, 1 = last step)")
 
+    @classmethod
+    def from_settings(cls, s) -> "RLRConfig":
+        """param_1pt shares one perturbation across the batch, so it takes the EMA baseline (see __post_init__)."""
+        return cls(h=s.h, fo_steps=s.fo_steps, zo_mode=s.zo_mode, nu=s.nu,
+                   baseline="ema" if s.zo_mode == "param_1pt" else "loo",
+                   j_dist="range" if s.ho_range else "uniform", j_range=s.ho_range,
+                   use_checkpoint=s.gradient_checkpointing)
+
     def j_sampler(self) -> JSampler:
         return JSampler(self.j_dist, self.j_range)
+
+    def biases(self, reward_differentiable: bool) -> list[str]:
+        out = baseline_biases(self.baseline, self.adv_clip)
+        if self.weights != (1.0, 1.0, 1.0):
+            out.append(f"unequal term weights {tuple(self.weights)} (FO, HO, ZO)")
+        if self.zo_mode in ("param_1pt", "param_2pt"):
+            out.append(f"zo_mode={self.zo_mode}: finite differences in parameter space, O(nu^2) bias (nu={self.nu:g})")
+        return out
+
+    def overrides(self, reward_differentiable: bool) -> list[str]:
+        if not reward_differentiable and self.fo_steps > 1:
+            return [f"the reward is not differentiable, so there is no first-order term: fo_steps={self.fo_steps} is "
+                    "ignored and the last steps are estimated by likelihood ratios"]
+        return []
 
     def check(self, problem: ChainProblem) -> None:
         """Raise if this config cannot run on the problem's chain (call once, before training)."""
         n = problem.num_steps
         self.j_sampler().support(n, self.h, self.fo_steps if problem.reward_differentiable else 1)
-        sig = problem.schedule.sigma
+        sig = problem.schedule.stds
         # every step but the last may carry a likelihood ratio (HO end or latent ZO)
         need = range(n) if not problem.reward_differentiable else range(n - 1)
         bad = [k for k in need if sig[k] <= 0]
@@ -106,122 +124,43 @@ class RLRConfig:
 
 
 def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRConfig(),
-                 generator: torch.Generator | None = None, j: int | None = None,
-                 j_sampler: JSampler | None = None, baseline_state: BaselineState | None = None) -> Estimate:
-    """One RLR gradient estimate for the batch started at ``x_T``; accumulates into ``.grad``."""
+                 generator: torch.Generator | None = None, baseline_state: BaselineState | None = None,
+                 j_sampler: JSampler | None = None, j: int | None = None) -> Estimate:
+    """One RLR gradient estimate for the batch started at ``x_T``: FO + HO + ZO, each term adding its
+    gradient to ``.grad`` (``rlr_terms``). ``j`` fixes the half-order start (paper order) instead of drawing it."""
     config.check(problem)
     describe(config, problem.reward_differentiable).log()  # biasing options, a dropped first-order part: once
     n, params = problem.num_steps, list(problem.params)
     sampler = j_sampler or config.j_sampler()
     fo_steps = config.fo_steps if problem.reward_differentiable else 1
-    if j is None:
-        j = sampler.draw(n, config.h, generator, fo_steps)
+    j = sampler.draw(n, config.h, generator, fo_steps) if j is None else j
     split = split_chain(n, config.h, j, reward_differentiable=problem.reward_differentiable, fo_steps=fo_steps)
     w_fo, w_ho, w_zo = config.weights
     metrics: dict[str, float] = {"j": float(j), "model_calls": float(n), "model_calls_with_grad": 0.0}
-
-    # 1. sampling pass without grad (param_1pt perturbs theta on the ZO steps)
-    step_context, seeds = None, {}
-    if config.zo_mode == "param_1pt" and split.zo:
-        seeds = {k: int(torch.randint(0, 2**62, (1,), generator=generator)) for k in split.zo}
-
-        def step_context(k: int):
-            if k in seeds:
-                return perturbed(params, direction(params, seeds[k]), config.nu)
-            return contextlib.nullcontext()
-
+    # 1. the sampling pass, without grad (param_1pt perturbs theta on the ZO steps)
+    seeds = {k: int(torch.randint(0, 2**62, (1,), generator=generator)) for k in split.zo} \
+        if config.zo_mode == "param_1pt" and split.zo else {}
     with torch.no_grad():
         traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
-                            step_context=step_context, noise_shard=problem.noise_shard)
+                            step_context=perturbation_context(params, seeds, config.nu) if seeds else None,
+                            noise_shard=problem.noise_shard)
         rewards, valid = evaluate_reward(problem, traj.final)
     # batch statistics over the whole batch (gathered from every process when it is split)
     adv, all_rewards = batch_advantages(problem, rewards, config.baseline, state=baseline_state, clip=config.adv_clip)
     all_valid = torch.isfinite(all_rewards.detach())
     metrics["nonfinite_rewards"] = float((~all_valid).sum())
-    row_scale = valid_row_scale(all_rewards)  # one normalisation for every term: the mean over the valid rows
-    lat, sched, prompts, model = traj.latents, problem.schedule, problem.prompts, problem.model
-    total = 0.0
-
-    # 2. FO on the last step(s): DRaFT-K through the reward (and decoder), from the stored latents
-    if split.fo and w_fo:  # a zero-weight term is skipped, not computed
-        x = lat[split.fo[0]]
-        for k in split.fo:
-            mean, sigma = step_mean(model, sched, prompts, k, x, use_checkpoint=config.use_checkpoint)
-            check_recomputed_step(mean, sigma, traj, k, metrics, config.recompute_atol, "the first-order term")
-            x = mean + sigma * traj.noises[k] if sigma > 0 else mean
-        r_fo, _ = evaluate_reward(problem, detach_rows(x, valid))
-        total += backward_if_finite(w_fo * first_order_loss(r_fo, valid, row_scale), metrics, "first-order", params)
-        metrics["model_calls"] += len(split.fo) * (2 if config.use_checkpoint else 1)
-        metrics["model_calls_with_grad"] += len(split.fo)
-
-    # 3. HO over S: recompute the sub-chain with grad from its stored start
-    before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params] \
-        if sampler.kind == "softmax_gradnorm" else None
-    x = lat[split.ho[0]]
-    for k in split.ho[:-1] if w_ho else ():
-        mean, sigma = step_mean(model, sched, prompts, k, x, use_checkpoint=config.use_checkpoint)
-        check_recomputed_step(mean, sigma, traj, k, metrics, config.recompute_atol, "the half-order sub-chain")
-        x = mean + sigma * traj.noises[k]
-    k_end = split.ho[-1]
-    if w_ho:
-        mean, sigma = step_mean(model, sched, prompts, k_end, x, use_checkpoint=config.use_checkpoint)
-        check_recomputed_step(mean, sigma, traj, k_end, metrics, config.recompute_atol, "the half-order term")
-        total += backward_if_finite(w_ho * likelihood_ratio_loss(mean, lat[k_end + 1], sigma, adv, row_scale), metrics,
-                                    "half-order", params)
-        metrics["model_calls"] += config.h * (2 if config.use_checkpoint else 1)
-        metrics["model_calls_with_grad"] += config.h
-    if before is not None:
-        norm = _ho_grad_norm(problem, params, before)
+    grads = problem.gradients(metrics)
+    batch = SampledBatch(problem, config, x_T, traj, valid, adv, all_valid, valid_row_scale(all_rewards), grads,
+                         metrics, generator, seeds)
+    # 2. the terms, in this order; a zero-weight term is skipped, not computed
+    if split.fo and w_fo:
+        first_order_term(batch, split.fo, w_fo)
+    ho_grads = half_order_term(batch, split.ho, w_ho)[1] if w_ho else None
+    if sampler.kind == "softmax_gradnorm":
+        metrics["ho_grad_norm"] = norm = grad_norm(problem, ho_grads, params)
         sampler.observe(j, norm)
-        metrics["ho_grad_norm"] = norm
-
-    # 4. ZO over C
-    if not w_zo:
-        pass
-    elif config.zo_mode == "latent_lr":
-        for k in split.zo:
-            mean, sigma = step_mean(model, sched, prompts, k, lat[k])
-            check_recomputed_step(mean, sigma, traj, k, metrics, config.recompute_atol, "a zeroth-order term")
-            total += backward_if_finite(w_zo * likelihood_ratio_loss(mean, lat[k + 1], sigma, adv, row_scale), metrics,
-                                        "zeroth-order", params)
-        metrics["model_calls"] += len(split.zo)
-        metrics["model_calls_with_grad"] += len(split.zo)
-    elif config.zo_mode == "param_1pt" and split.zo:
-        all_adv = problem.gather(adv)
-        coef = float(all_adv[all_valid].mean()) if all_valid.any() else 0.0
-        for k in split.zo:  # loss gradient = -(ascent direction)
-            add_to_grad(params, direction(params, seeds[k]), -w_zo * coef / config.nu)
-    elif config.zo_mode == "param_2pt" and split.zo:
-        zo_set = set(split.zo)
-        for _ in range(config.zo_directions):
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            delta = direction(params, seed)
-            r_pm = []
-            for sign in (1.0, -1.0):
-                def ctx(k: int, s=sign):
-                    return perturbed(params, delta, s * config.nu) if k in zo_set else contextlib.nullcontext()
-                with torch.no_grad():
-                    chain = sample_chain(model, sched, prompts, x_T, noises=traj.noises, step_context=ctx)
-                    r_pm.append(evaluate_reward(problem, chain.final))
-            (r_plus, _), (r_minus, _) = r_pm
-            r_plus, r_minus = problem.gather(r_plus), problem.gather(r_minus)
-            ok = all_valid & torch.isfinite(r_plus) & torch.isfinite(r_minus)
-            diff = float(((r_plus - r_minus)[ok]).mean()) if ok.any() else 0.0
-            add_to_grad(params, delta, -w_zo * diff / (2 * config.nu) / config.zo_directions)
-        metrics["model_calls"] += 2 * n * config.zo_directions
-
+    if w_zo:
+        ZO_TERMS[config.zo_mode](batch, split.zo, w_zo)
     metrics.update(reward_metrics(all_rewards),
                    steps_in_memory=1.0 if config.use_checkpoint else float(max(config.h, len(split.fo))))
-    return Estimate(total, metrics, rewards.detach(), traj, {"split": split})
-
-
-def _ho_grad_norm(problem: ChainProblem, params: list[Tensor], before: list[Tensor]) -> float:
-    """Norm of the half-order term's gradient (the change of ``.grad`` since ``before``).
-
-    With a split batch each shard's change is averaged over the processes first, so every process
-    observes the norm of the whole batch's term and its j distribution stays the same.
-    """
-    deltas = [(p.grad if p.grad is not None else 0) - b for p, b in zip(params, before)]
-    if problem.shard is not None:
-        deltas = [problem.mean_over_shards(d) for d in deltas]
-    return math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))
+    return Estimate(grads.total, metrics, rewards.detach(), traj, {"split": split})

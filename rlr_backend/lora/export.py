@@ -69,15 +69,6 @@ def save_kohya(sd: dict[str, torch.Tensor], path: str | Path, rank: int, alpha: 
     return path
 
 
-def save_lora(unet: torch.nn.Module, path: str | Path, *, base_model_version: str = "sd_v1",
-              dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> Path:
-    """Write the adapter to ``path`` atomically and return the path."""
-    if Path(path).suffix != ".safetensors":
-        raise ValueError(f"LoRA files are written as .safetensors, got {Path(path).name!r}")
-    sd, rank, alpha = kohya_state_dict(unet, dtype=dtype)
-    return save_kohya(sd, path, rank, alpha, base_model_version=base_model_version, metadata=metadata)
-
-
 #: kohya ``ss_base_model_version`` prefix -> the architecture it names (for error messages)
 MODEL_FAMILIES: dict[str, str] = {"sdxl": "SDXL", "sd_v2": "SD2.x", "sd_v1": "SD1.x",
                                    "rlr_default": "RLR-default"}

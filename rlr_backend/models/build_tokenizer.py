@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
-import io
 import json
 import logging
 import zipfile
@@ -77,23 +76,6 @@ def write_tokenizer_files(bpe_gz: bytes, out_dir: str | Path) -> tuple[Path, Pat
     mpath.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     logger.info("wrote %s (%d tokens) and %s (%d merges)", vpath, len(vocab), mpath, len(merges))
     return vpath, mpath
-
-
-def build_clip_tokenizer(bpe_gz: bytes, out_dir: str | Path, model_max_length: int = 77):
-    """Write the files and return a :class:`transformers.CLIPTokenizer` over them
-    (padding token ``<|endoftext|>``, as Stable Diffusion's tokenizer)."""
-    from transformers import CLIPTokenizer
-
-    vpath, mpath = write_tokenizer_files(bpe_gz, out_dir)
-    return CLIPTokenizer(
-        vocab_file=str(vpath),
-        merges_file=str(mpath),
-        model_max_length=model_max_length,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=EOS,
-        pad_token=EOS,
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..sampling import classifier_free_guidance
+
 
 @dataclass(frozen=True)
 class TextConditioning:
@@ -46,4 +48,4 @@ class DiffusersUNetDenoiser:
         out = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
                         encoder_hidden_states=torch.cat([cond.uncond, cond.embeds]).to(x.device, dtype)).sample.float()
         uncond, text = out.chunk(2)
-        return uncond + self.guidance_scale * (text - uncond)
+        return classifier_free_guidance(uncond, text, self.guidance_scale)

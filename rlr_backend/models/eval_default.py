@@ -18,10 +18,10 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rlr_backend.data import shapes
+from rlr_backend.images import grid_image, to_pil
 from rlr_backend.models.default_model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_NUM_STEPS, load_default_pipeline
 
 logger = logging.getLogger(__name__)
@@ -103,15 +103,7 @@ def evaluate(
 
 
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 8, scale: int = 4) -> None:
-    from PIL import Image
-
-    x = (images.clamp(0, 1).numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
-    n, h, w, _ = x.shape
-    nrow = (n + ncol - 1) // ncol
-    canvas = np.zeros((nrow * h, ncol * w, 3), np.uint8)
-    for i in range(n):
-        canvas[(i // ncol) * h : (i // ncol + 1) * h, (i % ncol) * w : (i % ncol + 1) * w] = x[i]
-    Image.fromarray(canvas).resize((ncol * w * scale, nrow * h * scale), Image.NEAREST).save(path)
+    grid_image(to_pil(images, scale), ncol, background="black").save(path)
 
 
 def main(argv: list[str] | None = None) -> None:

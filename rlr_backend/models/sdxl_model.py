@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..sampling import classifier_free_guidance
 from .diffusers_model import DiffusersModel
 
 
@@ -69,7 +70,7 @@ class SDXLUNetDenoiser:
                         encoder_hidden_states=torch.cat([cond.uncond, cond.embeds]).to(x.device, dtype),
                         added_cond_kwargs=added).sample.float()
         uncond, text = out.chunk(2)
-        return uncond + self.guidance_scale * (text - uncond)
+        return classifier_free_guidance(uncond, text, self.guidance_scale)
 
 
 class SDXLModel(DiffusersModel):

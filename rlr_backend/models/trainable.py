@@ -14,8 +14,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..sampling import DDIMSchedule, PromptSchedule, sample_chain
-from .denoiser import Denoiser
+from ..sampling import DDIMSchedule, Denoiser, PromptSchedule, sample_chain
 
 
 @runtime_checkable

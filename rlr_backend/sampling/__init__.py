@@ -1,12 +1,14 @@
 """Samplers with per-step log-probabilities, trajectory recording and per-step grad control."""
 
-from .chain import Trajectory, sample_chain, step_mean
-from .ddim import StepOutput, ddim_mean, ddim_step, gaussian_log_prob, predicted_x0_and_eps
+from .chain import Trajectory, model_output, model_step, sample_chain
+from .ddim import ddim_mean, ddim_step, predicted_x0_and_eps
+from .denoiser import Denoiser, classifier_free_guidance
 from .prompt_schedule import PromptSchedule
-from .schedule import DDIMSchedule, paper_to_sampler, sampler_to_paper
+from .schedule import DDIMSchedule, Schedule, paper_to_sampler, sampler_to_paper
+from .step import StepOutput, gaussian_log_prob, gaussian_step
 
 __all__ = [
-    "DDIMSchedule", "PromptSchedule", "StepOutput", "Trajectory", "ddim_mean", "ddim_step",
-    "gaussian_log_prob", "paper_to_sampler", "predicted_x0_and_eps", "sample_chain", "sampler_to_paper",
-    "step_mean",
+    "DDIMSchedule", "Denoiser", "PromptSchedule", "Schedule", "StepOutput", "Trajectory", "classifier_free_guidance", "ddim_mean", "ddim_step",
+    "gaussian_log_prob", "gaussian_step", "model_output", "model_step", "paper_to_sampler", "predicted_x0_and_eps",
+    "sample_chain", "sampler_to_paper",
 ]

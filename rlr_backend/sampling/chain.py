@@ -1,7 +1,9 @@
 """The sampling loop over a Denoiser: records everything an estimator needs to recompute a step.
 
-``sample_chain`` runs x_T -> x_0 and returns a ``Trajectory`` (latents at every step, the Gaussian
-noises that were added, log-probabilities and step std). The caller decides per step whether the
+``model_step`` is a step with its model call: the model's output at step k, then the schedule kind's
+step function (``Schedule.step``). ``sample_chain`` runs x_T -> x_0 through it and returns a
+``Trajectory`` (latents at every step, the Gaussian noises that were added, log-probabilities); every
+estimator term recomputes steps through ``model_step`` with the stored noises. The caller decides per step whether the
 model call keeps its graph (``grad_steps``; everything else runs under ``no_grad`` and so cuts the
 graph), may wrap steps in a context (``step_context``, used to perturb parameters for zeroth-order
 estimators) and may replay given noises (``noises``: common random numbers, exact recomputation).
@@ -20,10 +22,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..models.denoiser import Denoiser
-from .ddim import ddim_mean, gaussian_log_prob
+from .denoiser import Denoiser
 from .prompt_schedule import PromptSchedule
-from .schedule import DDIMSchedule
+from .schedule import Schedule
+from .step import StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class Trajectory:
     latents: list[Tensor]  # T+1 tensors (B, ...)
     noises: list[Tensor]  # T tensors; eps_k, the standard-normal draw of step k (zeros when std == 0)
     log_probs: Tensor  # (B, T) log p(latents[k+1] | latents[k]) at sampling time
-    schedule: DDIMSchedule
+    schedule: Schedule
     prompts: PromptSchedule
     final: Tensor  # x_0, with graph if any grad step ran
 
@@ -47,25 +49,30 @@ class Trajectory:
         return self.schedule.num_steps
 
 
-def step_mean(model: Denoiser, schedule: DDIMSchedule, prompts: PromptSchedule, k: int, x: Tensor,
-              *, use_checkpoint: bool = False) -> tuple[Tensor, float]:
-    """(mu_k, sigma_k) of sampler step k from input x: the one place a model call becomes a DDIM mean."""
-    sigma = float(schedule.sigma[k])
-    a_t, a_prev = float(schedule.alpha_t[k]), float(schedule.alpha_prev[k])
+def model_output(model: Denoiser, schedule: Schedule, prompts: PromptSchedule, k: int, x: Tensor,
+                 *, use_checkpoint: bool = False) -> Tensor:
+    """The model's output at sampler step k (that step's time and conditioning); with ``use_checkpoint``
+    (and autograd on) its activations are recomputed in backward instead of kept."""
     t, cond = schedule.timesteps[k], prompts.cond_at(k)
 
     def run(x_in: Tensor) -> Tensor:
-        out = model(x_in, t, cond)
-        return ddim_mean(out, x_in, a_t, a_prev, sigma, schedule.prediction_type, schedule.clip_sample_range)
+        return model(x_in, t, cond)
 
     if use_checkpoint and torch.is_grad_enabled():
-        return _checkpoint(run, x, use_reentrant=False), sigma
-    return run(x), sigma
+        return _checkpoint(run, x, use_reentrant=False)
+    return run(x)
+
+
+def model_step(model: Denoiser, schedule: Schedule, prompts: PromptSchedule, k: int, x: Tensor,
+               noise: Tensor | None, *, use_checkpoint: bool = False) -> StepOutput:
+    """Sampler step k from input x: the model call, then the schedule's step function with ``noise``
+    (None: the mean only). Estimator terms recompute a sampled step with its stored noise."""
+    return schedule.step(k, model_output(model, schedule, prompts, k, x, use_checkpoint=use_checkpoint), x, noise)
 
 
 def sample_chain(
     model: Denoiser,
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     prompts: PromptSchedule,
     x_T: Tensor,
     *,
@@ -96,21 +103,23 @@ def sample_chain(
     grad_set = set(grad_steps)
     x = x_T.detach()
     latents, eps_list, logps = [x], [], []
+    stds = schedule.stds
     for k in range(n):
+        std = float(stds[k])
         ctx = step_context(k) if step_context is not None else contextlib.nullcontext()
         with ctx, torch.set_grad_enabled(k in grad_set):
-            mean, sigma = step_mean(model, schedule, prompts, k, x, use_checkpoint=use_checkpoint)
-            if sigma > 0:
-                eps = noises[k] if noises is not None else draw_noise(mean, generator, noise_shard)
+            out = model_output(model, schedule, prompts, k, x, use_checkpoint=use_checkpoint)
+            if std > 0:
+                eps = noises[k] if noises is not None else draw_noise(x, out, generator, noise_shard)
             else:
-                eps = torch.zeros_like(mean)
-            x_next = mean + sigma * eps if sigma > 0 else mean
-        logps.append(gaussian_log_prob(x_next, mean, sigma).detach())
+                eps = torch.zeros(x.shape, dtype=step_dtype(x, out), device=x.device)
+            step = schedule.step(k, out, x, eps)
+        logps.append(step.log_prob.detach())
         eps_list.append(eps.detach())
-        latents.append(x_next.detach())
+        latents.append(step.prev_sample.detach())
         if callback is not None:
-            callback({"i": k, "x": x_next.detach(), "sigma": sigma, "t": schedule.timesteps[k]})
-        x = x_next
+            callback({"i": k, "x": step.prev_sample.detach(), "sigma": std, "t": schedule.timesteps[k]})
+        x = step.prev_sample
     return Trajectory(latents, eps_list, torch.stack(logps, dim=1), schedule, prompts, x)
 
 
@@ -122,14 +131,20 @@ def check_noise_shard(noise_shard: tuple[int, int], rows: int) -> None:
                          f"need 0 <= start and start + {rows} <= full_batch")
 
 
-def draw_noise(like: Tensor, generator: torch.Generator | None,
+def step_dtype(x: Tensor, model_output: Tensor) -> torch.dtype:
+    """The dtype of a step computed from ``x`` and the model's output (the noise is drawn in it)."""
+    return torch.promote_types(x.dtype, model_output.dtype)
+
+
+def draw_noise(x: Tensor, model_output: Tensor, generator: torch.Generator | None,
                noise_shard: tuple[int, int] | None = None) -> Tensor:
-    """Standard-normal noise shaped like ``like``; with a shard, this shard's rows of a full-batch draw.
-    Drawn on the generator's device and moved to ``like``'s: a CPU generator gives the same noise
-    whether the model runs on the CPU or a GPU."""
-    device = generator.device if generator is not None else like.device
+    """Standard-normal noise for the step from ``x``: x's shape, the step's dtype; with a shard, this shard's
+    rows of a full-batch draw. Drawn on the generator's device and moved to x's: a CPU generator gives the
+    same noise whether the model runs on the CPU or a GPU."""
+    dtype = step_dtype(x, model_output)
+    device = generator.device if generator is not None else x.device
     if noise_shard is None:
-        return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+        return torch.randn(x.shape, generator=generator, device=device, dtype=dtype).to(x.device)
     start, full_batch = noise_shard
-    full = torch.randn((full_batch, *like.shape[1:]), generator=generator, device=device, dtype=like.dtype)
-    return full[start:start + like.shape[0]].to(like.device)
+    full = torch.randn((full_batch, *x.shape[1:]), generator=generator, device=device, dtype=dtype)
+    return full[start:start + x.shape[0]].to(x.device)

@@ -1,4 +1,4 @@
-"""One DDIM step with its Gaussian mean, standard deviation and log-probability.
+"""The DDIM step function: model output + the step's coefficients + a noise -> the next latent.
 
 Follows ``diffusers.DDIMScheduler.step`` (DDIM paper, Song et al. 2020, eq. 12):
 
@@ -7,26 +7,17 @@ Follows ``diffusers.DDIMScheduler.step`` (DDIM paper, Song et al. 2020, eq. 12):
     mu_t      = sqrt(abar_prev) x0_hat + sqrt(1-abar_prev-sigma_t^2) eps_hat  "direction to x_t"
     x_{t-1}   = mu_t + sigma_t eps_t,  eps_t ~ N(0, I)
 
-With eta = 1 this is DDPM's posterior q(x_{t-1} | x_t, x0_hat) ("fixed_small" variance).
-The log-probability is **summed** over all non-batch elements (trl and ddpo-pytorch take the mean,
-which scales every likelihood-ratio gradient by 1/D).
+With eta = 1 this is DDPM's posterior q(x_{t-1} | x_t, x0_hat) ("fixed_small" variance). The
+coefficients of step k come from a ``DDIMSchedule`` (``schedule.py``), whose ``step`` calls this.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-
-@dataclass
-class StepOutput:
-    prev_sample: Tensor  # x_{t-1}
-    mean: Tensor  # mu_t, carries the graph when the model output does
-    std: float  # sigma_t
-    log_prob: Tensor  # (B,) log p(x_{t-1} | x_t), summed over elements; 0 where std == 0
+from .step import StepOutput, gaussian_step
 
 
 def predicted_x0_and_eps(model_output: Tensor, sample: Tensor, alpha_t: float, prediction_type: str,
@@ -53,19 +44,9 @@ def ddim_mean(model_output: Tensor, sample: Tensor, alpha_t: float, alpha_prev: 
     return math.sqrt(alpha_prev) * x0 + math.sqrt(max(1 - alpha_prev - std**2, 0.0)) * eps
 
 
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
-    """log N(x; mean, std^2 I) summed over non-batch dims -> (B,). Returns zeros when std == 0."""
-    if std <= 0:
-        return torch.zeros(x.shape[0], dtype=mean.dtype, device=mean.device)
-    d = x[0].numel()
-    sq = ((x.detach() - mean) ** 2).flatten(1).sum(1)
-    return -sq / (2 * std**2) - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
-
-
 def ddim_step(model_output: Tensor, sample: Tensor, alpha_t: float, alpha_prev: float, std: float,
               noise: Tensor | None, prediction_type: str = "epsilon",
               clip_sample_range: float | None = None) -> StepOutput:
-    """x_{t-1} = mu_t + std * noise, with its mean and log-probability."""
+    """x_{t-1} = mu_t + std * noise, with its mean, std and log-probability."""
     mean = ddim_mean(model_output, sample, alpha_t, alpha_prev, std, prediction_type, clip_sample_range)
-    prev = mean if std == 0 or noise is None else mean + std * noise
-    return StepOutput(prev, mean, std, gaussian_log_prob(prev, mean, std))
+    return gaussian_step(mean, std, noise)

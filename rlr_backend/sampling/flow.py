@@ -42,7 +42,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ddim import StepOutput, gaussian_log_prob
+from .step import StepOutput, gaussian_step
 
 FLOW_STEP_KINDS: tuple[str, ...] = ("flow_sde", "dance_sde", "cps", "ode")
 
@@ -79,8 +79,7 @@ def flow_step(velocity: Tensor, sample: Tensor, sigma: float, sigma_next: float,
               kind: str = "cps", eta: float = 0.8, sigma_cap: float | None = None) -> StepOutput:
     """x' = mean + std * noise, with its mean, std and log-probability (zero when the step is deterministic)."""
     mean, std = flow_mean_std(velocity, sample, sigma, sigma_next, kind=kind, eta=eta, sigma_cap=sigma_cap)
-    prev = mean if std == 0 or noise is None else mean + std * noise
-    return StepOutput(prev, mean, std, gaussian_log_prob(prev, mean, std))
+    return gaussian_step(mean, std, noise)
 
 
 def flow_sigmas(num_steps: int, *, shift: float = 1.0) -> Tensor:

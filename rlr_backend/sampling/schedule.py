@@ -1,4 +1,11 @@
-"""The discrete DDIM/DDPM schedule a sampler walks: timesteps, cumulative alphas and step noise.
+"""Chain kinds: the ``Schedule`` protocol every sampler and estimator term runs on, and the DDIM/DDPM kind.
+
+A schedule is a chain's per-step constants plus its kind's step function: ``schedule.step(k, model_output,
+x, noise)`` returns step k's ``StepOutput`` (next latent, mean, std, log-probability). The sampling loop
+and every estimator term call it, and nothing else writes a step, so a new kind of chain (flow
+matching next) is a new schedule class with its step function and test; the samplers, estimators and
+trainer are unchanged. ``DDIMSchedule`` is the discrete DDIM/DDPM chain (timesteps, cumulative alphas,
+eta).
 
 Index conventions used across the project (see docs/estimators.md):
 
@@ -13,11 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
+from torch import Tensor
 
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+from .ddim import ddim_step
+from .step import StepOutput
+
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
 
@@ -33,6 +43,26 @@ def sampler_to_paper(k: int, num_steps: int) -> int:
     if not 0 <= k < num_steps:
         raise ValueError(f"sampler index k={k} is outside 0..{num_steps - 1}")
     return num_steps - k
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """What a sampler and the estimator terms need from a chain kind."""
+
+    #: the model's time input at each step (sampler order), passed to the ``Denoiser``
+    timesteps: tuple
+
+    @property
+    def num_steps(self) -> int: ...
+
+    @property
+    def stds(self) -> Tensor:
+        """(T,) float64 standard deviation of each step's Gaussian transition (0: a deterministic step)."""
+        ...
+
+    def step(self, k: int, model_output: Tensor, sample: Tensor, noise: Tensor | None) -> StepOutput:
+        """Step k from ``sample`` given the model's output there (``noise`` None: the mean only)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +104,16 @@ class DDIMSchedule:
         """(T,) float64 standard deviation of each step's Gaussian transition."""
         var = (1 - self.alpha_prev) / (1 - self.alpha_t) * (1 - self.alpha_t / self.alpha_prev)
         return torch.tensor(self.etas, dtype=torch.float64) * var.clamp_min(0).sqrt()
+
+    @property
+    def stds(self) -> torch.Tensor:
+        """The ``Schedule`` name of ``sigma``."""
+        return self.sigma
+
+    def step(self, k: int, model_output: Tensor, sample: Tensor, noise: Tensor | None) -> StepOutput:
+        """DDIM step k (``ddim_step`` with this schedule's coefficients)."""
+        return ddim_step(model_output, sample, float(self.alpha_t[k]), float(self.alpha_prev[k]), float(self.sigma[k]),
+                         noise, self.prediction_type, self.clip_sample_range)
 
     def with_eta(self, eta: float | Sequence[float]) -> "DDIMSchedule":
         """The same chain with another eta (a scalar, or one value per step)."""

@@ -184,17 +184,10 @@ class TrainConfig:
         return Path(self.output_dir) / self.run_name
 
     def estimator_config(self):
-        from ..estimators import CodeCompatConfig, DDPOConfig, FullBPConfig, RLRConfig, TruncatedBPConfig, ZOConfig
+        """The typed config of the chosen estimator, built by its registry entry from these settings."""
+        from ..estimators import get_estimator
 
-        if self.estimator == "rlr":
-            baseline = "ema" if self.zo_mode == "param_1pt" else "loo"
-            return RLRConfig(h=self.h, fo_steps=self.fo_steps, zo_mode=self.zo_mode, nu=self.nu, baseline=baseline,
-                             j_dist="range" if self.ho_range else "uniform", j_range=self.ho_range,
-                             use_checkpoint=self.gradient_checkpointing)
-        ckpt = self.gradient_checkpointing
-        return {"code_compat": lambda: CodeCompatConfig(chain_len=self.chain_len),
-                "ddpo": DDPOConfig, "zo": ZOConfig, "full_bp": lambda: FullBPConfig(use_checkpoint=ckpt),
-                "truncated_bp": lambda: TruncatedBPConfig(k=self.truncation, use_checkpoint=ckpt)}[self.estimator]()
+        return get_estimator(self.estimator).config_cls.from_settings(self)
 
     def to_json(self) -> dict:
         out = {}

@@ -132,7 +132,7 @@ def autocast(device: torch.device, precision: str):
 
 class DynamicLossScale:
     """fp16 loss scaling as torch's GradScaler does it, for estimators that call ``backward`` themselves:
-    losses are multiplied by ``scale`` (see ``estimators.problem.loss_scaling``), gradients divided by it;
+    losses are multiplied by ``scale`` (``ChainProblem.loss_scale``, written by ``estimators.Gradients``), gradients divided by it;
     a non-finite gradient halves the scale (the update is skipped), ``growth_interval`` finite updates in
     a row double it. It starts at 2^10, not GradScaler's 2^16: likelihood-ratio gradients carry 1/sigma
     factors and overflowed fp16 at 2^16 on the default model's first update."""

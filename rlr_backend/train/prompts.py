@@ -12,17 +12,28 @@ middle third the mid one, the last third the fine one. The reward always sees th
 A LoRA trained with such prompts records them and the split in its metadata (``schedule_metadata``);
 sampling a trained fine prompt then uses its coarse and mid versions too (``resolve_prompt``), as the
 trainer's own evaluation images do.
+
+The parsers here are the only ones: the command line, the Gradio form and the ComfyUI nodes all call
+``parse_prompt`` / ``parse_prompt_lines`` / ``prompt_versions`` (one set of limits, one separator) and
+show the ``ConfigError``'s message, which names its field.
 """
 
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..choices import ConfigError
+
 #: fractions of the sampling steps for the coarse / mid / fine versions
 DEFAULT_PROMPT_SPLIT: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+#: the limits of every interface: characters per prompt version, prompts per run
+MAX_PROMPT_CHARS, MAX_PROMPTS = 1000, 1000
+#: between the coarse, mid and fine versions of a prompt
+SEPARATOR = " | "
 
 
 @dataclass(frozen=True)
@@ -39,15 +50,53 @@ class PromptSpec:
         return (self.coarse or self.fine, self.mid or self.fine, self.fine)
 
 
-def parse_prompt(line: str) -> PromptSpec:
-    parts = [p.strip() for p in line.split(" | ")]
-    if any(not p for p in parts):
-        raise ValueError(f"empty prompt in {line!r}")
+def check_prompt_text(text: str, what: str = "prompt", field: str = "prompts") -> str:
+    """One version of a prompt, stripped: not empty, at most ``MAX_PROMPT_CHARS`` characters, no control or
+    format characters (tabs and line breaks count as spaces)."""
+    text = (text or "").strip()
+    if not text:
+        raise ConfigError(field, f"{what} is empty; type the text of a prompt")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ConfigError(field, f"{what} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    if any(unicodedata.category(c) in ("Cc", "Cf") and c not in "\t\n\r" for c in text):
+        raise ConfigError(field, f"{what} contains control characters")
+    return text
+
+
+def parse_prompt(text: str, what: str = "prompt", field: str = "prompts") -> PromptSpec:
+    """``fine`` or ``coarse | mid | fine`` (the versions separated by ``SEPARATOR``)."""
+    parts = (text or "").split(SEPARATOR)
+    if len(parts) not in (1, 3):
+        raise ConfigError(field, f"{what} has {len(parts)} parts; give one, or three as 'coarse | mid | fine': "
+                                 f"{text.strip()[:80]!r}")
     if len(parts) == 1:
-        return PromptSpec(parts[0])
-    if len(parts) == 3:
-        return PromptSpec(parts[2], parts[0], parts[1])
-    raise ValueError(f"a prompt line has one part or three ('coarse | mid | fine'), got {len(parts)}: {line!r}")
+        return PromptSpec(check_prompt_text(parts[0], what, field))
+    coarse, mid, fine = (check_prompt_text(p, f"the {v} version of {what}", field)
+                         for p, v in zip(parts, ("coarse", "mid", "fine")))
+    return PromptSpec(fine, coarse, mid)
+
+
+def parse_prompt_lines(text: str, field: str = "prompts", where: str = "") -> list[PromptSpec]:
+    """One prompt per line (``#`` starts a comment, blank lines are skipped): a prompt file or a text box."""
+    lines = [ln.strip() for ln in (text or "").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ConfigError(field, f"{where} has no prompts" if where else "enter at least one prompt (one per line)")
+    if len(lines) > MAX_PROMPTS:
+        raise ConfigError(field, f"{where + ': ' if where else ''}at most {MAX_PROMPTS} prompts, got {len(lines)}")
+    return [parse_prompt(line, f"prompt {i}" if len(lines) > 1 else "the prompt", field)
+            for i, line in enumerate(lines, 1)]
+
+
+def prompt_versions(fine: str, coarse: str = "", mid: str = "", field: str = "prompts") -> PromptSpec:
+    """A prompt given as separate fields (a missing coarse or mid version is the fine one); a fine prompt
+    written as 'coarse | mid | fine' with the other two empty is parsed as such."""
+    if not (coarse or "").strip() and not (mid or "").strip():
+        return parse_prompt(fine, "fine prompt", field)
+    fine = check_prompt_text(fine, "fine prompt", field)
+    coarse = check_prompt_text(coarse, "coarse prompt", field) if (coarse or "").strip() else None
+    mid = check_prompt_text(mid, "mid prompt", field) if (mid or "").strip() else None
+    return PromptSpec(fine, coarse or fine, mid or fine)
 
 
 def read_prompt_file(path: str | Path) -> list[PromptSpec]:
@@ -57,11 +106,8 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"prompt file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    specs = [parse_prompt(line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not specs:
-        raise ValueError(f"prompt file {p} has no prompts")
-    return specs
+        raise ConfigError("prompts", f"prompt file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return parse_prompt_lines(text, where=f"prompt file {p}")
 
 
 def prompts_to_json(specs: Sequence[PromptSpec]) -> list:

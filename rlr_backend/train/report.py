@@ -6,22 +6,14 @@ from pathlib import Path
 
 import torch
 
+from ..images import grid_image, to_pil
 from ..safe_io import atomic_path
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 2) -> None:
-    """Images (N, 3, H, W) in [0, 1] -> a PNG grid with ``nrow`` images per row, upscaled for viewing."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    cols = max(nrow, 1)
-    rows = (n + cols - 1) // cols
-    canvas = torch.ones(3, rows * (h + 2), cols * (w + 2))
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = images[i].detach()
-    arr = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    """Images (N, 3, H, W) in [0, 1] -> a PNG grid with ``nrow`` images per row, upscaled for viewing, each
+    framed by ``scale`` white pixels."""
+    img = grid_image(to_pil(images, scale), nrow, gap=2 * scale, margin=scale)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 

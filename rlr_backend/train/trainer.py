@@ -11,8 +11,6 @@ callbacks happen on the main process (see ``distributed.py``).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import math
 import time
@@ -22,23 +20,24 @@ from typing import Callable
 
 import torch
 
-from ..estimators import BaselineState, ChainProblem, JSampler, describe_estimator, get_estimator, loss_scaling
+from ..estimators import ChainProblem, describe_estimator, get_estimator
 from ..estimators.kl import draw_steps, kl_to_base
 from ..lora import save_kohya
+from ..models.loader import load_pipeline, model_for_pipeline
 from ..models.trainable import TrainableModel, prompt_schedule
 from ..rewards import Reward, make_reward
 from ..rewards.models.local import load_weights
 from ..safe_io import clean_temp_files, fault_point, save_json
 from ..sampling import PromptSchedule, sample_chain
-from .checkpoint import load_checkpoint, repair_latest, save_checkpoint
+from .checkpoint import repair_latest
 from .config import TrainConfig
 from .distributed import DataParallel
 from .memory import (DynamicLossScale, autocast, load_dtypes, make_optimizer, prepare_model, resolve_device,
                      reward_models_in_precision)
-from .pipeline import load_pipeline, model_for_pipeline
 from .prompts import schedule_metadata
 from .report import diversity, save_before_after, save_grid, save_reward_curve
 from .run_folder import append_metrics, open_run_folder, read_metrics, rewrite_metrics
+from .state import TrainState
 from .stopping import StopCheckingDenoiser, StopRequested
 
 logger = logging.getLogger(__name__)
@@ -120,19 +119,12 @@ class Trainer:
             self.model = StopCheckingDenoiser(self.model, should_stop)
         self.latent_shape = tuple(model.latent_shape)
         reward_models_in_precision(self.reward, self.device, config.precision)
-        self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
-        self.loss_scale = DynamicLossScale() if config.precision == "fp16" else None
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.best: dict = {}  # {"step", "reward"} of the best evaluation so far (lora_best.safetensors)
-        self.baseline = BaselineState()
+        # everything a run resumes from (checkpoints, the roll-back after a stop, the data-parallel start)
+        self.state = TrainState(self.named_params, make_optimizer(config.optimizer, self.params, config.lr),
+                                torch.Generator().manual_seed(config.seed), j_sampler=self.est_config.j_sampler(),
+                                loss_scale=DynamicLossScale() if config.precision == "fp16" else None)
         self._update_start: tuple | None = None
-        self._unwritten: dict | None = None  # the row of an update whose evaluation has not finished
-        self.j_sampler = JSampler(getattr(self.est_config, "j_dist", "uniform"),
-                                  getattr(self.est_config, "j_range", None))
-        # validate estimator settings against the chain before any file is touched
-        check = getattr(self.est_config, "check", None)
-        if check is not None:
-            check(self.problem([0]))
+        self.est_config.check(self.problem([0]))  # estimator settings against the chain, before any file is touched
 
     # -- model pieces ---------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -174,64 +166,65 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
-        cfg, run_dir, dp = self.config, self.config.run_dir, self.dp
+        cfg, run_dir, dp, state = self.config, self.config.run_dir, self.dp, self.state
         metrics_path = run_dir / "metrics.jsonl"
         load_weights(self.reward)  # damaged reward weights are refused before anything is written
-        start, history, eval_rewards = dp.on_main(lambda: self._open_run(resume))
-        if dp.enabled:
-            self._share_state_from_main()
+        history = dp.on_main(lambda: self._open_run(resume))
+        if dp.enabled:  # every process starts from the main process's state (it alone read the checkpoint)
+            state.load_shared(dp.broadcast(state.shared() if dp.is_main else None))
+            dp.sync_parameters(self.params)
+        start = state.step
         logger.info("run %s: %s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
                     cfg.estimator, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
                     sum(p.numel() for p in self.params))
         try:
-            step, stopped = self._loop(start, history, eval_rewards, metrics_path)
+            stopped = self._loop(history, metrics_path)
         except StopRequested:  # inside a model call: the update in progress is dropped (no optimizer step)
-            if self._unwritten is not None:  # the update finished, its evaluation did not: keep its row
-                history.append(self._unwritten)
-                dp.on_main(lambda: append_metrics(metrics_path, history[-1]))
-                self._unwritten = None
-            step, stopped = history[-1]["step"] if history else start, True
-            self.optimizer.zero_grad(set_to_none=True)
+            stopped = True
+            state.optimizer.zero_grad(set_to_none=True)
             if self._update_start is not None:  # back to the end of the last finished update
-                self._restore(self._update_start)
-            if step > start:  # resumable from there, bit for bit
-                dp.on_main(lambda: self._checkpoint(step, eval_rewards))
-            logger.info("stop requested during a model call; keeping the LoRA of update %d", step)
+                state.roll_back(self._update_start)
+            if state.step > start:  # resumable from there, bit for bit
+                dp.on_main(lambda: state.save(run_dir))
+            logger.info("stop requested during a model call; keeping the LoRA of update %d", state.step)
         if dp.enabled:
             drift = dp.max_parameter_difference(self.params)
             if drift and dp.is_main:
                 logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
-        lora_path = dp.on_main(lambda: self._write_outputs(history, eval_rewards, step, stopped))
-        return TrainResult(run_dir, lora_path, eval_rewards, step, stopped, self.eval_images,
-                           self.best.get("step"), self.best.get("reward"))
+        lora_path = dp.on_main(lambda: self._write_outputs(history, stopped))
+        return TrainResult(run_dir, lora_path, state.eval_rewards, state.step, stopped, self.eval_images,
+                           state.best.get("step"), state.best.get("reward"))
 
-    def _loop(self, start: int, history: list[dict], eval_rewards: dict[int, float],
-              metrics_path: Path) -> tuple[int, bool]:
-        """The initial evaluation and the updates; returns (the last update done, whether stopped early)."""
-        cfg, dp = self.config, self.dp
-        if start == 0:
+    def _loop(self, history: list[dict], metrics_path: Path) -> bool:
+        """The initial evaluation and the updates (``state.step`` is the last one done); returns whether the run
+        stopped early."""
+        cfg, dp, state = self.config, self.dp, self.state
+        if state.step == 0:
             first = {"step": 0, **(dp.on_main(lambda: self._evaluate_and_save(0)) or {})}
-            eval_rewards[0] = first.get("eval_reward")
+            state.eval_rewards[0] = first.get("eval_reward")
             history.append(first)
             dp.on_main(lambda: append_metrics(metrics_path, first))
-            dp.on_main(lambda: self._keep_if_best(0, eval_rewards[0]))
-        bar = _progress(cfg.steps, start, self.progress and dp.is_main)
-        stopped, step, bad_run, reported = False, start, 0, set()
-        for step in range(start + 1, cfg.steps + 1):
+            dp.on_main(lambda: self._keep_if_best(0, state.eval_rewards[0]))
+        bar = _progress(cfg.steps, state.step, self.progress and dp.is_main)
+        stopped, bad_run, reported = False, 0, set()
+        for step in range(state.step + 1, cfg.steps + 1):
             fault_point("step:begin")
             t0, c0 = time.perf_counter(), time.process_time()
             metrics = self.update()
-            self._update_start = None
+            self._update_start, state.step = None, step
             metrics["seconds"] = time.perf_counter() - t0
             metrics["cpu_seconds"] = time.process_time() - c0  # of this process (all its threads): load-independent
             record = {"step": step, **metrics}
-            self._unwritten = record  # written by run() if a stop interrupts this update's evaluation
             early = False
             if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
-                record.update(dp.on_main(lambda: self._evaluate_and_save(step)) or {})
-                eval_rewards[step] = record.get("eval_reward")
-                early = bool(dp.on_main(lambda: self._keep_if_best(step, eval_rewards[step])))
-            self._unwritten = None
+                try:
+                    record.update(dp.on_main(lambda: self._evaluate_and_save(step)) or {})
+                except StopRequested:  # the update is done, its evaluation is not: its row is kept
+                    history.append(record)
+                    append_metrics(metrics_path, record)
+                    raise
+                state.eval_rewards[step] = record.get("eval_reward")
+                early = bool(dp.on_main(lambda: self._keep_if_best(step, state.eval_rewards[step])))
             history.append(record)
             dp.on_main(lambda: append_metrics(metrics_path, record))
             bad_run = bad_run + 1 if metrics.get("skipped_batch") else 0
@@ -246,7 +239,7 @@ class Trainer:
             fault_point("step:after_metrics")
             stopped = dp.any(bool(self.should_stop and self.should_stop()) or early)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped:
-                dp.on_main(lambda: self._checkpoint(step, eval_rewards))
+                dp.on_main(lambda: state.save(cfg.run_dir))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
@@ -257,7 +250,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        return step, stopped
+        return stopped
 
     @staticmethod
     def _report_dropped_terms(metrics: dict[str, float], step: int, reported: set[str]) -> None:
@@ -269,75 +262,32 @@ class Trainer:
                                "in metrics.jsonl; not logged again)", step, key[len("dropped_"):].replace("_", " "),
                                key)
 
-    def _checkpoint(self, step: int, eval_rewards: dict[int, float]) -> None:
-        save_checkpoint(self.config.run_dir, step, self.named_params, self.optimizer, self.generator,
-                        {"baseline": self.baseline.state_dict(), "j_norms": self.j_sampler.norms,
-                         **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {}),
-                         "eval_rewards": eval_rewards, "best": self.best})
+    def _open_run(self, resume: bool) -> list[dict]:
+        """Create the run folder, or load its latest checkpoint into ``self.state`` (main process only).
 
-    def _rng_and_stats(self) -> tuple:
-        """What an update changes besides the LoRA and Adam (those change only at its end)."""
-        return (self.generator.get_state(), copy.deepcopy(self.baseline.state_dict()),
-                copy.deepcopy(self.j_sampler.norms), self.loss_scale.state_dict() if self.loss_scale else None)
-
-    def _restore(self, state: tuple) -> None:
-        generator, baseline, norms, loss_scale = state
-        self.generator.set_state(generator)
-        self.baseline.load_state_dict(baseline)
-        self.j_sampler.norms = norms
-        if loss_scale is not None:
-            self.loss_scale.load_state_dict(loss_scale)
-
-    def _open_run(self, resume: bool) -> tuple[int, list[dict], dict[int, float]]:
-        """Create the run folder, or load its latest checkpoint into this trainer (main process only).
-
-        Returns (the last finished step, the metrics rows up to it, the evaluation rewards so far)
-        and leaves ``metrics.jsonl`` holding exactly those rows. Everything is checked before the
-        folder changes (see ``run_folder.open_run_folder``); a refused start writes nothing.
+        Returns the metrics rows up to the checkpoint's step and leaves ``metrics.jsonl`` holding exactly
+        those rows. Everything is checked before the folder changes (see ``run_folder.open_run_folder``);
+        a refused start writes nothing.
         """
         cfg = self.config
         folder = open_run_folder(cfg, resume)
         run_dir, metrics_path = folder.path, folder.path / "metrics.jsonl"
-        start, history, eval_rewards = 0, [], {}
+        history: list[dict] = []
         if folder.checkpoint is not None:
-            state = load_checkpoint(folder.checkpoint, self.named_params, self.optimizer, self.generator)
-            start = state["step"]
-            self.baseline.load_state_dict(state["baseline"])
-            if self.loss_scale is not None and "loss_scale" in state:
-                self.loss_scale.load_state_dict(state["loss_scale"])
-            self.j_sampler.norms = {int(k): float(v) for k, v in state["j_norms"].items()}
-            eval_rewards = {int(k): float("nan") if v is None else float(v) for k, v in state["eval_rewards"].items()}
-            self.best = dict(state.get("best") or {})
-            history = read_metrics(metrics_path, upto=start)
-            logger.info("resumed %s at step %d (%s)", run_dir, start, folder.checkpoint.name)
+            self.state.load(folder.checkpoint)
+            history = read_metrics(metrics_path, upto=self.state.step)
+            logger.info("resumed %s at step %d (%s)", run_dir, self.state.step, folder.checkpoint.name)
         if run_dir.exists():
             removed = clean_temp_files(run_dir)
             if removed:
                 logger.info("%s: removed %d temporary file(s) left by an interrupted run", run_dir, removed)
         if folder.checkpoint is not None:
             repair_latest(run_dir, folder.checkpoint)
-        if folder.saved is None or start == 0:
+        if folder.saved is None or self.state.step == 0:
             save_json(cfg.to_json(), run_dir / "config.json")
         fault_point("open:before_metrics")
         rewrite_metrics(metrics_path, history)  # atomic: drops the rows after the checkpoint
-        return start, history, eval_rewards
-
-    def _share_state_from_main(self) -> None:
-        """Give every process the main process's LoRA, Adam moments, RNG state, baseline and j statistics
-        (a resumed checkpoint is read by the main process only, so no shared disk is needed)."""
-        dp = self.dp
-        state = dp.broadcast({"optim": self.optimizer.state_dict(), "rng": self.generator.get_state(),
-                              "baseline": self.baseline.state_dict(), "j_norms": dict(self.j_sampler.norms),
-                              "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None}
-                             if dp.is_main else None)
-        if not dp.is_main:
-            if self.loss_scale is not None:
-                self.loss_scale.load_state_dict(state["loss_scale"])
-            self.optimizer.load_state_dict(state["optim"])
-            self.generator.set_state(state["rng"])
-            self.baseline.load_state_dict(state["baseline"])
-            self.j_sampler.norms = dict(state["j_norms"])
-        dp.sync_parameters(self.params)
+        return history
 
     def _evaluate_and_save(self, step: int) -> dict[str, float]:
         """Evaluate, write the grid of ``step`` and show it (main process); returns the metrics row's
@@ -354,9 +304,9 @@ class Trainer:
     def _keep_if_best(self, step: int, reward: float) -> bool:
         """Save the LoRA as lora_best.safetensors when ``reward`` is the best evaluation so far (main
         process); returns True when the early-stop guard says to stop."""
-        best = self.best.get("reward")
+        best = self.state.best.get("reward")
         if best is None or reward > best:
-            self.best = {"step": step, "reward": reward}
+            self.state.best.update(step=step, reward=reward)
             self._save_lora(self.config.run_dir / "lora_best.safetensors",
                             {"rlr_best_update": str(step), "rlr_best_eval_reward": f"{reward:.6g}"})
             return False
@@ -364,18 +314,19 @@ class Trainer:
         if drop > 0 and reward < best - drop:
             logger.warning("early stop at update %d: the evaluation reward %.4f fell more than %g below its best "
                            "%.4f (update %d); lora_best.safetensors holds that LoRA", step, reward, drop, best,
-                           self.best["step"])
+                           self.state.best["step"])
             return True
         return False
 
-    def _write_outputs(self, history: list[dict], eval_rewards: dict[int, float], step: int, stopped: bool) -> Path:
+    def _write_outputs(self, history: list[dict], stopped: bool) -> Path:
         """The LoRA, the reward curve and the before/after grid of a finished run; returns the LoRA's path."""
         cfg, run_dir = self.config, self.config.run_dir
+        step, eval_rewards = self.state.step, self.state.eval_rewards
         meta = {"rlr_steps": str(step)}
         if stopped:
             meta["rlr_interrupted_at_step"] = str(step)
-        if self.best:
-            meta.update(rlr_best_update=str(self.best["step"]), rlr_best_eval_reward=f"{self.best['reward']:.6g}")
+        if self.state.best:
+            meta.update(rlr_best_update=str(self.state.best["step"]), rlr_best_eval_reward=f"{self.state.best['reward']:.6g}")
         lora_path = self._save_lora(run_dir / "lora.safetensors", meta)
         save_reward_curve(history, eval_rewards, run_dir / "reward_curve.png", title=f"{cfg.estimator} on {self.reward.name}")
         grids = run_dir / "grids"
@@ -393,35 +344,33 @@ class Trainer:
         return save_kohya(sd, path, rank, alpha, base_model_version=self.t2i.base_model_version, metadata=meta)
 
     def update(self) -> dict[str, float]:
-        cfg = self.config
-        self._update_start = self._rng_and_stats()  # restored when a stop request drops this update
-        self.optimizer.zero_grad(set_to_none=True)
+        cfg, state = self.config, self.state
+        self._update_start = state.rollback_point()  # restored when a stop request drops this update
+        state.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
         all_nonfinite = True  # every reward of every micro-batch NaN/inf (the whole batch, on every process)
         shard = self.dp.shard(cfg.batch_size)  # None unless data-parallel
         for _ in range(cfg.grad_accum):
             # whole groups of images per prompt, so the leave-one-out baseline compares like with like
             groups = cfg.batch_size // cfg.images_per_prompt
-            ids = torch.randint(0, len(cfg.prompts), (groups,), generator=self.generator)
+            ids = torch.randint(0, len(cfg.prompts), (groups,), generator=state.generator)
             ids = ids.repeat_interleave(cfg.images_per_prompt).tolist()
-            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.generator)
+            x_T = torch.randn((cfg.batch_size, *self.latent_shape), generator=state.generator)
             if shard is not None:  # drawn for the whole batch on every process; this one keeps its groups
                 ids, x_T = ids[shard.rows], x_T[shard.rows]
-            problem = self.problem(ids)
-            if shard is not None:
-                problem = replace(problem, shard=shard)
-            scaling = loss_scaling(self.loss_scale.scale) if self.loss_scale else contextlib.nullcontext()
-            with autocast(self.device, cfg.precision), scaling:
-                est = self.spec.fn(problem, x_T.to(self.device), config=self.est_config, generator=self.generator,
-                                   baseline_state=self.baseline, j_sampler=self.j_sampler)
+            problem = replace(self.problem(ids), shard=shard,  # fp16: the estimator writes scaled gradients
+                              loss_scale=state.loss_scale.scale if state.loss_scale else 1.0)
+            with autocast(self.device, cfg.precision):
+                est = self.spec.fn(problem, x_T.to(self.device), config=self.est_config, generator=state.generator,
+                                   baseline_state=state.baseline, j_sampler=state.j_sampler)
                 if cfg.kl_weight > 0:
-                    steps = draw_steps(self.schedule.sigma, cfg.kl_steps, self.generator)
+                    steps = draw_steps(self.schedule.stds, cfg.kl_steps, state.generator)
                     est.metrics["kl"] = kl_to_base(problem, est.trajectory, steps, cfg.kl_weight, est.metrics)
             for k, v in est.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
             all_nonfinite = all_nonfinite and est.metrics.get("nonfinite_rewards", 0) >= cfg.batch_size
         if all_nonfinite:  # nothing to learn from; an optimizer step would still move Adam's moments
-            self.optimizer.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
             agg["skipped_batch"] = 1.0
             logger.warning("every reward of this batch is NaN/inf (reward %s): batch skipped", self.reward.name)
             return agg
@@ -430,7 +379,7 @@ class Trainer:
         if cfg.grad_accum > 1:
             for g in grads:
                 g.div_(cfg.grad_accum)
-        if self.loss_scale is not None and not self.loss_scale.unscale_and_update(self.params):
+        if state.loss_scale is not None and not state.loss_scale.unscale_and_update(self.params):
             agg["skipped_update"] = 1.0  # fp16 overflow: the scale was lowered (the same on every process)
             return agg
         if not all(torch.isfinite(g).all() for g in grads):
@@ -439,7 +388,7 @@ class Trainer:
             return agg
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         agg["grad_norm"] = float(norm)
-        self.optimizer.step()
+        state.optimizer.step()
         return agg
 
 

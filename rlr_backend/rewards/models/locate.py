@@ -41,11 +41,6 @@ def candidate_dirs(name: str, roots: Sequence[Path]) -> list[Path]:
     return [d for r in roots for d in (r / name, r / "rewards" / name)]
 
 
-def reward_dirs(name: str, roots: Sequence[Path]) -> list[Path]:
-    """The folders of :func:`candidate_dirs` that exist."""
-    return [d for d in candidate_dirs(name, roots) if d.is_dir()]
-
-
 def refuse_pickles(folder: Path) -> None:
     """Called when a folder holds no usable safetensors file: name the pickles it holds instead."""
     pickles = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sampling import DDIMSchedule, PromptSchedule
+from .problem import ChainProblem
 
 
 class LinearDenoiser(nn.Module):
@@ -146,8 +147,6 @@ def collect_estimates(chain: AnalyticChain, estimate: Callable[..., object], *, 
     ``reward_offset`` is subtracted from the reward (a constant baseline, for estimators without one);
     ``reward`` replaces the chain's own (e.g. one that fails on some rows).
     """
-    from ..estimators import ChainProblem
-
     base = reward or chain.reward
     problem = ChainProblem(chain.model, chain.schedule, chain.prompts(), lambda x: base(x) - reward_offset,
                            chain.params)

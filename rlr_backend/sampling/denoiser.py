@@ -1,0 +1,25 @@
+"""The small protocol every sampler and estimator runs on.
+
+A ``Denoiser`` maps a noisy batch ``x`` at a step's time input (``Schedule.timesteps``) to the model
+output the schedule's step function takes (DDIM: the noise, v or x_0 its ``prediction_type`` names). Conditioning (text embeddings, guidance) is
+opaque to samplers: they pass the object a ``PromptSchedule`` returns for the step, unchanged.
+Adapters in ``rlr_backend.models`` (and the ComfyUI pack) wrap real models; samplers never import them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+    """eps_u + w (eps_c - eps_u) (Ho & Salimans 2022): the guided output every adapter returns."""
+    return uncond + scale * (cond - uncond)
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    def __call__(self, x: Tensor, timestep: int, cond: Any) -> Tensor:
+        """Model output for the batch ``x`` (B, ...) at integer ``timestep`` with conditioning ``cond``."""
+        ...
