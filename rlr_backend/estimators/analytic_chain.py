@@ -22,7 +22,8 @@ and with R(x) = -1/2 |x - y|^2:
 The per-step shares g_k = dJ/dtheta_k are obtained by differentiating this closed form (autograd on
 an exact expression, in float64); the full gradient is their sum. Any estimator's expectation is a
 known sum of shares: full backprop sum_k g_k, truncated backprop (K) the last K shares, RLR all of
-them for every j.
+them for every j. ``analytic_flow`` is the flow-matching counterpart; ``collect_estimates`` and ``z_scores``
+serve both.
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@
   ``param_2pt``  two extra no-grad chains with theta +/- nu delta on C, same x_T and noises (common
                  random numbers); mean_b (R+ - R-)/(2 nu) delta; +2T forwards; O(nu^2) bias.
 
+Deterministic steps (std 0: a flow chain's ODE steps outside its SDE window, cps's last step, eta = 0) carry
+no likelihood ratio. ``RLRConfig.check`` requires std > 0 exactly where a ratio is taken for some j in the j
+distribution's support (``partition.likelihood_ratio_steps``: the HO end step, and every ZO step with
+``latent_lr``) and refuses the chain otherwise, naming the steps and the j values that would work; pathwise
+steps (FO, the rest of S) and parameter-space ZO steps may be deterministic, and the estimate stays unbiased.
+
 Every recomputed step (FO, HO, latent ZO) is checked to reproduce the sampled step (``check_recomputed_step``):
 a likelihood ratio at a mean that does not would score the wrong noise. All terms have weight 1 by default; unequal ``weights`` break unbiasedness (they rescale shares of
 the gradient). Cost per update: T no-grad forwards (sampling) + 1 forward/backward with the reward

@@ -33,6 +33,13 @@ eta = 0.8, at 25 or 100 steps alike. It is what Flow-GRPO's fast configs use; it
 and not the default. The log-probability is **summed** over
 the non-batch elements (Flow-GRPO averages it, which rescales every likelihood-ratio gradient by
 1/D), as the DDIM step's is, and nothing assumes 4-D latents (video latents (B, C, F, H, W) work).
+
+``FlowSchedule`` makes a chain of these steps a ``Schedule`` (what the sampler and every estimator run on):
+sigmas (``flow_sigmas``: SD3's static shift), the kind, and a per-step eta whose zeros are ODE steps (an SDE
+window, MixGRPO / Flow-GRPO-Fast). The model's time input is sigma * 1000 (``FLOW_TIME_SCALE``; diffusers'
+SD3 convention); model adapters convert it for models that take sigma or 1 - sigma. The estimators run on it
+unchanged; tests/test_estimators_flow.py checks them against a closed-form flow chain
+(``estimators/analytic_flow.py``).
 """
 
 from __future__ import annotations
