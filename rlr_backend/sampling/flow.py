@@ -194,10 +194,14 @@ class FlowSchedule:
         etas = (float(eta),) * self.num_steps if isinstance(eta, (int, float)) else tuple(map(float, eta))
         return FlowSchedule(self.sigmas, self.kind, etas)
 
-    def with_sde_window(self, start: int, size: int) -> "FlowSchedule":
-        """SDE steps on sampler steps start .. start+size-1 (their etas kept), ODE steps elsewhere (MixGRPO's
-        window; move it between updates by building the next one)."""
+    def with_sde_window(self, start: int, size: int, eta: float | None = None) -> "FlowSchedule":
+        """SDE steps with ``eta`` on sampler steps start .. start+size-1, ODE steps elsewhere: MixGRPO's window,
+        moved between updates by calling this again. ``eta`` None: this schedule's largest eta (the one it was
+        created with)."""
         if not (size >= 1 and 0 <= start and start + size <= self.num_steps):
             raise ValueError(f"an SDE window of {size} step(s) from step {start} does not fit a chain of "
                              f"{self.num_steps} steps (sampler order, 0 = the first step)")
-        return self.with_eta([e if start <= k < start + size else 0.0 for k, e in enumerate(self.etas)])
+        eta = max(self.etas) if eta is None else float(eta)
+        if not eta > 0:
+            raise ValueError("an SDE window needs eta > 0 (this schedule has none to keep: pass eta=)")
+        return self.with_eta([eta if start <= k < start + size else 0.0 for k in range(self.num_steps)])
