@@ -154,3 +154,35 @@ def test_flow_schedule_bad_input(kwargs, words):
         FlowSchedule(**args)
     with pytest.raises(ValueError, match="does not fit a chain of 3 steps"):
         FlowSchedule.create(3).with_sde_window(2, 2)
+
+
+def test_flow_schedule_from_diffusers_samples_as_its_scheduler():
+    """Sigmas as diffusers' FlowMatchEulerDiscreteScheduler builds them (SD3's default path, and the FLUX/Z-Image
+    pipelines' linspace(1, 1/N, N), which is ``flow_sigmas``); the ODE step is its Euler step, and cps at eta = 1
+    is its ``stochastic_sampling`` step for the same noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from rlr_backend.sampling import FlowSchedule
+
+    n = 8
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flux_style = FlowSchedule.from_diffusers(sd3, n, sigmas=torch.linspace(1, 1 / n, n).tolist())
+    assert torch.allclose(flux_style.sigmas, flow_sigmas(n, shift=3.0), atol=1e-6)
+    for stochastic, kind, eta in [(False, "ode", 0.0), (True, "cps", 1.0)]:
+        ref = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=stochastic)
+        ours = FlowSchedule.from_diffusers(ref, n, kind=kind, eta=eta)
+        ref.set_timesteps(n)
+        assert torch.allclose(ours.sigmas, ref.sigmas.double()) and not torch.allclose(ours.sigmas, flux_style.sigmas)
+        assert torch.allclose(torch.tensor(ours.timesteps, dtype=torch.float64), ref.timesteps.double(), rtol=1e-6)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(2, 4, 3, 3, generator=g)
+        for k, t in enumerate(ref.timesteps):
+            v = torch.randn(x.shape, generator=g)
+            seed = 100 + k
+            want = ref.step(v, t, x, generator=torch.Generator().manual_seed(seed)).prev_sample
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+            got = ours.step(k, v, x, noise).prev_sample
+            assert torch.allclose(got, want, atol=1e-5), (kind, k)
+            x = want
+    with pytest.raises(ValueError, match="mu"):  # FLUX's dynamic shift needs the resolution's mu
+        FlowSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), n)

@@ -35,7 +35,7 @@ the non-batch elements (Flow-GRPO averages it, which rescales every likelihood-r
 1/D), as the DDIM step's is, and nothing assumes 4-D latents (video latents (B, C, F, H, W) work).
 
 ``FlowSchedule`` makes a chain of these steps a ``Schedule`` (what the sampler and every estimator run on):
-sigmas (``flow_sigmas``: SD3's static shift), the kind, and a per-step eta whose zeros are ODE steps (an SDE
+sigmas (``flow_sigmas``, or ``from_diffusers`` for a real model's scheduler), the kind, and a per-step eta whose zeros are ODE steps (an SDE
 window, MixGRPO / Flow-GRPO-Fast). The model's time input is sigma * 1000 (``FLOW_TIME_SCALE``; diffusers'
 SD3 convention); model adapters convert it for models that take sigma or 1 - sigma. The estimators run on it
 unchanged; tests/test_estimators_flow.py checks them against a closed-form flow chain
@@ -44,6 +44,7 @@ unchanged; tests/test_estimators_flow.py checks them against a closed-form flow 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -109,7 +110,9 @@ def flow_step(velocity: Tensor, sample: Tensor, sigma: float, sigma_next: float,
 
 def flow_sigmas(num_steps: int, *, shift: float = 1.0) -> Tensor:
     """(num_steps + 1,) float64: linspace(1, 1/N, N) shifted as SD3 does, sigma <- s sigma / (1 + (s - 1) sigma),
-    then 0 appended (diffusers' FlowMatchEulerDiscreteScheduler with a static shift)."""
+    then 0 appended: diffusers' FlowMatchEulerDiscreteScheduler with a static shift given these sigmas, as the
+    FLUX, Qwen-Image and Z-Image pipelines do (tested). SD3's pipeline lets the scheduler space them, which
+    differs slightly; ``FlowSchedule.from_diffusers`` reproduces either."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not (shift > 0 and math.isfinite(shift)):
@@ -169,6 +172,25 @@ class FlowSchedule:
         the ``sde_window = (start, size)`` steps only (sampler order; the others are ODE steps)."""
         sched = cls(flow_sigmas(num_steps, shift=shift), kind, (float(eta),) * num_steps)
         return sched if sde_window is None else sched.with_sde_window(*sde_window)
+
+    @classmethod
+    def from_diffusers(cls, scheduler, num_steps: int, *, kind: str = "flow_sde", eta: float = 0.7,
+                       sde_window: tuple[int, int] | None = None, sigmas: Sequence[float] | None = None,
+                       mu: float | None = None) -> "FlowSchedule":
+        """The sigmas a diffusers ``FlowMatchEulerDiscreteScheduler`` samples with (its ``set_timesteps(num_steps,
+        sigmas=, mu=)`` on a copy, so its shift, dynamic shift ``mu``, terminal stretch and Karras/exponential/beta
+        options apply; FLUX, Qwen-Image and Z-Image pipelines pass ``sigmas = linspace(1, 1/N, N)``, SD3's
+        leaves them None), with this project's step ``kind`` and ``eta``."""
+        if getattr(scheduler.config, "invert_sigmas", False):
+            raise ValueError("the scheduler inverts its sigmas (Mochi); only chains from noise (sigma = 1) to data "
+                             "are supported")
+        sched = copy.deepcopy(scheduler)
+        sched.set_timesteps(None if sigmas is not None else num_steps, sigmas=sigmas, mu=mu)
+        sig = sched.sigmas.detach().to("cpu", torch.float64)
+        if sig.numel() != num_steps + 1:
+            raise ValueError(f"the scheduler gave {sig.numel() - 1} steps, not num_steps={num_steps}")
+        out = cls(sig, kind, (float(eta),) * num_steps)
+        return out if sde_window is None else out.with_sde_window(*sde_window)
 
     @property
     def num_steps(self) -> int:
