@@ -1,11 +1,13 @@
-"""Bias, variance and cost of every estimator on the linear-Gaussian chain with a known gradient.
+"""Bias, variance and cost of every estimator on a chain with a known gradient.
 
-Runs the production estimators on ``rlr_backend.estimators.analytic_chain`` (d=3, T=8, DDIM eta=1,
-sigma growing with t as in SD) and writes a table: bias (norm and largest per-coordinate z-score
-against the exact gradient), trace of the covariance of one update at batch B, model calls (mean per update), and
-variance x cost, where cost = forward-equivalents (no-grad forward 1, forward+backward 3).
+Runs the production estimators on ``rlr_backend.estimators.analytic_chain`` (``--chain ddim``: d=3, T=8,
+DDIM eta=1, sigma growing with t as in SD) or on the flow-matching chain of ``analytic_flow`` (``--chain
+flow_sde`` / ``cps``: Gaussian data with its exact velocity, T=8, 5 parameters, latents (B, 1, 2, 1, 2)) and
+writes a table: bias (norm and largest per-coordinate z-score against the exact gradient), trace of the
+covariance of one update at batch B, model calls (mean per update), and variance x cost, where cost =
+forward-equivalents (no-grad forward 1, forward+backward 3).
 
-    python -m benchmarks.analytic_chain [--calls 1000] [--batch 64] [--out docs/results/analytic_chain.md]
+    python -m benchmarks.analytic_chain [--chain ddim] [--calls 1000] [--batch 64] [--out docs/results/analytic_chain.md]
 """
 
 from __future__ import annotations
@@ -21,12 +23,23 @@ from rlr_backend.estimators import (CodeCompatConfig, DDPOConfig, FullBPConfig, 
                                     ZOConfig, code_compat_estimate, ddpo_estimate, full_bp_estimate, rlr_estimate,
                                     truncated_bp_estimate, zo_estimate)
 from rlr_backend.estimators.analytic_chain import collect_estimates, make_analytic_chain, z_scores
+from rlr_backend.estimators.analytic_flow import make_analytic_flow_chain
 
 from .common import machine_line
 from .hotelling import one_sample
 
 
-def cases(expected_reward: float) -> dict:
+#: --chain -> (a description, the chain); the flow chains use each kind's usual eta
+CHAINS = {
+    "ddim": ("the analytic chain (d=3, T=8, DDIM eta=1)", lambda: make_analytic_chain(d=3, num_steps=8, eta=1.0, seed=0)),
+    "flow_sde": ("the flow chain (Gaussian data, T=8, flow_sde eta=0.7)",
+                 lambda: make_analytic_flow_chain(8, kind="flow_sde", eta=0.7)),
+    "cps": ("the flow chain (Gaussian data, T=8, cps eta=0.8: last step deterministic)",
+            lambda: make_analytic_flow_chain(8, kind="cps", eta=0.8)),
+}
+
+
+def cases(expected_reward: float, chain: str = "ddim") -> dict:
     c = {"full_bp": (full_bp_estimate, {"config": FullBPConfig()}, True)}
     for k in (1, 2, 4):
         c[f"truncated_bp K={k}"] = (truncated_bp_estimate, {"config": TruncatedBPConfig(k=k)}, False)
@@ -41,16 +54,22 @@ def cases(expected_reward: float) -> dict:
                                                          "reward_offset": expected_reward}, True)
     for nu in (0.1, 0.03, 0.01):
         c[f"rlr param_2pt h=2 nu={nu}"] = (rlr_estimate, {"config": RLRConfig(zo_mode="param_2pt", nu=nu)}, True)
-    c["code_compat (official code)"] = (code_compat_estimate, {"config": CodeCompatConfig()}, False)
+    if chain == "ddim":  # it reproduces the official code's DDIM chain and refuses others
+        c["code_compat (official code)"] = (code_compat_estimate, {"config": CodeCompatConfig()}, False)
+    if chain == "cps":  # its last step is deterministic: DDPO and zo take a ratio at every step
+        for name in ("ddpo (ratio 1, sums, LOO)", "zo (REINFORCE, all steps)"):
+            del c[name]
+        c["ddpo (ratio 1, sums, LOO) skip_deterministic"] = (ddpo_estimate, {"config": DDPOConfig(
+            clip_range=1.0, adv_clip=None, baseline="loo", step_reduction="sum", skip_deterministic=True)}, False)
     return c
 
 
-def measure(calls: int, batch: int) -> tuple[float, list[dict]]:
+def measure(calls: int, batch: int, chain_name: str = "ddim") -> tuple[float, list[dict]]:
     """Exact gradient norm, and one row per estimator: bias, max z, trace Var, calls, cost, Var x cost."""
-    chain = make_analytic_chain(d=3, num_steps=8, eta=1.0, seed=0)
+    chain = CHAINS[chain_name][1]()
     truth = chain.per_step_gradient().sum(0)
     rows = []
-    for name, (fn, kw, claimed_unbiased) in cases(chain.expected_reward()).items():
+    for name, (fn, kw, claimed_unbiased) in cases(chain.expected_reward(), chain_name).items():
         kw = dict(kw)
         offset = kw.pop("reward_offset", 0.0)
         totals: dict[str, float] = {}
@@ -80,18 +99,24 @@ def measure(calls: int, batch: int) -> tuple[float, list[dict]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chain", choices=sorted(CHAINS), default="ddim")
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=Path("docs/results/analytic_chain.md"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: docs/results/analytic_chain.md (ddim), docs/results/flow_chain_<chain>.md")
     args = ap.parse_args(argv)
+    out = args.out or Path("docs/results/" + ("analytic_chain.md" if args.chain == "ddim" else
+                                              f"flow_chain_{args.chain}.md"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
-    truth_norm, rows = measure(args.calls, args.batch)
-    lines = [f"# Estimators on the analytic chain (d=3, T=8, h=2 unless named; {args.calls} updates x batch "
-             f"{args.batch})", "", f"Machine: {machine_line()}.",
-             f"Command: `python -m benchmarks.analytic_chain --calls {args.calls} --batch {args.batch}`.",
+    truth_norm, rows = measure(args.calls, args.batch, args.chain)
+    n_coords = 4 if args.chain == "ddim" else 5
+    chain_opt = "" if args.chain == "ddim" else f" --chain {args.chain}"
+    lines = [f"# Estimators on {CHAINS[args.chain][0]}; h=2 unless named; {args.calls} updates x batch "
+             f"{args.batch}", "", f"Machine: {machine_line()}.",
+             f"Command: `python -m benchmarks.analytic_chain{chain_opt} --calls {args.calls} --batch {args.batch}`.",
              f"Exact gradient norm: {truth_norm:.3f}. z = largest |mean - exact| / standard error over "
-             "the 4 coordinates (unbiased: z < 4 expected); p = Hotelling's T^2 p-value of mean = exact "
+             f"the {n_coords} coordinates (unbiased: z < 4 expected); p = Hotelling's T^2 p-value of mean = exact "
              "(benchmarks/hotelling.py; small when biased).", "",
              "| estimator | meant unbiased | bias norm | max z | T^2 p | trace Var per update | model calls (with grad) "
              "| steps in memory | cost (fwd-equiv.) | Var x cost |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -99,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['estimator']} | {'yes' if r['meant_unbiased'] else 'no'} | {r['bias_norm']:.3g} | "
                      f"{r['max_z']:.1f} | {r['t2_p_value']:.2g} | {r['trace_var']:.3g} | {r['model_calls']:.3g} ({r['model_calls_with_grad']:.3g}) "
                      f"| {r['steps_in_memory']:.3g} | {r['cost']:.3g} | {r['var_x_cost']:.3g} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

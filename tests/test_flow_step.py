@@ -91,3 +91,98 @@ def test_special_cases_and_bad_input():
             flow_step(v, x, 0.5, 0.4, None, **kwargs)
     with pytest.raises(ValueError, match="smaller sigma_next"):
         flow_step(v, x, 0.4, 0.5, None)
+
+
+def test_flow_schedule_is_a_schedule_of_flow_steps():
+    from rlr_backend.sampling import FLOW_TIME_SCALE, FlowSchedule, Schedule
+
+    sched = FlowSchedule.create(5, shift=3.0, kind="flow_sde", eta=0.7)
+    sig = flow_sigmas(5, shift=3.0)
+    assert isinstance(sched, Schedule) and sched.num_steps == 5 and torch.equal(sched.sigmas, sig)
+    assert sched.timesteps == tuple(float(s) * FLOW_TIME_SCALE for s in sig[:-1]) and sched.timesteps[0] == 1000.0
+    g = torch.Generator().manual_seed(2)
+    x, v, noise = (torch.randn(3, 2, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))  # 5-D latents
+    for k in range(5):
+        ref = flow_step(v, x, float(sig[k]), float(sig[k + 1]), noise, kind="flow_sde", eta=0.7)
+        out = sched.step(k, v, x, noise)
+        assert out.std == pytest.approx(float(sched.stds[k])) and out.std > 0
+        assert torch.equal(out.prev_sample, ref.prev_sample) and torch.equal(out.log_prob, ref.log_prob)
+    # cps: the step to sigma = 0 is deterministic
+    assert FlowSchedule.create(5, kind="cps", eta=0.8).sde_steps == (0, 1, 2, 3)
+
+
+def test_an_sde_window_makes_the_other_steps_ode_steps_in_the_sampler():
+    from rlr_backend.sampling import FlowSchedule, PromptSchedule, sample_chain
+
+    sched = FlowSchedule.create(6, kind="dance_sde", eta=0.5, sde_window=(2, 2))
+    assert sched.sde_steps == (2, 3) and sched.etas == (0.0, 0.0, 0.5, 0.5, 0.0, 0.0)
+    moved = sched.with_sde_window(3, 2)  # MixGRPO moves the window along the chain
+    assert moved.sde_steps == (3, 4) and moved.etas[3:5] == (0.5, 0.5)
+    with pytest.raises(ValueError, match="needs eta > 0"):
+        sched.with_eta(0.0).with_sde_window(0, 2)
+    x_T = torch.randn(4, 3, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    seen = []
+
+    def model(x, t, cond):
+        seen.append(t)
+        return velocity(x, t / 1000)
+
+    traj = sample_chain(model, sched, PromptSchedule.constant(None, 6), x_T, generator=torch.Generator().manual_seed(4))
+    assert seen == list(sched.timesteps)
+    for k in range(6):
+        stochastic = k in (2, 3)
+        assert bool(traj.noises[k].abs().sum() > 0) == stochastic
+        assert bool(traj.log_probs[:, k].abs().sum() > 0) == stochastic
+        if not stochastic:  # the Euler step of the ODE
+            s, s_next = float(sched.sigmas[k]), float(sched.sigmas[k + 1])
+            euler = traj.latents[k] + (s_next - s) * velocity(traj.latents[k], s)
+            assert torch.allclose(traj.latents[k + 1], euler)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(kind="euler"), "unknown flow step kind"),
+    (dict(sigmas=torch.tensor([1.0, 0.5, 0.6, 0.0])), "decrease strictly"),
+    (dict(sigmas=torch.tensor([1.5, 0.5, 0.0])), "inside"),
+    (dict(etas=(0.7,)), "one value per step"),
+    (dict(etas=(0.7, -1.0, 0.7)), "eta must be"),
+])
+def test_flow_schedule_bad_input(kwargs, words):
+    from rlr_backend.sampling import FlowSchedule
+
+    args = dict(sigmas=flow_sigmas(3), kind="flow_sde", etas=(0.7,) * 3) | kwargs
+    with pytest.raises(ValueError, match=words):
+        FlowSchedule(**args)
+    with pytest.raises(ValueError, match="does not fit a chain of 3 steps"):
+        FlowSchedule.create(3).with_sde_window(2, 2)
+
+
+def test_flow_schedule_from_diffusers_samples_as_its_scheduler():
+    """Sigmas as diffusers' FlowMatchEulerDiscreteScheduler builds them (SD3's default path, and the FLUX/Z-Image
+    pipelines' linspace(1, 1/N, N), which is ``flow_sigmas``); the ODE step is its Euler step, and cps at eta = 1
+    is its ``stochastic_sampling`` step for the same noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from rlr_backend.sampling import FlowSchedule
+
+    n = 8
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flux_style = FlowSchedule.from_diffusers(sd3, n, sigmas=torch.linspace(1, 1 / n, n).tolist())
+    assert torch.allclose(flux_style.sigmas, flow_sigmas(n, shift=3.0), atol=1e-6)
+    for stochastic, kind, eta in [(False, "ode", 0.0), (True, "cps", 1.0)]:
+        ref = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=stochastic)
+        ours = FlowSchedule.from_diffusers(ref, n, kind=kind, eta=eta)
+        ref.set_timesteps(n)
+        assert torch.allclose(ours.sigmas, ref.sigmas.double()) and not torch.allclose(ours.sigmas, flux_style.sigmas)
+        assert torch.allclose(torch.tensor(ours.timesteps, dtype=torch.float64), ref.timesteps.double(), rtol=1e-6)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(2, 4, 3, 3, generator=g)
+        for k, t in enumerate(ref.timesteps):
+            v = torch.randn(x.shape, generator=g)
+            seed = 100 + k
+            want = ref.step(v, t, x, generator=torch.Generator().manual_seed(seed)).prev_sample
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+            got = ours.step(k, v, x, noise).prev_sample
+            assert torch.allclose(got, want, atol=1e-5), (kind, k)
+            x = want
+    with pytest.raises(ValueError, match="mu"):  # FLUX's dynamic shift needs the resolution's mu
+        FlowSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), n)

@@ -22,7 +22,8 @@ and with R(x) = -1/2 |x - y|^2:
 The per-step shares g_k = dJ/dtheta_k are obtained by differentiating this closed form (autograd on
 an exact expression, in float64); the full gradient is their sum. Any estimator's expectation is a
 known sum of shares: full backprop sum_k g_k, truncated backprop (K) the last K shares, RLR all of
-them for every j.
+them for every j. ``analytic_flow`` is the flow-matching counterpart; ``collect_estimates`` and ``z_scores``
+serve both.
 """
 
 from __future__ import annotations
@@ -139,10 +140,12 @@ def make_analytic_chain(d: int = 3, num_steps: int = 8, eta: float = 1.0, seed: 
     return AnalyticChain(sched, model, y, m_init, 1.0, alpha, kappa, beta, c)
 
 
-def collect_estimates(chain: AnalyticChain, estimate: Callable[..., object], *, n_calls: int, batch: int,
+def collect_estimates(chain, estimate: Callable[..., object], *, n_calls: int, batch: int,
                       seed: int, reward_offset: float = 0.0, reward: Callable[[Tensor], Tensor] | None = None,
                       **kwargs) -> Tensor:
-    """(n_calls, 1 + d) gradient-ascent estimates: -(.grad) after each estimator call.
+    """(n_calls, number of parameters) gradient-ascent estimates: -(.grad) after each estimator call, the
+    parameters flattened in ``chain.params`` order. ``chain`` is an ``AnalyticChain`` or any test chain with
+    its ``model``, ``schedule``, ``prompts()``, ``reward``, ``params`` and ``sample_x_T`` (``analytic_flow``).
 
     ``reward_offset`` is subtracted from the reward (a constant baseline, for estimators without one);
     ``reward`` replaces the chain's own (e.g. one that fails on some rows).
@@ -151,12 +154,13 @@ def collect_estimates(chain: AnalyticChain, estimate: Callable[..., object], *, 
     problem = ChainProblem(chain.model, chain.schedule, chain.prompts(), lambda x: base(x) - reward_offset,
                            chain.params)
     g = torch.Generator().manual_seed(seed)
-    out = torch.empty(n_calls, 1 + chain.d, dtype=torch.float64)
+    out = torch.empty(n_calls, sum(p.numel() for p in chain.params), dtype=torch.float64)
     for i in range(n_calls):
         for p in chain.params:
             p.grad = None
         estimate(problem, chain.sample_x_T(batch, g), generator=g, **kwargs)
-        out[i] = -torch.cat([chain.model.u.grad.reshape(1), chain.model.v.grad])
+        out[i] = -torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                             for p in chain.params])
     return out
 
 

@@ -7,7 +7,11 @@
   Here log-probs are summed unless ``logprob_reduction='mean'``. On the first update r = 1 and, with
   a leave-one-out baseline, summed steps and summed log-probs, it is the unbiased REINFORCE estimator.
   Cost: T no-grad forwards + T forward/backward, one step in memory at a time.
-* ``zo``: REINFORCE on every step, A (dmu_t/dtheta)^T eps_t/sigma_t summed over t (unbiased).
+  A deterministic step (std 0: eta = 0, a flow chain's ODE step outside its SDE window, cps's last step)
+  has no likelihood ratio: DDPO refuses the chain, unless ``skip_deterministic`` trains the stochastic
+  steps only (MixGRPO / Flow-GRPO-Fast window training; biased, the other steps' shares are dropped).
+* ``zo``: REINFORCE on every step, A (dmu_t/dtheta)^T eps_t/sigma_t summed over t (unbiased); refuses a chain
+  with a deterministic step.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from .problem import (ChainProblem, Estimate, batch_advantages, check_recomputed
 from .terms import likelihood_ratio_loss, ppo_loss
 
 
-def _check_stochastic(problem: ChainProblem, steps, name: str) -> None:
+def _check_stochastic(problem: ChainProblem, steps, name: str, hint: str = "") -> None:
     stds = problem.schedule.stds
     bad = [k for k in steps if stds[k] <= 0]
     if bad:
-        raise ValueError(f"{name} needs sigma > 0 at every trained step, but sigma = 0 at steps {bad[:5]}; "
-                         "set eta > 0")
+        raise ValueError(f"{name} takes a likelihood ratio at every trained step, but sampler steps {bad[:5]}"
+                         f"{'...' if len(bad) > 5 else ''} are deterministic (std 0: eta = 0 there, an ODE step "
+                         f"outside the SDE window, or cps's step to sigma = 0); set eta > 0{hint}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class DDPOConfig(EstimatorConfig):
     baseline: str = "per_prompt_norm"
     step_reduction: str = "mean"  # 'mean' (ddpo-pytorch) or 'sum' (the unbiased REINFORCE scale)
     logprob_reduction: str = "sum"  # 'sum' or 'mean' (ddpo-pytorch / trl: 1/D smaller gradients)
+    # train the stochastic steps only (a flow chain's SDE window, MixGRPO / Flow-GRPO-Fast; cps's last step):
+    # the deterministic steps' shares of the gradient are dropped, so it is biased where the chain has any
+    skip_deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.clip_range <= 0:
@@ -53,10 +61,29 @@ class DDPOConfig(EstimatorConfig):
             raise ValueError("step_reduction and logprob_reduction must be 'mean' or 'sum'")
 
     def check(self, problem: ChainProblem) -> None:
-        _check_stochastic(problem, range(problem.num_steps), "ddpo")
+        if not self.skip_deterministic:
+            _check_stochastic(problem, range(problem.num_steps), "ddpo",
+                              ", or skip_deterministic=True to train the stochastic steps only (biased: the "
+                              "deterministic steps' shares are dropped)")
+        elif not trained_steps(problem, self):
+            raise ValueError("ddpo with skip_deterministic=True needs at least one stochastic step, but every step "
+                             "of the chain is deterministic; set eta > 0")
 
     def biases(self, reward_differentiable: bool) -> list[str]:
-        return baseline_biases(self.baseline, self.adv_clip)
+        out = baseline_biases(self.baseline, self.adv_clip)
+        if self.skip_deterministic:
+            out.append("skip_deterministic: the deterministic (ODE) steps of the chain, if any, are not trained and "
+                       "their shares of the gradient are dropped (window training)")
+        return out
+
+
+def trained_steps(problem: ChainProblem, config: DDPOConfig) -> list[int]:
+    """The sampler steps DDPO takes a likelihood ratio at: every step, or the stochastic ones with
+    ``skip_deterministic``."""
+    if not config.skip_deterministic:
+        return list(range(problem.num_steps))
+    stds = problem.schedule.stds
+    return [k for k in range(problem.num_steps) if stds[k] > 0]
 
 
 def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, config: DDPOConfig,
@@ -64,11 +91,12 @@ def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, con
     """PPO pass over the steps of a stored trajectory (callable again for extra inner epochs: pass
     ``check=False`` once the parameters moved, since the recomputed means then differ by design).
     ``scale``: B / valid rows of the whole batch (``valid_row_scale``), so the loss is a mean over valid rows."""
-    n, grads = problem.num_steps, problem.gradients(metrics)
+    steps, grads = trained_steps(problem, config), problem.gradients(metrics)
+    n = len(steps)
     d = traj.latents[0][0].numel()
     step_scale = 1.0 / n if config.step_reduction == "mean" else 1.0
     kl = clipfrac = 0.0
-    for k in range(n):
+    for k in steps:
         step = model_step(problem.model, problem.schedule, problem.prompts, k, traj.latents[k], traj.noises[k])
         if check:
             check_recomputed_step(step, traj, k, metrics, what="a DDPO term")

@@ -45,6 +45,22 @@ def split_chain(num_steps: int, h: int, j: int, *, reward_differentiable: bool =
     return ChainSplit(num_steps, j, h, fo, ho, zo)
 
 
+def likelihood_ratio_steps(num_steps: int, h: int, js, *, latent_zo: bool, reward_differentiable: bool = True,
+                           fo_steps: int = 1) -> set[int]:
+    """Sampler steps at which RLR takes a likelihood ratio for some j in ``js`` (paper order), so they must be
+    stochastic: the half-order term's last step (paper step j) and, with ``latent_zo`` (zo_mode 'latent_lr'),
+    every zeroth-order step. Pathwise steps (first-order, the rest of S) and parameter-space zeroth-order steps
+    may be deterministic (an ODE step of a flow chain outside its SDE window)."""
+    js = list(js)
+    need = {paper_to_sampler(j, num_steps) for j in js}
+    if latent_zo and js:
+        fo = set(range(num_steps - fo_steps, num_steps)) if reward_differentiable else set()
+        # a step is zeroth-order for some j unless it is first-order or in every S = {j..j+h-1}
+        in_every_s = {paper_to_sampler(t, num_steps) for t in range(max(js), min(js) + h)}
+        need |= set(range(num_steps)) - fo - in_every_s
+    return need
+
+
 def check_h(h: int, num_steps: int, fo_steps: int = 1) -> None:
     if h < 1:
         raise ValueError(f"the half-order sub-chain length h must be >= 1, got {h}")

@@ -16,6 +16,12 @@
   ``param_2pt``  two extra no-grad chains with theta +/- nu delta on C, same x_T and noises (common
                  random numbers); mean_b (R+ - R-)/(2 nu) delta; +2T forwards; O(nu^2) bias.
 
+Deterministic steps (std 0: a flow chain's ODE steps outside its SDE window, cps's last step, eta = 0) carry
+no likelihood ratio. ``RLRConfig.check`` requires std > 0 exactly where a ratio is taken for some j in the j
+distribution's support (``partition.likelihood_ratio_steps``: the HO end step, and every ZO step with
+``latent_lr``) and refuses the chain otherwise, naming the steps and the j values that would work; pathwise
+steps (FO, the rest of S) and parameter-space ZO steps may be deterministic, and the estimate stays unbiased.
+
 Every recomputed step (FO, HO, latent ZO) is checked to reproduce the sampled step (``check_recomputed_step``):
 a likelihood ratio at a mean that does not would score the wrong noise. All terms have weight 1 by default; unequal ``weights`` break unbiasedness (they rescale shares of
 the gradient). Cost per update: T no-grad forwards (sampling) + 1 forward/backward with the reward
@@ -32,11 +38,11 @@ import torch
 from torch import Tensor
 
 from ..choices import ZO_MODES
-from ..sampling import sample_chain
+from ..sampling import paper_to_sampler, sample_chain
 from .advantages import BASELINES, BaselineState
 from .config import EstimatorConfig, baseline_biases
 from .notes import describe
-from .partition import J_DISTRIBUTIONS, JSampler, check_h, split_chain
+from .partition import J_DISTRIBUTIONS, JSampler, check_h, likelihood_ratio_steps, split_chain
 from .problem import ChainProblem, Estimate, batch_advantages, evaluate_reward, reward_metrics, valid_row_scale
 from .rlr_terms import ZO_TERMS, SampledBatch, first_order_term, grad_norm, half_order_term, perturbation_context
 
@@ -111,15 +117,25 @@ class RLRConfig(EstimatorConfig):
     def check(self, problem: ChainProblem) -> None:
         """Raise if this config cannot run on the problem's chain (call once, before training)."""
         n = problem.num_steps
-        self.j_sampler().support(n, self.h, self.fo_steps if problem.reward_differentiable else 1)
-        sig = problem.schedule.stds
-        # every step but the last may carry a likelihood ratio (HO end or latent ZO)
-        need = range(n) if not problem.reward_differentiable else range(n - 1)
-        bad = [k for k in need if sig[k] <= 0]
+        fo_steps = self.fo_steps if problem.reward_differentiable else 1
+        js = self.j_sampler().support(n, self.h, fo_steps)
+        stds = problem.schedule.stds
+        latent = self.zo_mode == "latent_lr"
+        need = likelihood_ratio_steps(n, self.h, js, latent_zo=latent,
+                                      reward_differentiable=problem.reward_differentiable, fo_steps=fo_steps)
+        bad = sorted(k for k in need if stds[k] <= 0)
         if bad:
+            where = "the half-order term's last step for each j" + (
+                ", and every zeroth-order step with zo_mode='latent_lr'" if latent else "")
+            ok_js = [j for j in js if stds[paper_to_sampler(j, n)] > 0]
+            hint = ""
+            if ok_js:
+                hint = (f"; or keep the likelihood ratios on stochastic steps: a j_range inside the j values {ok_js} "
+                        "(paper order)" + (" with zo_mode='param_2pt'" if latent else ""))
             raise ValueError(
-                f"RLR's likelihood-ratio terms need a stochastic sampler, but sigma = 0 at sampler steps {bad[:5]}"
-                "...; set eta > 0 (e.g. eta=1.0)"
+                f"RLR takes a likelihood ratio at sampler steps {bad[:5]}{'...' if len(bad) > 5 else ''} ({where}), "
+                "but they are deterministic (std 0: eta = 0 there, an ODE step outside the SDE window, or cps's "
+                f"step to sigma = 0); set eta > 0 on them (e.g. eta=1.0){hint}"
             )
 
 

@@ -1,7 +1,8 @@
 """The small protocol every sampler and estimator runs on.
 
-A ``Denoiser`` maps a noisy batch ``x`` at a step's time input (``Schedule.timesteps``) to the model
-output the schedule's step function takes (DDIM: the noise, v or x_0 its ``prediction_type`` names). Conditioning (text embeddings, guidance) is
+A ``Denoiser`` maps a noisy batch ``x`` (B, ...) at a step's time input (``Schedule.timesteps``: DDIM's integer
+timestep, a flow chain's float sigma * 1000) to the model output the schedule's step function takes (DDIM:
+the noise, v or x_0 its ``prediction_type`` names; flow matching: the velocity eps - x_0). Conditioning (text embeddings, guidance) is
 opaque to samplers: they pass the object a ``PromptSchedule`` returns for the step, unchanged.
 Adapters in ``rlr_backend.models`` (and the ComfyUI pack) wrap real models; samplers never import them.
 """
@@ -20,6 +21,6 @@ def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tens
 
 @runtime_checkable
 class Denoiser(Protocol):
-    def __call__(self, x: Tensor, timestep: int, cond: Any) -> Tensor:
-        """Model output for the batch ``x`` (B, ...) at integer ``timestep`` with conditioning ``cond``."""
+    def __call__(self, x: Tensor, timestep: int | float, cond: Any) -> Tensor:
+        """Model output for the batch ``x`` (B, ...) at ``timestep`` (the schedule's time input) with ``cond``."""
         ...

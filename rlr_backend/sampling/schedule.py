@@ -2,10 +2,12 @@
 
 A schedule is a chain's per-step constants plus its kind's step function: ``schedule.step(k, model_output,
 x, noise)`` returns step k's ``StepOutput`` (next latent, mean, std, log-probability). The sampling loop
-and every estimator term call it, and nothing else writes a step, so a new kind of chain (flow
-matching next) is a new schedule class with its step function and test; the samplers, estimators and
+and every estimator term call it, and nothing else writes a step, so a new kind of chain
+is a new schedule class with its step function and test; the samplers, estimators and
 trainer are unchanged. ``DDIMSchedule`` is the discrete DDIM/DDPM chain (timesteps, cumulative alphas,
-eta).
+eta); ``FlowSchedule`` (``flow.py``) the flow-matching chain (sigmas, step kind, per-step eta, an SDE window).
+A step whose ``stds`` entry is 0 is deterministic: no likelihood ratio is taken there, and an estimator that
+would need one refuses the chain (DDPO can skip such steps instead; docs/estimators.md, "Flow-matching chains").
 
 Index conventions used across the project (see docs/estimators.md):
 
