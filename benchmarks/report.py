@@ -425,6 +425,12 @@ def render(results: Path, out: Path) -> None:
     mem = _load_memory_model(results)
     lines += memory_model_section(mem, images) if mem else [
         "## memory", "", "(no results yet: `python -m benchmarks.run --only memory`)", ""]
+    guard = results / "guard-cost.json"
+    if guard.is_file():
+        from .guard_cost import render as guard_cost_lines
+
+        lines += ["## What the structure rewards and the KL guard cost", "",
+                  *guard_cost_lines(json.loads(guard.read_text())), ""]
     from .gpu_check.report import benchmarks_doc_section
 
     lines += benchmarks_doc_section(results)
