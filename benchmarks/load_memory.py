@@ -200,7 +200,8 @@ def build_kind(kind: str, root: Path) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _status() -> dict[str, int]:
+def process_memory() -> dict[str, int]:
+    """This process's resident memory now (``VmRSS``) and its peak so far (``VmHWM``), in bytes (Linux)."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -219,13 +220,13 @@ def child(path: str, precision: str) -> dict:
     from rlr_backend.models.loader import load_pipeline
 
     torch.set_num_threads(1)
-    before = _status()
+    before = process_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM: the peak from here on is the load's
     t0 = time.perf_counter()
     pipe = load_pipeline(path, dtype=DTYPES[precision], text_encoder_dtype=torch.float32)
     seconds = time.perf_counter() - t0
-    after = _status()
+    after = process_memory()
     comps = {name: getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
     model = {name: sum(t.numel() * t.element_size() for t in m.state_dict().values())
              for name, m in comps.items() if m is not None}

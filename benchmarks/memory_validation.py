@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import memory_model as mm
+from benchmarks.load_memory import process_memory
 
 logger = logging.getLogger(__name__)
 
@@ -120,16 +121,6 @@ def cpu_prediction(rows: list[dict], counts: dict, ckpt: bool, size: int) -> dic
 
 
 # ------------------------------------------------------------------------------------------ the runs
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":", 1)[0]
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(line.split()[1]) * 1024
-    return out
-
-
 def child(path: str, ckpt: bool, size: int, out_dir: str, trace: bool = False) -> dict:
     """One ``Trainer.update()`` in this fresh process; VmHWM from after the trainer is built. ``trace``: the
     update under the profiler, whose peak of live tensor bytes (from the update's start) is reported too."""
@@ -138,14 +129,14 @@ def child(path: str, ckpt: bool, size: int, out_dir: str, trace: bool = False) -
 
     from rlr_backend.train import TrainConfig, Trainer
 
-    base = _status()["VmRSS"]
+    base = process_memory()["VmRSS"]
     cfg = TrainConfig(model=path, image_size=size, precision="fp32", device="cpu", batch_size=BATCH,
                       images_per_prompt=BATCH, num_inference_steps=T, h=H, fo_steps=FO, estimator="rlr",
                       reward="brightness", gradient_checkpointing=ckpt, steps=1, eval_every=0,
                       output_dir=Path(out_dir), run_name="v")
     t0 = time.perf_counter()
     trainer = Trainer(cfg, progress=False)
-    built = _status()
+    built = process_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM from here: the update's peak (the load's is lower: no activations yet)
     t1 = time.perf_counter()
@@ -153,7 +144,7 @@ def child(path: str, ckpt: bool, size: int, out_dir: str, trace: bool = False) -
     tensor_peak = mm.live_bytes_trace(lambda: metrics.update(trainer.update()))[0] if trace else None
     if not trace:
         metrics = trainer.update()
-    peak = _status()["VmHWM"]
+    peak = process_memory()["VmHWM"]
     return {"rss_libraries": base, "rss_built": built["VmRSS"], "peak_load": built["VmHWM"], "peak_update": peak,
             "tensor_peak": tensor_peak, "build_seconds": round(t1 - t0, 1),
             "update_seconds": round(time.perf_counter() - t1, 1),
