@@ -20,30 +20,25 @@ def direction(params: Sequence[Tensor], seed: int) -> list[Tensor]:
 
 
 @contextlib.contextmanager
-def perturbed(params: Sequence[Tensor], delta: Sequence[Tensor], scale: float) -> Iterator[None]:
+def _changed(params: Sequence[Tensor], change) -> Iterator[None]:
+    """Apply ``change(param, i)`` in place to every parameter, then restore the exact original values."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            change(p, i)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+def perturbed(params: Sequence[Tensor], delta: Sequence[Tensor], scale: float):
     """Temporarily set theta <- theta + scale * delta; restores the exact original values."""
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, d in zip(params, delta):
-            p.add_(d, alpha=scale)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+    return _changed(params, lambda p, i: p.add_(delta[i], alpha=scale))
 
 
-@contextlib.contextmanager
-def zeroed(params: Sequence[Tensor]) -> Iterator[None]:
+def zeroed(params: Sequence[Tensor]):
     """Temporarily set every parameter to 0 (a LoRA whose factors are 0 is the base model); restores them."""
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p in params:
-            p.zero_()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+    return _changed(params, lambda p, i: p.zero_())
