@@ -40,8 +40,9 @@ def cells(quick: bool) -> list[dict]:
     if quick:
         return [dict(reward=r, T=8, state="base") for r in ("brightness", "position:left")]
     out = [dict(reward=r, T=20, state="base") for r in REWARDS]
-    out += [dict(reward=r, T=20, state="trained") for r in REWARDS if r != "jpeg_compressibility"]
-    out += [dict(reward=r, T=t, state="base") for r in ("brightness", "position:left") for t in (10, 50)]
+    out += [dict(reward="brightness", T=20, state="trained")]
+    out += [dict(reward=r, T=t, state="base") for t in (50, 10) for r in ("brightness", "position:left")]
+    out += [dict(reward=r, T=20, state="trained") for r in REWARDS[1:] if r != "jpeg_compressibility"]
     return out
 
 
