@@ -87,3 +87,71 @@ def test_not_enough_memory_is_one_line_before_anything_is_read(tiny_sources, tmp
         assert "GB of RAM and 0.0 GB is available" in err[0]
         assert not runs.exists()
     assert not read
+
+
+def test_an_fp32_folder_loaded_in_half_precision_is_read_tensor_by_tensor_with_the_librarys_values(tiny_sources):
+    """No fp16 variant: the UNet and VAE are built on the meta device and read one tensor at a time (low peak),
+    and hold exactly what diffusers' own load-then-cast gives."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from rlr_backend.models.folder_weights import load_cast_components
+    from rlr_backend.models.loader import weight_files
+
+    folder = tiny_sources["folder"]
+    dtypes = {"default": torch.float16, "text_encoder": torch.float32, "text_encoder_2": torch.float32}
+    own = load_cast_components(folder, ("unet", "vae", "text_encoder", "text_encoder_2"), dtypes,
+                               lambda c: weight_files(folder / c))
+    assert set(own) == {"unet", "vae"}  # the text encoders' files are fp32 already: the library reads them
+    ref = StableDiffusionXLPipeline.from_pretrained(str(folder), dtype=dtypes, local_files_only=True,
+                                                    use_safetensors=True, add_watermarker=False)
+    for comp, module in own.items():
+        theirs = getattr(ref, comp).state_dict()
+        mine = module.state_dict()
+        assert mine.keys() == theirs.keys() and not module.training
+        assert all(torch.equal(mine[k], theirs[k]) and mine[k].dtype == theirs[k].dtype for k in mine), comp
+    pipe = load_pipeline(folder, dtype=torch.float16, text_encoder_dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()))
+
+
+def test_old_format_keys_are_left_to_the_library(tmp_path):
+    """A VAE saved with the old attention names (query/key/value/proj_attn), which diffusers renames on load:
+    not taken over (None), and the pipeline still loads with the right values."""
+    from safetensors.torch import load_file, save_file
+
+    from rlr_backend.models.folder_weights import load_cast_component
+    from diffusers import AutoencoderKL
+
+    folder = save_tiny_pipeline("sd1", tmp_path / "sd1")
+    f = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = {}
+    for k, v in state.items():
+        for new, was in renames.items():
+            if f"attentions.0.{new}." in k:
+                k = k.replace(f".{new}.", f".{was}.")
+        old[k] = v
+    assert old.keys() != state.keys()
+    save_file(old, f)
+    assert load_cast_component(folder, "vae", AutoencoderKL, [f], torch.float16) is None
+    pipe = load_pipeline(folder, dtype=torch.float16)
+    ref = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True)
+    assert all(torch.equal(a, b.half()) for a, b in zip(pipe.vae.state_dict().values(), ref.state_dict().values()))
+
+
+def test_a_folder_tensor_of_the_wrong_shape_is_one_line_naming_the_file_key_and_both_shapes(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_pipeline("sd1", tmp_path / "sd1")
+    f = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    key = "conv_out.weight"
+    want = list(state[key].shape)
+    state[key] = state[key][:, :-1].contiguous()
+    save_file(state, f)
+    runs = tmp_path / "runs"
+    assert train_main(["--model", str(folder), "--precision", "fp16", "--output-dir", str(runs), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert str(f) in err[0] and f"tensor {key!r} has shape {list(state[key].shape)}" in err[0] and str(want) in err[0]
+    assert not runs.exists()

@@ -17,10 +17,11 @@ Every sharded-weights index may name only ``.safetensors`` files of its own fold
 downloaded (``local_files_only=True``, ``HF_HUB_OFFLINE=1``).
 
 Precision: the UNet and the VAE are loaded in ``dtype`` and the text encoders in
-``text_encoder_dtype``, straight from the files (diffusers/transformers build the modules on the meta
-device and cast each tensor as it is read; a folder's ``*.fp16.safetensors`` variant is read when a
-half precision is asked for and every component has one), so peak memory stays near the loaded
-model's size (docs/models.md has the measured figures). The memory a load needs is checked against
+``text_encoder_dtype``, straight from the files: a folder's ``*.fp16.safetensors`` variant is read when a
+half precision is asked for and every component has one; a component whose files hold another dtype
+is built on the meta device and read tensor by tensor (:mod:`rlr_backend.models.folder_weights`); the
+rest is diffusers/transformers' own meta-device load. Peak memory stays near the loaded model's size
+(docs/models.md has the measured figures). The memory a load needs is checked against
 the memory available before anything is read. After loading, every weight must be finite and the
 scheduler's noise schedule valid, or the model is refused naming the tensor.
 """
@@ -254,6 +255,11 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         kwargs.update(add_watermarker=False)
+    if variant is None:  # files in another precision than asked: read them tensor by tensor (low peak)
+        from .folder_weights import load_cast_components
+
+        kwargs.update(load_cast_components(p, components, dtypes, lambda c: [
+            f for f in weight_files(p / c) if _variant_of(f) is None]))
     try:
         pipe = getattr(diffusers, cls).from_pretrained(str(p), dtype=dtypes, use_safetensors=True, variant=variant,
                                                        **kwargs)
