@@ -44,8 +44,9 @@ def _build_on_meta(cls: Any, folder: Path) -> torch.nn.Module:
     with empty_weights():
         if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # a diffusers model
             return cls.from_config(cls.load_config(str(folder)))
-        config = cls.config_class.from_pretrained(str(folder), local_files_only=True)
-        return cls(config)
+        from transformers import AutoConfig
+
+        return cls(AutoConfig.from_pretrained(str(folder), local_files_only=True))
 
 
 def _file_dtypes(files: list[Path]) -> dict[Path, dict[str, torch.dtype]]:
