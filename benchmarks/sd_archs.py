@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from rlr_backend.lora import DEFAULT_TARGET_MODULES, is_target
+
 MEASURE_DTYPE = torch.bfloat16  # stands for fp16: 2 bytes per element either way
 
 # --------------------------------------------------------------------------------------------- configs
@@ -61,7 +63,7 @@ ARCHS: dict[str, dict] = {
     "sdxl": {"unet": SDXL_UNET, "text": (CLIP_L_TEXT, OPENCLIP_BIGG_TEXT), "tokens": 77, "text_dim": 2048,
              "label": "SDXL"},
 }
-LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # rlr_backend.lora.DEFAULT_TARGET_MODULES
+LORA_TARGETS: tuple[str, ...] = DEFAULT_TARGET_MODULES  # the modules rlr_backend.lora.add_lora adapts
 AESTHETIC_HEAD_PARAMS = 768 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 64 + 64 + 64 * 16 + 16 + 16 + 1
 
 
@@ -138,7 +140,7 @@ def lora_param_count(unet: torch.nn.Module, rank: int, targets: Sequence[str] = 
     rlr_backend.lora.add_lora injects it; counted from the (meta) module's shapes."""
     n = 0
     for name, m in unet.named_modules():
-        if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        if isinstance(m, torch.nn.Linear) and is_target(name, targets):
             n += rank * (m.in_features + m.out_features)
     return n
 
