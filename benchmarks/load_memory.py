@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.memory_model import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, SD15_UNET, SD_VAE, SDXL_UNET
+from benchmarks.sd_archs import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, SD15_UNET, SD_VAE, SDXL_UNET
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
     python -m benchmarks.run --suite full --only cost scaling
     python -m benchmarks.run --report-only      # re-render the page from benchmarks/results/
 
-The memory suite is the SD-size memory model (benchmarks/memory_model.py, its page docs/memory.md);
+The memory suite is the SD-size memory model (benchmarks/memory_model/, its page docs/memory.md);
 the benchmarks page shows its out-of-memory table.
 
 Each suite writes benchmarks/results/<suite>-<quick|full>.json with the machine, versions, seeds,

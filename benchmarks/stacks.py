@@ -18,6 +18,8 @@ from rlr_backend.models.diffusers_unet import DiffusersUNetDenoiser, TextConditi
 from rlr_backend.models.tiny import build_tiny_unet
 from rlr_backend.sampling import DDIMSchedule, PromptSchedule
 
+from . import sd_archs
+
 #: name -> (UNet block channels, text width, VAE block channels, what it stands for)
 MODELS = {
     "default": (None, None, None, "the embedded default model (1.0 M UNet, 32 px, its own VAE and text encoder)"),
@@ -130,16 +132,14 @@ class ArchSpec:
 
 
 def arch_spec(arch: str, tiny: bool = False) -> ArchSpec:
-    """The published SD1.5 (512 px) / SDXL (1024 px) configs of ``benchmarks.memory_model``, or, with
+    """The published SD1.5 (512 px) / SDXL (1024 px) configs of ``benchmarks.sd_archs``, or, with
     ``tiny``, the same block types and conditioning with every width shrunk (64 px, CPU-test size)."""
-    from . import memory_model as mm
-
-    if arch not in mm.ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(mm.ARCHS)}")
-    a = mm.ARCHS[arch]
+    if arch not in sd_archs.ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(sd_archs.ARCHS)}")
+    a = sd_archs.ARCHS[arch]
     if not tiny:
-        return ArchSpec(arch, a["unet"], mm.SD_VAE, mm.CLIP_VIT_L14_VISION, 512 if arch == "sd15" else 1024,
-                        a["tokens"], a["text_dim"], 1280 if arch == "sdxl" else None)
+        return ArchSpec(arch, a["unet"], sd_archs.SD_VAE, sd_archs.CLIP_VIT_L14_VISION,
+                        512 if arch == "sd15" else 1024, a["tokens"], a["text_dim"], 1280 if arch == "sdxl" else None)
     small = {"layers_per_block": 1, "norm_num_groups": 8, "sample_size": 8}
     if arch == "sd15":
         unet = {**a["unet"], **small, "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32}
@@ -150,9 +150,9 @@ def arch_spec(arch: str, tiny: bool = False) -> ArchSpec:
                 "attention_head_dim": (1, 2, 2), "cross_attention_dim": 64, "addition_time_embed_dim": 8,
                 "projection_class_embeddings_input_dim": 6 * 8 + pooled}
         text_dim = 64
-    vae = {**mm.SD_VAE, "block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8, "layers_per_block": 1,
+    vae = {**sd_archs.SD_VAE, "block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8, "layers_per_block": 1,
            "sample_size": 64}
-    vision = {**mm.CLIP_VIT_L14_VISION, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    vision = {**sd_archs.CLIP_VIT_L14_VISION, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 32}
     return ArchSpec(arch, unet, vae, vision, 64, 8, text_dim, pooled)
 
@@ -172,19 +172,17 @@ def build_arch_stack(arch: str, *, tiny: bool = False, batch: int = 1, num_steps
 
     from rlr_backend.models.sdxl_model import SDXLConditioning, SDXLUNetDenoiser
 
-    from . import memory_model as mm
-
     spec = arch_spec(arch, tiny)
     device = torch.device(device)
-    unet = mm.build_unet(arch, dtype, seed, device=device, config=spec.unet)
+    unet = sd_archs.build_unet(arch, dtype, seed, device=device, config=spec.unet)
     params = add_lora(unet, rank=lora_rank, seed=seed)
     g = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():  # non-zero LoRA B: a trained adapter, so every LoRA tensor gets a gradient
         for n, p in unet.named_parameters():
             if "lora_B" in n:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    vae = mm.build_vae(dtype, seed + 1, device=device, config=spec.vae).requires_grad_(False)
-    aesthetic = mm.build_reward(dtype, seed + 3, device=device, vision=spec.reward_vision)
+    vae = sd_archs.build_vae(dtype, seed + 1, device=device, config=spec.vae).requires_grad_(False)
+    aesthetic = sd_archs.build_reward(dtype, seed + 3, device=device, vision=spec.reward_vision)
     scale = vae.config.scaling_factor
     decode = {"one_at_a_time": False}
 

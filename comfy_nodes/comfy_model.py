@@ -24,11 +24,10 @@ import comfy.utils
 import torch
 from torch import Tensor
 
+from rlr_backend.lora import init_down, is_target, kohya_key, kohya_tensors, one_rank_and_alpha, resolve_alpha
 from rlr_backend.sampling import DDIMSchedule, classifier_free_guidance
 
 logger = logging.getLogger(__name__)
-
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as the diffusers path
 
 
 class LoraWrapper(torch.nn.Module):
@@ -42,11 +41,6 @@ class LoraWrapper(torch.nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         delta = (self.up @ self.down) * (self.alpha / self.down.shape[0] * self.strength)
         return weight + delta.to(weight.dtype).reshape(weight.shape)
-
-
-def _is_target(name: str) -> bool:
-    """An attention projection: ``...attn1.to_q`` / ``...attn2.to_out.0`` and so on."""
-    return any(name.endswith(f".{a}.{t}") for a in ("attn1", "attn2") for t in TARGETS)
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -140,21 +134,18 @@ class ComfyModel:
         return out
 
     def add_lora(self, rank: int, alpha: float | None, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        alpha = float(rank if alpha is None else alpha)
+        alpha = resolve_alpha(rank, alpha)
         names = self._diffusers_names()
         gen = torch.Generator().manual_seed(seed)
         self.base.requires_grad_(False)
         params = []
         for name, m in self.base.diffusion_model.named_modules():
-            if _is_target(name) and hasattr(m, "weight_function") and name in names:
+            if name in names and is_target(names[name]) and hasattr(m, "weight_function"):
                 out_f, in_f = m.weight.shape[0], m.weight[0].numel()
-                down = torch.randn((rank, in_f), generator=gen) / rank  # as the diffusers path: A ~ N(0, 1/r^2)
-                wrapper = LoraWrapper(down, torch.zeros((out_f, rank)), alpha)
+                wrapper = LoraWrapper(init_down((rank, in_f), rank, gen), torch.zeros((out_f, rank)), alpha)
                 self.mp.add_weight_wrapper(f"diffusion_model.{name}.weight", wrapper)
                 self._wrap_identity(self.mp, name, m, prefix="diffusion_model.", skip_weight=True)
-                key = "lora_unet_" + names[name].replace(".", "_")
+                key = kohya_key(names[name])
                 self.lora[key] = wrapper
                 params += [(f"{key}.lora_down.weight", wrapper.down), (f"{key}.lora_up.weight", wrapper.up)]
             else:
@@ -169,11 +160,9 @@ class ComfyModel:
             raise ValueError("the model has no LoRA to export")
         sd = {}
         for key, w in self.lora.items():
-            sd[f"{key}.lora_down.weight"] = w.down.detach().to(dtype).contiguous()
-            sd[f"{key}.lora_up.weight"] = w.up.detach().to(dtype).contiguous()
-            sd[f"{key}.alpha"] = torch.tensor(w.alpha, dtype=dtype)
-        first = next(iter(self.lora.values()))
-        return sd, first.down.shape[0], first.alpha
+            sd.update(kohya_tensors(key, w.down, w.up, w.alpha, dtype))
+        return (sd, *one_rank_and_alpha((w.down.shape[0] for w in self.lora.values()),
+                                        (w.alpha for w in self.lora.values())))
 
     def load_lora(self, state_dict: dict[str, Tensor], strength: float = 1.0) -> None:
         import comfy.lora

@@ -1,4 +1,4 @@
-"""The memory model's fitting and composition (benchmarks/memory_model.py), on synthetic data and a tiny stack.
+"""The memory model's fitting and composition (benchmarks/memory_model/), on synthetic data and a tiny stack.
 
 The real measurements (SD1.5 / SDXL on CPU) come from `python -m benchmarks.memory_model`; these tests
 check that the fit recovers known coefficients, that the composition rules add up as stated, and that
@@ -166,3 +166,18 @@ def test_full_size_validation_corrects_resident_memory_from_its_largest_run():
     assert small["tensor_error"] == pytest.approx(0.02) and big["tensor_error"] is None
     text = "\n".join(mv.doc_section({**data, "date": "d", "machine": "m"}))
     assert "| no options, 128 px |" in text and "+2.0%" in text and "(sets the factor)" in text
+
+
+def test_options_are_read_off_a_train_config():
+    """The memory options are the trainer's own settings (TrainConfig), seen as bytes."""
+    from rlr_backend.train.config import TrainConfig
+
+    o = mm.Options.from_config(TrainConfig(precision="fp32", reward="brightness", gradient_checkpointing=True,
+                                           optimizer="adam8bit"), "cpu")
+    assert (o.checkpointing, o.offload_text, o.adam_8bit, o.weight_bytes, o.reward_model, o.reward_fp32, o.label) == \
+        (True, True, True, 4.0, False, False, "cpu")  # offload_text_encoders is on by default
+    o = mm.Options.from_config(TrainConfig(precision="bf16", reward="aesthetic=1,brightness=0.5"), reward_fp32=True)
+    assert (o.checkpointing, o.adam_8bit, o.weight_bytes, o.reward_model, o.reward_fp32) == (False, False, 2.0, True, True)
+    plain, ckpt, off, adam8, fp32_reward = mm.OPTION_SETS
+    assert not plain.checkpointing and not plain.offload_text and plain.weight_bytes == 2.0 and plain.reward_model
+    assert ckpt.checkpointing and off.offload_text and adam8.adam_8bit and fp32_reward.reward_fp32

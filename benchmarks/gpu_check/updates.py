@@ -117,7 +117,8 @@ def docs_prediction(docs: tuple[mm.Fits, dict[str, int]], arch: str, resolution:
     """docs/memory.md's prediction of one update of ``v`` (text encoders offloaded, as rlr-train does)."""
     fits, counts = docs
     s = mm.Scenario(arch, resolution, batch, T=num_steps, h=H, fo_steps=v.window())
-    return mm.predict(fits, s, mm.Options(checkpointing=v.checkpointing, offload_text=True), counts, v.estimator)
+    opts = mm.Options.from_config(mm.gpu_config(gradient_checkpointing=v.checkpointing, offload_text_encoders=True))
+    return mm.predict(fits, s, opts, counts, v.estimator)
 
 
 def fit_decision(predicted: float, own_bytes: float, card_bytes: float, free_bytes: float) -> str | None:

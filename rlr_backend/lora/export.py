@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 
 from ..safe_io import InvalidModelFile, load_tensors, save_tensors
+from .keys import kohya_key, kohya_tensors, one_rank_and_alpha
 
 logger = logging.getLogger(__name__)
-
-KOHYA_PREFIX = "lora_unet_"
-
 
 def _lora_modules(unet: torch.nn.Module, adapter: str = "default") -> dict[str, torch.nn.Module]:
     return {name: m for name, m in unet.named_modules()
@@ -33,19 +31,13 @@ def kohya_state_dict(unet: torch.nn.Module, adapter: str = "default",
     modules = _lora_modules(unet, adapter)
     if not modules:
         raise ValueError("the UNet has no LoRA adapter to export; add one with rlr_backend.lora.add_lora")
-    out, ranks, alphas = {}, set(), set()
+    out, ranks, alphas = {}, [], []
     for name, m in modules.items():
-        key = KOHYA_PREFIX + name.replace(".", "_")
         down, up = m.lora_A[adapter].weight, m.lora_B[adapter].weight
-        rank, alpha = down.shape[0], float(m.lora_alpha[adapter])
-        ranks.add(rank)
-        alphas.add(alpha)
-        out[f"{key}.lora_down.weight"] = down.detach().to("cpu", dtype)
-        out[f"{key}.lora_up.weight"] = up.detach().to("cpu", dtype)
-        out[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise ValueError(f"mixed LoRA ranks {sorted(ranks)} or alphas {sorted(alphas)} cannot be described by one header")
-    return out, ranks.pop(), alphas.pop()
+        ranks.append(down.shape[0])
+        alphas.append(float(m.lora_alpha[adapter]))
+        out.update(kohya_tensors(kohya_key(name), down, up, alphas[-1], dtype))
+    return (out, *one_rank_and_alpha(ranks, alphas))
 
 
 def kohya_metadata(sd: dict[str, torch.Tensor], rank: int, alpha: float, base_model_version: str = "sd_v1",

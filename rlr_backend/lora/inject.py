@@ -7,9 +7,9 @@ from typing import Sequence
 
 import torch
 
-logger = logging.getLogger(__name__)
+from .keys import DEFAULT_TARGET_MODULES, init_down, resolve_alpha
 
-DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # attention, as DDPO/trl
+logger = logging.getLogger(__name__)
 
 
 def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
@@ -23,11 +23,7 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
     """
     from peft import LoraConfig
 
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    alpha = float(rank if alpha is None else alpha)
-    if alpha <= 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+    alpha = resolve_alpha(rank, alpha)
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(target_modules))
     unet.add_adapter(config, adapter_name=adapter_name)
@@ -42,7 +38,7 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
         p.data = p.data.float()  # LoRA in fp32 even when the base runs in half precision
         if gen is not None and init == "gaussian" and "lora_A" in n:
             with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=gen) / rank)
+                p.copy_(init_down(p.shape, rank, gen))
     logger.info("LoRA rank %d alpha %g on %d tensors (%d parameters)", rank, alpha, len(params),
                 sum(p.numel() for p in params))
     return params
