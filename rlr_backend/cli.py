@@ -17,8 +17,8 @@ from dataclasses import fields
 from fractions import Fraction
 from pathlib import Path
 
-from .choices import ESTIMATOR_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
-from .model_paths import check_model_path
+from .choices import ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
+from .model_paths import check_model_path, is_flow_folder, read_flow_defaults
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
@@ -125,6 +125,9 @@ def train_parser() -> argparse.ArgumentParser:
     option("ho_range", type=_pair, metavar="A,B")
     option("truncation", type=int)
     option("chain_len", type=int)
+    option("flow_step", choices=FLOW_STEP_CHOICES)
+    option("flow_eta", type=float)
+    option("sde_window", type=_pair, metavar="START,SIZE")
     for name, typ in [("steps", int), ("batch_size", int), ("images_per_prompt", int), ("num_inference_steps", int),
                       ("eta", float), ("guidance_scale", float), ("lr", float), ("grad_clip", float),
                       ("grad_accum", int), ("lora_rank", int), ("lora_alpha", float), ("seed", int),
@@ -156,8 +159,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     kw.pop("prompts", None)
     if prompts:
         kw["prompts"] = tuple(prompts)
+    flow = is_flow_folder(kw.get("model"))
+    if flow:  # a flow folder's own defaults (rlr_defaults.json) for what was not given
+        defaults = read_flow_defaults(kw["model"])
+        for name in ("num_inference_steps", "guidance_scale"):
+            if name in defaults and name not in kw:
+                kw[name] = defaults[name]
     config = TrainConfig(**kw)
     check_model_path(config.model)
+    config.check_model_options(flow)
     return config
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..model_paths import FLOW_PIPELINES, is_flow_folder, read_flow_defaults, read_model_index, resolve_model_name
 from ..safe_io import PICKLE_SUFFIXES, InvalidModelFile, index_shards, nonfinite_count, one_line, safetensors_header
 from .weights import has_nonfinite
 
@@ -51,47 +52,11 @@ PIPELINE_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
 _TOKENIZERS = {"StableDiffusionPipeline": ("tokenizer",), "StableDiffusionXLPipeline": ("tokenizer", "tokenizer_2"),
                "StableDiffusion3Pipeline": ("tokenizer", "tokenizer_2"), "FluxPipeline": ("tokenizer", "tokenizer_2"),
                "ZImagePipeline": ("tokenizer",)}
-#: flow-matching pipelines (``models.flow_model``); their components that a folder may leave out
-#: (``[null, null]`` in model_index.json, as diffusers allows: SD3 without T5) -> its tokenizer
-FLOW_PIPELINES: tuple[str, ...] = ("StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline")
+#: flow-matching pipelines' components that a folder may leave out (``[null, null]`` in model_index.json, as
+#: diffusers allows: SD3 without T5) -> its tokenizer
 OPTIONAL_COMPONENTS: dict[str, dict[str, str]] = {"StableDiffusion3Pipeline": {"text_encoder_3": "tokenizer_3"}}
-#: a flow folder's own defaults (max_sequence_length, num_inference_steps, guidance_scale, shift), read when present
-FLOW_DEFAULTS_FILE = "rlr_defaults.json"
 #: every weight-bearing component a loaded pipeline may have (checked for NaN/inf and dtypes)
 WEIGHT_COMPONENTS: tuple[str, ...] = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def read_model_index(path: str | Path) -> dict | None:
-    """A diffusers folder's model_index.json as a dict, or None when ``path`` is not such a folder or the file is
-    not a JSON object (plain Python: the CLI checks options against the architecture before importing torch)."""
-    index_path = Path(path) / "model_index.json"
-    if not index_path.is_file():
-        return None
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return index if isinstance(index, dict) else None
-
-
-def is_flow_folder(path: str | Path | None) -> bool:
-    """Whether ``path`` is a diffusers folder of a flow-matching pipeline (by model_index.json's ``_class_name``)."""
-    index = read_model_index(path) if path is not None else None
-    return index is not None and index.get("_class_name") in FLOW_PIPELINES
-
-
-def read_flow_defaults(path: str | Path) -> dict:
-    """A flow folder's ``rlr_defaults.json`` ({} without one); ValueError naming a damaged file."""
-    f = Path(path) / FLOW_DEFAULTS_FILE
-    if not f.is_file():
-        return {}
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{f} is not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{f} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def required_components(cls: str, index: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -283,7 +248,7 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
         pipe = load_default_pipeline(dtype=dtypes)
         check_weights(pipe, "the embedded default model")
         return pipe
-    p = Path(model)
+    p = Path(resolve_model_name(model))
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise InvalidModelFile(f"{p}: pickle-based checkpoints (.ckpt/.pt/.bin) are not accepted; use a diffusers "
                                "folder or a single-file checkpoint with .safetensors weights")
