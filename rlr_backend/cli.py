@@ -128,6 +128,7 @@ def train_parser() -> argparse.ArgumentParser:
     option("flow_step", choices=FLOW_STEP_CHOICES)
     option("flow_eta", type=float)
     option("sde_window", type=_pair, metavar="START,SIZE")
+    option("skip_deterministic", action=argparse.BooleanOptionalAction)
     for name, typ in [("steps", int), ("batch_size", int), ("images_per_prompt", int), ("num_inference_steps", int),
                       ("eta", float), ("guidance_scale", float), ("lr", float), ("grad_clip", float),
                       ("grad_accum", int), ("lora_rank", int), ("lora_alpha", float), ("seed", int),

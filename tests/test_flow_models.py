@@ -146,7 +146,8 @@ def _train_config(folder, tmp_path, estimator, **kw):
 
 @pytest.mark.parametrize("arch,estimator,kw", [("sd3", "rlr", {}), ("sd3", "truncated_bp", {"flow_step": "cps"}),
                                                ("flux_dev", "rlr", {"flow_step": "dance_sde", "flow_eta": 0.3}),
-                                               ("zimage", "truncated_bp", {"sde_window": (0, 2)})])
+                                               ("zimage", "truncated_bp", {"sde_window": (0, 2)}),
+                                               ("zimage", "ddpo", {"flow_step": "cps", "skip_deterministic": True})])
 def test_one_training_update(folders, tmp_path, arch, estimator, kw):
     """One optimizer update through the trainer changes the LoRA and reports finite metrics; the time ratio to a
     no-grad sample of the same batch is printed (pytest -s), not asserted."""
@@ -167,6 +168,17 @@ def test_one_training_update(folders, tmp_path, arch, estimator, kw):
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.params))
     assert not (tmp_path / estimator).exists()  # update() writes nothing
+
+
+def test_ddpo_on_a_chain_with_deterministic_steps_needs_skip_deterministic(folders, tmp_path):
+    from rlr_backend.choices import ConfigError
+    from rlr_backend.train import Trainer
+
+    with pytest.raises(ValueError, match=r"ddpo takes a likelihood ratio at every trained step, but sampler steps "
+                                         r"\[2\] are deterministic.*--skip-deterministic"):
+        Trainer(_train_config(folders["zimage"], tmp_path, "ddpo", flow_step="cps"), progress=False)
+    with pytest.raises(ConfigError, match="skip_deterministic applies to the ddpo estimator, not rlr"):
+        _train_config(folders["zimage"], tmp_path, "rlr", skip_deterministic=True)
 
 
 def test_trained_lora_file_says_its_architecture(folders, tmp_path):

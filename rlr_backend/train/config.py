@@ -93,6 +93,8 @@ class TrainConfig:
     sde_window: tuple[int, int] | None = _f(None, "flow-matching models: stochastic steps only from sampler step "
                                                   "START for SIZE steps (0 = the first), deterministic (ODE) steps "
                                                   "elsewhere (Flow-GRPO-Fast, MixGRPO); default: every step")
+    skip_deterministic: bool = _f(False, "ddpo: train only the stochastic steps (a flow chain's SDE window, cps's "
+                                         "last step to sigma 0); biased: the deterministic steps' shares are dropped")
     guidance_scale: float = _f(4.0, "classifier-free guidance scale")
     lr: float = _f(3e-3, "Adam learning rate")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
@@ -170,6 +172,9 @@ class TrainConfig:
             raise ConfigError("image_size", f"image_size must be a multiple of 8 (pixels), got {self.image_size}")
         if self.estimator in ("rlr", "ddpo", "zo", "auto") and self.eta == 0:
             raise ConfigError("eta", f"{self.estimator} needs a stochastic sampler: set eta > 0 (e.g. 1.0)")
+        if self.skip_deterministic and self.estimator != "ddpo":
+            raise ConfigError("skip_deterministic", f"skip_deterministic applies to the ddpo estimator, not "
+                                                    f"{self.estimator}")
         check_choice("flow_step", self.flow_step, FLOW_STEP_CHOICES)
         if not (self.flow_eta > 0 and math.isfinite(self.flow_eta)):
             raise ConfigError("flow_eta", f"flow_eta must be a number > 0, got {self.flow_eta}")
