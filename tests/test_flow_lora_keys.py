@@ -6,7 +6,9 @@ ComfyUI's accepted names are restated from ``comfy/utils.py`` (Comfy-Org/ComfyUI
 ``mmdit_to_diffusers`` maps, per joint block, ``attn.to_q/k/v``, ``attn.add_q/k/v_proj`` (slices of the fused
 qkv), ``attn.to_out.0``, ``attn.to_add_out``, ``attn2.to_q/k/v`` and ``attn2.to_out.0``; ``flux_to_diffusers``
 maps the double blocks' same attention names and the single blocks' ``attn.to_q/k/v``, ``proj_mlp`` and
-``proj_out``; ``comfy/lora.py`` accepts each as ``transformer.<name>`` for SD3 and FLUX.
+``proj_out``; ``comfy/lora.py`` accepts each as ``transformer.<name>`` for SD3 and FLUX. Z-Image
+(``z_image_to_diffusers``, ComfyUI 0.3.75): each block's ``attention.to_q/k/v`` and ``attention.to_out.0``, for
+``layers``, ``noise_refiner`` and ``context_refiner``, accepted as ``diffusion_model.<name>``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from rlr_backend.lora import add_lora
 from rlr_backend.lora.diffusers_export import lora_keys, lora_modules
 from rlr_backend.models.flow_model import MMDIT_LORA_TARGETS
+from rlr_backend.models.zimage_model import ZIMAGE_LORA_TARGETS
 
 # official configs (the HF repositories' transformer/config.json values)
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
@@ -28,14 +31,23 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=1
 SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
                   num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                   pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm")
+ZIMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+              n_heads=30, n_kv_heads=30, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+              axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
 
 SD3_COMFY = re.compile(r"transformer_blocks\.(\d+)\.(attn2?\.(to_q|to_k|to_v|to_out\.0)"
                        r"|attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out))")
+ZIMAGE_COMFY = re.compile(r"(layers|noise_refiner|context_refiner)\.(\d+)\.attention\.(to_q|to_k|to_v|to_out\.0)")
 FLUX_COMFY = re.compile(r"(transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
                         r"|to_add_out)|single_transformer_blocks\.(\d+)\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))")
+
+
+TARGETS = {"SD3Transformer2DModel": MMDIT_LORA_TARGETS, "FluxTransformer2DModel": MMDIT_LORA_TARGETS,
+           "ZImageTransformer2DModel": ZIMAGE_LORA_TARGETS}
+PREFIX = {"ZImageTransformer2DModel": "diffusion_model."}  # what ComfyUI maps for Z-Image (flow_models.md)
 
 
 def _meta(cls_name: str, config: dict):
@@ -43,14 +55,14 @@ def _meta(cls_name: str, config: dict):
 
     with torch.device("meta"):
         model = getattr(diffusers, cls_name)(**config)
-    add_lora(model, rank=4, target_modules=MMDIT_LORA_TARGETS, seed=0)
+    add_lora(model, rank=4, target_modules=TARGETS[cls_name], seed=0)
     return model
 
 
-def _targeted(model) -> set[str]:
+def _targeted(model, targets) -> set[str]:
     """Linear layers a target names by peft's rule (the whole name, or its last dotted parts)."""
     return {n for n, m in model.named_modules() if type(m).__name__ == "Linear" or hasattr(m, "base_layer")
-            if any(n == t or n.endswith("." + t) for t in MMDIT_LORA_TARGETS) and ".base_layer" not in n
+            if any(n == t or n.endswith("." + t) for t in targets) and ".base_layer" not in n
             and ".lora_" not in n}
 
 
@@ -60,17 +72,20 @@ def _targeted(model) -> set[str]:
     ("sd3.5-large", "SD3Transformer2DModel", SD35_LARGE, SD3_COMFY, 38 * 8 - 1),
     # 19 double blocks x 8 + 38 single blocks x q/k/v
     ("flux.1-dev", "FluxTransformer2DModel", FLUX_DEV, FLUX_COMFY, 19 * 8 + 38 * 3),
-], ids=["sd3.5-medium", "sd3.5-large", "flux.1-dev"])
+    # 30 layers + 2 noise + 2 context refiners, 4 attention projections each
+    ("z-image", "ZImageTransformer2DModel", ZIMAGE, ZIMAGE_COMFY, (30 + 2 + 2) * 4),
+], ids=["sd3.5-medium", "sd3.5-large", "flux.1-dev", "z-image"])
 def test_full_size_lora_keys(name, cls_name, config, pattern, expected):
     model = _meta(cls_name, config)
     assert next(model.parameters()).device.type == "meta"
     modules = lora_modules(model)
-    assert set(modules) == _targeted(model) and len(modules) == expected, name
-    depth = config["num_layers"]
+    assert set(modules) == _targeted(model, TARGETS[cls_name]) and len(modules) == expected, name
+    depth = config.get("num_layers", config.get("n_layers"))
+    prefix = PREFIX.get(cls_name, "transformer.")
     for path in modules:
-        key_a, key_b = lora_keys(path)
-        assert key_a.startswith("transformer.") and key_b == key_a.replace("lora_A", "lora_B")
-        layer = model.get_submodule(key_a[len("transformer."):-len(".lora_A.weight")])
+        key_a, key_b = lora_keys(path, prefix)
+        assert key_a.startswith(prefix) and key_b == key_a.replace("lora_A", "lora_B")
+        layer = model.get_submodule(key_a[len(prefix):-len(".lora_A.weight")])
         assert isinstance(layer.base_layer, torch.nn.Linear)  # what diffusers' peft injection adapts
         match = pattern.fullmatch(path)
         assert match, f"{name}: ComfyUI has no mapping for {path}"

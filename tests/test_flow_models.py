@@ -95,7 +95,9 @@ def test_lora_export_loads_in_diffusers_and_back(folders, arch, tmp_path):
     trained = _model(folders[arch])
     _random_lora(trained)
     sd, rank, alpha = trained.lora_state_dict(dtype=torch.float32)
-    assert rank == 2 and alpha == 2.0 and all(k.startswith("transformer.") and ".lora_" in k for k in sd)
+    prefix = "diffusion_model." if arch == "zimage" else "transformer."  # what ComfyUI maps for each
+    assert trained.lora_prefix == prefix
+    assert rank == 2 and alpha == 2.0 and all(k.startswith(prefix) and ".lora_" in k for k in sd)
     path = save_kohya(sd, tmp_path / "lora.safetensors", rank, alpha, base_model_version=trained.base_model_version)
     x = torch.randn((2, *trained.latent_shape), generator=torch.Generator().manual_seed(2))
     cond = trained.conditioning(["a red circle", "a blue square"])
@@ -108,7 +110,7 @@ def test_lora_export_loads_in_diffusers_and_back(folders, arch, tmp_path):
         before = base.denoiser(4.0)(x, 700.0, cond)
         pipe.load_lora_weights(str(path), adapter_name="exported")
         adapted = {n for n, mod in pipe.transformer.named_modules() if "exported" in getattr(mod, "lora_A", {})}
-        assert adapted == {k[len("transformer."):].rsplit(".", 2)[0] for k in sd}  # no key left unloaded
+        assert adapted == {k[len(prefix):].rsplit(".", 2)[0] for k in sd}  # no key left unloaded
         got = base.denoiser(4.0)(x, 700.0, cond)
 
         ours = _model(folders[arch])

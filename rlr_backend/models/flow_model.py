@@ -117,6 +117,8 @@ class FlowModel:
     pipeline_sigmas = False
     text_encoder_names: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     default_max_sequence_length = 256
+    #: key prefix of the exported LoRA (``lora.diffusers_export``): the one both diffusers and ComfyUI map
+    lora_prefix = "transformer."
 
     def __init__(self, pipe, image_size: int | None = None, defaults: dict | None = None):
         self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
@@ -241,9 +243,9 @@ class FlowModel:
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
 
     def lora_state_dict(self, dtype: torch.dtype = torch.float16) -> tuple[dict[str, Tensor], int, float]:
-        """(diffusers/PEFT keys ``transformer.<module>.lora_A/B.weight`` with alpha/rank folded into B, rank,
+        """(diffusers/PEFT keys ``<lora_prefix><module>.lora_A/B.weight`` with alpha/rank folded into B, rank,
         alpha = rank): what the file's loaders apply at scale 1."""
-        return diffusers_state_dict(self.transformer, dtype=dtype)
+        return diffusers_state_dict(self.transformer, dtype=dtype, prefix=self.lora_prefix)
 
     def load_lora(self, state_dict: dict[str, Tensor], strength: float = 1.0) -> None:
         """Apply a LoRA (diffusers/PEFT ``transformer.`` keys, PEFT or bare module names) at ``strength``."""

@@ -5,7 +5,8 @@ pipeline's (1000 - t) / 1000), and a list of per-prompt caption features of vary
 penultimate hidden states with the padding removed, ``encode_prompt``); its output is the negated velocity.
 Guidance as the pipeline has it: for ``guidance_scale`` s > 0 the output is pos + s (pos - neg), the standard
 classifier-free guidance with weight w = 1 + s (``classifier_free_guidance(neg, pos, 1 + s)``); s = 0 (Turbo)
-makes no unconditional pass. ``cfg_normalization`` and ``cfg_truncation`` (off by default in diffusers) are
+makes no unconditional pass. The LoRA is exported as ``diffusion_model.<diffusers module>.lora_A/B.weight``
+(the prefix ComfyUI maps for Z-Image; diffusers strips it). ``cfg_normalization`` and ``cfg_truncation`` (off by default in diffusers) are
 not offered. Sigmas are linspace(1, 1/N, N) with the scheduler's static shift (3.0 for the released models).
 """
 
@@ -44,6 +45,9 @@ class ZImageModel(FlowModel):
     pipeline_sigmas = True
     text_encoder_names = ("text_encoder",)
     default_max_sequence_length = 512
+    #: ComfyUI (0.3.75, ``comfy/lora.py`` Lumina2 branch) maps Z-Image's diffusers names under ``diffusion_model.``
+    #: only, not ``transformer.``; diffusers' ``ZImageLoraLoaderMixin`` strips that prefix, so both load it
+    lora_prefix = "diffusion_model."
 
     @property
     def patch_size(self) -> int:
