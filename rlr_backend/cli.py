@@ -226,8 +226,9 @@ def sample_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("prompt", nargs="+", help="prompt(s); 'coarse | mid | fine' uses the three versions on the parts of the chain "
                                 "(the LoRA's trained split, else thirds)")
-    a("--model", help="diffusers folder (SD1.x/SD2.x/SDXL) or single-file .safetensors (default: the embedded model)")
-    a("--image-size", type=int, help="single-file checkpoints: image size in pixels (default: the architecture's "
+    a("--model", help="diffusers folder (SD1.x/SD2.x/SDXL; SD3/SD3.5, FLUX.1, Z-Image), default-flow, or single-file "
+                          ".safetensors (default: the embedded model)")
+    a("--image-size", type=int, help="single-file checkpoints and flow-matching folders: image size in pixels (default: the architecture's "
                                      "native size, SD1.x 512, SD2.x-v 768, SDXL 1024)")
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="single-file checkpoints: override the detected prediction type (SD2-base 512: epsilon)")
@@ -238,7 +239,7 @@ def sample_parser() -> argparse.ArgumentParser:
     a("--lora-scale", type=float, default=1.0, help="LoRA strength (default: 1)")
     a("--num", type=_positive_int, default=4, help="images per prompt (default: 4)")
     a("--steps", type=_positive_int, default=20, help="DDIM steps (default: 20)")
-    a("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
+    a("--eta", type=float, default=1.0, help="DDIM eta; for a flow-matching model the flow_sde noise level (default: 1)")
     a("--guidance-scale", type=float, default=4.0, help="classifier-free guidance (default: 4)")
     a("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     a("--no-prompt-schedule", dest="prompt_schedule", action="store_false",

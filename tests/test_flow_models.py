@@ -191,6 +191,14 @@ def test_trained_lora_file_says_its_architecture(folders, tmp_path):
     tensors, meta = load_tensors(result.lora_path)
     assert meta["ss_base_model_version"] == "sd3" and all(k.startswith("transformer.") for k in tensors)
     assert not any(k.endswith(".alpha") for k in tensors)
+    from rlr_backend.cli import sample_main
+
+    out = tmp_path / "grid.png"
+    args = ["a red circle", "--lora", str(result.lora_path), "--num", "1", "--steps", "3", "--image-size", "32",
+            "--out", str(out)]
+    assert sample_main([*args, "--model", str(folders["sd3"])]) == 0 and out.is_file()
+    out.unlink()
+    assert sample_main([*args, "--model", str(folders["flux_dev"])]) == 2 and not out.exists()  # an SD3 LoRA
 
 
 def test_cli_refuses_ddim_options_on_a_flow_model_and_the_reverse(folders, tmp_path, capsys):

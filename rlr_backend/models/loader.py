@@ -5,6 +5,10 @@
 * ``None``: the embedded default model (SD1.x layout);
 * a diffusers folder whose ``model_index.json`` names ``StableDiffusionPipeline`` (SD1.x, SD2.x incl.
   v-prediction: the scheduler config says which) or ``StableDiffusionXLPipeline`` (SDXL base);
+* a diffusers folder of a flow-matching pipeline, ``StableDiffusion3Pipeline`` (SD3 / SD3.5, T5 optional),
+  ``FluxPipeline`` (FLUX.1) or ``ZImagePipeline`` (Z-Image), or the name ``default-flow``: the adapters of
+  :mod:`rlr_backend.models.flow_model` (``image_size`` applies to them; a folder's ``rlr_defaults.json`` is
+  read into ``pipe.rlr_defaults``);
 * a single-file ``.safetensors`` checkpoint (ComfyUI/A1111 layout), see
   :mod:`rlr_backend.models.single_file`.
 
