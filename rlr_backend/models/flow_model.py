@@ -106,7 +106,9 @@ class FlowModel:
     """Shared parts of the flow-matching ``TrainableModel`` adapters (see the module docstring).
 
     ``image_size`` (pixels, a multiple of 16) overrides the pipeline's default resolution; ``defaults`` is a
-    folder's ``rlr_defaults.json`` (``max_sequence_length``, ``shift``, ...), read by the loader."""
+    folder's ``rlr_defaults.json`` (``max_sequence_length``, ``shift``, ``base_model_version``), read by the
+    loader into ``pipe.rlr_defaults``. A ``shift`` there replaces the pipeline's scheduler by one with that
+    shift (so diffusers' own sampling of the pipeline uses it too)."""
 
     base_model_version = "sd3"
     #: this model samples on a flow chain: the trainer passes the flow options (step kind, SDE window)
@@ -162,9 +164,6 @@ class FlowModel:
                                                        do_classifier_free_guidance=False,
                                                        max_sequence_length=self.max_sequence_length)
         return embeds[0], pooled[0]
-
-    def uses_negative(self, guidance_scale: float) -> bool:
-        return guidance_scale > 1
 
     @property
     def text_device(self) -> torch.device:
