@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 
@@ -246,3 +247,21 @@ def test_default_flow_name_resolves_with_its_defaults(folders, tmp_path, monkeyp
     monkeypatch.setattr(model_paths, "DEFAULT_FLOW_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="default-flow: the model folder .* is not installed"):
         build_config(train_parser().parse_args(["--model", "default-flow"]))
+
+
+@pytest.mark.parametrize("arch,kind", [("sd35", "SD3/SD3.5"), ("flux_dev", "FLUX.1"), ("zimage", "Z-Image")])
+def test_a_transformer_only_file_is_named_in_its_refusal(folders, arch, kind):
+    """A ComfyUI diffusion_models file (here diffusers' own transformer file) is recognised by its keys and
+    refused with one line naming it (loading one with separate text encoders is not done yet)."""
+    from rlr_backend.models.flow_detect import flow_transformer_kind
+
+    path = folders[arch] / "transformer" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(InvalidModelFile, match=f"a {re.escape(kind)} transformer-only file .* give the model's "
+                                               "diffusers folder") as err:
+        load_model(path)
+    assert "\n" not in str(err.value)
+    native = {"SD3/SD3.5": ["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"],
+              "FLUX.1": ["double_blocks.0.img_attn.norm.key_norm.scale"],
+              "Z-Image": ["diffusion_model.layers.0.attention.qkv.weight", "diffusion_model.cap_embedder.0.weight"]}
+    assert flow_transformer_kind(native[kind]) == kind
+    assert flow_transformer_kind(["model.diffusion_model.input_blocks.0.0.weight"]) is None
