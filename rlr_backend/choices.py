@@ -20,6 +20,8 @@ ZO_MODES: tuple[str, ...] = ("latent_lr", "param_1pt", "param_2pt")
 PRECISION_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adam8bit")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+#: stochastic steps of a flow-matching chain a user may train with (sampling.flow.FLOW_STEP_KINDS less "ode")
+FLOW_STEP_CHOICES: tuple[str, ...] = ("flow_sde", "dance_sde", "cps")
 
 REWARD_HELP: dict[str, str] = {
     "prompt_alignment": "probability that the image shows its caption's shape and colours (default model; differentiable)",

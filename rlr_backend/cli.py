@@ -17,8 +17,8 @@ from dataclasses import fields
 from fractions import Fraction
 from pathlib import Path
 
-from .choices import ESTIMATOR_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
-from .model_paths import check_model_path
+from .choices import ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
+from .model_paths import check_model_path, is_flow_folder, read_flow_defaults
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
@@ -125,6 +125,10 @@ def train_parser() -> argparse.ArgumentParser:
     option("ho_range", type=_pair, metavar="A,B")
     option("truncation", type=int)
     option("chain_len", type=int)
+    option("flow_step", choices=FLOW_STEP_CHOICES)
+    option("flow_eta", type=float)
+    option("sde_window", type=_pair, metavar="START,SIZE")
+    option("skip_deterministic", action=argparse.BooleanOptionalAction)
     for name, typ in [("steps", int), ("batch_size", int), ("images_per_prompt", int), ("num_inference_steps", int),
                       ("eta", float), ("guidance_scale", float), ("lr", float), ("grad_clip", float),
                       ("grad_accum", int), ("lora_rank", int), ("lora_alpha", float), ("seed", int),
@@ -156,8 +160,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     kw.pop("prompts", None)
     if prompts:
         kw["prompts"] = tuple(prompts)
+    flow = is_flow_folder(kw.get("model"))
+    if flow:  # a flow folder's own defaults (rlr_defaults.json) for what was not given
+        defaults = read_flow_defaults(kw["model"])
+        for name in ("num_inference_steps", "guidance_scale"):
+            if name in defaults and name not in kw:
+                kw[name] = defaults[name]
     config = TrainConfig(**kw)
     check_model_path(config.model)
+    config.check_model_options(flow)
     return config
 
 
@@ -215,8 +226,9 @@ def sample_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("prompt", nargs="+", help="prompt(s); 'coarse | mid | fine' uses the three versions on the parts of the chain "
                                 "(the LoRA's trained split, else thirds)")
-    a("--model", help="diffusers folder (SD1.x/SD2.x/SDXL) or single-file .safetensors (default: the embedded model)")
-    a("--image-size", type=int, help="single-file checkpoints: image size in pixels (default: the architecture's "
+    a("--model", help="diffusers folder (SD1.x/SD2.x/SDXL; SD3/SD3.5, FLUX.1, Z-Image), default-flow, or single-file "
+                          ".safetensors (default: the embedded model)")
+    a("--image-size", type=int, help="single-file checkpoints and flow-matching folders: image size in pixels (default: the architecture's "
                                      "native size, SD1.x 512, SD2.x-v 768, SDXL 1024)")
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="single-file checkpoints: override the detected prediction type (SD2-base 512: epsilon)")
@@ -227,7 +239,7 @@ def sample_parser() -> argparse.ArgumentParser:
     a("--lora-scale", type=float, default=1.0, help="LoRA strength (default: 1)")
     a("--num", type=_positive_int, default=4, help="images per prompt (default: 4)")
     a("--steps", type=_positive_int, default=20, help="DDIM steps (default: 20)")
-    a("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
+    a("--eta", type=float, default=1.0, help="DDIM eta; for a flow-matching model the flow_sde noise level (default: 1)")
     a("--guidance-scale", type=float, default=4.0, help="classifier-free guidance (default: 4)")
     a("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     a("--no-prompt-schedule", dest="prompt_schedule", action="store_false",

@@ -1,6 +1,8 @@
 """Model paths a user gives or picks, checked in one place (plain Python, no torch).
 
-* ``check_model_path``: a path typed on the command line (exists, not a pickle).
+* ``check_model_path``: a path (or a model name, ``default-flow``) typed on the command line (exists, not a
+  pickle); ``resolve_model_name`` turns a name into its folder; ``is_flow_folder`` tells a flow-matching
+  pipeline folder by its model_index.json.
 * ``diffusers_folders``: the diffusers pipeline folders under a models folder, for a list to pick from
   (the Gradio app's model list, ComfyUI's RLR Load Model).
 * ``resolve_model_folder`` / ``resolve_checkpoint``: a picked name back to a path inside its folders,
@@ -12,10 +14,63 @@ The loader (``models.loader``) then checks the contents. Errors a user can fix a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 from .choices import ConfigError
+
+#: the flow-matching default model (a small StableDiffusion3Pipeline folder), chosen by the name ``default-flow``
+DEFAULT_FLOW_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_flow_model"
+#: model names a user may give instead of a path -> the module attribute holding the folder (read at call time,
+#: so a test can point it elsewhere)
+MODEL_ALIASES: dict[str, str] = {"default-flow": "DEFAULT_FLOW_MODEL_DIR"}
+#: diffusers pipelines that sample on a flow-matching chain (``models.flow_model``)
+FLOW_PIPELINES: tuple[str, ...] = ("StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline")
+#: a flow folder's own defaults (max_sequence_length, num_inference_steps, guidance_scale, shift), read when present
+FLOW_DEFAULTS_FILE = "rlr_defaults.json"
+
+
+def resolve_model_name(model: str | Path | None) -> str | Path | None:
+    """A model name (``default-flow``) -> its folder; a path or None unchanged."""
+    if isinstance(model, str) and model in MODEL_ALIASES:
+        return globals()[MODEL_ALIASES[model]]
+    return model
+
+
+def read_model_index(path: str | Path) -> dict | None:
+    """A diffusers folder's model_index.json as a dict, or None when ``path`` is not such a folder or the file is
+    not a JSON object (plain Python: the CLI checks options against the architecture before importing torch)."""
+    index_path = Path(path) / "model_index.json"
+    if not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
+def is_flow_folder(path: str | Path | None) -> bool:
+    """Whether ``path`` (or a model name) is a diffusers folder of a flow-matching pipeline (model_index.json's
+    ``_class_name``)."""
+    path = resolve_model_name(path)
+    index = read_model_index(path) if path is not None else None
+    return index is not None and index.get("_class_name") in FLOW_PIPELINES
+
+
+def read_flow_defaults(path: str | Path) -> dict:
+    """A flow folder's ``rlr_defaults.json`` ({} without one); ValueError naming a damaged file."""
+    f = Path(resolve_model_name(path)) / FLOW_DEFAULTS_FILE
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{f} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def check_model_path(path: str | None, field: str = "model") -> None:
@@ -24,6 +79,11 @@ def check_model_path(path: str | None, field: str = "model") -> None:
         return
     from .safe_io import PICKLE_SUFFIXES, InvalidModelFile
 
+    if path in MODEL_ALIASES:
+        folder = resolve_model_name(path)
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--{field} {path}: the model folder {folder} is not installed")
+        return
     p = Path(path)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise InvalidModelFile(f"{p}: pickle-based checkpoints (.ckpt/.pt/.bin) are not accepted; use a diffusers "

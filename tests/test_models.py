@@ -79,11 +79,11 @@ def test_sdxl_conditioning_matches_diffusers(folders):
 
 
 def test_unsupported_architecture_is_refused(folders, tmp_path):
-    bad = tmp_path / "sd3"
+    bad = tmp_path / "pixart"
     shutil.copytree(folders["sd1"], bad)
     index = json.loads((bad / "model_index.json").read_text())
-    (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(ValueError, match="unsupported architecture 'StableDiffusion3Pipeline'.*StableDiffusionXLPipeline"):
+    (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtSigmaPipeline"}))
+    with pytest.raises(ValueError, match="unsupported architecture 'PixArtSigmaPipeline'.*StableDiffusionXLPipeline"):
         load_model(bad)
     out = tmp_path / "runs"
     with pytest.raises(ValueError, match="unsupported architecture"):

@@ -60,10 +60,14 @@ class DDPOConfig(EstimatorConfig):
         if self.step_reduction not in ("mean", "sum") or self.logprob_reduction not in ("mean", "sum"):
             raise ValueError("step_reduction and logprob_reduction must be 'mean' or 'sum'")
 
+    @classmethod
+    def from_settings(cls, settings) -> "DDPOConfig":
+        return cls(skip_deterministic=bool(getattr(settings, "skip_deterministic", False)))
+
     def check(self, problem: ChainProblem) -> None:
         if not self.skip_deterministic:
             _check_stochastic(problem, range(problem.num_steps), "ddpo",
-                              ", or skip_deterministic=True to train the stochastic steps only (biased: the "
+                              ", or skip_deterministic (--skip-deterministic) to train the stochastic steps only (biased: the "
                               "deterministic steps' shares are dropped)")
         elif not trained_steps(problem, self):
             raise ValueError("ddpo with skip_deterministic=True needs at least one stochastic step, but every step "

@@ -57,13 +57,15 @@ def save_kohya(sd: dict[str, torch.Tensor], path: str | Path, rank: int, alpha: 
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are written as .safetensors, got {path.name!r}")
     save_tensors(sd, path, kohya_metadata(sd, rank, alpha, base_model_version, metadata))
-    logger.info("saved LoRA (%d modules, rank %d, alpha %g) to %s", len(sd) // 3, rank, alpha, path)
+    modules = {k.rsplit(".", 2)[0] for k in sd}
+    logger.info("saved LoRA (%d modules, rank %d, alpha %g) to %s", len(modules), rank, alpha, path)
     return path
 
 
 #: kohya ``ss_base_model_version`` prefix -> the architecture it names (for error messages)
 MODEL_FAMILIES: dict[str, str] = {"sdxl": "SDXL", "sd_v2": "SD2.x", "sd_v1": "SD1.x",
-                                   "rlr_default": "RLR-default"}
+                                   "rlr_default_flow": "RLR-default-flow", "rlr_default": "RLR-default",
+                                   "sd3": "SD3", "flux1": "FLUX.1", "zimage": "Z-Image"}
 #: LoRAs of the embedded default written before it had its own id say sd_v1; accepted on it (shapes decide)
 LEGACY_FAMILIES = {("RLR-default", "SD1.x")}
 

@@ -8,7 +8,8 @@ Accepted (names are resolved against the model itself, so a LoRA for another arc
   the original SD / SGM path (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``: most
   SDXL LoRAs, and SD1.x LoRAs from sd-scripts' SDXL-era code). Text encoders: ``lora_te_`` (SD1.x/SD2.x),
   ``lora_te1_`` / ``lora_te2_`` (SDXL's two).
-* **diffusers / PEFT**: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also with
+* **diffusers / PEFT**: ``unet.<module>.lora_A.weight`` (``transformer.<module>`` or ComfyUI's
+  ``diffusion_model.<module>`` for a flow transformer) / ``.lora_B.weight`` (also with
   ``base_model.model.`` or no prefix, and diffusers' older ``.lora.down.weight`` / ``.lora.up.weight``
   and attention-processor ``to_q_lora.down.weight`` forms); text encoders ``text_encoder.`` /
   ``text_encoder_2.``. Alpha comes from diffusers' ``lora_adapter_metadata`` header (``lora_alpha``,
@@ -32,7 +33,8 @@ KOHYA_PREFIXES: dict[str, str] = {"lora_unet_": "unet", "lora_te_": "text_encode
 KOHYA_PARTS: dict[str, str] = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 #: dotted (diffusers/PEFT) key prefixes -> the model they adapt
 DOTTED_PREFIXES: dict[str, str] = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
-                                   "base_model.model.": "unet", "": "unet"}
+                                   "base_model.model.": "unet", "transformer.": "unet", "diffusion_model.": "unet",
+                                   "": "unet"}
 DOTTED_PARTS: dict[str, str] = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
                                 ".lora.up.weight": "up", "_lora.down.weight": "down", "_lora.up.weight": "up",
                                 ".alpha": "alpha"}

@@ -5,6 +5,10 @@
 * ``None``: the embedded default model (SD1.x layout);
 * a diffusers folder whose ``model_index.json`` names ``StableDiffusionPipeline`` (SD1.x, SD2.x incl.
   v-prediction: the scheduler config says which) or ``StableDiffusionXLPipeline`` (SDXL base);
+* a diffusers folder of a flow-matching pipeline, ``StableDiffusion3Pipeline`` (SD3 / SD3.5, T5 optional),
+  ``FluxPipeline`` (FLUX.1) or ``ZImagePipeline`` (Z-Image), or the name ``default-flow``: the adapters of
+  :mod:`rlr_backend.models.flow_model` (``image_size`` applies to them; a folder's ``rlr_defaults.json`` is
+  read into ``pipe.rlr_defaults``);
 * a single-file ``.safetensors`` checkpoint (ComfyUI/A1111 layout), see
   :mod:`rlr_backend.models.single_file`.
 
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..model_paths import FLOW_PIPELINES, is_flow_folder, read_flow_defaults, read_model_index, resolve_model_name
 from ..safe_io import PICKLE_SUFFIXES, InvalidModelFile, index_shards, nonfinite_count, one_line, safetensors_header
 from .weights import has_nonfinite
 
@@ -45,8 +50,30 @@ logger = logging.getLogger(__name__)
 PIPELINE_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "StableDiffusionPipeline": ("SD1.x/SD2.x", ("unet", "vae", "text_encoder")),
     "StableDiffusionXLPipeline": ("SDXL", ("unet", "vae", "text_encoder", "text_encoder_2")),
+    "StableDiffusion3Pipeline": ("SD3/SD3.5", ("transformer", "vae", "text_encoder", "text_encoder_2")),
+    "FluxPipeline": ("FLUX.1", ("transformer", "vae", "text_encoder", "text_encoder_2")),
+    "ZImagePipeline": ("Z-Image", ("transformer", "vae", "text_encoder")),
 }
-_TOKENIZERS = {"StableDiffusionPipeline": ("tokenizer",), "StableDiffusionXLPipeline": ("tokenizer", "tokenizer_2")}
+_TOKENIZERS = {"StableDiffusionPipeline": ("tokenizer",), "StableDiffusionXLPipeline": ("tokenizer", "tokenizer_2"),
+               "StableDiffusion3Pipeline": ("tokenizer", "tokenizer_2"), "FluxPipeline": ("tokenizer", "tokenizer_2"),
+               "ZImagePipeline": ("tokenizer",)}
+#: flow-matching pipelines' components that a folder may leave out (``[null, null]`` in model_index.json, as
+#: diffusers allows: SD3 without T5) -> its tokenizer
+OPTIONAL_COMPONENTS: dict[str, dict[str, str]] = {"StableDiffusion3Pipeline": {"text_encoder_3": "tokenizer_3"}}
+#: every weight-bearing component a loaded pipeline may have (checked for NaN/inf and dtypes)
+WEIGHT_COMPONENTS: tuple[str, ...] = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def required_components(cls: str, index: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(weight components, tokenizers) a ``cls`` folder must have: the layout's, plus the optional ones its
+    model_index.json names (not ``[null, null]``)."""
+    comps, toks = list(PIPELINE_LAYOUTS[cls][1]), list(_TOKENIZERS[cls])
+    for comp, tok in OPTIONAL_COMPONENTS.get(cls, {}).items():
+        entry = index.get(comp)
+        if isinstance(entry, list) and any(v is not None for v in entry):
+            comps.append(comp)
+            toks.append(tok)
+    return tuple(comps), tuple(toks)
 
 
 def check_pipeline_dir(path: str | Path) -> str:
@@ -69,14 +96,15 @@ def check_pipeline_dir(path: str | Path) -> str:
     if cls not in PIPELINE_LAYOUTS:
         raise ValueError(f"{p}: unsupported architecture {cls!r}; supported diffusers pipelines: "
                          f"{', '.join(f'{k} ({v[0]})' for k, v in PIPELINE_LAYOUTS.items())}")
-    scan_model_folder(p, PIPELINE_LAYOUTS[cls][1])
+    components, tokenizers = required_components(cls, index)
+    scan_model_folder(p, components)
     missing = []
-    for comp in PIPELINE_LAYOUTS[cls][1]:
+    for comp in components:
         if not (p / comp / "config.json").is_file():
             missing.append(f"{comp}/config.json")
         if not weight_files(p / comp):
             missing.append(f"{comp}/*.safetensors")
-    for tok in _TOKENIZERS[cls]:
+    for tok in tokenizers:
         if not (p / tok).is_dir():
             missing.append(f"{tok}/")
     if not (p / "scheduler" / "scheduler_config.json").is_file():
@@ -162,7 +190,7 @@ def check_weights(pipe, source: object, finite: bool = True) -> None:
     """Refuse a loaded pipeline whose weights hold NaN/inf (with ``finite``) or non-float tensors, or whose
     noise schedule is not a valid one (a NaN ``beta_start`` gives NaN images), naming the component and
     the tensor."""
-    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for comp in WEIGHT_COMPONENTS:
         module = getattr(pipe, comp, None)
         if module is None:
             continue
@@ -225,7 +253,7 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
         pipe = load_default_pipeline(dtype=dtypes)
         check_weights(pipe, "the embedded default model")
         return pipe
-    p = Path(model)
+    p = Path(resolve_model_name(model))
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise InvalidModelFile(f"{p}: pickle-based checkpoints (.ckpt/.pt/.bin) are not accepted; use a diffusers "
                                "folder or a single-file checkpoint with .safetensors weights")
@@ -238,13 +266,15 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
         pipe = load_single_file(p, dtype=dtype, text_encoder_dtype=text_dtype, **single_file)
         check_weights(pipe, p, finite=False)  # each tensor was checked as it was read, naming the file's key
         return pipe
+    image_size = single_file.pop("image_size", None) if is_flow_folder(p) else None
     if single_file:
         raise ValueError(f"{', '.join(single_file)} only apply to single-file checkpoints; a diffusers folder's "
                          "configs decide them")
     cls = check_pipeline_dir(p)
     import diffusers
 
-    components = PIPELINE_LAYOUTS[cls][1]
+    components = required_components(cls, read_model_index(p))[0]
+    dtypes["text_encoder_3"] = text_dtype
     # half precision: read the fp16 copies when the folder has them (half the bytes; fp32 text encoders are
     # then upcast from them)
     variant = _half_variant(p, components) if dtype != torch.float32 else None
@@ -253,8 +283,10 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
     kwargs = dict(local_files_only=True, low_cpu_mem_usage=True)
     if cls == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    else:
+    elif cls == "StableDiffusionXLPipeline":
         kwargs.update(add_watermarker=False)
+    elif cls == "StableDiffusion3Pipeline" and "text_encoder_3" not in components:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
     if variant is None:  # files in another precision than asked: read them tensor by tensor (low peak)
         from .folder_weights import load_cast_components
 
@@ -267,22 +299,44 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
         raise ValueError(f"could not load the {cls} folder {p} ({type(e).__name__}: {one_line(e)[:500]})") from e
     check_weights(pipe, p)
     pipe.set_progress_bar_config(disable=True)
+    if cls in FLOW_PIPELINES:  # read by models.flow_model.FlowModel
+        pipe.rlr_defaults = read_flow_defaults(p)
+        pipe.rlr_image_size = image_size
     logger.info("loaded %s (%s) from %s%s", cls, PIPELINE_LAYOUTS[cls][0], p, f" ({variant} weights)" if variant else "")
     return pipe
 
 
 def model_for_pipeline(pipe):
-    """The ``TrainableModel`` wrapping a loaded pipeline: ``SDXLModel`` for SDXL, else ``DiffusersModel``."""
+    """The ``TrainableModel`` wrapping a loaded pipeline: ``SDXLModel`` for SDXL, the flow-matching adapters for
+    SD3 / FLUX.1 / Z-Image (``models.flow_model``), else ``DiffusersModel``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .diffusers_model import DiffusersModel
     from .sdxl_model import SDXLModel
+
+    flow = flow_model_class(type(pipe).__name__)
+    if flow is not None:
+        return flow(pipe)
 
     if isinstance(pipe, StableDiffusionXLPipeline):
         return SDXLModel(pipe)
     if isinstance(pipe, StableDiffusionPipeline):
         return DiffusersModel(pipe)
     raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(PIPELINE_LAYOUTS)}")
+
+
+def flow_model_class(pipeline_class: str):
+    """The flow-matching ``TrainableModel`` class for a diffusers pipeline class name, or None."""
+    if pipeline_class == "StableDiffusion3Pipeline":
+        from .flow_model import SD3Model
+        return SD3Model
+    if pipeline_class == "FluxPipeline":
+        from .flux_model import FluxModel
+        return FluxModel
+    if pipeline_class == "ZImagePipeline":
+        from .zimage_model import ZImageModel
+        return ZImageModel
+    return None
 
 
 def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32,

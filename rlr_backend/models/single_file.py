@@ -80,6 +80,13 @@ def detect_architecture(tensors: dict[str, torch.Tensor], source: str = "checkpo
     if U + "input_blocks.0.0.weight" not in tensors:
         if any(k.startswith(("lora_", "lora_unet_")) or ".lora_" in k for k in tensors):
             refuse("this is a LoRA, not a model checkpoint")
+        from .flow_detect import flow_transformer_kind
+
+        flow = flow_transformer_kind(tensors)
+        if flow:
+            raise UnsupportedCheckpoint(f"{source}: a {flow} transformer-only file (ComfyUI models/diffusion_models "
+                                        "layout); loading it with separate text encoder and VAE files is not supported "
+                                        f"yet: give the model's diffusers folder ({flow} folders load)")
         refuse(f"no Stable Diffusion UNet keys ({U}input_blocks.*); {_diffusers_guess(tensors)}")
     in_ch = tensors[U + "input_blocks.0.0.weight"].shape[1]
     if in_ch != 4:

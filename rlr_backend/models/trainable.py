@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..sampling import DDIMSchedule, Denoiser, PromptSchedule, sample_chain
+from ..sampling import Denoiser, PromptSchedule, Schedule, sample_chain
 
 
 @runtime_checkable
@@ -24,8 +24,10 @@ class TrainableModel(Protocol):
     #: shape (C, H, W) of one latent the sampler starts from
     latent_shape: tuple[int, ...]
 
-    def schedule(self, num_steps: int, eta: float) -> DDIMSchedule:
-        """The DDIM chain of ``num_steps`` steps on the model's training noise schedule."""
+    def schedule(self, num_steps: int, eta: float) -> Schedule:
+        """The chain of ``num_steps`` steps on the model's noise schedule: a ``DDIMSchedule`` for SD1.x/SD2.x/SDXL,
+        a ``FlowSchedule`` for flow-matching models (whose ``schedule`` also takes ``kind`` and ``sde_window``;
+        they say ``flow = True``)."""
         ...
 
     def conditioning(self, texts: Sequence[str]) -> Any:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
 
-from ..choices import (ESTIMATOR_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, ZO_MODES, ConfigError,
+from ..choices import (ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, ZO_MODES, ConfigError,
                        check_choice, check_device, parse_reward_spec)
 from .prompts import DEFAULT_PROMPT_SPLIT, PromptSpec, prompts_from_json, prompts_to_json
 
@@ -21,6 +21,11 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a yellow triangle on a black background",
     "a blue circle on a yellow background",
 )
+
+
+#: options that mean something only for DDIM-chain (SD1.x/SD2.x/SDXL) or only for flow-matching models
+DDIM_ONLY_OPTIONS: tuple[str, ...] = ("eta", "prediction_type")
+FLOW_ONLY_OPTIONS: tuple[str, ...] = ("flow_step", "flow_eta", "sde_window")
 
 
 def format_fractions(values) -> str:
@@ -53,10 +58,11 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     """Everything a run needs. Validated at construction; saved as config.json in the run folder."""
 
-    model: str | None = _f(None, "local model: a diffusers folder (SD1.x, SD2.x, SDXL) or a single-file "
-                                 ".safetensors checkpoint; default: the embedded model")
-    image_size: int | None = _f(None, "single-file checkpoints: training resolution in pixels (default: the "
-                                      "architecture's native size)")
+    model: str | None = _f(None, "local model: a diffusers folder (SD1.x, SD2.x, SDXL; flow-matching SD3/SD3.5, "
+                                 "FLUX.1, Z-Image), a single-file .safetensors checkpoint, or default-flow (the "
+                                 "small flow-matching default); default: the embedded model")
+    image_size: int | None = _f(None, "single-file checkpoints and flow-matching folders: training resolution in "
+                                      "pixels (default: the architecture's native size)")
     prediction_type: str | None = _f(None, "single-file checkpoints: epsilon or v_prediction (default: detected; "
                                            "SD2-base 512 files need epsilon)", choices=PREDICTION_TYPES)
     prompts: tuple[PromptSpec, ...] = _f(tuple(PromptSpec(p) for p in DEFAULT_PROMPTS), "training prompts")
@@ -79,6 +85,16 @@ class TrainConfig:
     images_per_prompt: int = _f(4, "images per prompt in a batch (the baseline compares images of one prompt)", min=1)
     num_inference_steps: int = _f(20, "DDIM sampling steps T", min=2)
     eta: float = _f(1.0, "DDIM stochasticity (>0 for likelihood-ratio terms)")
+    flow_step: str = _f("flow_sde", "flow-matching models: the stochastic step of the chain (flow_sde: Flow-GRPO's "
+                                    "SDE; dance_sde: DanceGRPO's constant noise; cps: coefficients-preserving)",
+                        choices=FLOW_STEP_CHOICES)
+    flow_eta: float = _f(0.7, "flow-matching models: noise level of the stochastic steps (> 0; Flow-GRPO 0.7, "
+                              "CPS 0.8, DanceGRPO 0.3)")
+    sde_window: tuple[int, int] | None = _f(None, "flow-matching models: stochastic steps only from sampler step "
+                                                  "START for SIZE steps (0 = the first), deterministic (ODE) steps "
+                                                  "elsewhere (Flow-GRPO-Fast, MixGRPO); default: every step")
+    skip_deterministic: bool = _f(False, "ddpo: train only the stochastic steps (a flow chain's SDE window, cps's "
+                                         "last step to sigma 0); biased: the deterministic steps' shares are dropped")
     guidance_scale: float = _f(4.0, "classifier-free guidance scale")
     lr: float = _f(3e-3, "Adam learning rate")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
@@ -156,6 +172,18 @@ class TrainConfig:
             raise ConfigError("image_size", f"image_size must be a multiple of 8 (pixels), got {self.image_size}")
         if self.estimator in ("rlr", "ddpo", "zo", "auto") and self.eta == 0:
             raise ConfigError("eta", f"{self.estimator} needs a stochastic sampler: set eta > 0 (e.g. 1.0)")
+        if self.skip_deterministic and self.estimator != "ddpo":
+            raise ConfigError("skip_deterministic", f"skip_deterministic applies to the ddpo estimator, not "
+                                                    f"{self.estimator}")
+        check_choice("flow_step", self.flow_step, FLOW_STEP_CHOICES)
+        if not (self.flow_eta > 0 and math.isfinite(self.flow_eta)):
+            raise ConfigError("flow_eta", f"flow_eta must be a number > 0, got {self.flow_eta}")
+        if self.sde_window is not None:
+            start, size = self.sde_window
+            if not (start >= 0 and size >= 1 and start + size <= self.num_inference_steps):
+                raise ConfigError("sde_window", f"sde_window {start},{size} (START,SIZE) must fit the "
+                                                f"{self.num_inference_steps} sampling steps: START >= 0, SIZE >= 1, "
+                                                "START + SIZE <= num_inference_steps")
         check_run_name(self.run_name)
         if not isinstance(self.max_nonfinite_batches, int) or self.max_nonfinite_batches < 0:
             raise ConfigError("max_nonfinite_batches", f"max_nonfinite_batches must be >= 0, got "
@@ -173,6 +201,26 @@ class TrainConfig:
         if self.estimator != "auto":
             return self
         return replace(self, estimator="truncated_bp" if reward_differentiable else "rlr")
+
+    def flow_schedule_options(self) -> dict:
+        """The keyword options of a flow model's ``schedule`` (``models.flow_model.FlowModel.schedule``)."""
+        return {"kind": self.flow_step, "sde_window": self.sde_window}
+
+    def check_model_options(self, flow: bool) -> None:
+        """Refuse options of the other family of models, naming the option: DDIM's ``eta`` and
+        ``prediction_type`` on a flow-matching model, the flow options on a DDIM one (set to a value other
+        than their default)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        if flow:
+            for name in DDIM_ONLY_OPTIONS:
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(name, f"{name} is a DDIM option of SD1.x/SD2.x/SDXL models; this is a "
+                                            "flow-matching model: use flow_step, flow_eta and sde_window instead")
+        else:
+            for name in FLOW_ONLY_OPTIONS:
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(name, f"{name} applies to flow-matching models (SD3/SD3.5, FLUX.1, Z-Image); "
+                                            f"this model samples with DDIM: use eta instead")
 
     def single_file_options(self) -> dict:
         """The loader options that apply to single-file checkpoints (a diffusers folder refuses them)."""
@@ -207,8 +255,9 @@ class TrainConfig:
         d = dict(data)
         d["prompts"] = prompts_from_json(d["prompts"])
         d["output_dir"] = Path(d["output_dir"])
-        if d.get("ho_range") is not None:
-            d["ho_range"] = tuple(d["ho_range"])
+        for name in ("ho_range", "sde_window"):
+            if d.get(name) is not None:
+                d[name] = tuple(d[name])
         if "prompt_split" in d:
             d["prompt_split"] = tuple(d["prompt_split"])
         return cls(**d)

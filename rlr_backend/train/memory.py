@@ -81,7 +81,8 @@ def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str
     target = resolve_device(device)
     dtype = PRECISIONS[precision]
     pipe = model.pipe
-    encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+    encoders = list(model.text_encoders().values()) if hasattr(model, "text_encoders") else \
+        [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
     keep = {id(p) for p in trainable}
     for module in (unet, vae, *([] if offload_text_encoders else encoders)):
         for p in module.parameters():

@@ -26,7 +26,13 @@ def add_lora_file(pipe, path: str | Path) -> None:
     as adapter ``default`` (strength 1); a LoRA made for another architecture (by its header, module names or
     shapes) or in an unknown format is refused unchanged."""
     model = model_for_pipeline(pipe)
-    load_lora(pipe.unet, path, model_version=model.base_model_version, text_encoders=model.text_encoders())
+    encoders = {} if getattr(model, "flow", False) else model.text_encoders()  # flow LoRAs adapt the transformer
+    load_lora(_denoising_module(pipe), path, model_version=model.base_model_version, text_encoders=encoders)
+
+
+def _denoising_module(pipe):
+    """The pipeline's UNet, or its transformer (flow-matching pipelines)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
 def lora_prompts(path: str | Path) -> tuple[tuple[PromptSpec, ...], tuple[float, float, float]]:
@@ -39,7 +45,7 @@ def set_lora_strength(pipe, strength: float) -> None:
     """Scale the LoRA added by :func:`add_lora_file`; 0 gives the base model exactly."""
     if not math.isfinite(strength):
         raise ValueError(f"the LoRA strength must be a finite number, got {strength}")
-    pipe.unet.set_adapters(["default"], weights=[float(strength)])
+    _denoising_module(pipe).set_adapters(["default"], weights=[float(strength)])
     set_lora_scale([getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None],
                    "default", strength)
 

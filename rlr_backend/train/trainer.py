@@ -106,6 +106,8 @@ class Trainer:
                 pipeline = load_pipeline(config.model, **load_dtypes(config.precision, config.offload_text_encoders),
                                          **config.single_file_options())
             model = model_for_pipeline(pipeline)
+        flow = bool(getattr(model, "flow", False))
+        config.check_model_options(flow)  # DDIM options on a flow model or the reverse: refused before any file
         self.t2i = model
         self.pipe = getattr(model, "pipe", None)  # the diffusers pipeline, when there is one
         self.named_params = model.add_lora(config.lora_rank, config.lora_alpha, config.seed)
@@ -113,7 +115,8 @@ class Trainer:
         self.device = prepare_model(model, self.params, device=device, precision=config.precision,
                                     gradient_checkpointing=config.gradient_checkpointing,
                                     offload_text_encoders=config.offload_text_encoders)
-        self.schedule = model.schedule(config.num_inference_steps, config.eta)
+        self.schedule = model.schedule(config.num_inference_steps, config.flow_eta, **config.flow_schedule_options()) \
+            if flow else model.schedule(config.num_inference_steps, config.eta)
         self.model = model.denoiser(config.guidance_scale)
         if should_stop is not None and not self.dp.enabled:  # stop within one model call (one process only)
             self.model = StopCheckingDenoiser(self.model, should_stop)
