@@ -13,18 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .tiny_pipelines import _text_config, _tokenizer
+from .tiny_pipelines import _text_config, _tokenizer, _vae
 
 FLOW_ARCHS = ("sd3", "sd35", "flux_dev", "flux_schnell", "zimage")
-
-
-def _vae(latent_channels: int, scaling: float, shift: float):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels,
-                         norm_num_groups=16, layers_per_block=1, sample_size=32, scaling_factor=scaling,
-                         shift_factor=shift)
 
 
 def build_tiny_sd3(sd35: bool = False, seed: int = 0):
@@ -42,7 +33,7 @@ def build_tiny_sd3(sd35: bool = False, seed: int = 0):
     te = CLIPTextModelWithProjection(_text_config(32, "quick_gelu", projection_dim=32))
     te2 = CLIPTextModelWithProjection(_text_config(32, "gelu", projection_dim=32))
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=_vae(4, 1.5305, 0.0609), text_encoder=te, tokenizer=_tokenizer(),
+                                    vae=_vae(1.5305, shift_factor=0.0609), text_encoder=te, tokenizer=_tokenizer(),
                                     text_encoder_2=te2, tokenizer_2=_tokenizer("!"), text_encoder_3=None,
                                     tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny_flow_pipelines import _vae
-from .tiny_pipelines import _text_config, _tokenizer
+from .tiny_pipelines import _text_config, _tokenizer, _vae
 
 WORDS = ("a", "an", "the", "red", "green", "blue", "yellow", "white", "black", "circle", "square", "triangle", "on",
          "background", "photo", "of", "cat", "dog", "<|user|>", "<|assistant|>")
@@ -50,7 +49,7 @@ def build_tiny_flux(dev: bool = True, seed: int = 0):
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=2))
     sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=dev, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=_vae(4, 0.3611, 0.1159), text_encoder=te,
+    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=_vae(0.3611, shift_factor=0.1159), text_encoder=te,
                         tokenizer=_tokenizer(), text_encoder_2=t5, tokenizer_2=word_tokenizer(16))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -73,7 +72,7 @@ def build_tiny_zimage(seed: int = 0):
     qwen = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   num_key_value_heads=2, head_dim=8, vocab_size=len(WORDS) + 3,
                                   max_position_embeddings=64))
-    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(4, 0.3611, 0.1159),
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(0.3611, shift_factor=0.1159),
                           text_encoder=qwen, tokenizer=word_tokenizer(16, chat=True), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -36,12 +36,13 @@ def _text_config(hidden: int, act: str, projection_dim: int | None = None):
                           eos_token_id=49407, pad_token_id=49407)
 
 
-def _vae(scaling_factor: float):
+def _vae(scaling_factor: float, latent_channels: int = 4, shift_factor: float | None = None):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=16,
-                         layers_per_block=1, sample_size=32, scaling_factor=scaling_factor)
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels,
+                         norm_num_groups=16, layers_per_block=1, sample_size=32, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor)
 
 
 def build_tiny_pipeline(arch: str, seed: int = 0):
