@@ -77,7 +77,7 @@ class FlowConfig:
     """The run's settings (recorded in rlr_training.json and the resume checkpoint)."""
 
     seed: int = 0
-    steps: int = 12000
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
