@@ -186,10 +186,24 @@ def flow_loss(transformer, z: torch.Tensor, noise: torch.Tensor, sigma: torch.Te
 
 
 # ----------------------------------------------------------------------------- save / resume
+#: components stored in float16 (diffusers and transformers load them as float32, their configs' dtype):
+#: halves the folder; the VAE stays the UNet default's float32 file
+FP16_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
+
+
+def _store_fp16(folder: Path) -> None:
+    for f in folder.glob("*.safetensors"):
+        tensors, meta = load_tensors(f)
+        save_tensors({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f, {**meta, "format": "pt"})
+
+
 def save_pipeline(out: Path, pipe, tokenizer_src: Path, info: dict) -> None:
-    """StableDiffusion3Pipeline folder (safetensors) plus rlr_training.json and rlr_defaults.json, atomically."""
+    """StableDiffusion3Pipeline folder (safetensors; ``FP16_COMPONENTS`` in float16) plus rlr_training.json and
+    rlr_defaults.json, atomically."""
     with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for c in FP16_COMPONENTS:
+            _store_fp16(tmp / c)
         for t in ("tokenizer", "tokenizer_2"):
             write_tokenizer_folder(tmp / t, tokenizer_src)
         (tmp / "rlr_training.json").write_text(json.dumps(info, indent=2) + "\n")

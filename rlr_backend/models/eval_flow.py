@@ -1,0 +1,162 @@
+"""Quality figures of the embedded flow-matching default model, next to the UNet default's.
+
+Samples the held-out caption combinations (never seen in pretraining) with fixed seeds,
+with this project's flow steps (:class:`rlr_backend.sampling.flow.FlowSchedule` on the
+sigmas the model's diffusers scheduler gives, as the SD3 pipeline samples), classifies
+them with the prompt-alignment classifier (:mod:`rlr_backend.models.eval_default`'s
+measure) and times sampling against the UNet default in the same run::
+
+    python -m rlr_backend.models.eval_flow                  # ODE and flow_sde eta 0.7 rows + the UNet row
+    python -m rlr_backend.models.eval_flow --save-json rlr_backend/assets/default_flow_model/rlr_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from rlr_backend.models.default_flow_model import DEFAULT_FLOW_MODEL_DIR, flow_sampling_defaults, load_flow_pipeline
+from rlr_backend.models.eval_default import eval_prompts, model_size_mb, save_grid
+from rlr_backend.sampling.flow import FlowSchedule
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sample_flow(pipe, prompts: list[str], seeds: list[int], schedule: FlowSchedule, guidance_scale: float,
+                max_sequence_length: int, batch_size: int = 16) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1], one per (prompt, seed): the initial latent and every step's noise are
+    drawn from ``torch.Generator().manual_seed(seed)``, so a sample does not depend on its batch."""
+    from rlr_backend.data import shapes
+
+    tr, vae = pipe.transformer, pipe.vae
+    side = shapes.IMAGE_SIZE // pipe.vae_scale_factor
+    cfg = guidance_scale > 1
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ps, gens = prompts[i : i + batch_size], [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
+        emb, neg, pooled, negp = pipe.encode_prompt(ps, None, None, do_classifier_free_guidance=cfg, max_sequence_length=max_sequence_length)
+        if cfg:
+            emb, pooled = torch.cat([neg, emb]), torch.cat([negp, pooled])
+        x = torch.cat([torch.randn(1, tr.config.in_channels, side, side, generator=g) for g in gens])
+        for k in range(schedule.num_steps):
+            xin = torch.cat([x, x]) if cfg else x
+            t = torch.full((xin.shape[0],), schedule.timesteps[k])
+            v = tr(hidden_states=xin, encoder_hidden_states=emb, pooled_projections=pooled, timestep=t).sample
+            if cfg:
+                vu, vc = v.chunk(2)
+                v = vu + guidance_scale * (vc - vu)
+            noise = torch.cat([torch.randn(1, *x.shape[1:], generator=g) for g in gens]) if schedule.stds[k] > 0 else None
+            x = schedule.step(k, v, x, noise).prev_sample
+        z = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        out.append((vae.decode(z).sample / 2 + 0.5).clamp(0, 1).float())
+    return torch.cat(out)
+
+
+def match_rates(images: torch.Tensor, prompts: list[str], reward) -> dict:
+    m = reward.match(images, prompts).float()
+    with torch.no_grad():
+        r = reward(images, prompts)
+    return {"shape": m[:, 0].mean().item(), "fg": m[:, 1].mean().item(), "bg": m[:, 2].mean().item(),
+            "all": m.all(dim=1).float().mean().item(), "mean_reward": r.mean().item()}
+
+
+def evaluate_flow(model_dir: str | Path | None = None, n: int = 256, seed: int = 1234, kind: str = "ode", eta: float = 0.0,
+                  num_inference_steps: int | None = None, guidance_scale: float | None = None, split: str = "heldout",
+                  reward=None, grid: str | Path | None = None) -> dict:
+    """Match rates of ``n`` samples of the flow default with the ``kind``/``eta`` step (defaults: rlr_defaults.json)."""
+    from rlr_backend.rewards.alignment import PromptAlignmentReward
+
+    model_dir = Path(DEFAULT_FLOW_MODEL_DIR if model_dir is None else model_dir)
+    d = flow_sampling_defaults(model_dir)
+    steps = int(d["num_inference_steps"] if num_inference_steps is None else num_inference_steps)
+    g = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+    pipe = load_flow_pipeline(model_dir)
+    reward = reward or PromptAlignmentReward()
+    sched = FlowSchedule.from_diffusers(pipe.scheduler, steps, kind=kind, eta=eta)
+    prompts, seeds = eval_prompts(n, split), [seed + i for i in range(n)]
+    t0 = time.time()
+    images = sample_flow(pipe, prompts, seeds, sched, g, int(d["max_sequence_length"]))
+    dt = time.time() - t0
+    if grid is not None:
+        save_grid(images[:64], grid)
+    return {"model_dir": str(model_dir), "n": n, "split": split,
+            "sampler": f"flow {kind} {steps} steps, eta {eta}, CFG {g}, shift {pipe.scheduler.config.shift}",
+            **match_rates(images, prompts, reward), "model_size_mb": round(model_size_mb(model_dir), 2),
+            "sampling_seconds_per_image": dt / n, "torch_threads": torch.get_num_threads()}
+
+
+@torch.no_grad()
+def forward_time_ratio(flow_dir: str | Path | None = None, batch: int = 8, repeats: int = 20) -> dict:
+    """Seconds per model call (one forward, batch ``batch``, conditional only) of the flow transformer and
+    of the UNet default, interleaved in one run, and their ratio."""
+    from rlr_backend.models.default_model import load_default_pipeline
+
+    fp, up = load_flow_pipeline(flow_dir), load_default_pipeline()
+    n = int(flow_sampling_defaults(flow_dir)["max_sequence_length"])
+    prompts = eval_prompts(batch)
+    emb, _, pooled, _ = fp.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=n)
+    cond = up.encode_prompt(prompts, "cpu", 1, False)[0]
+    g = torch.Generator().manual_seed(0)
+    xf, xu = torch.randn(batch, 4, 16, 16, generator=g), torch.randn(batch, 4, 16, 16, generator=g)
+    tf, tu = torch.full((batch,), 500.0), torch.full((batch,), 500, dtype=torch.long)
+    calls = {"flow": lambda: fp.transformer(hidden_states=xf, encoder_hidden_states=emb, pooled_projections=pooled, timestep=tf),
+             "unet": lambda: up.unet(xu, tu, cond)}
+    spent = {"flow": 0.0, "unet": 0.0}
+    for r in range(repeats + 2):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            if r >= 2:  # two warm-up rounds
+                spent[k] += time.perf_counter() - t0
+    return {"batch": batch, "flow_s": spent["flow"] / repeats, "unet_s": spent["unet"] / repeats,
+            "ratio": spent["flow"] / spent["unet"], "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rlr_backend.models.default_model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
+    from rlr_backend.models.eval_default import evaluate
+    from rlr_backend.rewards.alignment import PromptAlignmentReward
+
+    ap = argparse.ArgumentParser(description="Shape / colour match rates of the flow default on held-out caption combinations, "
+                                             "and its sampling time against the UNet default's.")
+    ap.add_argument("--model", default=str(DEFAULT_FLOW_MODEL_DIR))
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--steps", type=int, default=None, help="default: the folder's rlr_defaults.json")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the folder's rlr_defaults.json")
+    ap.add_argument("--sde-eta", type=float, default=0.7, help="eta of the flow_sde row (CFG 1, as the UNet table's eta-1 row)")
+    ap.add_argument("--no-unet", action="store_true", help="skip the UNet default's reference row")
+    ap.add_argument("--grid", default=None, help="save the first 64 ODE samples as a PNG grid")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save-json", default=None, help="write the results to this JSON file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    reward = PromptAlignmentReward()
+    rows = [evaluate_flow(args.model, args.n, args.seed, "ode", 0.0, args.steps, args.guidance, reward=reward, grid=args.grid),
+            evaluate_flow(args.model, args.n, args.seed, "flow_sde", args.sde_eta, args.steps, 1.0, reward=reward),
+            evaluate_flow(args.model, args.n, args.seed, "ode", 0.0, args.steps, args.guidance, "train", reward=reward)]
+    res = {"rows": rows, "forward_call": forward_time_ratio(args.model)}
+    if not args.no_unet:
+        unet = evaluate(None, args.n, args.seed, DEFAULT_NUM_STEPS, DEFAULT_GUIDANCE)
+        res["unet_reference"] = unet
+        res["sampling_time_ratio_vs_unet"] = rows[0]["sampling_seconds_per_image"] / unet["sampling_seconds_per_image"]
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(res, indent=2) + "\n")
+    for r in rows + ([res["unet_reference"]] if "unet_reference" in res else []):
+        print(f"{r['sampler']:<48} {r['split']:<8} shape {r['shape']:.1%} fg {r['fg']:.1%} bg {r['bg']:.1%} all {r['all']:.1%} "
+              f"reward {r['mean_reward']:.3f} {r['sampling_seconds_per_image'] * 1000:.0f} ms/image {r['model_size_mb']:.2f} MB")
+    f = res["forward_call"]
+    print(f"one model call at batch {f['batch']}: flow {f['flow_s'] * 1000:.1f} ms, UNet {f['unet_s'] * 1000:.1f} ms, ratio {f['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
