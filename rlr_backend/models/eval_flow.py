@@ -92,31 +92,44 @@ def evaluate_flow(model_dir: str | Path | None = None, n: int = 256, seed: int =
             "sampling_seconds_per_image": dt / n, "torch_threads": torch.get_num_threads()}
 
 
-@torch.no_grad()
 def forward_time_ratio(flow_dir: str | Path | None = None, batch: int = 8, repeats: int = 20) -> dict:
-    """Seconds per model call (one forward, batch ``batch``, conditional only) of the flow transformer and
-    of the UNet default, interleaved in one run, and their ratio."""
+    """Seconds per model call (batch ``batch``, conditional only) of the flow transformer and of the UNet
+    default, interleaved in one run: a no-grad forward, and a forward + backward to the input (what a
+    gradient through the chain costs per step, base weights frozen); and the flow / UNet ratios."""
     from rlr_backend.models.default_model import load_default_pipeline
 
     fp, up = load_flow_pipeline(flow_dir), load_default_pipeline()
+    fp.transformer.requires_grad_(False)  # frozen base weights, as under a LoRA: the backward goes to the input
+    up.unet.requires_grad_(False)
     n = int(flow_sampling_defaults(flow_dir)["max_sequence_length"])
     prompts = eval_prompts(batch)
-    emb, _, pooled, _ = fp.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=n)
-    cond = up.encode_prompt(prompts, "cpu", 1, False)[0]
+    with torch.no_grad():
+        emb, _, pooled, _ = fp.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=n)
+        cond = up.encode_prompt(prompts, "cpu", 1, False)[0]
     g = torch.Generator().manual_seed(0)
     xf, xu = torch.randn(batch, 4, 16, 16, generator=g), torch.randn(batch, 4, 16, 16, generator=g)
     tf, tu = torch.full((batch,), 500.0), torch.full((batch,), 500, dtype=torch.long)
-    calls = {"flow": lambda: fp.transformer(hidden_states=xf, encoder_hidden_states=emb, pooled_projections=pooled, timestep=tf),
-             "unet": lambda: up.unet(xu, tu, cond)}
-    spent = {"flow": 0.0, "unet": 0.0}
+    models = {"flow": lambda x: fp.transformer(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled, timestep=tf).sample,
+              "unet": lambda x: up.unet(x, tu, cond).sample}
+    inputs = {"flow": xf, "unet": xu}
+    spent = {(k, m): 0.0 for k in models for m in ("nograd", "grad")}
     for r in range(repeats + 2):
-        for k, f in calls.items():
+        for k, f in models.items():
             t0 = time.perf_counter()
-            f()
+            with torch.no_grad():
+                f(inputs[k])
+            t1 = time.perf_counter()
+            x = inputs[k].clone().requires_grad_(True)
+            f(x).square().mean().backward()
+            t2 = time.perf_counter()
             if r >= 2:  # two warm-up rounds
-                spent[k] += time.perf_counter() - t0
-    return {"batch": batch, "flow_s": spent["flow"] / repeats, "unet_s": spent["unet"] / repeats,
-            "ratio": spent["flow"] / spent["unet"], "torch_threads": torch.get_num_threads()}
+                spent[k, "nograd"] += t1 - t0
+                spent[k, "grad"] += t2 - t1
+    s = {f"{k}_{m}_s": v / repeats for (k, m), v in spent.items()}
+    return {"batch": batch, **s, "ratio": spent["flow", "nograd"] / spent["unet", "nograd"],
+            "grad_ratio": spent["flow", "grad"] / spent["unet", "grad"],
+            "flow_grad_over_nograd": spent["flow", "grad"] / spent["flow", "nograd"],
+            "unet_grad_over_nograd": spent["unet", "grad"] / spent["unet", "nograd"], "torch_threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['sampler']:<48} {r['split']:<8} shape {r['shape']:.1%} fg {r['fg']:.1%} bg {r['bg']:.1%} all {r['all']:.1%} "
               f"reward {r['mean_reward']:.3f} {r['sampling_seconds_per_image'] * 1000:.0f} ms/image {r['model_size_mb']:.2f} MB")
     f = res["forward_call"]
-    print(f"one model call at batch {f['batch']}: flow {f['flow_s'] * 1000:.1f} ms, UNet {f['unet_s'] * 1000:.1f} ms, ratio {f['ratio']:.2f}")
+    print(f"one model call at batch {f['batch']}: flow {f['flow_nograd_s'] * 1000:.1f} ms, UNet {f['unet_nograd_s'] * 1000:.1f} ms, "
+          f"ratio {f['ratio']:.2f}; with backward to the input: ratio {f['grad_ratio']:.2f}, grad/no-grad flow "
+          f"{f['flow_grad_over_nograd']:.2f} UNet {f['unet_grad_over_nograd']:.2f}")
 
 
 if __name__ == "__main__":
