@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rlr_backend.models.default_flow_model import DEFAULT_FLOW_MODEL_DIR, flow_sampling_defaults, load_flow_pipeline
-from rlr_backend.models.eval_default import eval_prompts, model_size_mb, save_grid
+from rlr_backend.models.eval_default import eval_prompts, match_rates, model_size_mb, save_grid
 from rlr_backend.sampling.flow import FlowSchedule
 
 logger = logging.getLogger(__name__)
@@ -57,14 +57,6 @@ def sample_flow(pipe, prompts: list[str], seeds: list[int], schedule: FlowSchedu
         z = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         out.append((vae.decode(z).sample / 2 + 0.5).clamp(0, 1).float())
     return torch.cat(out)
-
-
-def match_rates(images: torch.Tensor, prompts: list[str], reward) -> dict:
-    m = reward.match(images, prompts).float()
-    with torch.no_grad():
-        r = reward(images, prompts)
-    return {"shape": m[:, 0].mean().item(), "fg": m[:, 1].mean().item(), "bg": m[:, 2].mean().item(),
-            "all": m.all(dim=1).float().mean().item(), "mean_reward": r.mean().item()}
 
 
 def evaluate_flow(model_dir: str | Path | None = None, n: int = 256, seed: int = 1234, kind: str = "ode", eta: float = 0.0,
