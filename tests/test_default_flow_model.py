@@ -102,3 +102,14 @@ def test_pretraining_writes_a_loadable_folder_and_resumes_bit_for_bit(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # and the training moved the weights: the 2-step folder differs from the 3-step one
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bad_settings_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
+    from rlr_backend.models.pretrain_flow import FlowConfig, main
+
+    with pytest.raises(ValueError, match="steps=0"):
+        FlowConfig(steps=0)
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "m"), "--layers", "0"])
+    assert e.value.code == 2 and "num_layers=0" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

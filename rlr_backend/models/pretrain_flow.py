@@ -88,6 +88,13 @@ class FlowConfig:
     head_dim: int = 32
     patch_size: int = 2
 
+    def __post_init__(self) -> None:
+        small = [f"{k}={getattr(self, k)}" for k in ("steps", "batch_size", "num_layers", "num_heads", "head_dim", "patch_size") if getattr(self, k) < 1]
+        if small:
+            raise ValueError(f"these must be >= 1: {', '.join(small)}")
+        if not (self.lr > 0 and 0 <= self.cfg_dropout < 1 and 0 <= self.ema_decay < 1 and self.warmup >= 0):
+            raise ValueError(f"need lr > 0, 0 <= cfg_dropout < 1, 0 <= ema_decay < 1, warmup >= 0; got {self}")
+
 
 # ----------------------------------------------------------------------------- components
 def make_transformer(cfg: FlowConfig, text_dim: int):
@@ -359,17 +366,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = FlowConfig(
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        cfg_dropout=args.cfg_dropout,
-        ema_decay=args.ema_decay,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        head_dim=args.head_dim,
-    )
+    try:
+        cfg = FlowConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, cfg_dropout=args.cfg_dropout,
+                         ema_decay=args.ema_decay, num_layers=args.layers, num_heads=args.heads, head_dim=args.head_dim)
+    except ValueError as e:
+        ap.error(str(e))
     pretrain(args.out, cfg, args.default_model, args.save_every, args.max_minutes, args.stop_after, args.resume)
 
 
