@@ -58,6 +58,15 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], num_inference_step
     return torch.cat(out)
 
 
+def match_rates(images: torch.Tensor, prompts: list[str], reward) -> dict:
+    """Shape / foreground / background / all-three match rates of the classifier, and the mean reward."""
+    m = reward.match(images, prompts).float()
+    with torch.no_grad():
+        r = reward(images, prompts)
+    return {"shape": m[:, 0].mean().item(), "fg": m[:, 1].mean().item(), "bg": m[:, 2].mean().item(),
+            "all": m.all(dim=1).float().mean().item(), "mean_reward": r.mean().item()}
+
+
 def evaluate(
     model_dir: str | Path | None = None,
     n: int = 256,
@@ -80,19 +89,12 @@ def evaluate(
     t0 = time.time()
     images = sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, eta)
     dt = time.time() - t0
-    m = reward.match(images, prompts).float()
-    with torch.no_grad():
-        r = reward(images, prompts)
     res = {
         "model_dir": str(model_dir),
         "n": n,
         "split": split,
         "sampler": f"DDIM {num_inference_steps} steps, eta {eta}, CFG {guidance_scale}",
-        "shape": m[:, 0].mean().item(),
-        "fg": m[:, 1].mean().item(),
-        "bg": m[:, 2].mean().item(),
-        "all": m.all(dim=1).float().mean().item(),
-        "mean_reward": r.mean().item(),
+        **match_rates(images, prompts, reward),
         "model_size_mb": round(model_size_mb(model_dir), 2),
         "sampling_seconds_per_image": dt / n,
         "torch_threads": torch.get_num_threads(),

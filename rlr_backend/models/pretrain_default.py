@@ -35,7 +35,6 @@ import copy
 import glob
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -47,10 +46,19 @@ import torch
 import torch.nn.functional as F
 
 from rlr_backend.data import shapes
+from rlr_backend.models.pretrain_common import (
+    MODEL_MAX_LENGTH,
+    atomic_folder,
+    cosine_lr,
+    ema_decay_at,
+    ema_update,
+    images_to_tensor,
+    setup_logging,
+    train_batch,
+    write_tokenizer_folder,
+)
 
 logger = logging.getLogger(__name__)
-
-MODEL_MAX_LENGTH = 16
 
 
 # ----------------------------------------------------------------------------- components
@@ -145,23 +153,6 @@ def make_tokenizer(tokenizer_from: str | None, bpe_wheel: str | None, workdir: P
 
 
 # ----------------------------------------------------------------------------- helpers
-def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images) * 2.0 - 1.0  # [0,1] -> [-1,1]
-
-
-def _cosine_lr(step: int, total: int, warmup: int, base: float, floor: float = 0.1) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach(), 1.0 - decay)
-
-
 def train_vae(vae, rng: np.random.Generator, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-4):
     """Reconstruction training (MSE + small KL) on training-split images."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -169,9 +160,9 @@ def train_vae(vae, rng: np.random.Generator, steps: int, batch_size: int = 32, l
     t0 = time.time()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, steps, 50, lr)
+            g["lr"] = cosine_lr(step, steps, 50, lr)
         imgs, _, _ = shapes.make_batch(rng, batch_size, "train")
-        x = _images_to_tensor(imgs)
+        x = images_to_tensor(imgs)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
@@ -189,7 +180,7 @@ def train_vae(vae, rng: np.random.Generator, steps: int, batch_size: int = 32, l
 @torch.no_grad()
 def latent_scaling_factor(vae, rng: np.random.Generator, n: int = 512) -> float:
     imgs, _, _ = shapes.make_batch(rng, n, "train")
-    z = vae.encode(_images_to_tensor(imgs)).latent_dist.mean
+    z = vae.encode(images_to_tensor(imgs)).latent_dist.mean
     return float(1.0 / z.std())
 
 
@@ -211,44 +202,10 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, tokenizer_src: Path, 
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
+    with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        tdir = tmp / "tokenizer"
-        for f in tdir.iterdir():
-            f.unlink()
-        shutil.copy(tokenizer_src / "vocab.json", tdir / "vocab.json")
-        shutil.copy(tokenizer_src / "merges.txt", tdir / "merges.txt")
-        (tdir / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "CLIPTokenizer",
-                    "model_max_length": MODEL_MAX_LENGTH,
-                    "bos_token": "<|startoftext|>",
-                    "eos_token": "<|endoftext|>",
-                    "unk_token": "<|endoftext|>",
-                    "pad_token": "<|endoftext|>",
-                    "do_lower_case": True,
-                },
-                indent=2,
-            )
-        )
+        write_tokenizer_folder(tmp / "tokenizer", tokenizer_src)
         (tmp / "rlr_training.json").write_text(json.dumps(info, indent=2))
-        old = None
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved pipeline to %s", out)
 
 
@@ -330,12 +287,10 @@ def pretrain(
         step = 0
         for step in range(steps):
             for g in opt.param_groups:
-                g["lr"] = _cosine_lr(step, steps, warmup, lr)
-            imgs, caps, _ = shapes.make_batch(rng, batch_size, "train")
-            drop = rng.uniform(size=batch_size) < cfg_dropout
-            caps = ["" if d else c for c, d in zip(caps, drop)]
+                g["lr"] = cosine_lr(step, steps, warmup, lr)
+            x, caps = train_batch(rng, batch_size, cfg_dropout)
             with torch.no_grad():
-                z = vae.encode(_images_to_tensor(imgs)).latent_dist.sample(generator=gen) * sf
+                z = vae.encode(x).latent_dist.sample(generator=gen) * sf
             noise = torch.randn(z.shape, generator=gen)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
             zt = scheduler.add_noise(z, noise, t)
@@ -347,9 +302,9 @@ def pretrain(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            d = min(ema_decay, (1 + step) / (10 + step))
-            _ema_update(ema_unet, unet, d)
-            _ema_update(ema_te, text_encoder, d)
+            d = ema_decay_at(step, ema_decay)
+            ema_update(ema_unet, unet, d)
+            ema_update(ema_te, text_encoder, d)
             run_loss += loss.item()
             if (step + 1) % 100 == 0:
                 el = time.time() - t0
@@ -384,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer-from", default=str(DEFAULT_MODEL_DIR / "tokenizer"), help="folder with vocab.json + merges.txt")
     ap.add_argument("--bpe-wheel", default="/tmp/oc/open_clip_torch-*.whl", help="open_clip_torch wheel (glob) to build the tokenizer from if --tokenizer-from has no files")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok_from = args.tokenizer_from

@@ -1,0 +1,91 @@
+"""The embedded flow-matching default model: location, recommended settings and loader.
+
+A tiny rectified-flow (SD3-style MMDiT) text-to-image model in diffusers
+``StableDiffusion3Pipeline`` format, committed under
+``rlr_backend/assets/default_flow_model`` and reproduced by
+``python -m rlr_backend.models.pretrain_flow``. It shares the UNet default's VAE,
+text encoder and tokenizer and draws the same 32x32 coloured shapes. It has no T5,
+so plain diffusers loads it as SD3 without T5 is loaded::
+
+    StableDiffusion3Pipeline.from_pretrained(DEFAULT_FLOW_MODEL_DIR, text_encoder_3=None, tokenizer_3=None,
+                                             local_files_only=True)
+
+and its prompts are encoded with ``pipe.encode_prompt(..., max_sequence_length=N)``, N from
+the folder's ``rlr_defaults.json`` (with the recommended steps, guidance and shift).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+#: Folder of the committed flow-matching default model (inside the installed package).
+DEFAULT_FLOW_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "default_flow_model"
+
+#: Files a complete folder must contain (weights in safetensors only).
+REQUIRED_FLOW_FILES: tuple[str, ...] = (
+    "model_index.json",
+    "rlr_defaults.json",
+    "scheduler/scheduler_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    *(f"{c}/{f}" for c in ("text_encoder", "text_encoder_2") for f in ("config.json", "model.safetensors")),
+    *(f"{t}/{f}" for t in ("tokenizer", "tokenizer_2") for f in ("vocab.json", "merges.txt")),
+)
+
+_DEFAULT_KEYS = ("max_sequence_length", "num_inference_steps", "guidance_scale", "shift")
+
+
+def _hint(p: Path) -> str:
+    return f"rebuild it with: python -m rlr_backend.models.pretrain_flow --out {p}"
+
+
+def check_flow_model_dir(path: str | Path) -> Path:
+    """Check that ``path`` is a complete flow default folder (FileNotFoundError / ValueError naming the problem)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"flow default model folder {p} does not exist; {_hint(p)}")
+    missing = [f for f in REQUIRED_FLOW_FILES if not (p / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"flow default model folder {p} is incomplete, missing: {', '.join(missing)}; {_hint(p)}")
+    try:
+        index = json.loads((p / "model_index.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p / 'model_index.json'} is not valid JSON ({e}); {_hint(p)}") from e
+    if not isinstance(index, dict) or index.get("_class_name") != "StableDiffusion3Pipeline":
+        raise ValueError(f"{p / 'model_index.json'} is not a StableDiffusion3Pipeline index; {_hint(p)}")
+    return p
+
+
+def flow_sampling_defaults(path: str | Path | None = None) -> dict:
+    """The folder's rlr_defaults.json: max_sequence_length, num_inference_steps, guidance_scale, shift."""
+    p = Path(DEFAULT_FLOW_MODEL_DIR if path is None else path) / "rlr_defaults.json"
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {p} ({e}); {_hint(p.parent)}") from e
+    missing = [k for k in _DEFAULT_KEYS if not isinstance(d.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"{p} lacks numeric {', '.join(missing)}; {_hint(p.parent)}")
+    return d
+
+
+def load_flow_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """The flow default as a diffusers ``StableDiffusion3Pipeline`` (offline, CPU, progress bar off)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    p = check_flow_model_dir(DEFAULT_FLOW_MODEL_DIR if path is None else path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            str(p), text_encoder_3=None, tokenizer_3=None, local_files_only=True, use_safetensors=True, dtype=dtype
+        )
+    except Exception as e:  # corrupt weights or configs: diffusers/safetensors raise many types
+        raise ValueError(f"could not load the flow default model from {p} ({type(e).__name__}: {e}); {_hint(p)}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
