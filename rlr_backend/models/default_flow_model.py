@@ -17,13 +17,12 @@ the folder's ``rlr_defaults.json`` (with the recommended steps, guidance and shi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-#: Folder of the committed flow-matching default model (inside the installed package).
-DEFAULT_FLOW_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "default_flow_model"
+from ..model_paths import DEFAULT_FLOW_MODEL_DIR, read_flow_defaults
+
 
 #: Files a complete folder must contain (weights in safetensors only).
 REQUIRED_FLOW_FILES: tuple[str, ...] = (
@@ -64,11 +63,12 @@ def check_flow_model_dir(path: str | Path) -> Path:
 
 def flow_sampling_defaults(path: str | Path | None = None) -> dict:
     """The folder's rlr_defaults.json: max_sequence_length, num_inference_steps, guidance_scale, shift."""
-    p = Path(DEFAULT_FLOW_MODEL_DIR if path is None else path) / "rlr_defaults.json"
+    folder = Path(DEFAULT_FLOW_MODEL_DIR if path is None else path)
+    p = folder / "rlr_defaults.json"
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {p} ({e}); {_hint(p.parent)}") from e
+        d = read_flow_defaults(folder)
+    except ValueError as e:
+        raise ValueError(f"{e}; {_hint(folder)}") from e
     missing = [k for k in _DEFAULT_KEYS if not isinstance(d.get(k), (int, float))]
     if missing:
         raise ValueError(f"{p} lacks numeric {', '.join(missing)}; {_hint(p.parent)}")
@@ -76,16 +76,12 @@ def flow_sampling_defaults(path: str | Path | None = None) -> dict:
 
 
 def load_flow_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """The flow default as a diffusers ``StableDiffusion3Pipeline`` (offline, CPU, progress bar off)."""
-    from diffusers import StableDiffusion3Pipeline
+    """The flow default as a diffusers ``StableDiffusion3Pipeline`` (offline, CPU, progress bar off), loaded as
+    every flow folder is (:func:`rlr_backend.models.loader.load_pipeline`) after the completeness check."""
+    from .loader import load_pipeline
 
     p = check_flow_model_dir(DEFAULT_FLOW_MODEL_DIR if path is None else path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            str(p), text_encoder_3=None, tokenizer_3=None, local_files_only=True, use_safetensors=True, dtype=dtype
-        )
-    except Exception as e:  # corrupt weights or configs: diffusers/safetensors raise many types
-        raise ValueError(f"could not load the flow default model from {p} ({type(e).__name__}: {e}); {_hint(p)}") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        return load_pipeline(p, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{e}; {_hint(p)}") from e

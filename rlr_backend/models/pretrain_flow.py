@@ -69,7 +69,9 @@ logger = logging.getLogger(__name__)
 MAX_SEQUENCE_LENGTH = 4
 
 #: recommended sampling settings, written to the folder's rlr_defaults.json
-SAMPLING_DEFAULTS = {"max_sequence_length": MAX_SEQUENCE_LENGTH, "num_inference_steps": 20, "guidance_scale": 4.0, "shift": 1.0}
+SAMPLING_DEFAULTS = {"max_sequence_length": MAX_SEQUENCE_LENGTH, "num_inference_steps": 20, "guidance_scale": 4.0, "shift": 1.0,
+                     # LoRAs made on it are labelled as its own (not "sd3": they fit no real SD3 model)
+                     "base_model_version": "rlr_default_flow"}
 
 
 @dataclass(frozen=True)
