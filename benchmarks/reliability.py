@@ -9,7 +9,7 @@ forked children killed with SIGKILL, the app's run manager and run viewer, the C
 stand-in host of tests/comfy_standin, the reward loaders) on the embedded default model, a tiny
 random SD1.x folder and a tiny aesthetic reward, all built here. Results: benchmarks/results/
 reliability.json (every case) and the summary page docs/reliability.md. The cases live in
-benchmarks/damage.py and benchmarks/faults.py, shared with the fast tests (tests/test_reliability.py).
+benchmarks/damage.py and benchmarks/faults.py, shared with the fast tests (tests/test_reliability.py, tests/test_pickles.py).
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def render(data: dict) -> str:
              "What happens when a run is killed, a file is damaged or hostile, a name or a symlink points "
              "elsewhere, a reward returns NaN or the disk fills up. Every figure below comes from "
              "`python -m benchmarks.reliability` (cases in `benchmarks/damage.py` and `benchmarks/faults.py`; "
-             "the fast subset runs in the test suite, `tests/test_reliability.py`).", "",
+             "the fast subset runs in the test suite, `tests/test_reliability.py` and `tests/test_pickles.py`).", "",
              f"Last run: {data['date']}, {data['minutes']:.0f} min on {m['cores']} CPU cores (load "
              f"{m['load_at_start']:.1f} at start, {m['load_at_end']:.1f} at end; torch {m['torch']}, "
              f"commit {m['commit']}){' — quick sample' if data['quick'] else ''}.", "",
