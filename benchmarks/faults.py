@@ -1,6 +1,6 @@
 """Helpers of the reliability battery (``python -m benchmarks.reliability``) and its fast cases
-(tests/test_reliability.py, tests/test_pickles.py): the tiny run, kills at named points of a forked child, outcome checks,
-pickle canaries and a tiny aesthetic reward. The ways to damage files are in benchmarks/damage.py.
+(tests/test_reliability.py, tests/test_pickles.py): the tiny run, kills at named points of a forked child,
+outcome checks, pickle canaries and a tiny aesthetic reward. The ways to damage files are in benchmarks/damage.py.
 Nothing malicious is committed: every pickle is written at run time, and unpickling one would only
 create an empty canary file.
 """

@@ -9,7 +9,8 @@ forked children killed with SIGKILL, the app's run manager and run viewer, the C
 stand-in host of tests/comfy_standin, the reward loaders) on the embedded default model, a tiny
 random SD1.x folder and a tiny aesthetic reward, all built here. Results: benchmarks/results/
 reliability.json (every case) and the summary page docs/reliability.md. The cases live in
-benchmarks/damage.py and benchmarks/faults.py, shared with the fast tests (tests/test_reliability.py, tests/test_pickles.py).
+benchmarks/damage.py and benchmarks/faults.py, shared with the fast tests (tests/test_reliability.py,
+tests/test_pickles.py).
 """
 
 from __future__ import annotations
