@@ -16,12 +16,12 @@ the folder's ``rlr_defaults.json`` (with the recommended steps, guidance and shi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..model_paths import DEFAULT_FLOW_MODEL_DIR, read_flow_defaults
+from .default_model import check_embedded_dir
 
 
 #: Files a complete folder must contain (weights in safetensors only).
@@ -46,19 +46,8 @@ def _hint(p: Path) -> str:
 
 def check_flow_model_dir(path: str | Path) -> Path:
     """Check that ``path`` is a complete flow default folder (FileNotFoundError / ValueError naming the problem)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"flow default model folder {p} does not exist; {_hint(p)}")
-    missing = [f for f in REQUIRED_FLOW_FILES if not (p / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"flow default model folder {p} is incomplete, missing: {', '.join(missing)}; {_hint(p)}")
-    try:
-        index = json.loads((p / "model_index.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p / 'model_index.json'} is not valid JSON ({e}); {_hint(p)}") from e
-    if not isinstance(index, dict) or index.get("_class_name") != "StableDiffusion3Pipeline":
-        raise ValueError(f"{p / 'model_index.json'} is not a StableDiffusion3Pipeline index; {_hint(p)}")
-    return p
+    return check_embedded_dir(path, what="flow default model", required=REQUIRED_FLOW_FILES,
+                              pipeline="StableDiffusion3Pipeline", script="rlr_backend.models.pretrain_flow")
 
 
 def flow_sampling_defaults(path: str | Path | None = None) -> dict:

@@ -49,29 +49,35 @@ DEFAULT_GUIDANCE = 4.0
 #: ComfyUI's loaders never take such a LoRA for an SD1.x one (the default has the SD1 layout, 32x32 px)
 BASE_MODEL_VERSION = "rlr_default_shapes32_v1"
 
-def check_model_dir(path: str | Path) -> Path:
-    """Check that ``path`` is a complete default-model folder; return it as a Path.
+def check_embedded_dir(path: str | Path, *, what: str, required: tuple[str, ...], pipeline: str, script: str) -> Path:
+    """Check that ``path`` is a complete embedded-model folder (``what`` in messages; ``required`` files, a
+    ``model_index.json`` naming ``pipeline``); return it as a Path. The messages say how to rebuild it with
+    ``python -m <script> --out <path>``.
 
     Raises:
-        FileNotFoundError: the folder or a required file is missing (the message
-            lists the missing files and says how to rebuild the model).
-        ValueError: ``model_index.json`` is not valid JSON or is not a
-            StableDiffusionPipeline index.
+        FileNotFoundError: the folder or a required file is missing (the message lists the missing files).
+        ValueError: ``model_index.json`` is not valid JSON or names another pipeline.
     """
     p = Path(path)
-    hint = "rebuild it with: python -m rlr_backend.models.pretrain_default --out " + str(p)
+    hint = f"rebuild it with: python -m {script} --out {p}"
     if not p.is_dir():
-        raise FileNotFoundError(f"default model folder {p} does not exist; {hint}")
-    missing = [f for f in REQUIRED_FILES if not (p / f).is_file()]
+        raise FileNotFoundError(f"{what} folder {p} does not exist; {hint}")
+    missing = [f for f in required if not (p / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"default model folder {p} is incomplete, missing: {', '.join(missing)}; {hint}")
+        raise FileNotFoundError(f"{what} folder {p} is incomplete, missing: {', '.join(missing)}; {hint}")
     try:
         index = json.loads((p / "model_index.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{p / 'model_index.json'} is not valid JSON ({e}); {hint}") from e
-    if not isinstance(index, dict) or index.get("_class_name") != "StableDiffusionPipeline":
-        raise ValueError(f"{p / 'model_index.json'} is not a StableDiffusionPipeline index; {hint}")
+    if not isinstance(index, dict) or index.get("_class_name") != pipeline:
+        raise ValueError(f"{p / 'model_index.json'} is not a {pipeline} index; {hint}")
     return p
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Check that ``path`` is a complete default-model folder (:func:`check_embedded_dir`); return it."""
+    return check_embedded_dir(path, what="default model", required=REQUIRED_FILES, pipeline="StableDiffusionPipeline",
+                              script="rlr_backend.models.pretrain_default")
 
 
 def load_default_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu",

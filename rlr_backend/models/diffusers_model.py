@@ -15,6 +15,26 @@ from ..sampling import DDIMSchedule
 from .diffusers_unet import DiffusersUNetDenoiser, TextConditioning
 
 
+def decode_latents(vae, latents: Tensor, one_at_a_time: bool = False) -> Tensor:
+    """A diffusers VAE's latents -> float32 images in [0, 1] on the latents' device, differentiable:
+    D(z / scaling_factor + shift_factor) (no shift for SD1.x/SDXL VAEs). ``one_at_a_time``: each image decoded
+    on its own, under a checkpoint when gradients are on (the decoder's activations of one image at a time)."""
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def run(z: Tensor) -> Tensor:
+        z = z.to(vae.device, vae.dtype) / scale
+        if shift:
+            z = z + shift
+        return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
+
+    if not one_at_a_time or latents.shape[0] == 1:
+        return run(latents)
+    if torch.is_grad_enabled():
+        return torch.cat([checkpoint(run, z, use_reentrant=False) for z in latents.split(1)])
+    return torch.cat([run(z) for z in latents.split(1)])
+
+
 class DiffusersModel:
     """Wraps a loaded pipeline; LoRA through peft on ``pipe.unet``. Text embeddings are cached per text."""
 
@@ -67,15 +87,7 @@ class DiffusersModel:
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> float32 images in [0, 1] on the latents' device, differentiable."""
-        def run(z: Tensor) -> Tensor:
-            z = z.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
-            return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
-
-        if not self.decode_one_at_a_time or latents.shape[0] == 1:
-            return run(latents)
-        if torch.is_grad_enabled():
-            return torch.cat([checkpoint(run, z, use_reentrant=False) for z in latents.split(1)])
-        return torch.cat([run(z) for z in latents.split(1)])
+        return decode_latents(self.vae, latents, self.decode_one_at_a_time)
 
     def add_lora(self, rank: int, alpha: float | None, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
         add_lora(self.unet, rank=rank, alpha=alpha, seed=seed)

@@ -24,11 +24,11 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ..lora import add_lora, load_lora_state_dict, set_lora_scale
 from ..lora.diffusers_export import diffusers_state_dict
 from ..sampling import FLOW_TIME_SCALE, FlowSchedule, classifier_free_guidance
+from .diffusers_model import decode_latents
 
 logger = logging.getLogger(__name__)
 
@@ -224,18 +224,7 @@ class FlowModel:
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> float32 images in [0, 1]: D(z / scaling + shift), differentiable."""
-        scale = float(self.vae.config.scaling_factor)
-        shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-
-        def run(z: Tensor) -> Tensor:
-            z = z.to(self.vae.device, self.vae.dtype) / scale + shift
-            return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
-
-        if not self.decode_one_at_a_time or latents.shape[0] == 1:
-            return run(latents)
-        if torch.is_grad_enabled():
-            return torch.cat([checkpoint(run, z, use_reentrant=False) for z in latents.split(1)])
-        return torch.cat([run(z) for z in latents.split(1)])
+        return decode_latents(self.vae, latents, self.decode_one_at_a_time)
 
     def add_lora(self, rank: int, alpha: float | None, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
         add_lora(self.transformer, rank=rank, alpha=alpha, seed=seed, target_modules=self.lora_targets)
