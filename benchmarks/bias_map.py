@@ -157,10 +157,23 @@ def section(r: dict, images: Path) -> list[str]:
             elif key in c["rows"][0]:
                 lines.append(head + " " + " | ".join(_pm(row[key]) for row in _columns(c)) + " |")
         lines.append("")
+    lines += _with_t(cells_)
     fig_path = _plot(cells_, images)
     if fig_path is not None:
         lines += [f"![share of the full-backprop gradient per step]({fig_path})", ""]
     return lines
+
+
+def _with_t(cells_: list[dict]) -> list[str]:
+    """One line per reward measured at several T (base LoRA): truncated K=2's recovered share at each T."""
+    out = []
+    for reward in dict.fromkeys(c["reward"] for c in cells_):
+        by_t = sorted((c["T"], row["along"]) for c in cells_ if c["reward"] == reward and c["state"] == "base"
+                      and c["differentiable"] for row in c["rows"] if row["estimator"] == "truncated_bp K=2")
+        if len(by_t) > 1:
+            out.append(f"- `{reward}`: truncated backprop K=2 recovers " + ", ".join(
+                f"{_pm(a)} at T={t}" for t, a in by_t) + " of full backprop's mean gradient.")
+    return ["**With the chain length T** (base LoRA):", "", *out, ""] if out else []
 
 
 def _plot(cells_: list[dict], images: Path) -> str | None:

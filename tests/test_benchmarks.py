@@ -392,3 +392,16 @@ def test_guard_cost_measures_every_case(tmp_path):
     report.render(tmp_path / "results", tmp_path / "docs" / "benchmarks.md")
     page = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## What the structure rewards and the KL guard cost" in page and "| rlr: size:0.4 |" in page
+
+
+def test_bias_map_lists_truncations_share_at_each_chain_length():
+    from benchmarks.bias_map import _with_t
+
+    def cell(t, along, state="base"):
+        return dict(reward="brightness", T=t, state=state, differentiable=True,
+                    rows=[dict(estimator="truncated_bp K=1", along=[0.9, 0.1]),
+                          dict(estimator="truncated_bp K=2", along=[along, 0.01])])
+
+    lines = _with_t([cell(50, 0.06), cell(10, 0.15), cell(20, 0.5, state="trained")])
+    assert any("0.15 ± 0.01 at T=10, 0.06 ± 0.01 at T=50" in line for line in lines), lines
+    assert _with_t([cell(20, 0.1)]) == []
