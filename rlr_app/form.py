@@ -15,11 +15,13 @@ from pathlib import Path
 from rlr_backend.choices import (ESTIMATOR_CHOICES, REWARD_ARGS, ConfigError, format_reward_spec, parse_reward_spec,
                                  reward_term)
 from rlr_backend.estimators import ESTIMATORS
+from rlr_backend.model_paths import DEFAULT_FLOW_MODEL_DIR, diffusers_folders
 from rlr_backend.rewards import REWARDS, make_reward
 from rlr_backend.train import TrainConfig
 from rlr_backend.train.prompts import parse_prompt_lines
 
 DEFAULT_MODEL = "default (embedded)"
+DEFAULT_FLOW_MODEL = "default-flow (embedded, flow matching)"
 CFG_FIELDS = {f.name: f for f in fields(TrainConfig)}
 MAIN_FIELDS = ("steps", "lr", "lora_rank", "seed", "eval_every")
 ADVANCED_FIELDS = ("batch_size", "images_per_prompt", "num_inference_steps", "eta", "guidance_scale", "h",
@@ -46,14 +48,9 @@ class Settings:
 
 # -- choices the server computes (never a user-typed path) ----------------------------------------
 def list_models(models_dir: Path | None) -> dict[str, Path | None]:
-    """Dropdown label -> model folder: the embedded default, then diffusers folders under ``models_dir``."""
-    out: dict[str, Path | None] = {DEFAULT_MODEL: None}
-    if models_dir is not None and models_dir.is_dir():
-        for index in sorted(models_dir.glob("*/model_index.json")) + sorted(models_dir.glob("*/*/model_index.json")):
-            rel = index.parent.relative_to(models_dir).as_posix()
-            if not any(part.startswith(".") for part in rel.split("/")):
-                out[rel] = index.parent
-    return out
+    """Dropdown label -> model folder: the embedded default, the embedded flow-matching default, then the
+    diffusers folders up to two levels under ``models_dir`` (``model_paths.diffusers_folders``)."""
+    return {DEFAULT_MODEL: None, DEFAULT_FLOW_MODEL: DEFAULT_FLOW_MODEL_DIR, **diffusers_folders(models_dir, depth=2)}
 
 
 def list_runs(output_dir: Path, with_lora: bool = False) -> list[str]:

@@ -18,6 +18,7 @@ from gradio_client import Client
 from gradio_client.exceptions import ValidationError
 
 import gradio_app as ga
+from rlr_app.form import DEFAULT_FLOW_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_every=2, eval_seeds=1,
@@ -160,10 +161,24 @@ def test_model_list_shows_folders_under_the_models_dir_only(tmp_path):
         (tmp_path / name / "model_index.json").write_text("{}")
     (tmp_path / "not-a-model").mkdir()
     models = ga.list_models(tmp_path)
-    assert list(models) == [ga.DEFAULT_MODEL, "sd-tiny", "nested/deep"]
+    assert list(models) == [ga.DEFAULT_MODEL, DEFAULT_FLOW_MODEL, "sd-tiny", "nested/deep"]
     (tmp_path / "sd-tiny" / "model_index.json").unlink()
     errors, _ = ga.check_form({**ga.form_defaults(), "model": "sd-tiny"}, ga.Settings(tmp_path / "o", tmp_path))
     assert "model" in errors
+
+
+def test_the_flow_default_is_in_the_model_list_and_trains_from_the_form(tmp_path):
+    """The embedded flow-matching default is offered next to the UNet default; picked in the form it gives its
+    folder, and one update trains (flow chain, transformer LoRA)."""
+    from rlr_backend.model_paths import DEFAULT_FLOW_MODEL_DIR
+    from rlr_backend.train import TrainConfig, Trainer
+
+    settings = ga.Settings(tmp_path / "o", None)
+    errors, kw = ga.check_form({**ga.form_defaults(), **TINY, "model": DEFAULT_FLOW_MODEL, "eval_every": 0}, settings)
+    assert not errors and kw["model"] == str(DEFAULT_FLOW_MODEL_DIR)
+    kw.update(steps=1, output_dir=settings.output_dir, run_name="flow")
+    result = Trainer(TrainConfig(**kw), progress=False).run()
+    assert result.steps_done == 1 and result.lora_path.is_file()
 
 
 def test_served_pictures_and_downloads_are_never_rewritten_in_place(tmp_path, monkeypatch):
