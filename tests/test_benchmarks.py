@@ -251,25 +251,6 @@ def test_default_run_background_colour_and_page():
     assert "(0.05, 0.06, 0.05) -> (0.05, 0.16, 0.05)" in page and "the 8 fixed-seed images" in page
 
 
-def test_bias_map_cell_and_page(tmp_path):
-    """One tiny cell of the truncation-bias map: every estimator row has its statistics, the per-step shares
-    add up to the full gradient along its own direction, and the page renders its tables and plot."""
-    from benchmarks import bias_map
-
-    cell = bias_map.measure(dict(reward="position:left", T=6, state="base"), batches=3, batch=2, train_updates=1)
-    names = [row["estimator"] for row in cell["rows"]]
-    assert names == ["truncated_bp K=1", "truncated_bp K=2", "truncated_bp K=3", "truncated_bp K=4",
-                     *bias_map.RLR_VARIANTS]
-    assert sum(cell["step_share"]) == pytest.approx(1.0)
-    for row in cell["rows"]:
-        assert all(math.isfinite(row[k][0]) for k in ("cos", "norm_ratio", "along"))
-    jpeg = bias_map.measure(dict(reward="jpeg_compressibility", T=6, state="base"), batches=1, batch=2,
-                            train_updates=1)
-    page = "\n".join(bias_map.section({"cells": [cell, jpeg], "budget": "quick", "seconds": 1}, tmp_path))
-    assert "| `position:left` | 6 | base |" in page and "n/a: not differentiable" in page
-    assert (tmp_path / "bench_bias_map.png").is_file()
-
-
 def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_path):
     """Orchestration with a stand-in trainer: every variant's rate is swept on seed 0, the other seeds train
     at the best rate, the guard variant borrows RLR's, a resumed suite trains nothing again, and the page
@@ -392,16 +373,3 @@ def test_guard_cost_measures_every_case(tmp_path):
     report.render(tmp_path / "results", tmp_path / "docs" / "benchmarks.md")
     page = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## What the structure rewards and the KL guard cost" in page and "| rlr: size:0.4 |" in page
-
-
-def test_bias_map_lists_truncations_share_at_each_chain_length():
-    from benchmarks.bias_map import _with_t
-
-    def cell(t, along, state="base"):
-        return dict(reward="brightness", T=t, state=state, differentiable=True,
-                    rows=[dict(estimator="truncated_bp K=1", along=[0.9, 0.1]),
-                          dict(estimator="truncated_bp K=2", along=[along, 0.01])])
-
-    lines = _with_t([cell(50, 0.06), cell(10, 0.15), cell(20, 0.5, state="trained")])
-    assert any("0.15 ± 0.01 at T=10, 0.06 ± 0.01 at T=50" in line for line in lines), lines
-    assert _with_t([cell(20, 0.1)]) == []

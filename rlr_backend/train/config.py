@@ -202,9 +202,12 @@ class TrainConfig:
             return self
         return replace(self, estimator="truncated_bp" if reward_differentiable else "rlr")
 
-    def flow_schedule_options(self) -> dict:
-        """The keyword options of a flow model's ``schedule`` (``models.flow_model.FlowModel.schedule``)."""
-        return {"kind": self.flow_step, "sde_window": self.sde_window}
+    def schedule_options(self, flow: bool) -> dict:
+        """The keyword options of the model's ``schedule(num_steps, ...)``: DDIM's ``eta``, or a flow model's
+        noise level, step kind and SDE window (``models.flow_model.FlowModel.schedule``)."""
+        if flow:
+            return {"eta": self.flow_eta, "kind": self.flow_step, "sde_window": self.sde_window}
+        return {"eta": self.eta}
 
     def check_model_options(self, flow: bool) -> None:
         """Refuse options of the other family of models, naming the option: DDIM's ``eta`` and

@@ -115,8 +115,7 @@ class Trainer:
         self.device = prepare_model(model, self.params, device=device, precision=config.precision,
                                     gradient_checkpointing=config.gradient_checkpointing,
                                     offload_text_encoders=config.offload_text_encoders)
-        self.schedule = model.schedule(config.num_inference_steps, config.flow_eta, **config.flow_schedule_options()) \
-            if flow else model.schedule(config.num_inference_steps, config.eta)
+        self.schedule = model.schedule(config.num_inference_steps, **config.schedule_options(flow))
         self.model = model.denoiser(config.guidance_scale)
         if should_stop is not None and not self.dp.enabled:  # stop within one model call (one process only)
             self.model = StopCheckingDenoiser(self.model, should_stop)
