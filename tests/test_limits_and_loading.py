@@ -133,7 +133,9 @@ def test_old_format_keys_are_left_to_the_library(tmp_path):
         old[k] = v
     assert old.keys() != state.keys()
     save_file(old, f)
-    assert load_cast_component(folder, "vae", AutoencoderKL, [f], torch.float16) is None
+    from rlr_backend.models.weights import header_tensors
+
+    assert load_cast_component(folder, "vae", AutoencoderKL, {f: header_tensors(f)}, torch.float16) is None
     pipe = load_pipeline(folder, dtype=torch.float16)
     ref = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True)
     assert all(torch.equal(a, b.half()) for a, b in zip(pipe.vae.state_dict().values(), ref.state_dict().values()))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..safe_io import InvalidModelFile
-from .weights import TORCH_DTYPES, assign_weights, empty_weights, read_tensors
+from .weights import assign_weights, empty_weights, header_tensors, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -49,45 +49,36 @@ def _build_on_meta(cls: Any, folder: Path) -> torch.nn.Module:
         return cls(AutoConfig.from_pretrained(str(folder), local_files_only=True))
 
 
-def _file_dtypes(files: list[Path]) -> dict[Path, dict[str, torch.dtype]]:
-    from ..safe_io import safetensors_header
-
-    return {f: {k: TORCH_DTYPES.get(v["dtype"], torch.uint8) for k, v in safetensors_header(f).items()}
-            for f in files}
-
-
-def _check_shapes(module: torch.nn.Module, files: list[Path]) -> None:
+def _check_shapes(module: torch.nn.Module, headers: dict[Path, dict[str, torch.Tensor]]) -> None:
     """Every tensor of the files has its module tensor's shape, or one line names the file, the key and both."""
-    from ..safe_io import safetensors_header
-
     want = {k: list(t.shape) for k, t in module.state_dict().items()}
-    for f in files:
-        for k, info in safetensors_header(f).items():
-            if k in want and list(info["shape"]) != want[k]:
-                raise InvalidModelFile(f"{f}: tensor {k!r} has shape {list(info['shape'])}; the component's "
+    for f, tensors in headers.items():
+        for k, t in tensors.items():
+            if k in want and list(t.shape) != want[k]:
+                raise InvalidModelFile(f"{f}: tensor {k!r} has shape {list(t.shape)}; the component's "
                                        f"config.json needs {want[k]}: the file and the config do not match")
 
 
-def load_cast_component(folder: Path, comp: str, cls: Any, files: list[Path], dtype: torch.dtype
-                        ) -> torch.nn.Module | None:
-    """``folder/comp`` built on the meta device and filled from ``files`` (its non-variant weights), floating
-    tensors cast to ``dtype`` one at a time; None when the files' keys are not the module's own (the
-    caller then lets the library load it)."""
+def load_cast_component(folder: Path, comp: str, cls: Any, headers: dict[Path, dict[str, torch.Tensor]],
+                        dtype: torch.dtype) -> torch.nn.Module | None:
+    """``folder/comp`` built on the meta device and filled from its non-variant weight files (``headers``: file ->
+    its tensors as meta tensors, :func:`~rlr_backend.models.weights.header_tensors`), floating tensors cast to
+    ``dtype`` one at a time; None when the files' keys are not the module's own (the caller then lets the
+    library load it)."""
     if getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_tied_weights_keys", None):
         return None
     module = _build_on_meta(cls, folder / comp)
     expected = set(module.state_dict())
-    dtypes = _file_dtypes(files)
-    found = {k for d in dtypes.values() for k in d}
+    found = {k for tensors in headers.values() for k in tensors}
     extra = {k for k in found - expected if not k.endswith(_DROPPED_BUFFERS)}
     if extra or expected - found:
         logger.debug("%s: %d file keys are not the module's own (%d missing); the library loads it",
                      comp, len(extra), len(expected - found))
         return None
-    _check_shapes(module, files)
+    _check_shapes(module, headers)
     state: dict[str, torch.Tensor] = {}
-    for f, keys in dtypes.items():
-        state.update(read_tensors(f, {k: dtype for k in keys if k in expected}))
+    for f, tensors in headers.items():
+        state.update(read_tensors(f, {k: dtype for k in tensors if k in expected}))
     assign_weights(module, state)
     return module.eval()
 
@@ -106,10 +97,10 @@ def load_cast_components(folder: Path, components: tuple[str, ...], dtypes: dict
         cls = _component_class(index, comp)
         if cls is None or not files:
             continue
-        file_dtypes = {d for per_file in _file_dtypes(files).values() for d in per_file.values() if d.is_floating_point}
-        if file_dtypes <= {dtype}:
+        headers = {f: header_tensors(f) for f in files}
+        if {t.dtype for h in headers.values() for t in h.values() if t.is_floating_point()} <= {dtype}:
             continue
-        module = load_cast_component(folder, comp, cls, files, dtype)
+        module = load_cast_component(folder, comp, cls, headers, dtype)
         if module is not None:
             out[comp] = module
             logger.debug("%s: read tensor by tensor into %s", comp, dtype)
