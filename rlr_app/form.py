@@ -15,7 +15,8 @@ from pathlib import Path
 from rlr_backend.choices import (ESTIMATOR_CHOICES, REWARD_ARGS, ConfigError, format_reward_spec, parse_reward_spec,
                                  reward_term)
 from rlr_backend.estimators import ESTIMATORS
-from rlr_backend.model_paths import DEFAULT_FLOW_MODEL_DIR, diffusers_folders
+from rlr_backend.model_defaults import DEFAULT_FIELDS, training_defaults
+from rlr_backend.model_paths import DEFAULT_FLOW_MODEL_DIR, diffusers_folders, is_flow_folder
 from rlr_backend.rewards import REWARDS, make_reward
 from rlr_backend.train import TrainConfig
 from rlr_backend.train.prompts import parse_prompt_lines
@@ -27,12 +28,18 @@ MAIN_FIELDS = ("steps", "lr", "lora_rank", "seed", "eval_every")
 ADVANCED_FIELDS = ("batch_size", "images_per_prompt", "num_inference_steps", "eta", "guidance_scale", "h",
                    "fo_steps", "zo_mode", "nu", "truncation", "chain_len", "grad_clip", "grad_accum", "lora_alpha",
                    "eval_seeds", "ckpt_every", "kl_weight", "kl_steps", "early_stop_drop")
+#: the options of flow-matching models (shown for them only); the SDE window is ``sde_start``/``sde_size``
+FLOW_FIELDS = ("image_size", "flow_step", "flow_eta")
+#: the DDIM options (SD1.x/SD2.x/SDXL only)
+DDIM_FIELDS = ("eta",)
 #: Form keys in the order of the Train event's inputs (gradio_client callers pass them positionally).
 #: ``w:<reward>`` is a reward's weight, ``a:<reward>`` the argument of a reward that takes one (position, size).
 FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), *(f"a:{r}" for r in REWARD_ARGS),
-                              "estimator", *MAIN_FIELDS, *ADVANCED_FIELDS, "ho_from", "ho_to")
+                              "estimator", *MAIN_FIELDS, *ADVANCED_FIELDS, "ho_from", "ho_to", *FLOW_FIELDS,
+                              "sde_start", "sde_size")
 LABELS = {"steps": "Steps (optimizer updates)", "lr": "Learning rate", "lora_rank": "LoRA rank",
-          "eval_every": "Refresh the gallery every N updates", "lora_alpha": "LoRA alpha (0: the rank)"}
+          "eval_every": "Refresh the gallery every N updates", "lora_alpha": "LoRA alpha (0: the rank)",
+          "image_size": "Image size in pixels (0: the model's, at most 512)", "eta": "Eta (DDIM)"}
 APP_DEFAULTS = {"eval_every": 5}  # the app evaluates more often than the CLI so the gallery moves
 # Held while models or rewards are built: diffusers' loaders patch torch.nn globally for a moment (new
 # parameters land on the "meta" device) and its lazy imports are not thread-safe, so two threads must
@@ -68,7 +75,25 @@ def _plain(path: Path) -> bool:
 
 
 def is_int_field(name: str) -> bool:
-    return CFG_FIELDS[name].type == "int"
+    return CFG_FIELDS[name].type in ("int", "int | None")
+
+
+def model_is_flow(label: str | None, settings: Settings) -> bool:
+    """Whether the model picked in the list samples on a flow-matching chain (its folder's model_index.json)."""
+    return is_flow_folder(list_models(settings.models_dir).get(label))
+
+
+def model_form_defaults(label: str | None, settings: Settings) -> dict[str, object]:
+    """The form fields whose defaults depend on the picked model (``model_defaults.training_defaults``: steps,
+    guidance, RLR's first-order steps), and the flow fields' own defaults; the app sets them when the model
+    changes."""
+    base = config_to_form(TrainConfig(), settings)
+    values = {k: base[k] for k in (*DEFAULT_FIELDS, *FLOW_FIELDS, "sde_start", "sde_size")}
+    try:
+        values.update(training_defaults(list_models(settings.models_dir).get(label)))
+    except ValueError:  # a damaged rlr_defaults.json: the form check names it when the run starts
+        pass
+    return values
 
 
 
@@ -88,6 +113,10 @@ def config_to_form(cfg: TrainConfig, settings: "Settings") -> dict[str, object]:
         values[name] = getattr(cfg, name)
     values["lora_alpha"] = cfg.lora_alpha or 0
     values["ho_from"], values["ho_to"] = cfg.ho_range or (0, 0)
+    for name in FLOW_FIELDS:
+        values[name] = getattr(cfg, name)
+    values["image_size"] = cfg.image_size or 0
+    values["sde_start"], values["sde_size"] = cfg.sde_window or (0, 0)
     return values
 
 
@@ -142,6 +171,7 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
         errors["model"] = f"model folder {model!r} is missing; press refresh"
     else:
         kw["model"] = None if models[model] is None else str(models[model])
+    flow = model in models and is_flow_folder(models[model])
     try:
         kw["prompts"] = tuple(parse_prompt_lines(values.get("prompts", "")))
     except ConfigError as e:
@@ -177,7 +207,11 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
         if (parts and est in ESTIMATORS and ESTIMATORS[est].needs_differentiable_reward
                 and not all(_differentiable(r) for r, _ in parts)):
             errors["estimator"] = f"{est} back-propagates the reward; choose differentiable rewards or rlr/ddpo/zo"
-    for name in (*MAIN_FIELDS, *ADVANCED_FIELDS):
+    # a family's own options only: DDIM eta for SD models, the flow options for flow-matching ones (the other
+    # family's fields are hidden in the page and keep their defaults)
+    names = [n for n in (*MAIN_FIELDS, *ADVANCED_FIELDS, *FLOW_FIELDS)
+             if not (n in DDIM_FIELDS and flow) and not (n in FLOW_FIELDS and not flow)]
+    for name in names:
         if "choices" in CFG_FIELDS[name].metadata:
             if values.get(name) not in CFG_FIELDS[name].metadata["choices"]:
                 errors[name] = f"choose one of {list(CFG_FIELDS[name].metadata['choices'])}"
@@ -190,17 +224,15 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
         if err:
             errors[name] = err
         kw[name] = x
-    if "lora_alpha" not in errors:
-        kw["lora_alpha"] = kw["lora_alpha"] or None
-    a, err_a = number(values.get("ho_from"), True)
-    b, err_b = number(values.get("ho_to"), True)
-    if err_a or err_b:
-        errors["ho_from" if err_a else "ho_to"] = err_a or err_b
-    elif a or b:
-        n = kw.get("num_inference_steps")
-        if not (isinstance(n, int) and 1 <= a <= b <= n):
-            errors["ho_from"] = f"need 1 <= from <= to <= sampling steps, got {a}..{b}"
-        kw["ho_range"] = (a, b)
+    for name in ("lora_alpha", "image_size"):  # 0: the default
+        if name in kw and name not in errors:
+            kw[name] = kw[name] or None
+    if flow:
+        _pair_field(values, "sde_start", "sde_size", "sde_window", errors, kw,
+                    lambda a, b: a >= 0 and b >= 1, "need start >= 0 and size >= 1 (0 and 0: every step)")
+    n = kw.get("num_inference_steps")
+    _pair_field(values, "ho_from", "ho_to", "ho_range", errors, kw,
+                lambda a, b: isinstance(n, int) and 1 <= a <= b <= n, "need 1 <= from <= to <= sampling steps")
     if not errors:
         try:
             TrainConfig(**kw, output_dir=settings.output_dir, run_name="check")
@@ -211,13 +243,25 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
     return errors, kw
 
 
+def _pair_field(values: dict, key_a: str, key_b: str, name: str, errors: dict, kw: dict, valid, rule: str) -> None:
+    """Two whole-number fields giving the tuple option ``name`` (0 and 0: not set)."""
+    a, err_a = number(values.get(key_a), True)
+    b, err_b = number(values.get(key_b), True)
+    if err_a or err_b:
+        errors[key_a if err_a else key_b] = err_a or err_b
+    elif a or b:
+        if not valid(a, b):
+            errors[key_a] = f"{rule}, got {a}, {b}"
+        kw[name] = (a, b)
+
+
 def form_key(field: str, parts: list[tuple[str, float]]) -> str:
     """The form key that shows a ``ConfigError`` of a TrainConfig field (the estimator's for settings with no
     field of their own)."""
     if field == "reward":
         return f"w:{parts[0][0]}" if parts else f"w:{next(iter(REWARDS))}"
-    if field == "ho_range":
-        return "ho_from"
+    if field in ("ho_range", "sde_window"):
+        return {"ho_range": "ho_from", "sde_window": "sde_start"}[field]
     return field if field in FORM_KEYS else "estimator"
 
 

@@ -18,7 +18,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from .choices import ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
-from .model_paths import check_model_path, is_flow_folder, read_flow_defaults
+from .model_defaults import training_defaults
+from .model_paths import check_model_path, is_flow_folder
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
@@ -161,11 +162,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if prompts:
         kw["prompts"] = tuple(prompts)
     flow = is_flow_folder(kw.get("model"))
-    if flow:  # a flow folder's own defaults (rlr_defaults.json) for what was not given
-        defaults = read_flow_defaults(kw["model"])
-        for name in ("num_inference_steps", "guidance_scale"):
-            if name in defaults and name not in kw:
-                kw[name] = defaults[name]
+    for name, value in training_defaults(kw.get("model")).items():  # the model kind's defaults, where not given
+        kw.setdefault(name, value)
     config = TrainConfig(**kw)
     check_model_path(config.model)
     config.check_model_options(flow)

@@ -265,3 +265,34 @@ def test_a_transformer_only_file_is_named_in_its_refusal(folders, arch, kind):
               "Z-Image": ["diffusion_model.layers.0.attention.qkv.weight", "diffusion_model.cap_embedder.0.weight"]}
     assert flow_transformer_kind(native[kind]) == kind
     assert flow_transformer_kind(["model.diffusion_model.input_blocks.0.0.weight"]) is None
+
+
+def test_training_defaults_per_model_kind_in_the_cli_and_the_app(folders, tmp_path):
+    """Each kind's steps and guidance (FLUX.1-schnell: 4 steps, RLR's first-order part shortened to fit), from
+    the folder's model_index.json and transformer config; an option given on the command line wins; the app's
+    form gets the same values for a folder in its list and passes only the picked family's options."""
+    from rlr_app.form import Settings, check_form, form_defaults, model_form_defaults
+    from rlr_backend.cli import build_config, train_parser
+    from rlr_backend.model_defaults import KIND_DEFAULTS, model_kind
+
+    kinds = {arch: model_kind(folders[arch]) for arch in ARCHS}
+    assert kinds == {"sd3": "sd3", "sd35": "sd3", "flux_dev": "flux-dev", "flux_schnell": "flux-schnell",
+                     "zimage": "zimage"}
+    assert model_kind(None) == "sd"
+    config = build_config(train_parser().parse_args(["--model", str(folders["flux_schnell"])]))
+    assert (config.num_inference_steps, config.guidance_scale, config.fo_steps) == (4, 0.0, 2)
+    config = build_config(train_parser().parse_args(["--model", str(folders["sd3"]), "--num-inference-steps", "7"]))
+    assert (config.num_inference_steps, config.guidance_scale) == (7, 4.5)
+    settings = Settings(tmp_path / "runs", models_dir=folders["sd3"].parent)
+    for arch in ("sd3", "flux_dev", "zimage"):
+        values = model_form_defaults(arch, settings)
+        assert {k: values[k] for k in KIND_DEFAULTS[kinds[arch]]} == KIND_DEFAULTS[kinds[arch]]
+    form = {**form_defaults(), **model_form_defaults("flux_dev", settings), "model": "flux_dev", "eta": 0.3,
+            "flow_step": "cps", "sde_start": 1, "sde_size": 2, "image_size": 32}
+    errors, kw = check_form(form, settings)
+    assert not errors and "eta" not in kw  # DDIM's eta is not a flow model's option: not passed
+    assert (kw["flow_step"], kw["sde_window"], kw["image_size"], kw["guidance_scale"]) == ("cps", (1, 2), 32, 3.5)
+    errors, kw = check_form({**form, "model": "default (embedded)"}, settings)
+    assert not errors and not {"flow_step", "sde_window", "image_size"} & set(kw) and kw["eta"] == 0.3
+    errors, _ = check_form({**form, "sde_start": 9, "sde_size": 2}, settings)
+    assert "must fit the 10 sampling steps" in errors["sde_start"]

@@ -10,7 +10,8 @@ from rlr_backend.choices import ESTIMATOR_CHOICES, POSITION_TARGETS, REWARD_ARGS
 from rlr_backend.estimators import ESTIMATORS
 from rlr_backend.rewards import REWARD_HELP, REWARDS
 
-from ..form import ADVANCED_FIELDS, CFG_FIELDS, DEFAULT_MODEL, FORM_KEYS, MAIN_FIELDS, is_model_reward, list_models
+from ..form import (ADVANCED_FIELDS, CFG_FIELDS, DDIM_FIELDS, DEFAULT_MODEL, FLOW_FIELDS, FORM_KEYS, MAIN_FIELDS,
+                    is_model_reward, list_models, model_form_defaults, model_is_flow)
 from .common import Page, config_component
 
 
@@ -18,6 +19,7 @@ from .common import Page, config_component
 class FormPanel:
     inputs: dict  # form key -> component
     model_refresh: gr.Button
+    flow_group: gr.Group  # the flow-matching options, shown for flow models only
 
     @property
     def components(self) -> list:
@@ -53,9 +55,18 @@ def build(page: Page) -> FormPanel:
             help_ho = CFG_FIELDS["ho_range"].metadata["help"] + "; 0 and 0: anywhere"
             inputs["ho_from"] = gr.Number(d["ho_from"], label="HO step range: from", info=help_ho, step=1)
             inputs["ho_to"] = gr.Number(d["ho_to"], label="HO step range: to", step=1)
+        with gr.Group(visible=model_is_flow(DEFAULT_MODEL, page.settings)) as flow_group:
+            gr.Markdown("Flow-matching models (SD3/SD3.5, FLUX.1, Z-Image)")
+            with gr.Row():
+                for name in FLOW_FIELDS:
+                    inputs[name] = config_component(page, name)
+            with gr.Row():
+                help_sde = CFG_FIELDS["sde_window"].metadata["help"] + "; 0 and 0: every step"
+                inputs["sde_start"] = gr.Number(d["sde_start"], label="SDE window: start", info=help_sde, step=1)
+                inputs["sde_size"] = gr.Number(d["sde_size"], label="SDE window: size", step=1)
     for key, comp in inputs.items():
         comp.elem_id = "f-" + key.replace(":", "-")  # stable handles for browser tests and custom CSS
-    return FormPanel(inputs, model_refresh)
+    return FormPanel(inputs, model_refresh, flow_group)
 
 
 def _rewards(d: dict, inputs: dict) -> None:
@@ -86,5 +97,14 @@ def wire(page: Page, panel: FormPanel) -> None:
         names = list(list_models(page.settings.models_dir))
         return gr.Dropdown(choices=names, value=current if current in names else DEFAULT_MODEL)
 
+    keys = list(model_form_defaults(DEFAULT_MODEL, page.settings))
+
+    def model_changed(label):
+        """The picked model's steps, guidance and options; its family's fields shown, the other's hidden."""
+        flow, values = model_is_flow(label, page.settings), model_form_defaults(label, page.settings)
+        return [values[k] for k in keys] + [gr.Group(visible=flow)] + [gr.Number(visible=not flow)] * len(DDIM_FIELDS)
+
     model = panel.inputs["model"]
     panel.model_refresh.click(refresh_models, model, model, api_name="refresh_models")
+    model.input(model_changed, model, [panel.inputs[k] for k in keys] + [panel.flow_group]
+                + [panel.inputs[k] for k in DDIM_FIELDS], api_name="model_defaults")

@@ -9,7 +9,7 @@ import gradio as gr
 from rlr_backend.train import TrainConfig
 from rlr_backend.train.runner import RunInProgress
 
-from ..form import FORM_KEYS, check_form, config_to_form, new_run_name
+from ..form import DDIM_FIELDS, FORM_KEYS, check_form, config_to_form, model_is_flow, new_run_name
 from ..render import before_vs_now, curve_image, png_file, scrub, stage_downloads, status_html
 from .common import Page, name_parameters
 from .form_panel import FormPanel
@@ -143,9 +143,11 @@ def wire_page_load(page: Page, demo: gr.Blocks, form: FormPanel, live: Live) -> 
     def restore_form():
         job = page.manager.job
         if job is None:
-            return [gr.skip()] * len(FORM_KEYS)
+            return [gr.skip()] * (len(FORM_KEYS) + 1 + len(DDIM_FIELDS))
         values = config_to_form(job.runs[0].config, page.settings)
-        return [values[k] for k in FORM_KEYS]
+        flow = model_is_flow(values["model"], page.settings)
+        return [values[k] for k in FORM_KEYS] + [gr.Group(visible=flow)] + [gr.Number(visible=not flow)] * len(DDIM_FIELDS)
 
     demo.load(watch, None, live.outputs, api_name="watch", concurrency_limit=None, show_progress="hidden")
-    demo.load(restore_form, None, form.components, api_visibility="private", show_progress="hidden")
+    demo.load(restore_form, None, form.components + [form.flow_group] + [form.inputs[k] for k in DDIM_FIELDS],
+              api_visibility="private", show_progress="hidden")

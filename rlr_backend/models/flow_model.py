@@ -105,7 +105,8 @@ class SD3Denoiser(FlowDenoiser):
 class FlowModel:
     """Shared parts of the flow-matching ``TrainableModel`` adapters (see the module docstring).
 
-    ``image_size`` (pixels, a multiple of 16) overrides the pipeline's default resolution; ``defaults`` is a
+    ``image_size`` (pixels, a multiple of 16) overrides the default resolution (the pipeline's, at most
+    ``train_size``: reward fine-tuning of the 1024-px models runs at 512 px, as Flow-GRPO does); ``defaults`` is a
     folder's ``rlr_defaults.json`` (``max_sequence_length``, ``shift``, ``base_model_version``), read by the
     loader into ``pipe.rlr_defaults``. A ``shift`` there replaces the pipeline's scheduler by one with that
     shift (so diffusers' own sampling of the pipeline uses it too)."""
@@ -119,6 +120,8 @@ class FlowModel:
     pipeline_sigmas = False
     text_encoder_names: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     default_max_sequence_length = 256
+    #: the largest default resolution (pixels); ``image_size`` goes above it
+    train_size = 512
     #: key prefix of the exported LoRA (``lora.diffusers_export``): the one both diffusers and ComfyUI map
     lora_prefix = "transformer."
 
@@ -136,7 +139,7 @@ class FlowModel:
             enc.requires_grad_(False)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         size = image_size if image_size is not None else getattr(pipe, "rlr_image_size", None)
-        self.image_size = int(size) if size is not None else self.native_image_size()
+        self.image_size = int(size) if size is not None else min(self.native_image_size(), self.train_size)
         multiple = self.vae_scale_factor * self.patch_size
         if self.image_size < multiple or self.image_size % multiple:
             raise ValueError(f"image_size must be a positive multiple of {multiple} pixels for this "

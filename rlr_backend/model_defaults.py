@@ -1,0 +1,66 @@
+"""Training defaults per model kind (plain Python, no torch): what a run uses for the sampling steps, the
+guidance and the RLR split when the user does not say, for the CLI and the app alike.
+
+The kind comes from a diffusers folder's model_index.json (FLUX.1-dev and -schnell apart by the transformer's
+guidance embedding). The values follow the reward fine-tuning practice of the flow-matching peers
+(Flow-GRPO, Flow-Factory: ~10 training steps and the model's usual guidance, at 512 px; see
+docs/flow_models.md); the resolution itself is the adapters' (``models.flow_model.FlowModel.train_size``).
+A folder's own ``rlr_defaults.json`` (the embedded flow default has one) overrides the table. SD1.x/SD2.x/SDXL
+and the embedded UNet default keep ``TrainConfig``'s defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .model_paths import FLOW_PIPELINES, read_flow_defaults, read_model_index, resolve_model_name
+
+#: model kind -> TrainConfig fields it changes from TrainConfig's defaults
+KIND_DEFAULTS: dict[str, dict[str, object]] = {
+    "sd": {},
+    "sdxl": {},
+    # SD3 / SD3.5: real CFG; Flow-GRPO trains SD3.5-M with 10 steps at CFG 4.5
+    "sd3": {"num_inference_steps": 10, "guidance_scale": 4.5},
+    # FLUX.1-dev: the guidance value goes into its guidance embedding (no CFG pass); Flow-GRPO/Flow-Factory 3.5
+    "flux-dev": {"num_inference_steps": 10, "guidance_scale": 3.5},
+    # FLUX.1-schnell: distilled to 1-4 steps, no guidance; RLR's first-order part shortened to fit 4 steps
+    "flux-schnell": {"num_inference_steps": 4, "guidance_scale": 0.0, "fo_steps": 2},
+    # Z-Image-Turbo (the released checkpoint): no CFG, few steps (Flow-Factory's example: 6 steps, guidance 0)
+    "zimage": {"num_inference_steps": 6, "guidance_scale": 0.0},
+}
+#: the fields a kind may set (the app updates these form fields when the model changes)
+DEFAULT_FIELDS: tuple[str, ...] = ("num_inference_steps", "guidance_scale", "fo_steps")
+_PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                   "StableDiffusion3Pipeline": "sd3", "ZImagePipeline": "zimage"}
+
+
+def model_kind(model: str | Path | None) -> str:
+    """The kind of a model given as the CLI/app give it (None: the embedded UNet default; a name such as
+    ``default-flow``; a diffusers folder; a single file -> ``sd``, whose kind the loader resolves)."""
+    path = resolve_model_name(model)
+    if path is None:
+        return "sd"
+    index = read_model_index(path) or {}
+    cls = index.get("_class_name")
+    if cls == "FluxPipeline":
+        return "flux-dev" if _guidance_embeds(Path(path)) else "flux-schnell"
+    return _PIPELINE_KINDS.get(cls, "sd")
+
+
+def _guidance_embeds(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # the loader reports a damaged folder; dev is the common FLUX.1
+    return bool(isinstance(config, dict) and config.get("guidance_embeds", False))
+
+
+def training_defaults(model: str | Path | None) -> dict[str, object]:
+    """The TrainConfig fields whose default depends on the model: the kind's table, then the folder's
+    ``rlr_defaults.json`` (for flow folders). Raises ValueError naming a damaged rlr_defaults.json."""
+    out = dict(KIND_DEFAULTS[model_kind(model)])
+    path = resolve_model_name(model)
+    if path is not None and (read_model_index(path) or {}).get("_class_name") in FLOW_PIPELINES:
+        out.update({k: v for k, v in read_flow_defaults(path).items() if k in DEFAULT_FIELDS})
+    return out
