@@ -284,6 +284,17 @@ def test_bad_input_is_refused_before_anything_starts(app):
     assert runs_in(app["out"]) == before
 
 
+def test_picking_a_model_sets_its_defaults_and_shows_its_options(app):
+    """The model dropdown's event: the kind's steps and guidance (here the flow default's rlr_defaults.json),
+    the flow options' group shown and DDIM's eta hidden for a flow model, the reverse for the UNet default."""
+    client = Client(app["url"], verbose=False)
+    flow = client.predict(DEFAULT_FLOW_MODEL, api_name="/model_defaults")
+    unet = client.predict(ga.DEFAULT_MODEL, api_name="/model_defaults")
+    assert flow[:3] == unet[:3] == (20, 4.0, 4)  # steps, guidance, fo_steps: both defaults use TrainConfig's
+    assert flow[3:8] == (0, "flow_sde", 0.7, 0, 0)  # image size, step kind, flow eta, SDE window
+    assert flow[-1]["visible"] is False and unet[-1]["visible"] is True  # DDIM eta (the group has no value)
+
+
 def test_compare_tab_and_compare_estimators(app):
     client = Client(app["url"], verbose=False)
     final = client.submit(*form(steps=2), "ddpo", api_name="/compare_estimators").result()
