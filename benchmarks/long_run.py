@@ -13,6 +13,9 @@ rewards are not inflated by selection. Reported per reward and T:
 
     python -m benchmarks.run --only longrun [--suite full]     # resumable: a killed run continues from its
                                                                # last evaluation (see efficiency.work_dir)
+
+``--only flowrun`` runs the same suite on the flow-matching default (``default-flow``): shorter (60 updates,
+T=20), the structure rewards, RLR / DDPO / truncated backprop, each at the best of two learning rates.
 """
 
 from __future__ import annotations
@@ -42,11 +45,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 SHARES_LR = {"rlr + kl": "rlr"}
 
 
-def settings(quick: bool) -> dict:
+#: the flow-matching default's model option (``--only flowrun``)
+FLOW_MODEL = "default-flow"
+
+
+def settings(quick: bool, flow: bool = False) -> dict:
     if quick:
         return {"rewards": ["position:left"], "Ts": [6], "updates": 4, "eval_every": 2, "batch": 2,
                 "images_per_prompt": 2, "eval_seeds": 2, "seeds": [0, 1], "lrs": [1e-3, 3e-3],
-                "variants": ["rlr", "truncated_bp", "rlr + kl"]}
+                "variants": ["rlr", "truncated_bp", "rlr + kl"], **({"model": FLOW_MODEL} if flow else {})}
+    if flow:  # an RLR update costs ~4x a sample on default-flow: the structure rewards at T=20, 60 updates
+        return {"rewards": ["position:left", "size:0.4"], "Ts": [20], "updates": 60, "eval_every": 10, "batch": 8,
+                "images_per_prompt": 4, "eval_seeds": 2, "seeds": [0, 1, 2], "lrs": [1e-3, 3e-3],
+                "variants": ["rlr", "ddpo", "truncated_bp"], "model": FLOW_MODEL}
     return {"rewards": ["position:left", "size:0.4", "brightness"], "Ts": [20, 50], "updates": 300,
             "eval_every": 25, "batch": 8, "images_per_prompt": 4, "eval_seeds": 2, "seeds": [0, 1, 2],
             "lrs": [1e-3, 3e-3, 3e-4], "variants": list(VARIANTS)}  # rates in the order they are tried
@@ -64,10 +75,11 @@ def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | No
     return max(tried, key=tried.get) if tried else None
 
 
-def run_suite(quick: bool, *, done: list | None = None, save=None, variants: list[str] | None = None) -> dict:
+def run_suite(quick: bool, *, done: list | None = None, save=None, variants: list[str] | None = None,
+              flow: bool = False) -> dict:
     """Train what is not in ``done``; ``variants`` restricts the suite to some variants, so two processes can
-    share the work (their result files are merged by the page)."""
-    cfg = settings(quick)
+    share the work (their result files are merged by the page); ``flow``: on ``default-flow``."""
+    cfg = settings(quick, flow)
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
@@ -80,8 +92,9 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
         if (reward, T, variant, lr, seed) in have:
             return
         estimator, overrides = VARIANTS[variant]
+        model = {"model": cfg["model"]} if "model" in cfg else {}
         run = train_curve(estimator, reward, seed, cfg["updates"], cfg["eval_every"], cfg["batch"],
-                          cfg["images_per_prompt"], T, tmp, lr=lr, overrides=overrides, tag=f"-{variant}",
+                          cfg["images_per_prompt"], T, tmp, lr=lr, overrides={**overrides, **model}, tag=f"-{variant}",
                           heldout_seed=HELDOUT_SEED, eval_seeds=cfg["eval_seeds"])
         name = run.pop("run_name")
         runs.append({**run, "variant": variant, "T": T})
@@ -90,7 +103,7 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
             save({"settings": cfg, "runs": runs})
         forget(tmp, name)
 
-    tmp = work_dir("longrun-quick" if quick else "longrun")  # a killed run resumes from its last evaluation
+    tmp = work_dir(("flowrun" if flow else "longrun") + ("-quick" if quick else ""))  # a killed run resumes from its last evaluation
     for reward in cfg["rewards"]:
         differentiable = make_reward(reward).differentiable
         for T in cfg["Ts"]:
@@ -156,12 +169,15 @@ def _reach(values: list) -> str:
     return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
 
 
-def section(r: dict, images: Path) -> list[str]:
+def section(r: dict, images: Path, flow: bool = False) -> list[str]:
     rows = summarize(r)
     cfg = r["settings"]
-    lines = ["## Long runs: rewards that need early changes, stability, guards", "",
-             f"`python -m benchmarks.run --only longrun` ({r.get('budget', '?')}; {r.get('seconds', 0) / 3600:.1f} h "
-             f"so far). Embedded default model, {cfg['updates']} updates x batch {cfg['batch']}, learning rate the best of "
+    title = ("## The structure rewards on the flow-matching default (`default-flow`)" if flow else
+             "## Long runs: rewards that need early changes, stability, guards")
+    lines = [title, "",
+             f"`python -m benchmarks.run --only {'flowrun' if flow else 'longrun'}` ({r.get('budget', '?')}; "
+             f"{r.get('seconds', 0) / 3600:.1f} h so far). {'`default-flow`' if flow else 'Embedded default model'}, "
+             f"{cfg['updates']} updates x batch {cfg['batch']}, learning rate the best of "
              f"{cfg['lrs']} on seed 0 (the `+ kl` guard uses RLR's), evaluations every {cfg['eval_every']} updates. "
              "Rewards are measured on held-out seed set B; the best-LoRA guard selects on set A. "
              "*kept*: the set-B reward of the LoRA the guard keeps. *share of peak kept*: (end - start) / (peak - start) "
@@ -175,11 +191,15 @@ def section(r: dict, images: Path) -> list[str]:
                      f"{x['final_mean']:.3f} ({x['final_min']:.3f}, {x['final_max']:.3f}) | {x['kept_mean']:.3f} | "
                      f"{x['share_kept_mean']:.2f} ({x['share_kept_min']:.2f}) | {_reach(x['images_to_level'])} | "
                      f"{_reach(x['cpu_to_level'])} | {x['cpu_per_run']:.0f} | {x['diversity_change']:+.0%} |")
-    plot = _plot(r, images)
+    plot = _plot(r, images, "flowrun" if flow else "longrun")
     return lines + ([""] + [f"![{p}](images/{p})" for p in plot] if plot else []) + [""]
 
 
-def _plot(r: dict, images: Path) -> list[str]:
+def flow_section(r: dict, images: Path) -> list[str]:
+    return section(r, images, flow=True)
+
+
+def _plot(r: dict, images: Path, prefix: str = "longrun") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,7 +227,7 @@ def _plot(r: dict, images: Path) -> list[str]:
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{reward}, T={T} (mean over seeds)")
         fig.tight_layout()
-        name = f"bench_longrun_{reward.replace(':', '_').replace('.', '')}_T{T}.png"
+        name = f"bench_{prefix}_{reward.replace(':', '_').replace('.', '')}_T{T}.png"
         images.mkdir(parents=True, exist_ok=True)
         fig.savefig(images / name)
         plt.close(fig)

@@ -32,7 +32,7 @@ from . import bias_map, cost, efficiency, long_run, quality, report, scaling
 from .common import machine
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = ("cost", "quality", "efficiency", "collapse", "scaling", "bias", "longrun", "memory")
+SUITES = ("cost", "quality", "efficiency", "collapse", "scaling", "bias", "longrun", "flowrun", "memory")
 
 
 def run_memory_model(budget: str, threads: int) -> Path:
@@ -50,7 +50,7 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
     share the work: ``--only efficiency --rewards prompt_alignment`` and ``... jpeg_compressibility``)."""
     if suite == "efficiency" and len(rewards) == 1:
         path = RESULTS / f"{suite}-{budget}-{rewards[0]}.json"
-    elif suite == "longrun" and variants:
+    elif suite in ("longrun", "flowrun") and variants:
         path = RESULTS / f"{suite}-{budget}-{'-'.join(v.replace(' ', '').replace('+', '_') for v in variants)}.json"
     else:
         path = RESULTS / f"{suite}-{budget}.json"
@@ -63,12 +63,13 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
     def save(data: dict) -> None:
         save_json({**meta, "seconds": time.perf_counter() - t0, "load_at_end": os.getloadavg()[0], **data}, path)
 
-    if suite in ("efficiency", "collapse", "bias", "longrun"):  # resumable: runs already saved are kept
+    if suite in ("efficiency", "collapse", "bias", "longrun", "flowrun"):  # resumable: runs already saved are kept
         saved = json.loads(path.read_text()) if path.is_file() else {}
         if suite == "bias":
             data = bias_map.run_suite(quick, done=saved.get("cells", []), save=save)
-        elif suite == "longrun":
-            data = long_run.run_suite(quick, done=saved.get("runs", []), save=save, variants=list(variants))
+        elif suite in ("longrun", "flowrun"):
+            data = long_run.run_suite(quick, done=saved.get("runs", []), save=save, variants=list(variants),
+                                      flow=suite == "flowrun")
         else:
             done = saved.get("runs", [])
             data = (efficiency.run_suite(quick, done=done, save=save, rewards=rewards) if suite == "efficiency"

@@ -257,7 +257,7 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     reports the peak-gain share from the held-out set (which rises then falls for truncated_bp here)."""
     from benchmarks import long_run
 
-    calls = []
+    calls, models = [], []
     ends = {("rlr", 1e-3): 0.8, ("rlr", 3e-3): 0.9, ("truncated_bp", 1e-3): 0.7, ("truncated_bp", 3e-3): 0.6,
             ("rlr + kl", 3e-3): 0.85}
 
@@ -265,6 +265,7 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
               heldout_seed=None, eval_seeds=2):
         variant = tag[1:]
         calls.append((variant, lr, seed))
+        models.append((overrides or {}).get("model"))
         end = ends[(variant, lr)]
         shape = [0.0, 0.5, 1.0] if variant != "truncated_bp" else [0.0, 1.0, 0.5]  # truncated_bp peaks early
         return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0, "run_name": "r",
@@ -290,6 +291,11 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     page = "\n".join(long_run.section({**result, "budget": "quick", "seconds": 10}, tmp_path))
     assert "| `position:left` | 6 | rlr | 0.003 | 2 |" in page
     assert (tmp_path / "bench_longrun_position_left_T6.png").is_file()
+    assert set(models) == {None}
+    flow = long_run.run_suite(True, flow=True)  # the same suite on default-flow: every run gets the model
+    assert set(models[-len(flow["runs"]):]) == {"default-flow"} and len(flow["runs"]) == len(result["runs"])
+    page = "\n".join(long_run.flow_section({**flow, "budget": "quick", "seconds": 10}, tmp_path))
+    assert "flow-matching default" in page and (tmp_path / "bench_flowrun_position_left_T6.png").is_file()
 
 
 def test_f_distribution_tail_matches_tables():

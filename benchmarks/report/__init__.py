@@ -26,7 +26,7 @@ def render(results: Path, out: Path) -> None:
     lines += headline_section(results)
     sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,
                 "collapse": collapse_section, "scaling": scaling_section, "bias": bias_map.section,
-                "longrun": long_run.section}
+                "longrun": long_run.section, "flowrun": long_run.flow_section}
     for suite, fn in sections.items():
         r = _load(results, suite)
         lines += fn(r, images) if r else [f"## {suite}", "", f"(no results yet: `python -m benchmarks.run --only {suite}`)", ""]
