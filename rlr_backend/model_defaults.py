@@ -28,11 +28,14 @@ KIND_DEFAULTS: dict[str, dict[str, object]] = {
     "flux-schnell": {"num_inference_steps": 4, "guidance_scale": 0.0, "fo_steps": 2},
     # Z-Image-Turbo (the released checkpoint): no CFG, few steps (Flow-Factory's example: 6 steps, guidance 0)
     "zimage": {"num_inference_steps": 6, "guidance_scale": 0.0},
+    # Qwen-Image: the value is the pipeline's true_cfg_scale (real CFG with the per-token norm rescale, see
+    # models.qwenimage_model); Flow-GRPO and Flow-Factory train it with 10 steps at CFG 4
+    "qwen-image": {"num_inference_steps": 10, "guidance_scale": 4.0},
 }
 #: the fields a kind may set (the app updates these form fields when the model changes)
 DEFAULT_FIELDS: tuple[str, ...] = ("num_inference_steps", "guidance_scale", "fo_steps")
 _PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-                   "StableDiffusion3Pipeline": "sd3", "ZImagePipeline": "zimage"}
+                   "StableDiffusion3Pipeline": "sd3", "ZImagePipeline": "zimage", "QwenImagePipeline": "qwen-image"}
 
 
 def model_kind(model: str | Path | None) -> str:

@@ -26,7 +26,7 @@ DEFAULT_FLOW_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_f
 #: so a test can point it elsewhere)
 MODEL_ALIASES: dict[str, str] = {"default-flow": "DEFAULT_FLOW_MODEL_DIR"}
 #: diffusers pipelines that sample on a flow-matching chain (``models.flow_model``)
-FLOW_PIPELINES: tuple[str, ...] = ("StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline")
+FLOW_PIPELINES: tuple[str, ...] = ("StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline", "QwenImagePipeline")
 #: a flow folder's own defaults (max_sequence_length, num_inference_steps, guidance_scale, shift), read when present
 FLOW_DEFAULTS_FILE = "rlr_defaults.json"
 

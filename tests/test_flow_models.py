@@ -1,4 +1,4 @@
-"""Flow-matching models (SD3 / SD3.5, FLUX.1, Z-Image) as ``TrainableModel``s, on tiny random-weight folders.
+"""Flow-matching models (SD3 / SD3.5, FLUX.1, Z-Image, Qwen-Image) as ``TrainableModel``s, on tiny random-weight folders.
 
 Checked against diffusers itself: the deterministic chain (eta = 0) reproduces each pipeline's own sampling loop,
 and an exported LoRA loads with ``load_lora_weights`` into every adapted module and gives the trained model's
@@ -23,7 +23,7 @@ from rlr_backend.models.tiny_flow_pipelines import save_tiny_flow_pipeline
 from rlr_backend.safe_io import InvalidModelFile
 from rlr_backend.sampling import FlowSchedule, PromptSchedule, sample_chain
 
-ARCHS = ("sd3", "sd35", "flux_dev", "flux_schnell", "zimage")
+ARCHS = ("sd3", "sd35", "flux_dev", "flux_schnell", "zimage", "qwenimage")
 SEQ = 16  # text tokens (T5 / Qwen) in these tests: the tiny tokenizers' length
 
 
@@ -40,9 +40,14 @@ def _model(folder):
 
 
 def _diffusers_latents(m, arch, x_T, steps, guidance):
-    """The pipeline's own sampling loop from ``x_T`` (output_type latent), unpacked for FLUX."""
+    """The pipeline's own sampling loop from ``x_T`` (output_type latent), unpacked for FLUX and Qwen-Image
+    (whose guidance is ``true_cfg_scale`` with the empty negative prompt)."""
     kw = dict(height=32, width=32, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
               max_sequence_length=SEQ)
+    if arch == "qwenimage":
+        kw.update(guidance_scale=None, true_cfg_scale=guidance, negative_prompt="")
+        out = m.pipe("a red circle", latents=pack_latents(x_T[:, :, 0]), **kw).images
+        return unpack_latents(out, *x_T.shape[3:]).unsqueeze(2)
     if arch.startswith("flux"):
         out = m.pipe("a red circle", latents=pack_latents(x_T), **kw).images
         return unpack_latents(out, *x_T.shape[2:])
@@ -50,7 +55,7 @@ def _diffusers_latents(m, arch, x_T, steps, guidance):
 
 
 @pytest.mark.parametrize("arch,guidance", [("sd3", 4.0), ("sd35", 4.0), ("flux_dev", 3.5), ("flux_schnell", 0.0),
-                                           ("zimage", 3.0)])
+                                           ("zimage", 3.0), ("qwenimage", 4.0)])
 def test_deterministic_chain_equals_the_pipeline(folders, arch, guidance):
     """eta = 0 makes every flow step the Euler step the scheduler takes: our chain (time convention, packing,
     guidance, shift, conditioning) must land on the pipeline's latents."""
@@ -80,6 +85,55 @@ def test_flux_packing_round_trips_and_schedule_shifts(folders):
     assert window.sde_steps == (1, 2) and window.kind == "cps"
 
 
+def test_qwenimage_schedule_text_padding_guidance_and_decode(folders):
+    """Qwen-Image's pieces one by one: the dynamic shift then the shift_terminal stretch; a batch of texts of
+    different lengths (padded, masked) gives each text's own velocity; the guidance is the norm-rescaled true CFG;
+    5-D latents decode as the pipeline decodes them; a guidance-distilled transformer is refused in one line."""
+    from rlr_backend.models.loader import model_for_pipeline
+    from rlr_backend.sampling import classifier_free_guidance, norm_rescaled_guidance
+
+    m = _model(folders["qwenimage"])
+    assert m.latent_shape == (4, 1, 8, 8) and m.image_seq_len() == 16
+    mu = 0.5 + (16 - 256) * (0.9 - 0.5) / (8192 - 256)  # 4x4 tokens, the released scheduler's 256 -> 8192, 0.5 -> 0.9
+    lin = torch.tensor([1.0, 2 / 3, 1 / 3], dtype=torch.float64)
+    shifted = math.exp(mu) / (math.exp(mu) + 1 / lin - 1)
+    stretched = 1 - (1 - shifted) / ((1 - shifted[-1]) / (1 - 0.02))  # shift_terminal: the last sigma becomes 0.02
+    torch.testing.assert_close(m.schedule(3, 0.0).sigmas[:-1], stretched)
+
+    texts = ["a red circle", "a blue square on the background"]
+    lengths = [e[0].shape[0] for e in m.encode(texts + [""])]
+    assert len(set(lengths)) == 3  # variable lengths: the batch below is padded and masked
+    x = torch.randn((2, *m.latent_shape), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        den = m.denoiser(4.0)
+        both = den(x, 600.0, m.conditioning(texts))
+        alone = torch.cat([den(x[i:i + 1], 600.0, m.conditioning(texts[i:i + 1])) for i in range(2)])
+        plain = m.denoiser(1.0)
+        cond, uncond = plain(x, 600.0, m.conditioning(texts)), plain(x, 600.0, m.conditioning(["", ""]))
+    torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both, den.guide(uncond, cond, 4.0), atol=1e-5, rtol=1e-5)
+    packed = pack_latents(both[:, :, 0])
+    torch.testing.assert_close(packed.norm(dim=-1), pack_latents(cond[:, :, 0]).norm(dim=-1))  # per-token rescale
+    assert (both - classifier_free_guidance(uncond, cond, 4.0)).abs().max() > 1e-2  # not the plain CFG
+    u, c = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    torch.testing.assert_close(norm_rescaled_guidance(u, c, 1.0), c)
+
+    x_T = torch.randn((1, *m.latent_shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        final = sample_chain(m.denoiser(4.0), m.schedule(3, 0.0), PromptSchedule.constant(m.conditioning(texts[:1]), 3),
+                             x_T).final
+        ours = m.decode(final)
+        ref = m.pipe(texts[0], negative_prompt="", true_cfg_scale=4.0, latents=pack_latents(x_T[:, :, 0]), height=32,
+                     width=32, num_inference_steps=3, output_type="pt", max_sequence_length=SEQ).images
+    assert ours.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+    m.pipe.transformer.register_to_config(guidance_embeds=True)
+    with pytest.raises(ValueError, match="guidance-distilled .* not supported") as err:
+        model_for_pipeline(m.pipe)
+    assert "\n" not in str(err.value)
+
+
 def _random_lora(m, seed=0):
     m.add_lora(2, 4.0, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -89,7 +143,7 @@ def _random_lora(m, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-@pytest.mark.parametrize("arch", ["sd35", "flux_dev", "zimage"])
+@pytest.mark.parametrize("arch", ["sd35", "flux_dev", "zimage", "qwenimage"])
 def test_lora_export_loads_in_diffusers_and_back(folders, arch, tmp_path):
     """The exported file (diffusers keys, scale alpha/rank = 2 folded in) adapts every module in diffusers'
     ``load_lora_weights`` and gives the trained model's velocity; our loader reads it back to the same."""
@@ -149,7 +203,8 @@ def _train_config(folder, tmp_path, estimator, **kw):
 @pytest.mark.parametrize("arch,estimator,kw", [("sd3", "rlr", {}), ("sd3", "truncated_bp", {"flow_step": "cps"}),
                                                ("flux_dev", "rlr", {"flow_step": "dance_sde", "flow_eta": 0.3}),
                                                ("zimage", "truncated_bp", {"sde_window": (0, 2)}),
-                                               ("zimage", "ddpo", {"flow_step": "cps", "skip_deterministic": True})])
+                                               ("zimage", "ddpo", {"flow_step": "cps", "skip_deterministic": True}),
+                                               ("qwenimage", "rlr", {})])
 def test_one_training_update(folders, tmp_path, arch, estimator, kw):
     """One optimizer update through the trainer changes the LoRA and reports finite metrics; the time ratio to a
     no-grad sample of the same batch is printed (pytest -s), not asserted."""
@@ -227,6 +282,11 @@ def test_flow_folder_missing_a_component_is_named(folders, tmp_path):
     (sd3 / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="text_encoder_3/config.json.*tokenizer_3/"):
         check_pipeline_dir(sd3)
+    qwen = shutil.copytree(folders["qwenimage"], tmp_path / "qwen")
+    shutil.rmtree(qwen / "vae")
+    with pytest.raises(FileNotFoundError, match=r"^model folder .*qwen \(QwenImagePipeline\) is incomplete, missing: "
+                                                r"vae/config.json, vae/\*.safetensors$"):
+        check_pipeline_dir(qwen)
 
 
 def test_default_flow_name_resolves_with_its_defaults(folders, tmp_path, monkeypatch):
@@ -277,10 +337,12 @@ def test_training_defaults_per_model_kind_in_the_cli_and_the_app(folders, tmp_pa
 
     kinds = {arch: model_kind(folders[arch]) for arch in ARCHS}
     assert kinds == {"sd3": "sd3", "sd35": "sd3", "flux_dev": "flux-dev", "flux_schnell": "flux-schnell",
-                     "zimage": "zimage"}
+                     "zimage": "zimage", "qwenimage": "qwen-image"}
     assert model_kind(None) == "sd"
     config = build_config(train_parser().parse_args(["--model", str(folders["flux_schnell"])]))
     assert (config.num_inference_steps, config.guidance_scale, config.fo_steps) == (4, 0.0, 2)
+    config = build_config(train_parser().parse_args(["--model", str(folders["qwenimage"])]))
+    assert (config.num_inference_steps, config.guidance_scale) == (10, 4.0)
     config = build_config(train_parser().parse_args(["--model", str(folders["sd3"]), "--num-inference-steps", "7"]))
     assert (config.num_inference_steps, config.guidance_scale) == (7, 4.5)
     settings = Settings(tmp_path / "runs", models_dir=folders["sd3"].parent)

@@ -65,7 +65,8 @@ def save_kohya(sd: dict[str, torch.Tensor], path: str | Path, rank: int, alpha: 
 #: kohya ``ss_base_model_version`` prefix -> the architecture it names (for error messages)
 MODEL_FAMILIES: dict[str, str] = {"sdxl": "SDXL", "sd_v2": "SD2.x", "sd_v1": "SD1.x",
                                    "rlr_default_flow": "RLR-default-flow", "rlr_default": "RLR-default",
-                                   "sd3": "SD3", "flux1": "FLUX.1", "zimage": "Z-Image"}
+                                   "sd3": "SD3", "flux1": "FLUX.1", "zimage": "Z-Image",
+                                   "qwen_image": "Qwen-Image"}
 #: LoRAs of the embedded default written before it had its own id say sd_v1; accepted on it (shapes decide)
 LEGACY_FAMILIES = {("RLR-default", "SD1.x")}
 

@@ -16,17 +16,26 @@ from .diffusers_unet import DiffusersUNetDenoiser, TextConditioning
 
 
 def decode_latents(vae, latents: Tensor, one_at_a_time: bool = False) -> Tensor:
-    """A diffusers VAE's latents -> float32 images in [0, 1] on the latents' device, differentiable:
-    D(z / scaling_factor + shift_factor) (no shift for SD1.x/SDXL VAEs). ``one_at_a_time``: each image decoded
-    on its own, under a checkpoint when gradients are on (the decoder's activations of one image at a time)."""
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    """A diffusers VAE's latents -> float32 images (B, 3, H, W) in [0, 1] on the latents' device, differentiable:
+    D(z / scaling_factor + shift_factor) (no shift for SD1.x/SDXL VAEs); for a video VAE's one-frame latents
+    (B, C, 1, H, W) (Qwen-Image's ``AutoencoderKLQwenImage``) D(z / (1 / std) + mean) with its per-channel
+    ``latents_mean`` / ``latents_std``, frame 0 of the decoded video, as ``QwenImagePipeline`` decodes.
+    ``one_at_a_time``: each image decoded on its own, under a checkpoint when gradients are on (the decoder's
+    activations of one image at a time)."""
+    if latents.dim() == 5:
+        view = (1, -1, 1, 1, 1)
+        mean, std = torch.tensor(vae.config.latents_mean).view(view), torch.tensor(vae.config.latents_std).view(view)
 
     def run(z: Tensor) -> Tensor:
-        z = z.to(vae.device, vae.dtype) / scale
-        if shift:
-            z = z + shift
-        return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
+        z = z.to(vae.device, vae.dtype)
+        if z.dim() == 5:
+            z = z / (1.0 / std.to(z)) + mean.to(z)
+            image = vae.decode(z).sample[:, :, 0]
+        else:
+            shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+            z = z / float(vae.config.scaling_factor)
+            image = vae.decode(z + shift if shift else z).sample
+        return (image.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
 
     if not one_at_a_time or latents.shape[0] == 1:
         return run(latents)

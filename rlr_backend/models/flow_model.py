@@ -1,10 +1,12 @@
 """``TrainableModel`` for diffusers flow-matching (rectified flow) pipelines: SD3 / SD3.5 here, FLUX.1 in
-:mod:`rlr_backend.models.flux_model`, Z-Image in :mod:`rlr_backend.models.zimage_model`.
+:mod:`rlr_backend.models.flux_model`, Z-Image in :mod:`rlr_backend.models.zimage_model`, Qwen-Image in
+:mod:`rlr_backend.models.qwenimage_model`.
 
 What every kind shares (``FlowModel``): the chain is a ``FlowSchedule`` built from the pipeline's own
 ``FlowMatchEulerDiscreteScheduler`` (its static shift, or the dynamic shift mu the pipeline computes from the
 number of image tokens), with this project's step kind (flow_sde / dance_sde / cps) and eta; latents are kept
-as the VAE makes them, (B, C, H, W), and decoded with the VAE's scaling *and* shift factors; prompts are
+as the VAE makes them, (B, C, H, W) (a video VAE's (B, C, 1, H, W): Qwen-Image), and decoded with the VAE's
+scaling *and* shift factors (a video VAE's per-channel mean and std); prompts are
 encoded by the pipeline's own ``encode_prompt`` (so the conditioning equals diffusers'), one text at a time
 and cached. The denoiser returns the velocity v = eps - x_0 for the chain's time input sigma * 1000
 (``FLOW_TIME_SCALE``), converting to the model's own time convention. LoRA: peft on ``pipe.transformer``,
@@ -12,7 +14,8 @@ exported as diffusers/PEFT keys ``transformer.<module>.lora_A/B.weight`` with th
 (:mod:`rlr_backend.lora.diffusers_export`), which diffusers' ``load_lora_weights`` and ComfyUI both load.
 
 The subclasses only say how their transformer is called (``FlowDenoiser._forward``), how a prompt is encoded,
-and the kohya-style id of the architecture (``base_model_version``: ``sd3``, ``flux1``, ``zimage``).
+and the kohya-style id of the architecture (``base_model_version``: ``sd3``, ``flux1``, ``zimage``,
+``qwen_image``).
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ class FlowDenoiser:
         embeds = _cat(cond.uncond, cond.embeds)
         pooled = None if cond.pooled is None else torch.cat([cond.uncond_pooled, cond.pooled])
         uncond, text = self._forward(torch.cat([x, x]), sigma, embeds, pooled).float().chunk(2)
+        return self.guide(uncond, text, w)
+
+    def guide(self, uncond: Tensor, text: Tensor, w: float) -> Tensor:
+        """The guided velocity from the unconditional and conditional ones: standard CFG here; a model whose pipeline
+        guides otherwise (Qwen-Image's norm-rescaled true CFG) overrides this."""
         return classifier_free_guidance(uncond, text, w)
 
     def _forward(self, x: Tensor, sigma: float, embeds, pooled: Tensor | None) -> Tensor:
@@ -137,7 +145,7 @@ class FlowModel:
         self.vae.requires_grad_(False)
         for enc in self.text_encoders().values():
             enc.requires_grad_(False)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale_factor()
         size = image_size if image_size is not None else getattr(pipe, "rlr_image_size", None)
         self.image_size = int(size) if size is not None else min(self.native_image_size(), self.train_size)
         multiple = self.vae_scale_factor * self.patch_size
@@ -146,10 +154,16 @@ class FlowModel:
                              f"{type(self).__name__} (VAE factor {self.vae_scale_factor} x patch {self.patch_size}), "
                              f"got {self.image_size}")
         side = self.image_size // self.vae_scale_factor
-        self.latent_shape = (self.latent_channels, side, side)
+        self.latent_shape = (self.latent_channels, *self.latent_frames, side, side)
         self._cache: dict[str, tuple] = {}
 
     # -- what subclasses may override ------------------------------------------------------------
+    #: extra latent dimensions between channels and height: () for image VAEs, (1,) for a video VAE's one frame
+    latent_frames: tuple[int, ...] = ()
+
+    def _vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     @property
     def patch_size(self) -> int:
         return int(getattr(self.transformer.config, "patch_size", 2))
@@ -184,7 +198,7 @@ class FlowModel:
 
     def image_seq_len(self) -> int:
         """Image tokens the transformer sees ((H/16)(W/16) for a 2x2 patch), for the dynamic shift mu."""
-        _, h, w = self.latent_shape
+        h, w = self.latent_shape[-2:]
         return (h // self.patch_size) * (w // self.patch_size)
 
     def schedule(self, num_steps: int, eta: float, *, kind: str = "flow_sde",

@@ -6,7 +6,8 @@
 * a diffusers folder whose ``model_index.json`` names ``StableDiffusionPipeline`` (SD1.x, SD2.x incl.
   v-prediction: the scheduler config says which) or ``StableDiffusionXLPipeline`` (SDXL base);
 * a diffusers folder of a flow-matching pipeline, ``StableDiffusion3Pipeline`` (SD3 / SD3.5, T5 optional),
-  ``FluxPipeline`` (FLUX.1) or ``ZImagePipeline`` (Z-Image), or the name ``default-flow``: the adapters of
+  ``FluxPipeline`` (FLUX.1), ``ZImagePipeline`` (Z-Image) or ``QwenImagePipeline`` (Qwen-Image), or the name
+  ``default-flow``: the adapters of
   :mod:`rlr_backend.models.flow_model` (``image_size`` applies to them; a folder's ``rlr_defaults.json`` is
   read into ``pipe.rlr_defaults``);
 * a single-file ``.safetensors`` checkpoint (ComfyUI/A1111 layout), see
@@ -53,10 +54,11 @@ PIPELINE_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "StableDiffusion3Pipeline": ("SD3/SD3.5", ("transformer", "vae", "text_encoder", "text_encoder_2")),
     "FluxPipeline": ("FLUX.1", ("transformer", "vae", "text_encoder", "text_encoder_2")),
     "ZImagePipeline": ("Z-Image", ("transformer", "vae", "text_encoder")),
+    "QwenImagePipeline": ("Qwen-Image", ("transformer", "vae", "text_encoder")),
 }
 _TOKENIZERS = {"StableDiffusionPipeline": ("tokenizer",), "StableDiffusionXLPipeline": ("tokenizer", "tokenizer_2"),
                "StableDiffusion3Pipeline": ("tokenizer", "tokenizer_2"), "FluxPipeline": ("tokenizer", "tokenizer_2"),
-               "ZImagePipeline": ("tokenizer",)}
+               "ZImagePipeline": ("tokenizer",), "QwenImagePipeline": ("tokenizer",)}
 #: flow-matching pipelines' components that a folder may leave out (``[null, null]`` in model_index.json, as
 #: diffusers allows: SD3 without T5) -> its tokenizer
 OPTIONAL_COMPONENTS: dict[str, dict[str, str]] = {"StableDiffusion3Pipeline": {"text_encoder_3": "tokenizer_3"}}
@@ -308,7 +310,7 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
 
 def model_for_pipeline(pipe):
     """The ``TrainableModel`` wrapping a loaded pipeline: ``SDXLModel`` for SDXL, the flow-matching adapters for
-    SD3 / FLUX.1 / Z-Image (``models.flow_model``), else ``DiffusersModel``."""
+    SD3 / FLUX.1 / Z-Image / Qwen-Image (``models.flow_model``), else ``DiffusersModel``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .diffusers_model import DiffusersModel
@@ -336,6 +338,9 @@ def flow_model_class(pipeline_class: str):
     if pipeline_class == "ZImagePipeline":
         from .zimage_model import ZImageModel
         return ZImageModel
+    if pipeline_class == "QwenImagePipeline":
+        from .qwenimage_model import QwenImageModel
+        return QwenImageModel
     return None
 
 

@@ -1,4 +1,5 @@
-"""Tiny random-initialised flow-matching pipelines (tests): SD3 / SD3.5, FLUX.1 (dev and schnell), Z-Image.
+"""Tiny random-initialised flow-matching pipelines (tests): SD3 / SD3.5, FLUX.1 (dev and schnell), Z-Image,
+Qwen-Image (:mod:`rlr_backend.models.tiny_qwenimage`, which has its own sizes).
 
 The real architectures' classes and conditioning paths with widths shrunk (shared/reference/flow-matching.md
 §3, diffusers' own test configs), 32x32 images: VAE blocks (16, 32) (factor 2), so latents are 16x16 and the
@@ -15,7 +16,7 @@ import torch
 
 from .tiny_pipelines import _text_config, _tokenizer, _vae
 
-FLOW_ARCHS = ("sd3", "sd35", "flux_dev", "flux_schnell", "zimage")
+FLOW_ARCHS = ("sd3", "sd35", "flux_dev", "flux_schnell", "zimage", "qwenimage")
 
 
 def build_tiny_sd3(sd35: bool = False, seed: int = 0):
@@ -52,6 +53,10 @@ def build_tiny_flow_pipeline(arch: str, seed: int = 0):
         from .tiny_flux import build_tiny_zimage
 
         return build_tiny_zimage(seed)
+    if arch == "qwenimage":
+        from .tiny_qwenimage import build_tiny_qwenimage
+
+        return build_tiny_qwenimage(seed)
     raise ValueError(f"unknown tiny flow architecture {arch!r}; choose one of {FLOW_ARCHS}")
 
 

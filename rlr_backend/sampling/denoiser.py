@@ -11,12 +11,20 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 
 def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
     """eps_u + w (eps_c - eps_u) (Ho & Salimans 2022): the guided output every adapter returns."""
     return uncond + scale * (cond - uncond)
+
+
+def norm_rescaled_guidance(uncond: Tensor, cond: Tensor, scale: float, dim: int = -1) -> Tensor:
+    """Qwen-Image's true CFG (``QwenImagePipeline.__call__``): comb = eps_u + w (eps_c - eps_u), then rescaled to
+    the conditional output's norm along ``dim`` (per token of the packed latents there): comb ||eps_c|| / ||comb||."""
+    comb = classifier_free_guidance(uncond, cond, scale)
+    return comb * (torch.norm(cond, dim=dim, keepdim=True) / torch.norm(comb, dim=dim, keepdim=True))
 
 
 @runtime_checkable
