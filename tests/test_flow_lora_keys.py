@@ -1,6 +1,6 @@
-"""LoRA keys of the full-size SD3.5 medium / large and FLUX.1-dev transformers, built on the meta device (no
-weights in memory): every targeted module gets a key, and every key names a module diffusers' loader finds
-(``transformer.<module path>``, a Linear layer) and ComfyUI's map accepts.
+"""LoRA keys of the full-size SD3.5 medium / large, FLUX.1-dev, Z-Image and Qwen-Image transformers, built on the
+meta device (no weights in memory): every targeted module gets a key, and every key names a module diffusers'
+loader finds (``transformer.<module path>``, a Linear layer) and ComfyUI's map accepts.
 
 ComfyUI's accepted names are restated from ``comfy/utils.py`` (Comfy-Org/ComfyUI @a125cd8):
 ``mmdit_to_diffusers`` maps, per joint block, ``attn.to_q/k/v``, ``attn.add_q/k/v_proj`` (slices of the fused
@@ -8,7 +8,11 @@ qkv), ``attn.to_out.0``, ``attn.to_add_out``, ``attn2.to_q/k/v`` and ``attn2.to_
 maps the double blocks' same attention names and the single blocks' ``attn.to_q/k/v``, ``proj_mlp`` and
 ``proj_out``; ``comfy/lora.py`` accepts each as ``transformer.<name>`` for SD3 and FLUX. Z-Image
 (``z_image_to_diffusers``, ComfyUI 0.3.75): each block's ``attention.to_q/k/v`` and ``attention.to_out.0``, for
-``layers``, ``noise_refiner`` and ``context_refiner``, accepted as ``diffusion_model.<name>``.
+``layers``, ``noise_refiner`` and ``context_refiner``, accepted as ``diffusion_model.<name>``. Qwen-Image
+(``comfy/lora.py`` QwenImage branch, ComfyUI @783545f, 2026-08): every weight ``diffusion_model.<name>.weight`` of
+the model is accepted as ``transformer.<name>``, ``<name>`` and ``lycoris_<name with _>``; its native module
+names (``comfy/ldm/qwen_image/model.py``) are diffusers' own (``transformer_blocks.N.attn.to_q/k/v``,
+``add_q/k/v_proj``, ``to_out.0``, ``to_add_out``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from rlr_backend.lora import add_lora
 from rlr_backend.lora.diffusers_export import lora_keys, lora_modules
 from rlr_backend.models.flow_model import MMDIT_LORA_TARGETS
+from rlr_backend.models.qwenimage_model import QwenImageModel
 from rlr_backend.models.zimage_model import ZIMAGE_LORA_TARGETS
 
 # official configs (the HF repositories' transformer/config.json values)
@@ -37,16 +42,20 @@ ZIMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=38
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
 
 SD3_COMFY = re.compile(r"transformer_blocks\.(\d+)\.(attn2?\.(to_q|to_k|to_v|to_out\.0)"
                        r"|attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out))")
 ZIMAGE_COMFY = re.compile(r"(layers|noise_refiner|context_refiner)\.(\d+)\.attention\.(to_q|to_k|to_v|to_out\.0)")
 FLUX_COMFY = re.compile(r"(transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
                         r"|to_add_out)|single_transformer_blocks\.(\d+)\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))")
+QWEN_COMFY = re.compile(r"transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+                        r"|to_add_out)")
 
 
 TARGETS = {"SD3Transformer2DModel": MMDIT_LORA_TARGETS, "FluxTransformer2DModel": MMDIT_LORA_TARGETS,
-           "ZImageTransformer2DModel": ZIMAGE_LORA_TARGETS}
+           "ZImageTransformer2DModel": ZIMAGE_LORA_TARGETS, "QwenImageTransformer2DModel": QwenImageModel.lora_targets}
 PREFIX = {"ZImageTransformer2DModel": "diffusion_model."}  # what ComfyUI maps for Z-Image (flow_models.md)
 
 
@@ -74,7 +83,9 @@ def _targeted(model, targets) -> set[str]:
     ("flux.1-dev", "FluxTransformer2DModel", FLUX_DEV, FLUX_COMFY, 19 * 8 + 38 * 3),
     # 30 layers + 2 noise + 2 context refiners, 4 attention projections each
     ("z-image", "ZImageTransformer2DModel", ZIMAGE, ZIMAGE_COMFY, (30 + 2 + 2) * 4),
-], ids=["sd3.5-medium", "sd3.5-large", "flux.1-dev", "z-image"])
+    # 60 joint blocks x 8 (image and text q/k/v/out), none context-pre-only
+    ("qwen-image", "QwenImageTransformer2DModel", QWEN_IMAGE, QWEN_COMFY, 60 * 8),
+], ids=["sd3.5-medium", "sd3.5-large", "flux.1-dev", "z-image", "qwen-image"])
 def test_full_size_lora_keys(name, cls_name, config, pattern, expected):
     model = _meta(cls_name, config)
     assert next(model.parameters()).device.type == "meta"

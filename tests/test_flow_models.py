@@ -1,4 +1,5 @@
-"""Flow-matching models (SD3 / SD3.5, FLUX.1, Z-Image, Qwen-Image) as ``TrainableModel``s, on tiny random-weight folders.
+"""Flow-matching models (SD3 / SD3.5, FLUX.1, Z-Image, Qwen-Image) as ``TrainableModel``s, on tiny random-weight
+folders.
 
 Checked against diffusers itself: the deterministic chain (eta = 0) reproduces each pipeline's own sampling loop,
 and an exported LoRA loads with ``load_lora_weights`` into every adapted module and gives the trained model's
@@ -89,11 +90,10 @@ def test_qwenimage_schedule_text_padding_guidance_and_decode(folders):
     """Qwen-Image's pieces one by one: the dynamic shift then the shift_terminal stretch; a batch of texts of
     different lengths (padded, masked) gives each text's own velocity; the guidance is the norm-rescaled true CFG;
     5-D latents decode as the pipeline decodes them; a guidance-distilled transformer is refused in one line."""
-    from rlr_backend.models.loader import model_for_pipeline
     from rlr_backend.sampling import classifier_free_guidance, norm_rescaled_guidance
 
     m = _model(folders["qwenimage"])
-    assert m.latent_shape == (4, 1, 8, 8) and m.image_seq_len() == 16
+    assert m.latent_shape == (4, 1, 8, 8) and m.image_seq_len() == 16 and m.base_model_version == "qwen_image"
     mu = 0.5 + (16 - 256) * (0.9 - 0.5) / (8192 - 256)  # 4x4 tokens, the released scheduler's 256 -> 8192, 0.5 -> 0.9
     lin = torch.tensor([1.0, 2 / 3, 1 / 3], dtype=torch.float64)
     shifted = math.exp(mu) / (math.exp(mu) + 1 / lin - 1)

@@ -2,7 +2,7 @@
 
 Widths from diffusers' own Qwen-Image pipeline test (shared/reference/flow-matching.md §3): a 2-layer transformer of
 2 x 16 heads, a Qwen2.5-VL text encoder of width 16 (2 layers, its vision tower 1 layer: the text path never runs
-it), a 3-D ``AutoencoderKLQwenImage`` (base width 24, z_dim 4, spatial factor 4) with per-channel latent
+it), a 3-D ``AutoencoderKLQwenImage`` (base width 8, z_dim 4, spatial factor 4) with per-channel latent
 statistics that are not the identity (so decoding tests them), and the released scheduler config (dynamic shift
 0.5 -> 0.9 over 256 -> 8192 tokens, shift_terminal 0.02). 32 px images give 8x8 latents, 16 tokens of 2x2.
 
@@ -49,7 +49,7 @@ def build_tiny_qwenimage(seed: int = 0):
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                               axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
                                  latents_std=[1.5, 0.8, 1.2, 2.0])
     ids = dict(bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=0)
