@@ -59,6 +59,43 @@ def is_flow_folder(path: str | Path | None) -> bool:
     return index is not None and index.get("_class_name") in FLOW_PIPELINES
 
 
+def is_flow_model(path: str | Path | None) -> bool:
+    """Whether ``path`` is a flow-matching model: a flow pipeline folder (:func:`is_flow_folder`) or a flow transformer
+    file (SD3 / SD3.5, FLUX.1, Z-Image keys: ``models.flow_detect``; only the header is read)."""
+    if is_flow_folder(path):
+        return True
+    p = Path(resolve_model_name(path)) if path is not None else None
+    if p is None or not p.is_file() or p.suffix.lower() != ".safetensors":
+        return False
+    from .models.flow_detect import flow_transformer_layout
+    from .safe_io import safetensors_header
+
+    return flow_transformer_layout(safetensors_header(p)) is not None
+
+
+def check_flow_files(model: str | None, text_encoders: Sequence[str] = (), vae: str | None = None,
+                     tokenizer: str | None = None) -> None:
+    """The files a flow transformer file is loaded with must exist (``.safetensors``; the tokenizer a folder) and a
+    model file must be given; the loader checks their contents."""
+    from .safe_io import InvalidModelFile
+
+    given = [f"--{n}" for n, v in (("text-encoder", text_encoders), ("vae", vae), ("tokenizer", tokenizer)) if v]
+    if not given:
+        return
+    if model is None or Path(str(resolve_model_name(model))).is_dir():
+        raise ConfigError("model", f"{', '.join(given)} go with a flow transformer file (--model "
+                                   "models/diffusion_models/FILE.safetensors); a diffusers folder or the default "
+                                   "model has its own")
+    for what, f in [("text-encoder", f) for f in text_encoders] + ([("vae", vae)] if vae else []):
+        p = Path(f)
+        if p.suffix.lower() != ".safetensors":
+            raise InvalidModelFile(f"--{what} {p}: only .safetensors files are read (no pickles)")
+        if not p.is_file():
+            raise FileNotFoundError(f"--{what} {p} does not exist")
+    if tokenizer and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no such folder (give the T5 / Qwen3 tokenizer's folder)")
+
+
 def read_flow_defaults(path: str | Path) -> dict:
     """A flow folder's ``rlr_defaults.json`` ({} without one); ValueError naming a damaged file."""
     f = Path(resolve_model_name(path)) / FLOW_DEFAULTS_FILE

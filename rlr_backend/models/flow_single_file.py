@@ -22,7 +22,7 @@ encoders in ``models/text_encoders`` (``clip_l``, ``clip_g``, ``t5xxl_fp16``, ``
   ComfyUI and diffusers do, whatever template the folder carries.
 
 The scheduler is the family's (SD3 and Z-Image: static shift 3; FLUX.1-dev: dynamic shift 0.5-1.15 over 256-4096
-tokens; schnell: shift 1, 256 T5 tokens). Every key and shape is checked on the headers before any data is read,
+tokens; schnell: static shift 1). Every key and shape is checked on the headers before any data is read,
 then each tensor is read and cast on its own (:mod:`rlr_backend.models.weights`), as the other loaders do.
 """
 
@@ -37,7 +37,7 @@ from ..safe_io import InvalidModelFile
 from .flow_component_files import ComponentFile, mark_clip_roles, read_text_encoder, read_vae, refuse_scaled
 from .flow_transformer_file import TransformerSpec, resolve_transformer
 from .single_file import UnsupportedCheckpoint, _Part, _traced
-from .weights import assign_weights, check_memory, empty_weights, header_tensors, tensor_bytes
+from .weights import check_memory, empty_weights, header_tensors, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def load_flow_single_file(path: str | Path, *, text_encoders=(), vae: str | Path
     check_memory(needed, f"{p.name} ({spec.name} with its encoders and VAE, {needed / 1e9:.1f} GB of weights)")
     for (part, fp, _), src in zip(parts, sources):
         part.load(fp, src)
+        part.module.eval()  # built in training mode: T5's dropout would be on
 
     kw: dict = dict(transformer=transformer, vae=modules["vae"], scheduler=_scheduler(spec))
     if spec.family in ("sd3", "flux"):
@@ -219,7 +220,7 @@ def load_flow_single_file(path: str | Path, *, text_encoders=(), vae: str | Path
         kw.update(text_encoder=modules["Qwen3"], tokenizer=_tokenizer("qwen3", tokenizer, q, spec.family))
     pipe = getattr(diffusers, FAMILY_ENCODERS[spec.family][0])(**kw)
     pipe.set_progress_bar_config(disable=True)
-    pipe.rlr_defaults = {"max_sequence_length": 256} if spec.name == "FLUX.1-schnell" else {}
+    pipe.rlr_defaults = {}  # the adapters' own defaults, as for the model's diffusers folder
     pipe.rlr_image_size = image_size
     logger.info("loaded %s from %s (+ %s; transformer/VAE %s, text encoders %s)", spec.name, p,
                 ", ".join(f.path.name for _, f in ordered) + ("" if vae_file.path == p else f", {vae_file.path.name}"),

@@ -79,16 +79,18 @@ def convert_flux(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     hidden = sd["img_in.weight"].shape[0]
 
-    def move(old: str, new: str) -> None:
+    def move(old: str, new: str) -> None:  # a missing weight raises KeyError naming the file's key
         if old.endswith(".scale"):
             out[new] = sd.pop(old)
             return
-        for suffix in ("weight", "bias"):
-            if f"{old}.{suffix}" in sd:
-                out[f"{new}.{suffix}"] = sd.pop(f"{old}.{suffix}")
+        out[f"{new}.weight"] = sd.pop(f"{old}.weight")
+        if f"{old}.bias" in sd:
+            out[f"{new}.bias"] = sd.pop(f"{old}.bias")
 
+    dev = "guidance_in.in_layer.weight" in sd  # the guidance embedding: FLUX.1-dev, not schnell
     for old, new in _FLUX_TOP.items():
-        move(old, new)
+        if dev or not old.startswith("guidance_in."):
+            move(old, new)
     for suffix in ("weight", "bias"):
         t = sd.pop(f"final_layer.adaLN_modulation.1.{suffix}")
         out[f"norm_out.linear.{suffix}"] = _swap_scale_shift(t)
