@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.ldm_export import vae_to_ldm
-from rlr_backend.safe_io import save_tensors
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A plain safetensors write (fixtures: no atomic rename or fsync, which cost seconds on a busy disk)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(path))
+
 
 FAMILIES = ("sd3", "sd35", "flux_dev", "flux_schnell", "zimage")
 

@@ -179,7 +179,8 @@ def _flux_config(d: dict, source: str) -> tuple[str, dict]:
     if mlp != 4 * hidden:
         raise UnsupportedCheckpoint(f"{source}: a FLUX.1-like transformer with a {mlp}-wide MLP for width {hidden}; "
                                     "FLUX.1's MLP is 4x its width")
-    cfg = dict(patch_size=1, in_channels=in_ch, out_channels=d["proj_out.weight"].shape[0],
+    out_ch = d["proj_out.weight"].shape[0]
+    cfg = dict(patch_size=1, in_channels=in_ch, out_channels=None if out_ch == in_ch else out_ch,
                num_layers=_count(d, "transformer_blocks."), num_single_layers=_count(d, "single_transformer_blocks."),
                attention_head_dim=head_dim, num_attention_heads=_heads(hidden, head_dim, "FLUX.1", source),
                joint_attention_dim=d["context_embedder.weight"].shape[1],
