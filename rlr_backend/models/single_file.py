@@ -85,8 +85,8 @@ def detect_architecture(tensors: dict[str, torch.Tensor], source: str = "checkpo
         flow = flow_transformer_kind(tensors)
         if flow:
             raise UnsupportedCheckpoint(f"{source}: a {flow} transformer-only file (ComfyUI models/diffusion_models "
-                                        "layout); loading it with separate text encoder and VAE files is not supported "
-                                        f"yet: give the model's diffusers folder ({flow} folders load)")
+                                        "layout): load it with its text encoder and VAE files (models.loader, "
+                                        "--text-encoder FILE --vae FILE), or give the model's diffusers folder")
         refuse(f"no Stable Diffusion UNet keys ({U}input_blocks.*); {_diffusers_guess(tensors)}")
     in_ch = tensors[U + "input_blocks.0.0.weight"].shape[1]
     if in_ch != 4:
