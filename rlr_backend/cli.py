@@ -18,7 +18,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from .choices import ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
-from .model_paths import check_flow_files, check_model_path, is_flow_model, read_flow_defaults
+from .model_paths import check_flow_files, check_model_path, read_flow_defaults
+from .models.flow_detect import is_flow_model
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 

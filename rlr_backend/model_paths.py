@@ -59,20 +59,6 @@ def is_flow_folder(path: str | Path | None) -> bool:
     return index is not None and index.get("_class_name") in FLOW_PIPELINES
 
 
-def is_flow_model(path: str | Path | None) -> bool:
-    """Whether ``path`` is a flow-matching model: a flow pipeline folder (:func:`is_flow_folder`) or a flow transformer
-    file (SD3 / SD3.5, FLUX.1, Z-Image keys: ``models.flow_detect``; only the header is read)."""
-    if is_flow_folder(path):
-        return True
-    p = Path(resolve_model_name(path)) if path is not None else None
-    if p is None or not p.is_file() or p.suffix.lower() != ".safetensors":
-        return False
-    from .models.flow_detect import flow_transformer_layout
-    from .safe_io import safetensors_header
-
-    return flow_transformer_layout(safetensors_header(p)) is not None
-
-
 def check_flow_files(model: str | None, text_encoders: Sequence[str] = (), vae: str | None = None,
                      tokenizer: str | None = None) -> None:
     """The files a flow transformer file is loaded with must exist (``.safetensors``; the tokenizer a folder) and a

@@ -129,7 +129,7 @@ def test_bad_flow_files_are_one_line_exit_2_nothing_written(made, tmp_path, caps
 
 def test_a_flow_transformer_file_is_a_flow_model_for_the_cli(made, tmp_path, capsys):
     """rlr-train tells a flow transformer file by its keys before loading: DDIM options are refused (one line)."""
-    from rlr_backend.model_paths import is_flow_model
+    from rlr_backend.models.flow_detect import is_flow_model
 
     _, flux = made["flux_schnell"]
     assert is_flow_model(str(flux["transformer"])) and not is_flow_model(str(flux["vae"]))
@@ -202,3 +202,20 @@ def test_released_text_encoder_sizes_resolve():
     q = read_text_encoder({"model." + k: v for k, v in qwen.state_dict().items()}, "qwen_3_4b").config
     assert (q.hidden_size, q.num_attention_heads, q.num_key_value_heads, q.head_dim, q.num_hidden_layers,
             q.intermediate_size) == (2560, 32, 8, 128, 36, 9728)
+
+
+def test_an_sd3_file_with_its_vae_inside_needs_no_vae_file(made, tmp_path):
+    """SD3 / SD3.5 checkpoints may carry the VAE (``first_stage_model.*``) beside the transformer: it is used when
+    no --vae is given, and decodes as the pipeline's VAE."""
+    from rlr_backend.models.loader import model_for_pipeline
+
+    pipe, files = made["sd35"]
+    tensors, _ = load_tensors(files["transformer"])
+    vae, _ = load_tensors(files["vae"])
+    both = tmp_path / "sd35_with_vae.safetensors"
+    save_tensors({**tensors, **{"first_stage_model." + k: t for k, t in vae.items()}}, both)
+    m = load_model(both, text_encoders=tuple(files["text_encoders"][:2]), image_size=32)
+    x = torch.randn(1, *m.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(m.decode(x), model_for_pipeline(pipe).decode(x), atol=1e-5, rtol=0)
+    assert m.pipe.text_encoder_3 is None  # T5 left out: optional for SD3

@@ -10,6 +10,7 @@ line tells a flow model from a DDIM one before anything heavy is imported.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
@@ -50,3 +51,17 @@ def flow_transformer_kind(keys: Iterable[str]) -> str | None:
     """"SD3/SD3.5", "FLUX.1" or "Z-Image" when ``keys`` are a flow transformer's, else None."""
     layout = flow_transformer_layout(keys)
     return layout.kind if layout else None
+
+
+def is_flow_model(path: str | Path | None) -> bool:
+    """Whether ``path`` (or a model name) is a flow-matching model: a flow pipeline folder
+    (``model_paths.is_flow_folder``) or a flow transformer ``.safetensors`` file (only its header is read)."""
+    from ..model_paths import is_flow_folder, resolve_model_name
+    from ..safe_io import safetensors_header
+
+    if is_flow_folder(path):
+        return True
+    p = Path(resolve_model_name(path)) if path is not None else None
+    if p is None or not p.is_file() or p.suffix.lower() != ".safetensors":
+        return False
+    return flow_transformer_layout(safetensors_header(p)) is not None
