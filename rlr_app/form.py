@@ -15,7 +15,7 @@ from pathlib import Path
 from rlr_backend.choices import (ESTIMATOR_CHOICES, REWARD_ARGS, ConfigError, format_reward_spec, parse_reward_spec,
                                  reward_term)
 from rlr_backend.estimators import ESTIMATORS
-from rlr_backend.model_defaults import DEFAULT_FIELDS, training_defaults
+from rlr_backend.models.kind_defaults import DEFAULT_FIELDS, training_defaults
 from rlr_backend.model_paths import DEFAULT_FLOW_MODEL_DIR, diffusers_folders, is_flow_folder
 from rlr_backend.rewards import REWARDS, make_reward
 from rlr_backend.train import TrainConfig
@@ -84,7 +84,7 @@ def model_is_flow(label: str | None, settings: Settings) -> bool:
 
 
 def model_form_defaults(label: str | None, settings: Settings) -> dict[str, object]:
-    """The form fields whose defaults depend on the picked model (``model_defaults.training_defaults``: steps,
+    """The form fields whose defaults depend on the picked model (``models.kind_defaults.training_defaults``: steps,
     guidance, RLR's first-order steps), and the flow fields' own defaults; the app sets them when the model
     changes."""
     base = config_to_form(TrainConfig(), settings)

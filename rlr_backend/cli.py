@@ -18,8 +18,9 @@ from fractions import Fraction
 from pathlib import Path
 
 from .choices import ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
-from .model_defaults import training_defaults
-from .model_paths import check_model_path, is_flow_folder
+from .models.kind_defaults import training_defaults
+from .model_paths import check_flow_files, check_model_path
+from .models.flow_detect import is_flow_model
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
@@ -110,6 +111,10 @@ def train_parser() -> argparse.ArgumentParser:
         a("--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=_help(name), **kw)
 
     option("model")
+    a("--text-encoder", action="append", dest="text_encoders", metavar="FILE", default=argparse.SUPPRESS,
+      help=_help("text_encoders") + " (repeat the option per file)")
+    option("vae")
+    option("tokenizer")
     option("image_size", type=int)
     option("prediction_type", choices=PREDICTION_TYPES)
     a("--prompt", action="append", dest="prompt_list", metavar="TEXT",
@@ -161,11 +166,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     kw.pop("prompts", None)
     if prompts:
         kw["prompts"] = tuple(prompts)
-    flow = is_flow_folder(kw.get("model"))
+    if "text_encoders" in kw:
+        kw["text_encoders"] = tuple(kw["text_encoders"])
+    flow = is_flow_model(kw.get("model"))
     for name, value in training_defaults(kw.get("model")).items():  # the model kind's defaults, where not given
         kw.setdefault(name, value)
     config = TrainConfig(**kw)
     check_model_path(config.model)
+    check_flow_files(config.model, config.text_encoders, config.vae, config.tokenizer)
     config.check_model_options(flow)
     return config
 
@@ -224,12 +232,19 @@ def sample_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("prompt", nargs="+", help="prompt(s); 'coarse | mid | fine' uses the three versions on the parts of the chain "
                                 "(the LoRA's trained split, else thirds)")
-    a("--model", help="diffusers folder (SD1.x/SD2.x/SDXL; SD3/SD3.5, FLUX.1, Z-Image), default-flow, or single-file "
-                          ".safetensors (default: the embedded model)")
+    a("--model", help="diffusers folder (SD1.x/SD2.x/SDXL; SD3/SD3.5, FLUX.1, Z-Image), default-flow, a single-file "
+                          ".safetensors checkpoint, or a flow transformer file with --text-encoder/--vae (default: the "
+                          "embedded model)")
     a("--image-size", type=int, help="single-file checkpoints and flow-matching folders: image size in pixels (default: the architecture's "
                                      "native size, SD1.x 512, SD2.x-v 768, SDXL 1024)")
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="single-file checkpoints: override the detected prediction type (SD2-base 512: epsilon)")
+    a("--text-encoder", action="append", metavar="FILE",
+      help="with a flow transformer file as --model: a text encoder file (repeat per file; SD3/SD3.5: clip_l + clip_g "
+           "[+ t5xxl]; FLUX.1: clip_l + t5xxl; Z-Image: qwen_3_4b)")
+    a("--vae", help="with a flow transformer file: the VAE file (e.g. ae.safetensors)")
+    a("--tokenizer", help="with a flow transformer file: the T5 / Qwen3 tokenizer folder (e.g. "
+                          "ComfyUI/comfy/text_encoders/t5_tokenizer)")
     a("--precision", choices=PRECISION_NAMES, default="fp32",
       help="weights of the UNet and the VAE, read straight into it: fp32, bf16 or fp16 (half the memory; the text "
            "encoders stay fp32; default: fp32)")
@@ -259,6 +274,7 @@ def check_sample_args(args: argparse.Namespace) -> None:
     for p in args.prompt:
         parse_prompt(p)  # 'coarse | mid | fine' with three non-empty parts
     check_model_path(args.model)
+    check_flow_files(args.model, args.text_encoder or (), args.vae, args.tokenizer)
     if args.lora is not None and not args.lora.is_file():
         raise FileNotFoundError(f"--lora {args.lora}: no such file")
     for name in ("lora_scale", "eta", "guidance_scale"):
@@ -295,8 +311,9 @@ def sample_main(argv: list[str] | None = None) -> int:
             if used.scheduled and given.strip() == used.fine:
                 print(f"{used.fine!r}: the LoRA's trained prompt schedule, {used.coarse!r} | {used.mid!r} | fine on "
                       f"{format_fractions(split)} of the steps (--no-prompt-schedule: the fine prompt on every step)")
-        single = {k: v for k, v in (("image_size", args.image_size), ("prediction_type", args.prediction_type))
-                  if v is not None}
+        single = {k: v for k, v in (("image_size", args.image_size), ("prediction_type", args.prediction_type),
+                                    ("text_encoders", tuple(args.text_encoder or ())), ("vae", args.vae),
+                                    ("tokenizer", args.tokenizer)) if v}
         from .train.memory import load_dtypes
 
         pipe = load_pipeline(args.model, **load_dtypes(args.precision, offload_text_encoders=True), **single)

@@ -59,6 +59,29 @@ def is_flow_folder(path: str | Path | None) -> bool:
     return index is not None and index.get("_class_name") in FLOW_PIPELINES
 
 
+def check_flow_files(model: str | None, text_encoders: Sequence[str] = (), vae: str | None = None,
+                     tokenizer: str | None = None) -> None:
+    """The files a flow transformer file is loaded with must exist (``.safetensors``; the tokenizer a folder) and a
+    model file must be given; the loader checks their contents."""
+    from .safe_io import InvalidModelFile
+
+    given = [f"--{n}" for n, v in (("text-encoder", text_encoders), ("vae", vae), ("tokenizer", tokenizer)) if v]
+    if not given:
+        return
+    if model is None or Path(str(resolve_model_name(model))).is_dir():
+        raise ConfigError("model", f"{', '.join(given)} go with a flow transformer file (--model "
+                                   "models/diffusion_models/FILE.safetensors); a diffusers folder or the default "
+                                   "model has its own")
+    for what, f in [("text-encoder", f) for f in text_encoders] + ([("vae", vae)] if vae else []):
+        p = Path(f)
+        if p.suffix.lower() != ".safetensors":
+            raise InvalidModelFile(f"--{what} {p}: only .safetensors files are read (no pickles)")
+        if not p.is_file():
+            raise FileNotFoundError(f"--{what} {p} does not exist")
+    if tokenizer and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no such folder (give the T5 / Qwen3 tokenizer's folder)")
+
+
 def read_flow_defaults(path: str | Path) -> dict:
     """A flow folder's ``rlr_defaults.json`` ({} without one); ValueError naming a damaged file."""
     f = Path(resolve_model_name(path)) / FLOW_DEFAULTS_FILE

@@ -309,17 +309,23 @@ def test_default_flow_name_resolves_with_its_defaults(folders, tmp_path, monkeyp
         build_config(train_parser().parse_args(["--model", "default-flow"]))
 
 
-@pytest.mark.parametrize("arch,kind", [("sd35", "SD3/SD3.5"), ("flux_dev", "FLUX.1"), ("zimage", "Z-Image")])
-def test_a_transformer_only_file_is_named_in_its_refusal(folders, arch, kind):
-    """A ComfyUI diffusion_models file (here diffusers' own transformer file) is recognised by its keys and
-    refused with one line naming it (loading one with separate text encoders is not done yet)."""
+@pytest.mark.parametrize("arch,kind,needs", [("sd35", "SD3/SD3.5", "SD3.5 medium takes 2 CLIP .*given: none"),
+                                              ("flux_dev", "FLUX.1", "16-wide attention heads; FLUX.1 has 128"),
+                                              ("zimage", "Z-Image", "16-wide attention heads; Z-Image has 128")])
+def test_a_transformer_only_file_without_its_encoders_is_refused(folders, arch, kind, needs):
+    """A ComfyUI diffusion_models file (here diffusers' own transformer file) is recognised by its keys; loaded
+    without its text encoder files it is refused with one line naming what it takes, or (these tiny FLUX.1 /
+    Z-Image sizes) the head width whose rope axes cannot be resolved (tests/test_flow_single_file.py loads such
+    files with their encoders)."""
     from rlr_backend.models.flow_detect import flow_transformer_kind
+    from rlr_backend.models.single_file import load_single_file
 
     path = folders[arch] / "transformer" / "diffusion_pytorch_model.safetensors"
-    with pytest.raises(InvalidModelFile, match=f"a {re.escape(kind)} transformer-only file .* give the model's "
-                                               "diffusers folder") as err:
+    with pytest.raises(InvalidModelFile, match=needs) as err:
         load_model(path)
     assert "\n" not in str(err.value)
+    with pytest.raises(InvalidModelFile, match=f"a {re.escape(kind)} transformer-only file .* --text-encoder FILE"):
+        load_single_file(path)
     native = {"SD3/SD3.5": ["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"],
               "FLUX.1": ["double_blocks.0.img_attn.norm.key_norm.scale"],
               "Z-Image": ["diffusion_model.layers.0.attention.qkv.weight", "diffusion_model.cap_embedder.0.weight"]}
@@ -333,7 +339,7 @@ def test_training_defaults_per_model_kind_in_the_cli_and_the_app(folders, tmp_pa
     form gets the same values for a folder in its list and passes only the picked family's options."""
     from rlr_app.form import Settings, check_form, form_defaults, model_form_defaults
     from rlr_backend.cli import build_config, train_parser
-    from rlr_backend.model_defaults import KIND_DEFAULTS, model_kind
+    from rlr_backend.models.kind_defaults import KIND_DEFAULTS, model_kind
 
     kinds = {arch: model_kind(folders[arch]) for arch in ARCHS}
     assert kinds == {"sd3": "sd3", "sd35": "sd3", "flux_dev": "flux-dev", "flux_schnell": "flux-schnell",

@@ -11,7 +11,10 @@
   :mod:`rlr_backend.models.flow_model` (``image_size`` applies to them; a folder's ``rlr_defaults.json`` is
   read into ``pipe.rlr_defaults``);
 * a single-file ``.safetensors`` checkpoint (ComfyUI/A1111 layout), see
-  :mod:`rlr_backend.models.single_file`.
+  :mod:`rlr_backend.models.single_file`;
+* a flow transformer file (ComfyUI ``models/diffusion_models``: SD3 / SD3.5, FLUX.1, Z-Image) with its
+  text encoder files, VAE file and tokenizer folder (options ``text_encoders``, ``vae``, ``tokenizer``), see
+  :mod:`rlr_backend.models.flow_single_file`.
 
 Weights are read from ``.safetensors`` only (``use_safetensors=True``); no pickle is ever loaded. The
 folder scan follows symlinks (a linked ``unet/`` is scanned too) and judges files by their real names
@@ -62,6 +65,8 @@ _TOKENIZERS = {"StableDiffusionPipeline": ("tokenizer",), "StableDiffusionXLPipe
 #: flow-matching pipelines' components that a folder may leave out (``[null, null]`` in model_index.json, as
 #: diffusers allows: SD3 without T5) -> its tokenizer
 OPTIONAL_COMPONENTS: dict[str, dict[str, str]] = {"StableDiffusion3Pipeline": {"text_encoder_3": "tokenizer_3"}}
+#: loader options naming a flow transformer file's other files (``models.flow_single_file``)
+FLOW_FILE_OPTIONS: tuple[str, ...] = ("text_encoders", "vae", "tokenizer")
 #: every weight-bearing component a loaded pipeline may have (checked for NaN/inf and dtypes)
 WEIGHT_COMPONENTS: tuple[str, ...] = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -245,7 +250,8 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
                   text_encoder_dtype: torch.dtype | None = None, **single_file):
     """The diffusers pipeline for ``model`` (see the module docstring), on CPU, progress bar off: UNet and
     VAE in ``dtype``, text encoders in ``text_encoder_dtype`` (default ``dtype``). ``single_file`` options
-    (``image_size``, ``prediction_type``) apply to single-file checkpoints only."""
+    (``image_size``, ``prediction_type``) apply to single-file checkpoints only; ``text_encoders``, ``vae`` and
+    ``tokenizer`` to flow transformer files only."""
     from .default_model import load_default_pipeline
     from .weights import check_memory
 
@@ -260,14 +266,31 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype = torch.fl
         raise InvalidModelFile(f"{p}: pickle-based checkpoints (.ckpt/.pt/.bin) are not accepted; use a diffusers "
                                "folder or a single-file checkpoint with .safetensors weights")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parts = {k: single_file.pop(k) for k in FLOW_FILE_OPTIONS if single_file.get(k)}
+    single_file = {k: v for k, v in single_file.items() if k not in FLOW_FILE_OPTIONS}
     if p.is_file() or p.suffix.lower() == ".safetensors":
+        from .flow_detect import flow_transformer_layout
         from .single_file import load_single_file
 
-        if p.is_file() and p.suffix.lower() == ".safetensors":
-            check_float_weights(p, SINGLE_FILE_PARTS)
-        pipe = load_single_file(p, dtype=dtype, text_encoder_dtype=text_dtype, **single_file)
+        flow = p.is_file() and flow_transformer_layout(safetensors_header(p)) is not None
+        if flow:
+            from .flow_single_file import load_flow_single_file
+
+            if "prediction_type" in single_file:
+                raise ValueError(f"prediction_type is a DDIM option; {p.name} is a flow-matching transformer")
+            pipe = load_flow_single_file(p, dtype=dtype, text_encoder_dtype=text_dtype, **parts, **single_file)
+        else:
+            if parts:
+                raise ValueError(f"{', '.join(parts)} only apply to a flow transformer file (ComfyUI "
+                                 f"models/diffusion_models); {p.name} is not one")
+            if p.is_file() and p.suffix.lower() == ".safetensors":
+                check_float_weights(p, SINGLE_FILE_PARTS)
+            pipe = load_single_file(p, dtype=dtype, text_encoder_dtype=text_dtype, **single_file)
         check_weights(pipe, p, finite=False)  # each tensor was checked as it was read, naming the file's key
         return pipe
+    if parts:
+        raise ValueError(f"{', '.join(parts)} only apply to a flow transformer file (ComfyUI models/diffusion_models); "
+                         "a diffusers folder has its own components")
     image_size = single_file.pop("image_size", None) if is_flow_folder(p) else None
     if single_file:
         raise ValueError(f"{', '.join(single_file)} only apply to single-file checkpoints; a diffusers folder's "

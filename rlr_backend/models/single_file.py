@@ -85,8 +85,8 @@ def detect_architecture(tensors: dict[str, torch.Tensor], source: str = "checkpo
         flow = flow_transformer_kind(tensors)
         if flow:
             raise UnsupportedCheckpoint(f"{source}: a {flow} transformer-only file (ComfyUI models/diffusion_models "
-                                        "layout); loading it with separate text encoder and VAE files is not supported "
-                                        f"yet: give the model's diffusers folder ({flow} folders load)")
+                                        "layout): load it with its text encoder and VAE files (models.loader, "
+                                        "--text-encoder FILE --vae FILE), or give the model's diffusers folder")
         refuse(f"no Stable Diffusion UNet keys ({U}input_blocks.*); {_diffusers_guess(tensors)}")
     in_ch = tensors[U + "input_blocks.0.0.weight"].shape[1]
     if in_ch != 4:
@@ -153,13 +153,13 @@ def _unet_config(t: dict, arch: str, text_cfgs: list, image_size: int, vae_facto
     return cfg
 
 
-def _vae_config(t: dict, arch: str, image_size: int) -> dict:
-    n = _count(t, re.escape(VAE + "encoder.down.") + r"(\d+)\.block\.0\.conv1\.weight")
-    widths = [t[VAE + f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n)]
-    return dict(in_channels=t[VAE + "encoder.conv_in.weight"].shape[1], out_channels=t[VAE + "decoder.conv_out.weight"].shape[0],
+def _vae_config(t: dict, arch: str, image_size: int, prefix: str = VAE) -> dict:
+    n = _count(t, re.escape(prefix + "encoder.down.") + r"(\d+)\.block\.0\.conv1\.weight")
+    widths = [t[prefix + f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n)]
+    return dict(in_channels=t[prefix + "encoder.conv_in.weight"].shape[1], out_channels=t[prefix + "decoder.conv_out.weight"].shape[0],
                 block_out_channels=widths, down_block_types=["DownEncoderBlock2D"] * n,
-                up_block_types=["UpDecoderBlock2D"] * n, latent_channels=t[VAE + "decoder.conv_in.weight"].shape[1],
-                layers_per_block=_count(t, re.escape(VAE + "encoder.down.0.block.") + r"(\d+)\."),
+                up_block_types=["UpDecoderBlock2D"] * n, latent_channels=t[prefix + "decoder.conv_in.weight"].shape[1],
+                layers_per_block=_count(t, re.escape(prefix + "encoder.down.0.block.") + r"(\d+)\."),
                 norm_num_groups=min(32, widths[0]), sample_size=image_size,
                 scaling_factor=0.13025 if arch == "sdxl" else 0.18215)
 
@@ -198,7 +198,8 @@ class _Traced(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = super().__torch_function__(func, types, args, kwargs)
-        src = next((getattr(a, "src", None) for a in (*args, *kwargs.values()) if isinstance(a, _Traced)), None)
+        flat = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, (list, tuple)) else (a,))]
+        src = next((b.src for b in flat if isinstance(b, _Traced) and hasattr(b, "src")), None)
         if src is not None:
             for o in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(o, _Traced):
@@ -239,8 +240,15 @@ class _Part:
     """One component of a single-file checkpoint: its module (built on the meta device), the file prefix
     its tensors live under, and how its keys convert to the module's."""
 
-    def __init__(self, name: str, module: torch.nn.Module, prefix: str, convert, dtype: torch.dtype):
+    def __init__(self, name: str, module: torch.nn.Module, prefix: str, convert, dtype: torch.dtype,
+                 expected: str = f"an {SUPPORTED}", fp32_keys: tuple[str, ...] = ()):
         self.name, self.module, self.prefix, self.convert, self.dtype = name, module, prefix, convert, dtype
+        self.expected = expected
+        #: module keys containing one of these stay float32 in fp16 (T5's ``wo``, as transformers keeps them)
+        self.fp32_keys = fp32_keys if dtype == torch.float16 else ()
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        return torch.float32 if any(f in key for f in self.fp32_keys) else self.dtype
 
     def check(self, traced: dict[str, torch.Tensor], source: str) -> dict[str, str]:
         """Check every key and shape on the meta tensors (nothing read yet); returns module key -> file key.
@@ -257,7 +265,7 @@ class _Part:
                 what.append(f"{len(extra)} tensor(s) of the file have no place in the {self.name}, e.g. "
                             f"{state[extra[0]].src!r} (as {extra[0]!r})")
             raise UnsupportedCheckpoint(f"{source}: the {self.name} weights do not match the architecture inferred "
-                                        f"from them ({'; '.join(what)}); expected an {SUPPORTED}")
+                                        f"from them ({'; '.join(what)}); expected {self.expected}")
         for key, t in state.items():
             want = tuple(expected[key].shape)
             if tuple(t.shape) != want:
@@ -270,7 +278,7 @@ class _Part:
 
     def load(self, path: Path, sources: dict[str, str]) -> None:
         """Read this part's tensors (in its dtype), convert them and hand them to the module."""
-        real = read_tensors(path, {k: self.dtype for k in set(sources.values())})
+        real = read_tensors(path, {src: self.dtype_of(key) for key, src in sources.items()})
         state = self.convert(real)
         del real  # tensors the conversion copied (OpenCLIP's fused q/k/v) are freed once assigned
         assign_weights(self.module, {k: state[k] for k in sources})

@@ -59,12 +59,19 @@ class TrainConfig:
     """Everything a run needs. Validated at construction; saved as config.json in the run folder."""
 
     model: str | None = _f(None, "local model: a diffusers folder (SD1.x, SD2.x, SDXL; flow-matching SD3/SD3.5, "
-                                 "FLUX.1, Z-Image), a single-file .safetensors checkpoint, or default-flow (the "
+                                 "FLUX.1, Z-Image), a single-file .safetensors checkpoint, a flow transformer file "
+                                 "(ComfyUI models/diffusion_models, with text_encoders and vae), or default-flow (the "
                                  "small flow-matching default); default: the embedded model")
     image_size: int | None = _f(None, "single-file checkpoints and flow-matching folders: training resolution in "
                                       "pixels (default: the architecture's native size)")
     prediction_type: str | None = _f(None, "single-file checkpoints: epsilon or v_prediction (default: detected; "
                                            "SD2-base 512 files need epsilon)", choices=PREDICTION_TYPES)
+    text_encoders: tuple[str, ...] = _f((), "flow transformer files (ComfyUI models/diffusion_models): their text "
+                                            "encoder files, any order (SD3/SD3.5: clip_l + clip_g [+ t5xxl]; FLUX.1: "
+                                            "clip_l + t5xxl; Z-Image: qwen_3_4b)")
+    vae: str | None = _f(None, "flow transformer files: the VAE file (e.g. ae.safetensors)")
+    tokenizer: str | None = _f(None, "flow transformer files: the T5 / Qwen3 tokenizer folder (e.g. "
+                                     "ComfyUI/comfy/text_encoders/t5_tokenizer)")
     prompts: tuple[PromptSpec, ...] = _f(tuple(PromptSpec(p) for p in DEFAULT_PROMPTS), "training prompts")
     reward: str = _f("prompt_alignment=1,brightness=1", "reward name, or weighted sum 'name=w,name=w'")
     estimator: str = _f("auto", "gradient estimator; auto: the measured choice for the reward (truncated backprop "
@@ -227,8 +234,9 @@ class TrainConfig:
 
     def single_file_options(self) -> dict:
         """The loader options that apply to single-file checkpoints (a diffusers folder refuses them)."""
-        return {k: v for k, v in (("image_size", self.image_size), ("prediction_type", self.prediction_type))
-                if v is not None}
+        return {k: v for k, v in (("image_size", self.image_size), ("prediction_type", self.prediction_type),
+                                  ("text_encoders", self.text_encoders), ("vae", self.vae), ("tokenizer", self.tokenizer))
+                if v}
 
     @property
     def run_dir(self) -> Path:
@@ -258,7 +266,7 @@ class TrainConfig:
         d = dict(data)
         d["prompts"] = prompts_from_json(d["prompts"])
         d["output_dir"] = Path(d["output_dir"])
-        for name in ("ho_range", "sde_window"):
+        for name in ("ho_range", "sde_window", "text_encoders"):
             if d.get(name) is not None:
                 d[name] = tuple(d[name])
         if "prompt_split" in d:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .model_paths import FLOW_PIPELINES, read_flow_defaults, read_model_index, resolve_model_name
+from ..model_paths import FLOW_PIPELINES, read_flow_defaults, read_model_index, resolve_model_name
 
 #: model kind -> TrainConfig fields it changes from TrainConfig's defaults
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
@@ -38,17 +38,41 @@ _PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline":
                    "StableDiffusion3Pipeline": "sd3", "ZImagePipeline": "zimage", "QwenImagePipeline": "qwen-image"}
 
 
+#: a flow transformer file's family (``models.flow_detect``) -> kind; FLUX.1 dev and schnell apart by these keys
+_FILE_KINDS = {"SD3/SD3.5": "sd3", "Z-Image": "zimage"}
+_FLUX_GUIDANCE_KEYS = ("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight")
+
+
 def model_kind(model: str | Path | None) -> str:
     """The kind of a model given as the CLI/app give it (None: the embedded UNet default; a name such as
-    ``default-flow``; a diffusers folder; a single file -> ``sd``, whose kind the loader resolves)."""
+    ``default-flow``; a diffusers folder; a flow transformer file (ComfyUI's ``diffusion_models``, by its
+    header's keys); any other single file -> ``sd``, whose kind the loader resolves)."""
     path = resolve_model_name(model)
     if path is None:
         return "sd"
+    if Path(path).is_file() and Path(path).suffix.lower() == ".safetensors":
+        return _file_kind(Path(path))
     index = read_model_index(path) or {}
     cls = index.get("_class_name")
     if cls == "FluxPipeline":
         return "flux-dev" if _guidance_embeds(Path(path)) else "flux-schnell"
     return _PIPELINE_KINDS.get(cls, "sd")
+
+
+def _file_kind(path: Path) -> str:
+    from ..safe_io import safetensors_header
+    from .flow_detect import flow_transformer_layout
+
+    try:
+        keys = set(safetensors_header(path))
+    except (OSError, ValueError):
+        return "sd"  # the loader names what is wrong with the file
+    layout = flow_transformer_layout(keys)
+    if layout is None:
+        return "sd"
+    if layout.kind == "FLUX.1":
+        return "flux-dev" if any(layout.prefix + k in keys for k in _FLUX_GUIDANCE_KEYS) else "flux-schnell"
+    return _FILE_KINDS.get(layout.kind, "sd")
 
 
 def _guidance_embeds(folder: Path) -> bool:
