@@ -169,6 +169,7 @@ class ComfyBase:
 
     def add_lora(self, rank: int, alpha: float | None, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
         alpha = resolve_alpha(rank, alpha)
+        self._unload()  # wrappers are installed when the patcher loads: a model already used is loaded again
         slots = self._lora_slots()
         gen = torch.Generator().manual_seed(seed)
         self.base.requires_grad_(False)
@@ -243,15 +244,19 @@ class ComfyBase:
         self.base = self.mp.model
         self._loaded = False
 
-    def release(self) -> None:
-        """Unload this clone's patchers (drops the wrappers from the shared modules) and free memory."""
+    def _unload(self) -> None:
+        """Unload this clone's patchers: the wrappers and patches leave the shared modules."""
         for lm in list(mm.current_loaded_models):
             if lm.model is self.mp or lm.model is self._vae_patcher:
                 lm.model_unload()
                 mm.current_loaded_models.remove(lm)
+        self._loaded = False
+
+    def release(self) -> None:
+        """Unload this clone's patchers and free memory."""
+        self._unload()
         self.lora.clear()
         getattr(self, "_cache", {}).clear()
-        self._loaded = False
         mm.soft_empty_cache()
 
     def decode(self, latents: Tensor) -> Tensor:
