@@ -155,7 +155,7 @@ class FromComfyModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, width: int, height: int) -> io.NodeOutput:
-        from .comfy_model import ComfySource
+        from .comfy_source import ComfySource
 
         return io.NodeOutput(ComfySource(model, clip, vae, width, height))
 

@@ -33,7 +33,7 @@ def _build(kind, sd3_file):
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def trained(request, comfy_inprocess, sd3_file, tmp_path_factory):
-    from comfy_nodes.comfy_model import ComfySource
+    from comfy_nodes.comfy_source import ComfySource
 
     kind = request.param
     model, clip, vae = _build(kind, sd3_file)
@@ -59,7 +59,7 @@ def trained(request, comfy_inprocess, sd3_file, tmp_path_factory):
 
 
 def _fresh(t):
-    from comfy_nodes.comfy_model import ComfySource
+    from comfy_nodes.comfy_source import ComfySource
 
     return ComfySource(t["model"], t["clip"], t["vae"], SIZE, SIZE).load()
 
@@ -141,7 +141,7 @@ def test_a_model_of_another_kind_is_refused_naming_it(comfy_inprocess, trained):
     import comfy.model_patcher
     import comfy.supported_models as sm
 
-    from comfy_nodes.comfy_model import ComfySource
+    from comfy_nodes.comfy_source import ComfySource
 
     config = sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v", "dim": 32, "ffn_dim": 64, "num_heads": 2,
                            "num_layers": 1, "in_dim": 16, "out_dim": 16, "text_dim": 32, "freq_dim": 32})
