@@ -151,3 +151,48 @@ def test_a_model_of_another_kind_is_refused_naming_it(comfy_inprocess, trained):
         ComfySource(video, trained["clip"], trained["vae"], SIZE, SIZE)
     with pytest.raises(ValueError, match="multiples of 16"):
         ComfySource(trained["model"], trained["clip"], trained["vae"], 72, 64)
+
+
+def test_zimage_trains_through_comfyui_and_its_export_loads_there(comfy_inprocess, caplog):
+    """Z-Image (ComfyUI's Lumina2 class): gradients reach every adapter, captions of different lengths run in
+    separate calls with the same result as alone, ComfyUI maps every key of the ``diffusion_model.`` export
+    and applying it gives the trained velocity. Caption features are random (no tiny Qwen3 text encoder)."""
+    import comfy.lora
+    import tiny_comfy
+
+    from comfy_nodes.comfy_source import ComfySource
+    from rlr_backend.models.flow_model import FlowConditioning
+
+    model, (_, clip, vae) = tiny_comfy.build_zimage(), tiny_comfy.build_flux()  # CLIP, VAE: only the sockets
+    g = torch.Generator().manual_seed(1)
+    rows = [{"c_crossattn": torch.randn(1, n, 32, generator=g), "num_tokens": n} for n in (7, 5)]
+    empty = {"c_crossattn": torch.randn(1, 3, 32, generator=g), "num_tokens": 3}
+    cond = FlowConditioning(rows, None, [empty] * 2, None)
+    source = ComfySource(model, clip, vae, SIZE, SIZE)
+    assert source.kind.name == "Z-Image"
+    with torch.inference_mode(False):
+        cm = source.load()
+        params = cm.add_lora(2, None, 0)
+        with torch.no_grad():
+            for _, p in params[1::2]:
+                p.normal_(generator=g)
+        x = torch.randn(2, *cm.latent_shape, generator=g)
+        v = cm.denoiser(2.0)(x, 700.0, cond)
+        (v**2).mean().backward()
+        assert all(float(p.grad.abs().sum()) > 0 for _, p in params) and len(params) == 24  # 3 blocks x q, k, v, out
+        with torch.no_grad():
+            alone = cm.denoiser(2.0)(x[1:], 700.0, FlowConditioning(rows[1:], None, [empty], None))
+        assert torch.allclose(alone, v[1:].detach(), atol=1e-5)
+        sd, _, _ = cm.lora_state_dict(torch.float32)
+        cm.release()
+        assert cm.base_model_version == "zimage" and all(k.startswith("diffusion_model.") for k in sd)
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        with caplog.at_level(logging.WARNING):
+            assert len(comfy.lora.load_lora(sd, key_map)) == len(sd) // 2 == 12
+        assert "lora key not loaded" not in caplog.text
+        fresh = source.load()
+        fresh.load_lora(sd, 1.0)
+        with torch.no_grad():
+            v_file = fresh.denoiser(2.0)(x, 700.0, cond)
+        fresh.release()
+    assert torch.allclose(v_file, v.detach(), atol=1e-4, rtol=1e-4)

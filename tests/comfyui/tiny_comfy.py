@@ -199,3 +199,24 @@ def build_flux(seed: int = 0):
                                             "dtype": torch.float32})
         clip.cond_stage_model.load_state_dict(random_state(clip.cond_stage_model, seed + 1), strict=False)
     return model, clip, tiny_vae(16)
+
+
+# Z-Image layout (ComfyUI's Lumina2 with Z-Image's modulation, which needs dim >= 256); caption features 32 wide
+ZIMAGE_TINY = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32,
+               "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 8, "n_kv_heads": 8,
+               "axes_dims": [8, 12, 12], "axes_lens": [64, 32, 32], "rope_theta": 256.0,
+               "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0}
+
+
+def build_zimage(seed: int = 0):
+    """MODEL of a tiny Z-Image, built in-process under inference mode (no text encoder: ComfyUI's Qwen3-4B
+    has no tiny configuration)."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    with torch.inference_mode():
+        config = sm.ZImage(dict(ZIMAGE_TINY))
+        config.set_inference_dtype(torch.float32, None)
+        base = config.get_model({})
+        base.load_state_dict(random_state(base, seed), strict=False)
+        return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
