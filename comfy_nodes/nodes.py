@@ -9,7 +9,7 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
-from rlr_backend.choices import ESTIMATOR_CHOICES
+from rlr_backend.choices import ESTIMATOR_CHOICES, FLOW_STEP_CHOICES
 from rlr_backend.estimators import ESTIMATORS, ZO_MODES
 from rlr_backend.rewards import REWARD_HELP, REWARDS
 
@@ -138,20 +138,24 @@ class FromComfyModel(io.ComfyNode):
         return _schema(
             node_id="RLR_FromComfyModel", search_aliases=["train checkpoint", "checkpoint to rlr", "lora training from checkpoint", "train model"],
             display_name="RLR From Comfy Model", category=CATEGORY,
-            description="Train through the MODEL, CLIP and VAE of a Load Checkpoint node (SD1.x, SD2.x, SDXL). "
-                        "The inputs are never modified: training works on a clone with LoRA weight wrappers.",
-            inputs=[io.Model.Input("model", tooltip="the diffusion model from Load Checkpoint (SD1.x/SD2.x/SDXL UNet)"),
+            description="Train through the MODEL, CLIP and VAE of a Load Checkpoint node: SD1.x, SD2.x, SDXL UNets "
+                        "(DDIM chain) or the flow-matching SD3/SD3.5, FLUX.1 and Z-Image (flow chain with the "
+                        "MODEL's shift; set flow_step / flow_eta on RLR Trainer). The inputs are never modified: "
+                        "training works on a clone with LoRA weight wrappers.",
+            inputs=[io.Model.Input("model", tooltip="the diffusion model from Load Checkpoint or Load Diffusion "
+                                                    "Model (SD1.x/SD2.x/SDXL, SD3/SD3.5, FLUX.1, Z-Image)"),
                     io.Clip.Input("clip", tooltip="the text encoder of the same checkpoint"),
                     io.Vae.Input("vae", tooltip="the VAE of the same checkpoint"),
                     io.Int.Input("width", default=512, min=64, max=2048, step=64,
-                                 tooltip="image width used for training and sampling (smaller is faster)"),
+                                 tooltip="image width used for training and sampling (smaller is faster; a "
+                                         "multiple of 16 for flow models)"),
                     io.Int.Input("height", default=512, min=64, max=2048, step=64,
                                  tooltip="image height used for training and sampling")],
             outputs=[MODEL.Output(display_name="rlr_model")])
 
     @classmethod
     def execute(cls, model, clip, vae, width: int, height: int) -> io.NodeOutput:
-        from .comfy_model import ComfySource
+        from .comfy_source import ComfySource
 
         return io.NodeOutput(ComfySource(model, clip, vae, width, height))
 
@@ -262,8 +266,18 @@ class Trainer(io.ComfyNode):
                     io.String.Input("run_name", default="rlr", tooltip="name of the run folder in output/rlr_runs/ "
                                                                        "and of the partial LoRA if cancelled"),
                     _float("kl_weight", max=100.0, step=1e-4, advanced=True),
-                    _float("early_stop_drop", max=100.0, step=0.01, advanced=True)],
-            outputs=[LORA.Output(display_name="lora", tooltip="kohya-format LoRA (connect to RLR Save LoRA or "
+                    _float("early_stop_drop", max=100.0, step=0.01, advanced=True),
+                    # flow-matching models (SD3/SD3.5, FLUX.1, Z-Image); last, so older workflows keep their values
+                    io.Combo.Input("flow_step", options=list(FLOW_STEP_CHOICES),
+                                   default=logic.config_field("flow_step")["default"],
+                                   tooltip=logic.config_field("flow_step")["tooltip"], **ADVANCED),
+                    _float("flow_eta", min=0.01, max=2.0, step=0.05, advanced=True),
+                    io.Int.Input("sde_start", default=0, min=0, max=1000, tooltip="flow-matching models: first "
+                                 "stochastic sampler step of the SDE window (0 = the first step)", **ADVANCED),
+                    io.Int.Input("sde_size", default=0, min=0, max=1000, tooltip="flow-matching models: stochastic "
+                                 "steps in the window, ODE steps elsewhere (Flow-GRPO-Fast, MixGRPO); 0: every "
+                                 "step stochastic", **ADVANCED)],
+            outputs=[LORA.Output(display_name="lora", tooltip="LoRA (kohya keys; diffusers keys for flow models) (connect to RLR Save LoRA or "
                                                               "Load LoRA Model)"),
                      io.Image.Output(display_name="reward_curve", tooltip="batch and evaluation reward per update"),
                      io.Image.Output(display_name="before_after", tooltip="evaluation images before | after")],
@@ -273,7 +287,8 @@ class Trainer(io.ComfyNode):
     def execute(cls, rlr_model, reward, prompts, steps: int, lr: float, lora_rank: int, seed: int, batch_size: int,
                 images_per_prompt: int, num_inference_steps: int, guidance_scale: float, eta: float,
                 preview_every: int, run_name: str, estimator=None, kl_weight: float = 0.0,
-                early_stop_drop: float = 0.0) -> io.NodeOutput:
+                early_stop_drop: float = 0.0, flow_step: str = "flow_sde", flow_eta: float = 0.7, sde_start: int = 0,
+                sde_size: int = 0) -> io.NodeOutput:
         from . import comfy_glue
 
         out = comfy_glue.run_training(
@@ -281,7 +296,8 @@ class Trainer(io.ComfyNode):
             options=dict(steps=steps, lr=lr, lora_rank=lora_rank, seed=seed, batch_size=batch_size,
                          images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, eta=eta, eval_every=preview_every, kl_weight=kl_weight,
-                         early_stop_drop=early_stop_drop))
+                         early_stop_drop=early_stop_drop, flow_step=flow_step, flow_eta=flow_eta,
+                         sde_window=(sde_start, sde_size) if sde_size else None))
         return io.NodeOutput(out.lora, out.curve, out.grid)
 
 

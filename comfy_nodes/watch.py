@@ -20,20 +20,19 @@ class WatchedDenoiser:
     so previews cost under ~5% of the run) the first image's predicted x_0 is decoded and handed to
     ``on_image`` (B=1, 3, H, W in [0, 1]). Deterministic: no random numbers are drawn."""
 
-    def __init__(self, inner, model, alphas: dict[int, float], prediction_type: str,
+    def __init__(self, inner, model, x0_of: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None],
                  on_image: Callable[[torch.Tensor], None], state: dict, interval: float = 2.0):
-        self.inner, self.model, self.alphas, self.prediction_type = inner, model, alphas, prediction_type
+        self.inner, self.model, self.x0_of = inner, model, x0_of
         self.on_image, self.state, self.interval = on_image, state, interval
 
-    def __call__(self, x: torch.Tensor, timestep: int, cond):
+    def __call__(self, x: torch.Tensor, timestep, cond):
         out = self.inner(x, timestep, cond)
         now = time.monotonic()
-        if now >= self.state.get("next", 0.0) and int(timestep) in self.alphas:
-            from rlr_backend.sampling.ddim import predicted_x0_and_eps
-
+        if now >= self.state.get("next", 0.0):
             with torch.no_grad():
-                x0, _ = predicted_x0_and_eps(out[:1].detach().float(), x[:1].detach().float(),
-                                             self.alphas[int(timestep)], self.prediction_type)
+                x0 = self.x0_of(out[:1].detach().float(), x[:1].detach().float(), timestep)
+                if x0 is None:  # a time the chain does not have
+                    return out
                 image = self.model.decode(x0.to(x.dtype)).float().clamp(0, 1)
             took = time.monotonic() - now
             self.state["next"] = time.monotonic() + max(self.interval, 20 * took)
@@ -46,14 +45,30 @@ class WatchedDenoiser:
         return getattr(self.inner, name)
 
 
+def predicted_x0(model, config: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None]:
+    """(model output, x, time input) -> the model's x_0 estimate on this run's chain (None at other times):
+    DDIM's from eps / v and abar, or a flow chain's x - sigma v (sigma = time / FLOW_TIME_SCALE)."""
+    flow = bool(getattr(model, "flow", False))
+    schedule = model.schedule(config.num_inference_steps, **config.schedule_options(flow))
+    if flow:
+        from rlr_backend.sampling import FLOW_TIME_SCALE
+
+        times = set(schedule.timesteps)
+        return lambda out, x, t: x - (float(t) / FLOW_TIME_SCALE) * out if float(t) in times else None
+    from rlr_backend.sampling.ddim import predicted_x0_and_eps
+
+    alphas = {int(t): float(a) for t, a in zip(schedule.timesteps, schedule.alpha_t)}
+    return lambda out, x, t: predicted_x0_and_eps(out, x, alphas[int(t)], schedule.prediction_type)[0] \
+        if int(t) in alphas else None
+
+
 def watch_model_calls(model, config: TrainConfig, on_image: Callable[[torch.Tensor], None]) -> None:
     """Make ``model.denoiser`` (this loaded model only) return a ``WatchedDenoiser``."""
-    schedule = model.schedule(config.num_inference_steps, config.eta)
-    alphas = {int(t): float(a) for t, a in zip(schedule.timesteps, schedule.alpha_t)}
+    x0_of = predicted_x0(model, config)
     inner, state = model.denoiser, {}
 
     def denoiser(guidance_scale: float):
-        return WatchedDenoiser(inner(guidance_scale), model, alphas, schedule.prediction_type, on_image, state)
+        return WatchedDenoiser(inner(guidance_scale), model, x0_of, on_image, state)
 
     model.denoiser = denoiser
 

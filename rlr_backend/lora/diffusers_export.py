@@ -21,6 +21,15 @@ def lora_keys(module: str, prefix: str = TRANSFORMER_PREFIX) -> tuple[str, str]:
     return f"{prefix}{module}.lora_A.weight", f"{prefix}{module}.lora_B.weight"
 
 
+def diffusers_tensors(module: str, down: torch.Tensor, up: torch.Tensor, scale: float, dtype: torch.dtype,
+                      prefix: str = TRANSFORMER_PREFIX) -> dict[str, torch.Tensor]:
+    """One module's two tensors in the file: A = ``down`` (r, in), B = ``up`` (out, r) times ``scale`` (the
+    training alpha / rank, folded in: the loaders apply the file at scale 1), on the CPU in ``dtype``."""
+    key_a, key_b = lora_keys(module, prefix)
+    return {key_a: down.detach().to("cpu", dtype).contiguous(),
+            key_b: (up.detach().float() * scale).to("cpu", dtype).contiguous()}
+
+
 def lora_modules(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.nn.Module]:
     """Path -> peft layer of every module of ``model`` that carries the LoRA ``adapter``."""
     return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and adapter in getattr(m, "lora_A", {})}
@@ -36,10 +45,7 @@ def diffusers_state_dict(model: torch.nn.Module, adapter: str = "default", dtype
         down, up = m.lora_A[adapter].weight.detach(), m.lora_B[adapter].weight.detach()
         rank = down.shape[0]
         ranks.add(rank)
-        scale = float(m.lora_alpha[adapter]) / rank
-        key_a, key_b = lora_keys(name, prefix)
-        out[key_a] = down.to("cpu", dtype)
-        out[key_b] = (up.float() * scale).to("cpu", dtype)
+        out.update(diffusers_tensors(name, down, up, float(m.lora_alpha[adapter]) / rank, dtype, prefix))
     if not out:
         raise ValueError("the model has no LoRA adapter to export; add one with rlr_backend.lora.add_lora")
     if len(ranks) != 1:

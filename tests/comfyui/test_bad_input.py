@@ -26,7 +26,7 @@ def prepared(server, comfy_inprocess):
     from safetensors.torch import save_file
 
     import tiny_comfy
-    from comfy_nodes.comfy_model import ComfySource
+    from comfy_nodes.comfy_source import ComfySource
 
     loras = server.base / "models" / "loras"
     model, clip, vae = tiny_comfy.build("sdxl")

@@ -24,7 +24,7 @@ def model_output(patcher, x, sigma, ctx, y=None):
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
 def trained(request, comfy_inprocess, tmp_path_factory):
     import tiny_comfy
-    from comfy_nodes.comfy_model import ComfySource
+    from comfy_nodes.comfy_source import ComfySource
 
     kind = request.param
     model, clip, vae = tiny_comfy.build(kind)
@@ -72,7 +72,7 @@ def test_comfyui_loads_every_key_of_the_export(trained, caplog):
 
 def test_export_reproduces_the_trained_model_in_comfyui(trained):
     """The same eps from the training wrappers and from ComfyUI applying the exported file (fp32)."""
-    from comfy_nodes.comfy_model import ComfySource
+    from comfy_nodes.comfy_source import ComfySource
 
     with torch.inference_mode(False):
         fresh = ComfySource(trained["model"], trained["clip"], trained["vae"], 64, 64).load()
@@ -99,7 +99,7 @@ def test_the_users_model_is_unchanged(trained):
 
 def test_wrong_base_model_and_wrong_sockets_are_refused(trained, comfy_inprocess):
     import tiny_comfy
-    from comfy_nodes.comfy_model import ComfySource
+    from comfy_nodes.comfy_source import ComfySource
 
     other = "sdxl" if trained["kind"] == "sd1" else "sd1"
     model, clip, vae = tiny_comfy.build(other)

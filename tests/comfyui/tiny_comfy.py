@@ -113,3 +113,110 @@ def save_sd15_shaped_checkpoint(path, seed: int = 0) -> int:
         raise RuntimeError("state_dict_for_saving returned no UNet weights; ComfyUI's signature changed again")
     save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(path))
     return sum(p.numel() for p in base.diffusion_model.parameters())
+
+
+# -- flow-matching models -------------------------------------------------------------------------------
+# SD3 (the SD3.5-medium layout: block 0 has the second self-attention): ComfyUI's detection reads depth from
+# the hidden size (64 per block); context = CLIP-L 32 padded to 4096 (no CLIP-G / T5 in the file), y = pooled
+# CLIP-L 32 + CLIP-G zeros 1280
+MMDIT_TINY = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+              "adm_in_channels": 32 + 1280, "num_patches": 64, "pos_embed_max_size": 8,
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+              "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [0]}
+# FLUX.1-dev layout (guidance embedding), one double and one single block; y = pooled CLIP-L, context = T5
+FLUX_TINY = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
+             "context_in_dim": 32, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+             "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True, "guidance_embed": True}
+T5_TINY = {"d_ff": 64, "d_kv": 16, "d_model": 32, "num_heads": 2, "num_layers": 1}
+VAE16_TINY = {**VAE_TINY, "z_channels": 16}
+SD3_TE_OPTIONS = {"clip_l_model_config": dict(CLIP_TINY)}
+
+
+def tiny_vae(z_channels: int = 4, seed: int = 2):
+    """A tiny ComfyUI VAE (weights made under inference mode, as the loader makes them)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.inference_mode():
+        params = {"ddconfig": {**VAE_TINY, "z_channels": z_channels}, "embed_dim": z_channels}
+        return comfy.sd.VAE(sd=random_state(AutoencoderKL(**params), seed), config={"params": params}, dtype=torch.float32)
+
+
+def save_sd3_checkpoint(path, seed: int = 0) -> None:
+    """A random-weight SD3-layout checkpoint in ComfyUI's single-file layout (``model.diffusion_model.*`` and
+    ``text_encoders.clip_l.*``; no VAE: ComfyUI's detection gives any VAE in a checkpoint the full SD size).
+    Load it with ``load_sd3_checkpoint``."""
+    import comfy.sd
+    import comfy.supported_models as sm
+    import comfy.supported_models_base as smb
+    import comfy.text_encoders.sd3_clip as sd3_clip
+    from safetensors.torch import save_file
+
+    config = sm.SD3(dict(MMDIT_TINY))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    state = random_state(base, seed)
+    state["diffusion_model.pos_embed"] = torch.randn(state["diffusion_model.pos_embed"].shape,
+                                                     generator=torch.Generator().manual_seed(seed)) * 0.02  # torch.empty
+    base.load_state_dict(state, strict=False)
+    clip = comfy.sd.CLIP(smb.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=False, t5=False)),
+                         model_options={**SD3_TE_OPTIONS, "dtype": torch.float32})
+    clip.cond_stage_model.load_state_dict(random_state(clip.cond_stage_model, seed + 1), strict=False)
+    kw = dict(clip_state_dict=clip.get_sd())
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        kw["unet_state_dict"] = base.diffusion_model.state_dict()
+    sd = base.state_dict_for_saving(**kw)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+def load_sd3_checkpoint(path):
+    """(MODEL, CLIP, VAE) of ``save_sd3_checkpoint``'s file through ComfyUI's checkpoint loader (the tiny
+    CLIP-L's size as text-encoder options), with a tiny 16-channel VAE."""
+    import comfy.sd
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False,
+                                                              te_model_options=dict(SD3_TE_OPTIONS))
+    return model, clip, tiny_vae(16)
+
+
+def build_flux(seed: int = 0):
+    """(MODEL, CLIP, VAE) of a tiny FLUX.1-dev-layout model, built in-process under inference mode (ComfyUI's
+    detection fixes FLUX's hidden size at 3072, so no tiny file of it loads through the loader)."""
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models as sm
+    import comfy.supported_models_base as smb
+    import comfy.text_encoders.flux as flux_te
+
+    with torch.inference_mode():
+        config = sm.Flux(dict(FLUX_TINY))
+        config.set_inference_dtype(torch.float32, None)
+        base = config.get_model({})
+        base.load_state_dict(random_state(base, seed), strict=False)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        clip = comfy.sd.CLIP(smb.ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip()),
+                             model_options={"clip_l_model_config": dict(CLIP_TINY), "t5xxl_model_config": dict(T5_TINY),
+                                            "dtype": torch.float32})
+        clip.cond_stage_model.load_state_dict(random_state(clip.cond_stage_model, seed + 1), strict=False)
+    return model, clip, tiny_vae(16)
+
+
+# Z-Image layout (ComfyUI's Lumina2 with Z-Image's modulation, which needs dim >= 256); caption features 32 wide
+ZIMAGE_TINY = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32,
+               "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 8, "n_kv_heads": 8,
+               "axes_dims": [8, 12, 12], "axes_lens": [64, 32, 32], "rope_theta": 256.0,
+               "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0}
+
+
+def build_zimage(seed: int = 0):
+    """MODEL of a tiny Z-Image, built in-process under inference mode (no text encoder: ComfyUI's Qwen3-4B
+    has no tiny configuration)."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    with torch.inference_mode():
+        config = sm.ZImage(dict(ZIMAGE_TINY))
+        config.set_inference_dtype(torch.float32, None)
+        base = config.get_model({})
+        base.load_state_dict(random_state(base, seed), strict=False)
+        return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

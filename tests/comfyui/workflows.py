@@ -97,9 +97,44 @@ WORKFLOWS: dict[str, dict[str, tuple[str, str, dict]]] = {
         "17": ("VAEDecode", "VAE Decode", {"samples": ["16", 0], "vae": ["1", 2]}),
         "18": ("PreviewImage", "without the LoRA", {"images": ["17", 0]}),
     },
+    "rlr_sd35_flow_lora": {
+        "1": ("CheckpointLoaderSimple", "Load Checkpoint (SD3.5 medium)",
+              {"ckpt_name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"}),
+        "2": ("RLR_FromComfyModel", "RLR From Comfy Model", {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                             "width": 512, "height": 512}),
+        "3": ("RLR_Reward", "RLR Reward", {"reward": "saturation", "weight": 1.0}),
+        "4": ("RLR_Reward", "RLR Reward", {"reward": "contrast", "weight": 0.5, "add_to": ["3", 0]}),
+        "5": ("RLR_PromptSchedule", "RLR Prompt Schedule", {"fine": CAR, "coarse": "a photo of a car",
+                                                             "mid": "a photo of a red sports car", "coarse_end": 0.33,
+                                                             "mid_end": 0.67, "ho_start": 0, "ho_end": 0}),
+        "6": ("RLR_Trainer", "RLR Trainer (flow chain)", {
+            "rlr_model": ["2", 0], "reward": ["4", 0], "prompts": ["5", 0], "steps": 30, "lr": 0.0003,
+            "lora_rank": 8, "seed": 0, "batch_size": 2, "images_per_prompt": 2, "num_inference_steps": 16,
+            "guidance_scale": 4.5, "eta": 1.0, "preview_every": 10, "run_name": "sd35", "flow_step": "flow_sde",
+            "flow_eta": 0.7, "sde_start": 0, "sde_size": 0}),
+        "7": ("RLR_SaveLoRA", "RLR Save LoRA", {"lora": ["6", 0], "filename": "rlr_sd35", "overwrite": True}),
+        "8": ("LoraModelLoader", "Load LoRA Model", {"model": ["1", 0], "lora": ["6", 0], "strength_model": 1.0}),
+        "9": ("CLIPTextEncode", "positive", {"text": CAR, "clip": ["1", 1]}),
+        "10": ("CLIPTextEncode", "negative", {"text": "", "clip": ["1", 1]}),
+        "11": ("EmptySD3LatentImage", "Empty SD3 Latent Image", {"width": 512, "height": 512, "batch_size": 1}),
+        "12": ("KSampler", "KSampler with the LoRA", {"model": ["8", 0], "seed": 0, "steps": 20, "cfg": 4.5,
+                                                     "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+                                                     "positive": ["9", 0], "negative": ["10", 0],
+                                                     "latent_image": ["11", 0]}),
+        "13": ("VAEDecode", "VAE Decode", {"samples": ["12", 0], "vae": ["1", 2]}),
+        "14": ("SaveImage", "with the LoRA", {"images": ["13", 0], "filename_prefix": "rlr_sd35"}),
+        "15": ("PreviewImage", "reward curve", {"images": ["6", 1]}),
+        "16": ("KSampler", "KSampler without the LoRA", {"model": ["1", 0], "seed": 0, "steps": 20, "cfg": 4.5,
+                                                        "sampler_name": "euler", "scheduler": "simple",
+                                                        "denoise": 1.0, "positive": ["9", 0], "negative": ["10", 0],
+                                                        "latent_image": ["11", 0]}),
+        "17": ("VAEDecode", "VAE Decode", {"samples": ["16", 0], "vae": ["1", 2]}),
+        "18": ("PreviewImage", "without the LoRA", {"images": ["17", 0]}),
+    },
 }
 # which output nodes show the image without and with the LoRA (the tests compare them)
-LORA_BRANCH = {"rlr_embedded_default": ("13", "14"), "rlr_checkpoint_lora": ("18", "14")}
+LORA_BRANCH = {"rlr_embedded_default": ("13", "14"), "rlr_checkpoint_lora": ("18", "14"),
+               "rlr_sd35_flow_lora": ("18", "14")}
 
 
 class WorkflowError(ValueError):
