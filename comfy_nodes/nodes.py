@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import os
 
 from comfy_api.latest import ComfyExtension, io
 
@@ -14,6 +13,8 @@ from rlr_backend.estimators import ESTIMATORS, ZO_MODES
 from rlr_backend.rewards import REWARD_HELP, REWARDS
 
 from . import logic
+from .folders import (NO_LORA, checkpoint_names, folder_list, lora_files, lora_path, register_folders,
+                      save_roots)
 
 logger = logging.getLogger(__name__)
 
@@ -51,48 +52,6 @@ def _float(name: str, field: str | None = None, *, min: float = 0.0, max: float 
                           step=step, tooltip=tooltip or spec["tooltip"], **(ADVANCED if advanced else {}))
 
 
-def _folder_paths():
-    import folder_paths
-
-    return folder_paths
-
-
-NO_LORA = "(none)"
-
-
-def _lora_files() -> list[str]:
-    """LoRA files for RLR Sampler: models/loras, then the embedded default's own folder as rlr_loras/<name>."""
-    out = []
-    for kind, prefix in (("loras", ""), (logic.EMBEDDED_LORA_FOLDER, logic.EMBEDDED_LORA_FOLDER + "/")):
-        try:
-            out += [prefix + f for f in _folder_paths().get_filename_list(kind) if f.endswith(".safetensors")]
-        except KeyError:
-            pass
-    return out
-
-
-def _lora_path(name: str) -> str:
-    prefix = logic.EMBEDDED_LORA_FOLDER + "/"
-    if name.startswith(prefix):
-        return _folder_paths().get_full_path_or_raise(logic.EMBEDDED_LORA_FOLDER, name[len(prefix):])
-    return _folder_paths().get_full_path_or_raise("loras", name)
-
-
-def _folder_list(kind: str) -> list[str]:
-    """ComfyUI's folders for ``kind`` (models/diffusers, models/checkpoints, plus extra_model_paths)."""
-    try:
-        return list(_folder_paths().get_folder_paths(kind))
-    except KeyError:
-        return []
-
-
-def _checkpoint_names() -> list[str]:
-    try:
-        return list(_folder_paths().get_filename_list("checkpoints"))
-    except KeyError:
-        return []
-
-
 class LoadModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -102,8 +61,8 @@ class LoadModel(io.ComfyNode):
             description="A model for RLR training through diffusers: the tiny embedded default, a SD1.x/SD2.x/SDXL "
                         "diffusers folder from models/diffusers, or a single-file .safetensors checkpoint from "
                         "models/checkpoints (architecture read from the weights, offline).",
-            inputs=[io.Combo.Input("model", options=logic.model_choices(_folder_list("diffusers"),
-                                                                        _checkpoint_names()),
+            inputs=[io.Combo.Input("model", options=logic.model_choices(folder_list("diffusers"),
+                                                                        checkpoint_names()),
                                    default=logic.EMBEDDED,
                                    tooltip="the embedded default (32x32 coloured shapes, loads in a second), a "
                                            "folder in models/diffusers, or checkpoints/<file>.safetensors"),
@@ -119,13 +78,13 @@ class LoadModel(io.ComfyNode):
         if model.startswith(logic.CHECKPOINT_PREFIX):
             from rlr_backend.safe_io import check_safetensors
 
-            path = logic.resolve_checkpoint(_folder_list("checkpoints"), model[len(logic.CHECKPOINT_PREFIX):])
+            path = logic.resolve_checkpoint(folder_list("checkpoints"), model[len(logic.CHECKPOINT_PREFIX):])
             check_safetensors(path)  # header only; the architecture is checked when it loads
             return io.NodeOutput(logic.DiffusersSource(str(path), image_size or None))
         if image_size:
             raise ValueError("RLR Load Model: image_size applies to single-file checkpoints; a diffusers folder's "
                              "config decides its size (set image_size to 0)")
-        folder = logic.resolve_model_folder(_folder_list("diffusers"), model)
+        folder = logic.resolve_model_folder(folder_list("diffusers"), model)
         from rlr_backend.models.loader import check_pipeline_dir
 
         check_pipeline_dir(folder)  # SD1.x/SD2.x/SDXL diffusers folders
@@ -318,7 +277,7 @@ class Sampler(io.ComfyNode):
                     _float("guidance_scale", max=30.0, step=0.1),
                     _float("eta", max=1.0, step=0.05, advanced=True),
                     LORA.Input("lora", optional=True, tooltip="a LoRA from RLR Trainer (or any kohya LoRA)"),
-                    io.Combo.Input("lora_file", options=[NO_LORA, *_lora_files()], default=NO_LORA, optional=True,
+                    io.Combo.Input("lora_file", options=[NO_LORA, *lora_files()], default=NO_LORA, optional=True,
                                    tooltip="or a LoRA file from models/loras or (embedded default) models/rlr_loras "
                                            "(.safetensors; used when no lora is connected); a LoRA made for "
                                            "another base model is refused"),
@@ -333,7 +292,7 @@ class Sampler(io.ComfyNode):
         from . import comfy_glue
 
         if lora is None and lora_file not in (None, NO_LORA):
-            lora = logic.read_lora(_lora_path(lora_file))
+            lora = logic.read_lora(lora_path(lora_file))
 
         images = comfy_glue.run_sampling(rlr_model, prompt, node_id=cls.hidden.unique_id, lora=lora,
                                          strength=strength, seed=seed, num_images=num_images, num_steps=steps,
@@ -361,7 +320,7 @@ class SaveLoRA(io.ComfyNode):
         """A bad name is refused when the prompt is queued, before anything runs (one input named, so one
         line in the error panel)."""
         try:
-            logic.lora_target(_save_roots()[0], filename, overwrite=True)
+            logic.lora_target(save_roots()[0], filename, overwrite=True)
         except ValueError as e:
             return str(e)
         return True
@@ -371,7 +330,7 @@ class SaveLoRA(io.ComfyNode):
         """Runs before the LoRA input is computed (ComfyUI starts with ready output nodes, and the lazy
         input makes this one ready): an existing file without overwrite fails before any training."""
         if lora is None:
-            loras, embedded = _save_roots()
+            loras, embedded = save_roots()
             logic.lora_target(loras, filename, overwrite)
             logic.lora_target(embedded, filename, overwrite, subfolder="")
             return ["lora"]
@@ -380,26 +339,12 @@ class SaveLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora, filename: str, overwrite: bool) -> io.NodeOutput:
         embedded = logic.is_embedded_lora(lora)
-        root = _save_roots()[1 if embedded else 0]
+        root = save_roots()[1 if embedded else 0]
         target = logic.lora_target(root, filename, overwrite, subfolder="" if embedded else logic.LORA_SUBFOLDER)
         logic.save_lora_file(lora, target)
         name = f"{logic.EMBEDDED_LORA_FOLDER}/{target.name}" if embedded else f"{logic.LORA_SUBFOLDER}/{target.name}"
         where = name if embedded else f"loras/{name}"
         return io.NodeOutput(name, ui={"text": [f"saved {where}"]})
-
-
-def _save_roots() -> tuple[str, str]:
-    """(models/loras, models/rlr_loras): where SaveLoRA writes LoRAs of real checkpoints / of the embedded default."""
-    fp = _folder_paths()
-    return fp.get_folder_paths("loras")[0], fp.get_folder_paths(logic.EMBEDDED_LORA_FOLDER)[0]
-
-
-def register_folders() -> None:
-    """models/rlr_loras: LoRAs of the embedded default, in a folder of their own (no core loader lists it).
-    In-memory only: the folder is created when the first such LoRA is saved."""
-    fp = _folder_paths()
-    if logic.EMBEDDED_LORA_FOLDER not in getattr(fp, "folder_names_and_paths", {}):
-        fp.add_model_folder_path(logic.EMBEDDED_LORA_FOLDER, os.path.join(fp.models_dir, logic.EMBEDDED_LORA_FOLDER))
 
 
 NODES: list[type[io.ComfyNode]] = [LoadModel, FromComfyModel, Reward, Estimator, PromptSchedule, Trainer, Sampler,

@@ -131,7 +131,7 @@ def test_train_save_sample_chain(pack):
     path = base / "models" / name  # the embedded default's LoRAs: models/rlr_loras, which no core loader lists
     assert name == "rlr_loras/my_lora.safetensors" and path.is_file()
     assert not (base / "models" / "loras").exists()
-    assert "rlr_loras/my_lora.safetensors" in nodes._lora_files()
+    assert "rlr_loras/my_lora.safetensors" in nodes.lora_files()
     saved, meta = load_tensors(path)
     assert saved.keys() == lora.keys() and meta["ss_network_module"] == "networks.lora"
     before = path.read_bytes()
