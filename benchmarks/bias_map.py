@@ -14,11 +14,19 @@ the full gradient that each step carries (projected on the full gradient's direc
 where along the chain a reward's gradient lives.
 
     python -m benchmarks.run --only bias [--suite full]   # benchmarks/results/bias-<budget>.json, resumable
+
+A cell that looks off can be measured again, independently (another training seed and other noise), with more
+batches; the page lists these rechecks under the tables:
+
+    python -m benchmarks.bias_map --recheck prompt_alignment trained --batches 64 --seed 1
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -27,6 +35,7 @@ from pathlib import Path
 import torch
 
 from rlr_backend.estimators import BaselineState, RLRConfig, rlr_estimate
+from rlr_backend.safe_io import save_json
 from rlr_backend.estimators.per_step import (cosine_with_se, flat, norm_ratio_with_se, per_step_gradients,
                                              projection_with_se)
 
@@ -158,6 +167,7 @@ def section(r: dict, images: Path) -> list[str]:
                 lines.append(head + " " + " | ".join(_pm(row[key]) for row in _columns(c)) + " |")
         lines.append("")
     lines += _with_t(cells_)
+    lines += _rechecks(RESULTS / RECHECKS)
     fig_path = _plot(cells_, images)
     if fig_path is not None:
         lines += [f"![share of the full-backprop gradient per step]({fig_path})", ""]
@@ -203,3 +213,49 @@ def _plot(cells_: list[dict], images: Path) -> str | None:
     fig.savefig(images / "bench_bias_map.png")
     plt.close(fig)
     return "images/bench_bias_map.png"
+
+
+# -- rechecks of single cells -------------------------------------------------------------------------------
+RECHECKS = "bias-rechecks.json"
+
+
+def _rechecks(path: Path) -> list[str]:
+    """One line per recheck: RLR's recovered share (and truncated K=2's) with its error, batches and seed."""
+    if not path.is_file():
+        return []
+    out = []
+    for c in json.loads(path.read_text())["cells"]:
+        by = {row["estimator"]: row for row in c["rows"]}
+        out.append(f"- `{c['reward']}`, T={c['T']}, {c['state']} LoRA, {c['batches']} batches of {c['batch']}, seed "
+                   f"{c['seed']}: RLR (default) {_pm(by[next(iter(RLR_VARIANTS))]['along'])}, RLR (paper) "
+                   f"{_pm(by[list(RLR_VARIANTS)[1]]['along'])}, truncated K=2 {_pm(by['truncated_bp K=2']['along'])} "
+                   f"({c['seconds'] / 60:.0f} min).")
+    return ["**Rechecks** (one cell again, independently: another training seed and other noise, more batches; "
+            "`python -m benchmarks.bias_map --recheck REWARD STATE`), share recovered along full backprop's "
+            "mean gradient:", "", *out, ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recheck", nargs=2, metavar=("REWARD", "STATE"), required=True,
+                    help="the cell: a reward of the map and base or trained")
+    ap.add_argument("--T", type=int, default=20)
+    ap.add_argument("--batches", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS / RECHECKS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    reward, state = args.recheck
+    if state not in ("base", "trained"):
+        ap.error(f"STATE must be base or trained, got {state!r}")
+    cell = measure(dict(reward=reward, T=args.T, state=state), batches=args.batches, batch=args.batch,
+                   train_updates=100, seed=args.seed)
+    done = json.loads(args.out.read_text())["cells"] if args.out.is_file() else []
+    save_json({"cells": [*done, {**cell, "seed": args.seed, "load_at_end": os.getloadavg()[0]}]}, args.out)
+    print("\n".join(_rechecks(args.out)))
+
+
+if __name__ == "__main__":
+    main()
