@@ -8,6 +8,7 @@ from typing import Sequence
 from ..gpu_check.report import memory_doc_section
 from ..sd_archs import ARCHS
 from .fit import Fit
+from .flow import flow_doc_section
 from .full_size import RESULTS as FULL_SIZE_RESULTS
 from .full_size import doc_section, summary_line
 from .model import MARGIN_FIXED, MARGIN_FRACTION, OPTION_SETS, smallest_card, with_margin
@@ -41,6 +42,7 @@ def render(data: dict, analysis: dict, out: Path, image_paths: Sequence[Path],
     lines += _doc_intro(counts)
     full_size_data = load(results_dir / FULL_SIZE_RESULTS.name)
     lines += _doc_predictions(analysis, full_size_data)
+    lines += flow_doc_section(results_dir)
     lines += _doc_formula(fits)
     lines += _doc_measurements(rows, fits, analysis)
     lines += _doc_validation(data.get("validation", []))
