@@ -112,3 +112,29 @@ def test_quantized_base_is_close_trains_only_the_lora_and_stores_fewer_bytes(ref
     layer_bytes = BASE_QUANTIZATIONS[name].layer_bytes
     expected = ref_bytes - sum(2 * o * i - layer_bytes(o, i) for o, i in shapes)
     assert stored_bytes(model.transformer) == expected
+
+
+@pytest.mark.parametrize("arch", ["flux_dev", "zimage"])
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed (quant extra)")
+def test_nf4_base_on_flux_and_zimage_computes_in_the_precision(arch):
+    """FLUX.1's and Z-Image's first weight is a Linear's (stored as uint8 in NF4): the denoiser still computes in
+    bf16 and the LoRA gets gradients."""
+    from rlr_backend.models.loader import model_for_pipeline
+    from rlr_backend.models.tiny_flow_pipelines import build_tiny_flow_pipeline
+    from rlr_backend.train.memory import prepare_model
+
+    pipe = build_tiny_flow_pipeline(arch)
+    pipe.rlr_image_size = 32  # as tests/test_flow_models.py samples them
+    model = model_for_pipeline(pipe)
+    model.max_sequence_length = 16
+    named = model.add_lora(4, None, 0)
+    prepare_model(model, [p for _, p in named], device="cpu", precision="bf16", gradient_checkpointing=False,
+                  offload_text_encoders=True, base_precision="nf4")
+    den = model.denoiser(1.0)
+    assert den.dtype == torch.bfloat16
+    x = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = den(x, 700.0, model.conditioning(["a cat"]))
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    v.square().mean().backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in named if "lora_B" in n)  # A gets none while B = 0
