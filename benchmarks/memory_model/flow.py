@@ -96,7 +96,7 @@ def flow_doc_section(results_dir: Path = RESULTS.parent) -> list[str]:
              "**Modelled, not measured on a GPU.** The same method as the UNets above: the published architectures "
              "built at random init from configs written in `benchmarks/flow_archs.py` (nothing downloads), bf16 under "
              "CPU autocast, LoRA rank 4 (fp32) on each adapter's targets, tensor bytes from the profiler. The full "
-             "transformers (4.5-24 GB in bf16) do not fit this machine's share of RAM, but they are stacks of "
+             "transformers (5-24 GB in bf16) do not fit this machine's share of RAM, but they are stacks of "
              "identical blocks: each is measured at full width with few blocks (a base build, and one more block of "
              "each kind), every build fitted as `c + n (b + a P)` on "
              + ", ".join(f"n={n} at {lat}x{lat}" for n, lat, _ in POINTS) + " latents, and the full depth is "
@@ -105,16 +105,20 @@ def flow_doc_section(results_dir: Path = RESULTS.parent) -> list[str]:
              "predicts it. VAE decode and reward are the UNet model's measured fits (the 16-channel VAE has the SD "
              "VAE's blocks). Then the composition above: weights + LoRA state + the stored chain + the binding phase "
              "of each estimator, and the margin for the CUDA allocator (+15%, +0.5 GB).", "",
-             "| model | transformer (params, of which Linear) | text encoders (params) | VAE | LoRA r4 | T | CFG (call batch) | "
-             "bf16 / int8 / NF4 transformer weights GB |", "|---|---|---|---|---|---|---|---|"]
+             "| model | transformer (params, of which Linear) | text encoders (params) | text tokens | VAE | LoRA r4 | T | "
+             "CFG (call batch) | bf16 / int8 / NF4 transformer weights GB |", "|---|---|---|---|---|---|---|---|---|"]
     for arch, a in FLOW_ARCHS.items():
         n, lin = counts[f"unet_{arch}"], counts[f"unet_linear_{arch}"]
         w = [2 * n] + [2 * (n - lin) + BASE_QUANTIZATIONS[q].bytes_per_weight * lin for q in ("int8", "nf4")]
         lines.append(f"| {a['label']} | {n / 1e9:.2f} B ({lin / n:.1%}) | {counts[f'text_{arch}'] / 1e9:.2f} B "
-                     f"({' + '.join(a['text'])}) | {counts[f'vae_{arch}'] / 1e6:.1f} M | "
+                     f"({' + '.join(a['text'])}) | {a['text_tokens']} | {counts[f'vae_{arch}'] / 1e6:.1f} M | "
                      f"{counts[f'lora_{arch}_r4'] / 1e6:.1f} M | {a['T']} | {'yes (2B)' if a['cfg'] else 'no (B)'} | "
                      + " / ".join(f"{x / GB:.1f}" for x in w) + " |")
-    lines += ["", "**Text encoders: offloaded, as `rlr-train` does by default.** `--offload-text-encoders` (on unless "
+    lines += ["", "Text tokens as the adapters encode them: SD3.5 77 CLIP + 256 T5 (`max_sequence_length` 256), FLUX.1 512 "
+              "T5 (schnell too: the adapter's default), Z-Image the prompt's own Qwen tokens (variable; 128 assumed, "
+              "a long prompt). T: the usual sampling steps (the chain store is a few MB either way; DDPO and the "
+              "estimators with checkpointing do not depend on it).", "",
+              "**Text encoders: offloaded, as `rlr-train` does by default.** `--offload-text-encoders` (on unless "
               "`--no-offload-text-encoders`) keeps them on the CPU in fp32: each prompt is encoded once and cached "
               "(`FlowModel.encode`), so the GPU holds the transformer, the VAE and the reward only; the tables assume "
               "this. They cost CPU RAM instead: fp32 T5-XXL + CLIPs is "
@@ -125,7 +129,7 @@ def flow_doc_section(results_dir: Path = RESULTS.parent) -> list[str]:
               "Each cell: predicted peak with the margin in GB, then the smallest of the 12 / 16 / 24 GB cards it fits "
               "(**bold**), or \"no\" (over 24 GB). Batch 1, 1024x1024, bf16 compute, the aesthetic reward (CLIP "
               "ViT-L/14, bf16) backpropagated where the estimator needs it, the trainer's evaluation between updates "
-              "(8 images).", ""]
+              "(8 images).", "", *_summary(preds), ""]
     for ckpt in (True, False):
         mine = [p for p in preds if p["checkpointing"] == ckpt]
         cols = [c for c, e, _ in FLOW_ESTIMATORS if ckpt or e != "full_bp"]
@@ -145,6 +149,24 @@ def flow_doc_section(results_dir: Path = RESULTS.parent) -> list[str]:
     return lines
 
 
+def _summary(preds: list[dict]) -> list[str]:
+    """Per card: per model, each estimator that fits (with checkpointing) and the widest base precision it fits in."""
+    out = []
+    for card in CONSUMER_CARDS:
+        parts = []
+        for arch, a in FLOW_ARCHS.items():
+            fits = []
+            for col, est, _ in FLOW_ESTIMATORS:
+                base = next((b for b, _ in FLOW_BASES for p in preds if p["arch"] == arch and p["column"] == col
+                             and p["base"] == b and p["checkpointing"] and with_margin(p["bytes"]) <= card * GB), None)
+                if base is not None:
+                    fits.append(f"{col} ({base})")
+            parts.append(f"{a['label']}: " + (", ".join(fits) if fits else "none"))
+        out.append(f"- **{card} GB** (with `--gradient-checkpointing`; in brackets the widest base precision that "
+                   "fits): " + "; ".join(parts) + ".")
+    return out
+
+
 def _binding(preds: list[dict]) -> list[str]:
     out = ["**What binds** (checkpointing, bf16 base, RLR): "]
     parts = []
@@ -156,8 +178,9 @@ def _binding(preds: list[dict]) -> list[str]:
                          f"the {p['binding_phase'].replace('_', '-')} phase {p['activations'] / GB:.1f} GB (one "
                          f"checkpointed transformer step peaks at {p['step']['peak'] / GB:.2f} GB, the decode + reward "
                          f"backward at {p['decode_reward']['peak'] / GB:.2f} GB)")
-    return [out[0] + "; ".join(parts) + ". With checkpointing the activations are the VAE decode's backward and a "
-            "few GB at most, so what decides the card is the weights: the base precision.", ""]
+    return [out[0] + "; ".join(parts) + ". The decode + reward backward is the same for every model (the VAE "
+            "decodes 1024 px under its up-block checkpointing, then the reward): with checkpointing it sets the "
+            "activations of the backpropagating estimators, and the base precision decides the rest.", ""]
 
 
 def _holdout(flow: dict) -> list[str]:

@@ -60,7 +60,9 @@ def _doc_intro(counts: dict) -> list[str]:
         "Peak memory of one RLR update as a function of model, resolution, batch B, chain length T, "
         "half-order length h and the trainer's memory options, fitted to measurements of the real "
         "SD1.5 / SDXL architectures on CPU and validated against whole updates (small stacks, and full-size "
-        "SD1.5 updates on the CPU). The code is "
+        "SD1.5 updates on the CPU). The flow models (SD3.5, FLUX.1, Z-Image) at 1024 px, with their base weights in "
+        "bf16, int8 or NF4 (`--base-precision`), have [their own section](#flow-models-at-1024-px-on-12-16-and-24-gb-"
+        "cards-modelled-not-measured-on-a-gpu) (when its measurements exist). The code is "
         "`benchmarks/memory_model/`.", "",
         "**What it rests on.** The real architectures built at random init from their public configs "
         f"(SD1.5 UNet {counts['unet_sd15'] / 1e6:.0f} M parameters, SDXL UNet {counts['unet_sdxl'] / 1e6:.0f} M, "
