@@ -77,10 +77,16 @@ def measure(arch: str, lat: int) -> dict:
         logger.info("%-5s stored %.3f GB  peak %.3f GB  output error %.3f  grad cosine %.4f  (%.0f s to build)", base,
                     row["stored_bytes"] / GB, row["peak"] / GB, row["output_rel_error"], row["lora_grad_cosine"], built)
         del m
+    return summarise(out)
+
+
+def summarise(out: dict) -> dict:
+    """Bytes per quantized weight, from each row's saving against bf16 over the bf16 build's Linear weights (a
+    quantized layer's ``weight.numel()`` is its packed size)."""
     auto = next((r for r in out["rows"] if r["base"] == "auto"), None)
     for r in out["rows"]:
-        if auto and r["base"] != "auto":  # bytes per quantized weight, from the saving against bf16
-            r["bytes_per_weight"] = 2 - (auto["stored_bytes"] - r["stored_bytes"]) / r["linear_weights"]
+        if auto and r["base"] != "auto":
+            r["bytes_per_weight"] = 2 - (auto["stored_bytes"] - r["stored_bytes"]) / auto["linear_weights"]
             r["modelled_bytes_per_weight"] = BASE_QUANTIZATIONS[r["base"]].bytes_per_weight
     return out
 

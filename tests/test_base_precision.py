@@ -138,3 +138,26 @@ def test_nf4_base_on_flux_and_zimage_computes_in_the_precision(arch):
     assert v.shape == x.shape and torch.isfinite(v).all()
     v.square().mean().backward()
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in named if "lora_B" in n)  # A gets none while B = 0
+
+
+@pytest.mark.parametrize("name", [pytest.param("int8", marks=_needs("torchao")),
+                                  pytest.param("nf4", marks=_needs("bitsandbytes"))])
+def test_backward_keeps_no_dequantized_copy_of_the_weights(name):
+    """A stack of frozen quantized Linears backpropagated to its input: the peak stays near one layer's dequantized
+    weight, not all of them (torchao's own dispatch kept every layer's bf16 weight until backward)."""
+    from rlr_backend.train.memory import peak_allocated
+    from rlr_backend.train.quantize import quantize_base
+
+    torch.manual_seed(0)
+    layers, width = 8, 512
+    stack = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(torch.bfloat16)
+    stack.requires_grad_(False)
+    quantize_base(stack, name, torch.bfloat16)
+    x = torch.randn(4, width, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        stack(x).float().sum().backward()
+
+    one_layer = 2 * width * width  # bytes of one dequantized bf16 weight
+    assert peak_allocated(step) < 2.5 * one_layer
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

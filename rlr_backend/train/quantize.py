@@ -66,11 +66,41 @@ def quantize_base(model: torch.nn.Module, name: str, compute_dtype: torch.dtype)
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: _is_base_linear(fqn, m))
+        for n in targets:  # backward dequantizes again instead of keeping a dequantized copy per layer
+            model.get_submodule(n).__class__ = _FrozenQuantizedLinear
     else:
         _replace_linears(model, targets, lambda lin: _nf4_linear(lin, compute_dtype))
     logger.info("base weights: %d Linear layers of %s stored as %s (%s)", len(targets), type(model).__name__, name,
                 BASE_QUANTIZATIONS[name].describe)
     return len(targets)
+
+
+class _LinearOfFrozenWeight(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` for a frozen (quantized) weight: the gradient goes to ``x`` only, and backward
+    dequantizes the weight again. Through torchao's own dispatch autograd keeps the dequantized bf16 weight of every
+    Linear until backward (measured: +0.62 GB on FLUX.1's 1.1 GB two-block build, the bf16 weights' size again),
+    which would undo the saving wherever a step is backpropagated without checkpointing. bitsandbytes' NF4 matmul
+    already works this way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)  # the stored (quantized) parameter itself, no copy
+        ctx.x_dtype = x.dtype
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        dense = weight.dequantize() if hasattr(weight, "dequantize") else weight
+        return (grad.to(dense.dtype) @ dense).to(ctx.x_dtype), None, None
+
+
+class _FrozenQuantizedLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose quantized weight is frozen: :class:`_LinearOfFrozenWeight` (its class is set on the
+    quantized layers in place, so peft's wrapper and the module tree are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearOfFrozenWeight.apply(x, self.weight, self.bias)
 
 
 def _replace_linears(model: torch.nn.Module, names: list[str], make: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
