@@ -220,6 +220,12 @@ def _holdout(flow: dict) -> list[str]:
     for h in errs:
         lines.append(f"| {h['family']} | {h['quantity']} | {h['measured'] / GB:.3f} | {h['predicted'] / GB:.3f} | "
                      f"{h['error']:+.1%} |")
+    worst = min(errs, key=lambda h: h["error"])
+    lines += ["", f"Retained bytes (what each block adds) extrapolate within {max(abs(h['error']) for h in errs if h['quantity'] == 'retained'):.1%}; "
+              f"the peak's transient part (a block's backward) grows a little faster than linear, so peaks run low by "
+              f"up to {-worst['error']:.1%} ({worst['family']}: {(worst['measured'] - worst['predicted']) / 1e6:.0f} MB) "
+              "at 4x the pixels. That error is one block's transient: it does not add up over the depth (the builds' "
+              "differences cancel it), so at full size it stays tens of MB, inside the margin."]
     weights = {arch: depth_combination(arch) for arch in FLOW_ARCHS}
     lines += ["", "Depth combination (weight of each build's fit in the full model): "
               + "; ".join(f"{FLOW_ARCHS[a]['label']} " + ", ".join(f"{b} {w:+g}" for b, w in ws.items())
