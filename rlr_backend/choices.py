@@ -18,6 +18,10 @@ ESTIMATOR_NAMES: tuple[str, ...] = ("code_compat", "ddpo", "full_bp", "rlr", "tr
 ESTIMATOR_CHOICES: tuple[str, ...] = ("auto", *ESTIMATOR_NAMES)
 ZO_MODES: tuple[str, ...] = ("latent_lr", "param_1pt", "param_2pt")
 PRECISION_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+#: storage of the denoiser's frozen Linear weights (train.quantize): auto = as ``precision``; int8 / nf4 quantized
+BASE_PRECISION_NAMES: tuple[str, ...] = ("auto", "int8", "nf4")
+#: the (optional) package each quantized base precision needs: the 'quant' extra
+BASE_PRECISION_PACKAGES: dict[str, str] = {"int8": "torchao", "nf4": "bitsandbytes"}
 OPTIMIZERS: tuple[str, ...] = ("adam", "adam8bit")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 #: stochastic steps of a flow-matching chain a user may train with (sampling.flow.FLOW_STEP_KINDS less "ode")
@@ -151,6 +155,17 @@ def check_device(name: str) -> str:
     if not _DEVICE.match(name or ""):
         raise ConfigError("device", f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return name
+
+
+def check_base_precision_available(name: str) -> None:
+    """``ConfigError`` when the base precision ``name`` needs a package that is not installed (found without
+    importing it: torchao and bitsandbytes take seconds to import)."""
+    import importlib.util
+
+    package = BASE_PRECISION_PACKAGES.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError("base_precision", f"--base-precision {name} needs {package}, which is not installed: pip "
+                                            f"install {package} (or the 'quant' extra), or use --base-precision auto")
 
 
 def check_choice(field: str, value: str, choices: tuple[str, ...]) -> str:

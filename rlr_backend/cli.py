@@ -17,10 +17,11 @@ from dataclasses import fields
 from fractions import Fraction
 from pathlib import Path
 
-from .choices import ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, REWARD_HELP, ZO_MODES
-from .models.kind_defaults import training_defaults
+from .choices import (BASE_PRECISION_NAMES, ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES,
+                      PREDICTION_TYPES, REWARD_HELP, ZO_MODES)
 from .model_paths import check_flow_files, check_model_path
 from .models.flow_detect import is_flow_model
+from .models.kind_defaults import training_defaults
 from .safe_io import one_line
 from .train.config import DEFAULT_PROMPTS, TrainConfig, format_fractions
 
@@ -143,6 +144,7 @@ def train_parser() -> argparse.ArgumentParser:
         option(name, type=typ)
     option("device")
     option("precision", choices=PRECISION_NAMES)
+    option("base_precision", choices=BASE_PRECISION_NAMES)
     option("gradient_checkpointing", action=argparse.BooleanOptionalAction)
     option("offload_text_encoders", action=argparse.BooleanOptionalAction)
     option("optimizer", choices=OPTIMIZERS)

@@ -10,6 +10,7 @@ from rlr_backend.choices import parse_reward_spec
 from rlr_backend.rewards.models import MODEL_REWARDS
 from rlr_backend.train.config import TrainConfig
 from rlr_backend.train.memory import PRECISIONS
+from rlr_backend.train.quantize import BASE_QUANTIZATIONS
 
 from ..sd_archs import ARCHS, build_unet, build_vae, lora_param_count, param_count, reward_params, text_encoder_params
 from .fit import Fits
@@ -120,14 +121,17 @@ class Options:
     weight_bytes: float  # precision: bytes per frozen weight, 2 (fp16/bf16 on a GPU) or 4 (fp32, e.g. on a CPU)
     reward_model: bool  # the reward names a model reward (modelled as the aesthetic CLIP); False: rule rewards only
     label: str = ""
+    base_bytes: float | None = None  # base_precision int8 / nf4: bytes per Linear weight of the denoiser; None: auto
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, label: str = "", *, reward_fp32: bool = False) -> Options:
         names = {name for name, _, _ in parse_reward_spec(cfg.reward)}
+        base = BASE_QUANTIZATIONS.get(cfg.base_precision)
         return cls(checkpointing=cfg.gradient_checkpointing, offload_text=cfg.offload_text_encoders,
                    adam_8bit=cfg.optimizer == "adam8bit", reward_fp32=reward_fp32,
                    weight_bytes=float(PRECISIONS[cfg.precision].itemsize),
-                   reward_model=bool(names & set(MODEL_REWARDS)), label=label)
+                   reward_model=bool(names & set(MODEL_REWARDS)), label=label,
+                   base_bytes=None if base is None else base.bytes_per_weight)
 
 
 def gpu_config(**changes) -> TrainConfig:
@@ -148,21 +152,21 @@ OPTION_SETS: tuple[Options, ...] = (
 )
 
 
-def _unet_step(fits: Fits, arch: str, n: int, px: int, ckpt: bool) -> SegmentMemory:
-    """One UNet step with CFG (a call of batch n = 2B) as a segment; checkpointed: block-level
-    checkpointing inside the call plus a step-level checkpoint (keeps only its inputs)."""
+def _unet_step(fits: Fits, arch: str, n: int, px: int, ckpt: bool, channels: int = 4) -> SegmentMemory:
+    """One UNet (or flow transformer) step as a segment (a call of batch n: 2B with CFG); checkpointed: block-level
+    checkpointing inside the call plus a step-level checkpoint (keeps only its inputs: n latents of ``channels``)."""
     var = "ckpt" if ckpt else "plain"
     nograd = fits.get("unet", arch, "plain", "nograd_peak")(n, px) if fits.has("unet", arch, "plain", "nograd_peak") \
         else 0.0
     seg = SegmentMemory(fits.get("unet", arch, var, "peak")(n, px), fits.get("unet", arch, var, "retained")(n, px),
                         nograd)
     if ckpt:
-        seg = checkpointed(seg, input_bytes=n * 4 * px * 4.0)
+        seg = checkpointed(seg, input_bytes=n * channels * px * 4.0)
     return seg
 
 
 def _decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward: bool = True,
-                       reward_scale: float = 1.0) -> SegmentMemory:
+                       reward_scale: float = 1.0, channels: int = 4) -> SegmentMemory:
     """VAE decode (+ the aesthetic reward) as one segment, as ``DiffusersModel.decode`` runs it.
     Checkpointed (diffusers' up-block checkpointing in the decoder): one image at a time, each under a
     checkpoint when B > 1 (peak of one checkpointed image + the B decoded images; kept until backward:
@@ -175,7 +179,7 @@ def _decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward:
                             fits.get("vae", "sd-vae", "ckpt", "retained")(1, px), nograd)
     elif ckpt:
         one = fits.get("vae", "sd-vae", "ckpt", "peak")(1, px)
-        vae = SegmentMemory((batch - 1) * img + one, batch * (img + 4 * px * 4.0), nograd + batch * img)
+        vae = SegmentMemory((batch - 1) * img + one, batch * (img + channels * px * 4.0), nograd + batch * img)
     else:
         vae = SegmentMemory(fits.get("vae", "sd-vae", "plain", "peak")(batch, px),
                             fits.get("vae", "sd-vae", "plain", "retained")(batch, px), nograd)
@@ -197,14 +201,24 @@ class Scenario:
     fo_steps: int = 1
     lora_rank: int = 4
     eval_images: int = 8  # the trainer's evaluation: eval_seeds (2) images of each of the first 4 prompts
+    cfg: bool = True  # sampling makes an unconditional pass: the denoiser is called on 2B latents
+    channels: int = 4  # latent channels (4: SD; 16: SD3.5, FLUX.1, Z-Image)
+
+    @property
+    def call_batch(self) -> int:
+        return 2 * self.batch if self.cfg else self.batch
 
 
 def persistent_bytes(arch: str, opts: Options, lora_rank: int, counts: dict[str, int]) -> dict[str, float]:
     """Bytes held through the whole update: fp16 weights (UNet, VAE, reward, text encoders unless
-    offloaded) and the LoRA in fp32 with its gradient and Adam's two moments."""
+    offloaded; the denoiser's Linear weights at ``opts.base_bytes`` when quantized) and the LoRA in fp32 with
+    its gradient and Adam's two moments."""
     lora = counts[f"lora_{arch}_r{lora_rank}"]
     w = opts.weight_bytes
-    return {"unet weights": w * counts[f"unet_{arch}"], "vae weights": w * counts["vae"],
+    unet = w * counts[f"unet_{arch}"]
+    if opts.base_bytes is not None:
+        unet -= (w - opts.base_bytes) * counts[f"unet_linear_{arch}"]
+    return {"unet weights": unet, "vae weights": w * counts.get(f"vae_{arch}", counts.get("vae", 0)),
             "reward weights": ((4.0 if opts.reward_fp32 else w) * counts["reward"]) if opts.reward_model else 0.0,
             "text encoders": 0.0 if opts.offload_text else w * counts[f"text_{arch}"],
             "lora + grad": 8.0 * lora, "adam moments": (2.0 if opts.adam_8bit else 8.0) * lora}
@@ -216,13 +230,14 @@ def predict(fits: Fits, s: Scenario, opts: Options, counts: dict[str, int], esti
     if estimator not in PHASE_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(PHASE_ESTIMATORS)}")
     px = (s.resolution // 8) ** 2
-    step = _unet_step(fits, s.arch, 2 * s.batch, px, opts.checkpointing)
+    step = _unet_step(fits, s.arch, s.call_batch, px, opts.checkpointing, s.channels)
     scale = 2.0 if opts.reward_fp32 else 1.0
-    dec = _decode_and_reward(fits, s.batch, px, opts.checkpointing, with_reward=opts.reward_model, reward_scale=scale)
+    dec = _decode_and_reward(fits, s.batch, px, opts.checkpointing, with_reward=opts.reward_model, reward_scale=scale,
+                             channels=s.channels)
     phases = update_phases(estimator, step, dec, T=s.T, h=s.h, fo_steps=s.fo_steps)
     act, phase = phases.peak()
     pers = persistent_bytes(s.arch, opts, s.lora_rank, counts)
-    store = chain_store_bytes(s.T, s.batch, px)
+    store = chain_store_bytes(s.T, s.batch, px, s.channels)
     evaluation = evaluation_bytes(fits, s, opts, px)
     if s.eval_images and evaluation > store + act:  # the evaluation between updates binds
         act, phase, store = evaluation, "evaluation", 0.0
@@ -240,9 +255,9 @@ def evaluation_bytes(fits: Fits, s: Scenario, opts: Options, px: int) -> float:
     if not s.eval_images:
         return 0.0
     e = s.eval_images
-    step = _unet_step(fits, s.arch, 2 * e, px, False)
-    dec = _decode_and_reward(fits, e, px, opts.checkpointing, with_reward=opts.reward_model)
-    return chain_store_bytes(s.T, e, px) + max(step.nograd, dec.nograd)
+    step = _unet_step(fits, s.arch, 2 * e if s.cfg else e, px, False, s.channels)
+    dec = _decode_and_reward(fits, e, px, opts.checkpointing, with_reward=opts.reward_model, channels=s.channels)
+    return chain_store_bytes(s.T, e, px, s.channels) + max(step.nograd, dec.nograd)
 
 
 def model_counts(lora_ranks: Iterable[int] = (4,)) -> dict[str, int]:

@@ -8,6 +8,7 @@ from typing import Sequence
 from ..gpu_check.report import memory_doc_section
 from ..sd_archs import ARCHS
 from .fit import Fit
+from .flow import flow_doc_section
 from .full_size import RESULTS as FULL_SIZE_RESULTS
 from .full_size import doc_section, summary_line
 from .model import MARGIN_FIXED, MARGIN_FRACTION, OPTION_SETS, smallest_card, with_margin
@@ -41,6 +42,7 @@ def render(data: dict, analysis: dict, out: Path, image_paths: Sequence[Path],
     lines += _doc_intro(counts)
     full_size_data = load(results_dir / FULL_SIZE_RESULTS.name)
     lines += _doc_predictions(analysis, full_size_data)
+    lines += flow_doc_section(results_dir)
     lines += _doc_formula(fits)
     lines += _doc_measurements(rows, fits, analysis)
     lines += _doc_validation(data.get("validation", []))
@@ -58,7 +60,9 @@ def _doc_intro(counts: dict) -> list[str]:
         "Peak memory of one RLR update as a function of model, resolution, batch B, chain length T, "
         "half-order length h and the trainer's memory options, fitted to measurements of the real "
         "SD1.5 / SDXL architectures on CPU and validated against whole updates (small stacks, and full-size "
-        "SD1.5 updates on the CPU). The code is "
+        "SD1.5 updates on the CPU). The flow models (SD3.5, FLUX.1, Z-Image) at 1024 px, with their base weights in "
+        "bf16, int8 or NF4 (`--base-precision`), have [their own section](#flow-models-at-1024-px-on-12-16-and-24-gb-"
+        "cards-modelled-not-measured-on-a-gpu) (when its measurements exist). The code is "
         "`benchmarks/memory_model/`.", "",
         "**What it rests on.** The real architectures built at random init from their public configs "
         f"(SD1.5 UNet {counts['unet_sd15'] / 1e6:.0f} M parameters, SDXL UNet {counts['unet_sdxl'] / 1e6:.0f} M, "

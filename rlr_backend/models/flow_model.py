@@ -92,7 +92,8 @@ class FlowDenoiser:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The compute dtype: the first floating-point weight's (a 4-bit quantized base weight is stored as uint8)."""
+        return next(p.dtype for p in self.transformer.parameters() if p.dtype.is_floating_point)
 
 
 def _cat(a, b):

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
 
-from ..choices import (ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES, PREDICTION_TYPES, ZO_MODES, ConfigError,
-                       check_choice, check_device, parse_reward_spec)
+from ..choices import (BASE_PRECISION_NAMES, ESTIMATOR_CHOICES, FLOW_STEP_CHOICES, OPTIMIZERS, PRECISION_NAMES,
+                       PREDICTION_TYPES, ZO_MODES, ConfigError, check_base_precision_available, check_choice, check_device,
+                       parse_reward_spec)
 from .prompts import DEFAULT_PROMPT_SPLIT, PromptSpec, prompts_from_json, prompts_to_json
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -125,6 +126,10 @@ class TrainConfig:
     device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")
     precision: str = _f("fp32", "weights of the frozen model: fp32, bf16 or fp16 (LoRA and optimizer stay fp32; "
                                 "bf16/fp16 halve the weights' memory on a GPU)", choices=PRECISION_NAMES)
+    base_precision: str = _f("auto", "storage of the denoiser's frozen Linear weights: auto (as precision), int8 "
+                                     "(torchao weight-only int8, 1 byte per weight) or nf4 (bitsandbytes 4-bit "
+                                     "NormalFloat, 0.56 bytes); computed in precision, LoRA stays fp32; needs the "
+                                     "'quant' extra (docs/memory.md: what fits 12-24 GB)", choices=BASE_PRECISION_NAMES)
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: the UNet (its blocks and every "
                                              "backpropagated step) and the VAE decoder (one image at a time, its "
                                              "up-blocks), not reward models: less memory, ~1 more forward per step")
@@ -139,6 +144,8 @@ class TrainConfig:
         check_choice("zo_mode", self.zo_mode, ZO_MODES)
         check_choice("precision", self.precision, PRECISION_NAMES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("base_precision", self.base_precision, BASE_PRECISION_NAMES)
+        check_base_precision_available(self.base_precision)
         if self.prediction_type is not None:
             check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_device(self.device)

@@ -12,6 +12,7 @@ The options a consumer GPU needs (docs/memory.md has the measured memory model):
   activations are a small part at their input size (CLIP ViT-L/14 at 224 px: 0.18 GB per image in
   half precision, docs/memory.md). Gradients are unchanged; each backpropagated step costs one more
   forward, a backpropagated decode two more.
+* ``base_precision``: the denoiser's frozen Linear weights stored in int8 or NF4 (``train.quantize``).
 * ``offload_text_encoders``: text encoders stay on the CPU (prompts are encoded once and cached); only
   the UNet and the VAE go to the GPU.
 * ``optimizer = "adam8bit"``: bitsandbytes' 8-bit Adam when it is installed.
@@ -27,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..choices import OPTIMIZERS, PRECISION_NAMES
+from .quantize import quantize_base
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +66,20 @@ def load_dtypes(precision: str, offload_text_encoders: bool) -> dict[str, torch.
 
 
 def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str, precision: str,
-                  gradient_checkpointing: bool, offload_text_encoders: bool) -> torch.device:
+                  gradient_checkpointing: bool, offload_text_encoders: bool, base_precision: str = "auto") -> torch.device:
     """Move and cast a diffusers-backed ``TrainableModel`` after its LoRA was added: frozen weights to
-    ``precision`` on ``device``, ``trainable`` in fp32, checkpointing on if asked. Returns the device the
-    trainer must put its tensors on.
+    ``precision`` on ``device``, ``trainable`` in fp32, the denoiser's frozen Linear weights quantized to
+    ``base_precision`` (``train.quantize``; on the CPU, before the move), checkpointing on if asked. Returns the
+    device the trainer must put its tensors on.
 
     Offloaded text encoders stay on the CPU in fp32 (prompts are encoded once and cached, so they cost
     CPU memory only). Models that are not diffusers pipelines (the ComfyUI adapter) run where their
     adapter puts them (the CPU); for them only the defaults are accepted, not silently ignored."""
     unet, vae = getattr(model, "unet", None), getattr(model, "vae", None)
     if unet is None or vae is None or getattr(model, "pipe", None) is None:
-        if device not in ("auto", "cpu") or precision != "fp32" or gradient_checkpointing:
-            raise ValueError(f"{type(model).__name__} manages its own device and precision; the device, precision "
-                             "and gradient_checkpointing options apply to diffusers models")
+        if device not in ("auto", "cpu") or precision != "fp32" or gradient_checkpointing or base_precision != "auto":
+            raise ValueError(f"{type(model).__name__} manages its own device and precision; the device, precision, "
+                             "base_precision and gradient_checkpointing options apply to diffusers models")
         return torch.device("cpu")
     target = resolve_device(device)
     dtype = PRECISIONS[precision]
@@ -93,6 +96,7 @@ def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str
                 b.data = b.data.to(dtype)
     for p in trainable:
         p.data = p.data.float()
+    quantize_base(unet, base_precision, dtype)
     unet.to(target)
     vae.to(target)
     for enc in encoders:
@@ -101,7 +105,8 @@ def prepare_model(model, trainable: Sequence[torch.nn.Parameter], *, device: str
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
-    logger.info("model on %s, frozen weights %s, LoRA fp32%s%s", target, precision,
+    logger.info("model on %s, frozen weights %s%s, LoRA fp32%s%s", target, precision,
+                "" if base_precision == "auto" else f" (the denoiser's Linear weights {base_precision})",
                 ", gradient checkpointing" if gradient_checkpointing else "",
                 ", text encoders on the CPU" if offload_text_encoders and target.type != "cpu" else "")
     return target

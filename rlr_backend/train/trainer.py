@@ -114,7 +114,8 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         self.device = prepare_model(model, self.params, device=device, precision=config.precision,
                                     gradient_checkpointing=config.gradient_checkpointing,
-                                    offload_text_encoders=config.offload_text_encoders)
+                                    offload_text_encoders=config.offload_text_encoders,
+                                    base_precision=config.base_precision)
         self.schedule = model.schedule(config.num_inference_steps, **config.schedule_options(flow))
         self.model = model.denoiser(config.guidance_scale)
         if should_stop is not None and not self.dp.enabled:  # stop within one model call (one process only)
