@@ -1,11 +1,11 @@
 """--base-precision: the denoiser's frozen Linear weights in int8 (torchao) / NF4 (bitsandbytes), LoRA in fp32.
 
-The quantized runs need the optional packages (the 'quant' extra) and are skipped without them; the errors for a
-missing package run everywhere."""
+The quantized runs need the optional packages: they are the ``quant`` tier, excluded from the default run
+(``pip install -e ".[dev,quant]" && python -m pytest -m quant``; without the packages they fail, never skip).
+The errors for a missing package run in the default suite."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -84,12 +84,8 @@ def reference():
     return _velocity(model), stored_bytes(model.transformer)
 
 
-def _needs(package: str):
-    return pytest.mark.skipif(importlib.util.find_spec(package) is None, reason=f"{package} not installed (quant extra)")
-
-
-@pytest.mark.parametrize("name,max_err", [pytest.param("int8", 0.08, marks=_needs("torchao")),
-                                          pytest.param("nf4", 0.35, marks=_needs("bitsandbytes"))])
+@pytest.mark.parametrize("name,max_err", [pytest.param("int8", 0.08, marks=pytest.mark.quant),
+                                          pytest.param("nf4", 0.35, marks=pytest.mark.quant)])
 def test_quantized_base_is_close_trains_only_the_lora_and_stores_fewer_bytes(reference, name, max_err):
     """Against the bf16 model: output close, gradients on the LoRA only (fp32), the Linear weights' bytes exactly
     as ``layer_bytes`` says (the base of the memory model's ``bytes_per_weight``)."""
@@ -115,7 +111,7 @@ def test_quantized_base_is_close_trains_only_the_lora_and_stores_fewer_bytes(ref
 
 
 @pytest.mark.parametrize("arch", ["flux_dev", "zimage"])
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed (quant extra)")
+@pytest.mark.quant
 def test_nf4_base_on_flux_and_zimage_computes_in_the_precision(arch):
     """FLUX.1's and Z-Image's first weight is a Linear's (stored as uint8 in NF4): the denoiser still computes in
     bf16 and the LoRA gets gradients."""
@@ -140,8 +136,8 @@ def test_nf4_base_on_flux_and_zimage_computes_in_the_precision(arch):
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in named if "lora_B" in n)  # A gets none while B = 0
 
 
-@pytest.mark.parametrize("name", [pytest.param("int8", marks=_needs("torchao")),
-                                  pytest.param("nf4", marks=_needs("bitsandbytes"))])
+@pytest.mark.parametrize("name", [pytest.param("int8", marks=pytest.mark.quant),
+                                  pytest.param("nf4", marks=pytest.mark.quant)])
 def test_backward_keeps_no_dequantized_copy_of_the_weights(name):
     """A stack of frozen quantized Linears backpropagated to its input: the peak stays near one layer's dequantized
     weight, not all of them (torchao's own dispatch kept every layer's bf16 weight until backward)."""
