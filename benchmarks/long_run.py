@@ -21,6 +21,7 @@ T=20), the structure rewards, RLR / DDPO / truncated backprop, each at the best 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -161,6 +162,13 @@ def summarize(result: dict) -> list[dict]:
     return out
 
 
+def _share(x: dict) -> str:
+    """Mean (min) share of the peak gain kept; seeds that never rose above the start have no share."""
+    if math.isnan(x["share_kept_mean"]):
+        return "no gain on some seed"
+    return f"{x['share_kept_mean']:.2f} ({x['share_kept_min']:.2f})"
+
+
 def _reach(values: list) -> str:
     hit = [v for v in values if v is not None]
     if not hit:
@@ -172,13 +180,14 @@ def _reach(values: list) -> str:
 def section(r: dict, images: Path, flow: bool = False) -> list[str]:
     rows = summarize(r)
     cfg = r["settings"]
+    kl_note = " (the `+ kl` guard uses RLR's)" if any(v in SHARES_LR for v in cfg["variants"]) else ""
     title = ("## The structure rewards on the flow-matching default (`default-flow`)" if flow else
              "## Long runs: rewards that need early changes, stability, guards")
     lines = [title, "",
              f"`python -m benchmarks.run --only {'flowrun' if flow else 'longrun'}` ({r.get('budget', '?')}; "
              f"{r.get('seconds', 0) / 3600:.1f} h so far). {'`default-flow`' if flow else 'Embedded default model'}, "
              f"{cfg['updates']} updates x batch {cfg['batch']}, learning rate the best of "
-             f"{cfg['lrs']} on seed 0 (the `+ kl` guard uses RLR's), evaluations every {cfg['eval_every']} updates. "
+             f"{cfg['lrs']} on seed 0{kl_note}, evaluations every {cfg['eval_every']} updates. "
              "Rewards are measured on held-out seed set B; the best-LoRA guard selects on set A. "
              "*kept*: the set-B reward of the LoRA the guard keeps. *share of peak kept*: (end - start) / (peak - start) "
              "per seed. *to 90%*: images and training CPU seconds until the set-B reward first reaches 90% of the best "
@@ -189,7 +198,7 @@ def section(r: dict, images: Path, flow: bool = False) -> list[str]:
     for x in rows:
         lines.append(f"| `{x['reward']}` | {x['T']} | {x['variant']} | {x['lr']:g} | {x['seeds']} | {x['start']:.3f} -> "
                      f"{x['final_mean']:.3f} ({x['final_min']:.3f}, {x['final_max']:.3f}) | {x['kept_mean']:.3f} | "
-                     f"{x['share_kept_mean']:.2f} ({x['share_kept_min']:.2f}) | {_reach(x['images_to_level'])} | "
+                     f"{_share(x)} | {_reach(x['images_to_level'])} | "
                      f"{_reach(x['cpu_to_level'])} | {x['cpu_per_run']:.0f} | {x['diversity_change']:+.0%} |")
     plot = _plot(r, images, "flowrun" if flow else "longrun")
     return lines + ([""] + [f"![{p}](images/{p})" for p in plot] if plot else []) + [""]
