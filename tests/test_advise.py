@@ -10,13 +10,16 @@ TINY = dict(batch_size=2, images_per_prompt=2, num_inference_steps=5, fo_steps=2
 
 def test_advise_measures_every_candidate_and_flags_truncation_bias(capsys):
     """The position reward's gradient lives in the early steps, so truncated backprop is flagged as biased
-    and an unbiased estimator is recommended; every candidate gets a variance, a time and a peak."""
+    and an unbiased estimator is recommended; every candidate gets a variance and a time (the peak memory, which
+    runs under the profiler and triples the time, is measured through the app's Advise button:
+    tests/test_gradio_app.py)."""
     calls = []
-    result = advise(TrainConfig(reward="position:left", **TINY), batches=2, progress=lambda *a: calls.append(a))
+    result = advise(TrainConfig(reward="position:left", **TINY), batches=2, progress=lambda *a: calls.append(a),
+                    measure_memory=False)
     names = [m.name for m in result.measured]
     assert names == list(CANDIDATES) and calls[-1][0] == calls[-1][1] == len(calls)
     for m in result.measured:
-        assert m.variance > 0 and m.seconds > 0 and m.peak_mb > 0, m
+        assert m.variance > 0 and m.seconds > 0 and m.peak_mb != m.peak_mb, m  # not measured: NaN
     trunc = next(m for m in result.measured if m.name.startswith("truncated_bp"))
     full = next(m for m in result.measured if m.name == "full_bp + ckpt")
     assert trunc.cosine[0] < 0.9 and trunc.share[0] < 0.5 and full.share[0] == pytest.approx(1.0)

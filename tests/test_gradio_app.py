@@ -19,6 +19,7 @@ from gradio_client.exceptions import ValidationError
 
 import gradio_app as ga
 from rlr_app.form import DEFAULT_FLOW_MODEL
+from rlr_backend.advise import CANDIDATES
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(batch_size=2, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_every=2, eval_seeds=1,
@@ -330,6 +331,9 @@ def test_advise_button_measures_the_form_and_refuses_bad_targets(app):
         client.predict(*form(**{**rewards, "a:position": "middle"}), api_name="/advise")
     text = client.predict(*form(**rewards), api_name="/advise")
     assert "reward position:right=1" in text and "recommended:" in text and "truncated_bp (K=2)" in text
+    header = next(line for line in text.splitlines() if line.startswith("estimator"))
+    rows = text.splitlines()[text.splitlines().index(header) + 1:][:len(CANDIDATES)]
+    assert all(int(row.split()[-1]) > 0 for row in rows), rows  # every candidate's peak memory, in MB
 
 
 def test_files_outside_the_output_folder_are_refused(app):
