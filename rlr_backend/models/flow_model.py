@@ -266,3 +266,19 @@ class FlowModel:
 class SD3Model(FlowModel):
     """``StableDiffusion3Pipeline`` (SD3 medium, SD3.5 medium / large, the default flow model): CLIP-L + CLIP-G
     (+ T5 when the folder has it; without it diffusers pads with zeros), real CFG with the empty prompt."""
+
+
+class PackedFlowModel(FlowModel):
+    """The pipelines that pack 2x2 latent patches into tokens themselves (FLUX.1, Qwen-Image): the transformer's
+    ``in_channels`` count a packed token's channels, and the default size is 128 latent pixels a side."""
+
+    @property
+    def patch_size(self) -> int:
+        return 2  # the pipeline packs 2x2 latent patches into tokens
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels) // 4
+
+    def native_image_size(self) -> int:
+        return 128 * self.vae_scale_factor  # the pipeline's default_sample_size

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .flow_model import MMDIT_LORA_TARGETS, FlowConditioning, FlowDenoiser, FlowModel
+from .flow_model import MMDIT_LORA_TARGETS, FlowConditioning, FlowDenoiser, PackedFlowModel
 
 
 def pack_latents(x: Tensor) -> Tensor:
@@ -62,7 +62,7 @@ class FluxDenoiser(FlowDenoiser):
         return unpack_latents(out, h, w)
 
 
-class FluxModel(FlowModel):
+class FluxModel(PackedFlowModel):
     """``FluxPipeline`` (FLUX.1-dev / schnell): see the module docstring. LoRA on the double blocks' image and
     text attention projections and the single blocks' q/k/v (kohya ``ss_base_model_version`` ``flux1``)."""
 
@@ -72,17 +72,6 @@ class FluxModel(FlowModel):
     pipeline_sigmas = True
     text_encoder_names = ("text_encoder", "text_encoder_2")
     default_max_sequence_length = 512
-
-    @property
-    def patch_size(self) -> int:
-        return 2  # the pipeline packs 2x2 latent patches into tokens
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels) // 4
-
-    def native_image_size(self) -> int:
-        return 128 * self.vae_scale_factor  # the pipeline's default_sample_size
 
     def encode_one(self, text: str) -> tuple:
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=text, prompt_2=None, device=self.text_device,

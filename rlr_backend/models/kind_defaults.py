@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..model_paths import FLOW_PIPELINES, read_flow_defaults, read_model_index, resolve_model_name
+from ..model_paths import read_flow_defaults, read_model_index, resolve_model_name
 
 #: model kind -> TrainConfig fields it changes from TrainConfig's defaults
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
@@ -86,8 +86,8 @@ def _guidance_embeds(folder: Path) -> bool:
 def training_defaults(model: str | Path | None) -> dict[str, object]:
     """The TrainConfig fields whose default depends on the model: the kind's table, then the folder's
     ``rlr_defaults.json`` (for flow folders). Raises ValueError naming a damaged rlr_defaults.json."""
-    out = dict(KIND_DEFAULTS[model_kind(model)])
-    path = resolve_model_name(model)
-    if path is not None and (read_model_index(path) or {}).get("_class_name") in FLOW_PIPELINES:
-        out.update({k: v for k, v in read_flow_defaults(path).items() if k in DEFAULT_FIELDS})
+    kind = model_kind(model)
+    out = dict(KIND_DEFAULTS[kind])
+    if kind not in ("sd", "sdxl"):  # a flow folder (a transformer file has no rlr_defaults.json beside it)
+        out.update({k: v for k, v in read_flow_defaults(model).items() if k in DEFAULT_FIELDS})
     return out

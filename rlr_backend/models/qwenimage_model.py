@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import norm_rescaled_guidance
-from .flow_model import MMDIT_LORA_TARGETS, FlowConditioning, FlowDenoiser, FlowModel
+from .flow_model import MMDIT_LORA_TARGETS, FlowConditioning, FlowDenoiser, PackedFlowModel
 from .flux_model import pack_latents, unpack_latents
 
 
@@ -67,7 +67,7 @@ class QwenImageDenoiser(FlowDenoiser):
         return unpack_latents(out, h, wd).unsqueeze(2)
 
 
-class QwenImageModel(FlowModel):
+class QwenImageModel(PackedFlowModel):
     """``QwenImagePipeline``: see the module docstring."""
 
     base_model_version = "qwen_image"
@@ -86,17 +86,6 @@ class QwenImageModel(FlowModel):
 
     def _vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)  # as QwenImagePipeline computes it
-
-    @property
-    def patch_size(self) -> int:
-        return 2  # the pipeline packs 2x2 latent patches into tokens
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels) // 4
-
-    def native_image_size(self) -> int:
-        return 128 * self.vae_scale_factor  # the pipeline's default_sample_size
 
     def encode_one(self, text: str) -> tuple:
         embeds, _ = self.pipe.encode_prompt(prompt=text, device=self.text_device,
