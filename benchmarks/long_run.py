@@ -77,9 +77,11 @@ def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | No
 
 
 def run_suite(quick: bool, *, done: list | None = None, save=None, variants: list[str] | None = None,
-              flow: bool = False) -> dict:
+              flow: bool = False, others: list | None = None) -> dict:
     """Train what is not in ``done``; ``variants`` restricts the suite to some variants, so two processes can
-    share the work (their result files are merged by the page); ``flow``: on ``default-flow``."""
+    share the work (their result files are merged by the page); ``others``: runs other processes saved, which
+    are neither trained again nor saved here (a variant may take its rate from another's sweep there);
+    ``flow``: on ``default-flow``."""
     cfg = settings(quick, flow)
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
@@ -87,7 +89,8 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
             raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
         cfg["variants"] = [v for v in cfg["variants"] if v in variants]
     runs = list(done or [])
-    have = {_key(r) for r in runs}
+    known = runs + list(others or [])  # for the sweep's choice of rate; only ``runs`` is saved
+    have = {_key(r) for r in known}
 
     def ensure(reward: str, T: int, variant: str, lr: float, seed: int, tmp: Path) -> None:
         if (reward, T, variant, lr, seed) in have:
@@ -99,6 +102,7 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
                           heldout_seed=HELDOUT_SEED, eval_seeds=cfg["eval_seeds"])
         name = run.pop("run_name")
         runs.append({**run, "variant": variant, "T": T})
+        known.append(runs[-1])
         have.add((reward, T, variant, lr, seed))
         if save is not None:
             save({"settings": cfg, "runs": runs})
@@ -116,7 +120,12 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
                         ensure(reward, T, variant, lr, cfg["seeds"][0], tmp)
             for seed in cfg["seeds"]:
                 for variant in variants:
-                    ensure(reward, T, variant, chosen_lr(runs, reward, T, variant), seed, tmp)
+                    lr = chosen_lr(known, reward, T, variant)
+                    if lr is None:  # the variant whose rate it shares is swept by another process: not yet done
+                        logger.info("%s %s T=%d: waiting for %s's sweep; skipped", reward, variant, T,
+                                    SHARES_LR.get(variant, variant))
+                        continue
+                    ensure(reward, T, variant, lr, seed, tmp)
     return {"settings": cfg, "runs": runs}
 
 

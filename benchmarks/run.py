@@ -68,8 +68,10 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
         if suite == "bias":
             data = bias_map.run_suite(quick, done=saved.get("cells", []), save=save)
         elif suite in ("longrun", "flowrun"):
+            others = [run for q in sorted(RESULTS.glob(f"{suite}-{budget}*.json")) if q != path
+                      for run in json.loads(q.read_text()).get("runs", [])]  # other processes' finished runs
             data = long_run.run_suite(quick, done=saved.get("runs", []), save=save, variants=list(variants),
-                                      flow=suite == "flowrun")
+                                      flow=suite == "flowrun", others=others)
         else:
             done = saved.get("runs", [])
             data = (efficiency.run_suite(quick, done=done, save=save, rewards=rewards) if suite == "efficiency"

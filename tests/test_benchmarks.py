@@ -284,6 +284,11 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     calls.clear()
     long_run.run_suite(True, done=result["runs"])
     assert calls == []
+    split = [r for r in result["runs"] if r["variant"] == "rlr"]  # another process saved RLR's runs
+    alone = long_run.run_suite(True, variants=["rlr + kl"], others=split)
+    assert calls == [("rlr + kl", 3e-3, 0), ("rlr + kl", 3e-3, 1)] and len(alone["runs"]) == 2  # RLR's rate
+    calls.clear()
+    assert long_run.run_suite(True, variants=["rlr + kl"])["runs"] == [] and calls == []  # no sweep: waits
     rows = {x["variant"]: x for x in long_run.summarize(result)}
     assert rows["rlr"]["share_kept_min"] == pytest.approx(1.0)
     assert rows["truncated_bp"]["share_kept_mean"] == pytest.approx(0.5)
