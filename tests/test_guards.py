@@ -68,6 +68,15 @@ def test_kl_term_is_the_closed_form_and_its_step_subsets_are_unbiased():
     assert float(draws.std()) < float(uniform.std())  # drawing steps by their share of the KL lowers the noise
 
 
+def test_kl_steps_skip_deterministic_steps_and_a_chain_without_noise_is_refused():
+    """A flow chain's ODE steps (std 0) have no Gaussian transition: the guard draws only stochastic steps."""
+    probs = step_probabilities([0.0, 0.5, 0.0, 0.25])  # e.g. an SDE window on steps 1 and 3
+    assert probs.tolist() == pytest.approx([0.0, 0.2, 0.0, 0.8])
+    assert set(draw_steps([0.0, 0.5, 0.0, 0.25], 50, torch.Generator().manual_seed(0))) == {1, 3}
+    with pytest.raises(ValueError, match="every sampler step is deterministic"):
+        step_probabilities([0.0, 0.0])
+
+
 def test_best_lora_is_kept_and_early_stop_fires_when_the_eval_reward_falls(tmp_path, monkeypatch):
     """A scripted evaluation that rises, peaks at update 3 and falls: lora_best.safetensors holds the LoRA of
     update 3 (update number in its metadata), and early stop ends the run when the reward drops past the guard."""

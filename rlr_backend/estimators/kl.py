@@ -15,6 +15,10 @@ with the LoRA set to 0 (no second copy of the weights). The trajectory is the on
 (its latents are detached), so the gradient is the pathwise gradient of the KL at fixed states, the usual
 regulariser of DPOK / Flow-GRPO.
 
+Deterministic steps (std 0: a flow chain's ODE steps outside its SDE window, ``cps``'s last step) have no
+Gaussian transition, so no KL: the guard covers the stochastic steps only (p_k = 0 at the others), as
+Flow-GRPO's KL covers its SDE window. A chain with no stochastic step at all is refused.
+
 Cost per step: one no-grad forward (base), one forward and one backward (LoRA).
 """
 
@@ -30,12 +34,12 @@ from .problem import ChainProblem
 
 
 def step_probabilities(sigma: Sequence[float]) -> torch.Tensor:
-    """p_k proportional to 1 / sigma_k^2 over the chain's steps (every sigma must be > 0)."""
+    """p_k proportional to 1 / sigma_k^2 over the chain's stochastic steps, 0 at deterministic ones (sigma 0)."""
     sig = torch.as_tensor(list(sigma), dtype=torch.float64)
-    if not bool((sig > 0).all()):
-        bad = [k for k, v in enumerate(sig.tolist()) if v <= 0]
-        raise ValueError(f"the KL guard needs sigma > 0, but sampler steps {bad[:5]} are deterministic; set eta > 0")
-    w = sig.pow(-2)
+    if not bool((sig > 0).any()):
+        raise ValueError("the KL guard needs a stochastic step, but every sampler step is deterministic; "
+                         "set eta > 0 (flow models: flow_eta > 0 and an SDE window of size >= 1)")
+    w = torch.where(sig > 0, sig.clamp_min(1e-300).pow(-2), torch.zeros_like(sig))
     return w / w.sum()
 
 
