@@ -59,7 +59,9 @@ def settings(quick: bool, flow: bool = False) -> dict:
         return {"rewards": ["position:left", "size:0.4"], "Ts": [20], "updates": 60, "eval_every": 10, "batch": 8,
                 "images_per_prompt": 4, "eval_seeds": 2, "seeds": [0, 1, 2], "lrs": [1e-3, 3e-3],
                 "variants": ["rlr", "ddpo", "truncated_bp"], "model": FLOW_MODEL}
-    return {"rewards": ["position:left", "size:0.4", "brightness"], "Ts": [20, 50], "updates": 300,
+    # the order runs are made in (a structure reward at both T, where truncation costs most at T=50, then the
+    # late-step one): a partial suite has the most telling part first
+    return {"rewards": ["position:left", "brightness", "size:0.4"], "Ts": [20, 50], "updates": 300,
             "eval_every": 25, "batch": 8, "images_per_prompt": 4, "eval_seeds": 2, "seeds": [0, 1, 2],
             "lrs": [1e-3, 3e-3, 3e-4], "variants": list(VARIANTS)}  # rates in the order they are tried
 
@@ -155,12 +157,18 @@ def summarize(result: dict) -> list[dict]:
             ends = [r["points"][-1]["heldout_reward"] for r in mine]
             peaks = [max(p["heldout_reward"] for p in r["points"]) for r in mine]
             kept_share = [(e - start) / (pk - start) if pk > start else float("nan") for e, pk in zip(ends, peaks)]
+            guard_share = [(_kept(r) - start) / (pk - start) if pk > start else float("nan")
+                           for r, pk in zip(mine, peaks)]
+            source = SHARES_LR.get(variant, variant)
+            tried = {r["lr"] for r in runs if (r["reward"], r["T"], r["variant"], r["seed"]) == (reward, T, source, 0)}
             reach = [next((p for p in r["points"] if p["heldout_reward"] >= level), None) for r in mine]
             out.append({
                 "reward": reward, "T": T, "variant": variant, "lr": mine[0]["lr"], "seeds": len(mine), "start": start,
                 "final_mean": statistics.mean(ends), "final_min": min(ends), "final_max": max(ends),
                 "kept_mean": statistics.mean(_kept(r) for r in mine), "peak_mean": statistics.mean(peaks),
                 "share_kept_min": min(kept_share), "share_kept_mean": statistics.mean(kept_share),
+                "guard_share_min": min(guard_share), "guard_share_mean": statistics.mean(guard_share),
+                "rates_tried": len(tried),
                 "images_to_level": [p["samples"] if p else None for p in reach],
                 "cpu_to_level": [p["train_cpu_seconds"] if p else None for p in reach],
                 "cpu_per_run": statistics.mean(r["points"][-1]["train_cpu_seconds"] for r in mine),
@@ -171,11 +179,12 @@ def summarize(result: dict) -> list[dict]:
     return out
 
 
-def _share(x: dict) -> str:
-    """Mean (min) share of the peak gain kept; seeds that never rose above the start have no share."""
-    if math.isnan(x["share_kept_mean"]):
+def _share(x: dict, what: str = "share_kept") -> str:
+    """Mean (min) share of the peak gain kept (at the end, or by the guard's LoRA: ``what="guard_share"``);
+    seeds that never rose above the start have no share."""
+    if math.isnan(x[f"{what}_mean"]):
         return "no gain on some seed"
-    return f"{x['share_kept_mean']:.2f} ({x['share_kept_min']:.2f})"
+    return f"{x[f'{what}_mean']:.2f} ({x[f'{what}_min']:.2f})"
 
 
 def _reach(values: list) -> str:
@@ -199,15 +208,17 @@ def section(r: dict, images: Path, flow: bool = False) -> list[str]:
              f"{cfg['lrs']} on seed 0{kl_note}, evaluations every {cfg['eval_every']} updates. "
              "Rewards are measured on held-out seed set B; the best-LoRA guard selects on set A. "
              "*kept*: the set-B reward of the LoRA the guard keeps. *share of peak kept*: (end - start) / (peak - start) "
-             "per seed. *to 90%*: images and training CPU seconds until the set-B reward first reaches 90% of the best "
+             "per seed; *guard keeps*: the same share for the LoRA the guard keeps. *lr*: the chosen rate, with how "
+             "many of the rates its sweep has tried so far when not all. *to 90%*: images and training CPU seconds until the set-B reward first reaches 90% of the best "
              "variant's final gain.", "",
              "| reward | T | variant | lr | seeds | start -> end (min, max) | kept | share of peak kept (min) | "
-             "images to 90% | CPU s to 90% | CPU s per run | diversity change |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "guard keeps (min) | images to 90% | CPU s to 90% | CPU s per run | diversity change |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
-        lines.append(f"| `{x['reward']}` | {x['T']} | {x['variant']} | {x['lr']:g} | {x['seeds']} | {x['start']:.3f} -> "
+        swept = "" if x["rates_tried"] >= len(cfg["lrs"]) else f" ({x['rates_tried']}/{len(cfg['lrs'])} tried)"
+        lines.append(f"| `{x['reward']}` | {x['T']} | {x['variant']} | {x['lr']:g}{swept} | {x['seeds']} | {x['start']:.3f} -> "
                      f"{x['final_mean']:.3f} ({x['final_min']:.3f}, {x['final_max']:.3f}) | {x['kept_mean']:.3f} | "
-                     f"{_share(x)} | {_reach(x['images_to_level'])} | "
+                     f"{_share(x)} | {_share(x, 'guard_share')} | {_reach(x['images_to_level'])} | "
                      f"{_reach(x['cpu_to_level'])} | {x['cpu_per_run']:.0f} | {x['diversity_change']:+.0%} |")
     plot = _plot(r, images, "flowrun" if flow else "longrun")
     return lines + ([""] + [f"![{p}](images/{p})" for p in plot] if plot else []) + [""]

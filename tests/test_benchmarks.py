@@ -293,6 +293,10 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     assert rows["rlr"]["share_kept_min"] == pytest.approx(1.0)
     assert rows["truncated_bp"]["share_kept_mean"] == pytest.approx(0.5)
     assert rows["truncated_bp"]["kept_mean"] == pytest.approx(0.7)  # the guard keeps the early peak
+    assert rows["truncated_bp"]["guard_share_min"] == pytest.approx(1.0)  # all of it, on every seed
+    partial = [r for r in result["runs"] if not (r["variant"] == "rlr" and r["lr"] == 3e-3)]
+    page = "\n".join(long_run.section({**result, "runs": partial, "budget": "quick", "seconds": 10}, tmp_path))
+    assert "| `position:left` | 6 | rlr | 0.001 (1/2 tried) | 1 |" in page  # a sweep not finished says so
     page = "\n".join(long_run.section({**result, "budget": "quick", "seconds": 10}, tmp_path))
     assert "| `position:left` | 6 | rlr | 0.003 | 2 |" in page
     assert (tmp_path / "bench_longrun_position_left_T6.png").is_file()
