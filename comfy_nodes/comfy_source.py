@@ -4,6 +4,10 @@ flow-matching transformers) on a clone of the patcher."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+import comfy.model_management
 import comfy.model_sampling
 
 from .comfy_flow import ComfyFlowModel, flow_kind
@@ -38,6 +42,25 @@ class ComfySource:
         if self.kind is not None:
             return ComfyFlowModel(self.model.clone(), self.clip, self.vae, self.width, self.height, self.kind)
         return ComfyModel(self.model.clone(), self.clip, self.vae, self.width, self.height)
+
+    def training(self) -> contextlib.AbstractContextManager[None]:
+        return comfy_training()
+
+
+@contextlib.contextmanager
+def comfy_training() -> Iterator[None]:
+    """ComfyUI's training switch on while a run trains, as its own Train LoRA node sets it: newer ComfyUIs
+    (0.33) run fused comfy_kitchen kernels (FLUX's RoPE, Z-Image's RMSNorm + RoPE) that have no backward
+    unless ``comfy.model_management.in_training`` is set. Older ComfyUIs have no such switch: nothing to do."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before, mm.in_training = mm.in_training, True
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 def _check_unet(patcher) -> None:

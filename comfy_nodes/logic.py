@@ -5,11 +5,12 @@ translate between ComfyUI and these functions, so this module is tested without 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 
@@ -52,6 +53,10 @@ class ModelSource(Protocol):
 
     def load(self) -> TrainableModel: ...
 
+    def training(self) -> ContextManager[None]:
+        """Entered while a run trains (ComfyUI's training switch for its MODELs)."""
+        ...
+
 
 @dataclass(frozen=True)
 class DiffusersSource:
@@ -69,6 +74,9 @@ class DiffusersSource:
         from rlr_backend.models.loader import load_model
 
         return load_model(self.path, **({"image_size": self.image_size} if self.image_size else {}))
+
+    def training(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class LoraDict(dict):
 
 
 def check_source(source: Any, node: str) -> ModelSource:
-    if not callable(getattr(source, "load", None)):
+    if not all(callable(getattr(source, m, None)) for m in ("load", "training")):
         raise ValueError(f"{node}: the rlr_model input is not an RLR model (got {type(source).__name__}); connect "
                          "RLR Load Model or RLR From Comfy Model")
     return source
@@ -253,7 +261,7 @@ def train(source: ModelSource, config: TrainConfig, *, on_step: Callable[[StepIn
     check_source(source, "RLR Trainer")
     trainer = model = reward = None
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), source.training():
             reward = make_reward(config.reward, models_dir=reward_models_dir)  # weights must be ordinary tensors too; fails before the model loads
             model = source.load()
             if on_model_image is not None:

@@ -322,3 +322,36 @@ def test_structure_rewards_take_their_target(pack):
     from comfy_nodes import logic
 
     assert logic.reward_spec(r) == "position:0.3:0.7=2,size:0.4=1"
+
+
+def test_a_run_trains_inside_its_sources_training_switch(tmp_path):
+    """logic.train enters the source's ``training()`` (ComfyUI's in_training switch for ComfyUI MODELs, whose
+    fused kernels have no backward otherwise) around the whole run, and leaves it when the run fails."""
+    from comfy_nodes import logic
+
+    seen = []
+
+    class Source:
+        name = "fake"
+
+        def training(self):
+            import contextlib
+
+            @contextlib.contextmanager
+            def switch():
+                seen.append("on")
+                try:
+                    yield
+                finally:
+                    seen.append("off")
+            return switch()
+
+        def load(self):
+            seen.append("load")
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        logic.train(Source(), TrainConfig(output_dir=tmp_path, reward="brightness"))
+    assert seen == ["on", "load", "off"]
+    with pytest.raises(ValueError, match="not an RLR model"):
+        logic.check_source(type("NoSwitch", (), {"load": lambda self: None})(), "RLR Trainer")

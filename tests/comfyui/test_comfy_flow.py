@@ -49,7 +49,8 @@ def trained(request, comfy_inprocess, sd3_file, tmp_path_factory):
         cond = cm.conditioning(["a red circle", "a blue square"])
         with torch.no_grad():
             v_before = cm.denoiser(3.0)(x, 600.0, cond)
-        result = Trainer(cfg, model=cm, progress=False).run()
+        with source.training():  # what logic.train enters (ComfyUI 0.33's fused kernels have no backward otherwise)
+            result = Trainer(cfg, model=cm, progress=False).run()
         with torch.no_grad():
             v_trained = cm.denoiser(3.0)(x, 600.0, cond)
         sd32, rank, alpha = cm.lora_state_dict(torch.float32)
@@ -177,8 +178,9 @@ def test_zimage_trains_through_comfyui_and_its_export_loads_there(comfy_inproces
             for _, p in params[1::2]:
                 p.normal_(generator=g)
         x = torch.randn(2, *cm.latent_shape, generator=g)
-        v = cm.denoiser(2.0)(x, 700.0, cond)
-        (v**2).mean().backward()
+        with source.training():
+            v = cm.denoiser(2.0)(x, 700.0, cond)
+            (v**2).mean().backward()
         assert all(float(p.grad.abs().sum()) > 0 for _, p in params) and len(params) == 24  # 3 blocks x q, k, v, out
         with torch.no_grad():
             alone = cm.denoiser(2.0)(x[1:], 700.0, FlowConditioning(rows[1:], None, [empty], None))
@@ -196,3 +198,19 @@ def test_zimage_trains_through_comfyui_and_its_export_loads_there(comfy_inproces
             v_file = fresh.denoiser(2.0)(x, 700.0, cond)
         fresh.release()
     assert torch.allclose(v_file, v.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_comfyuis_training_switch_is_on_only_while_a_run_trains(comfy_inprocess, monkeypatch):
+    """ComfyUI >= 0.33 reads comfy.model_management.in_training to skip fused kernels without a backward;
+    the switch is set for the run and restored after it, also when the run fails."""
+    import comfy.model_management as mm
+
+    from comfy_nodes.comfy_source import comfy_training
+
+    monkeypatch.setattr(mm, "in_training", False, raising=False)
+    with comfy_training():
+        assert mm.in_training is True
+    assert mm.in_training is False
+    with pytest.raises(KeyError), comfy_training():
+        raise KeyError("failed run")
+    assert mm.in_training is False

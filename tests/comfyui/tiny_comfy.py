@@ -188,8 +188,13 @@ def build_flux(seed: int = 0):
     import comfy.supported_models_base as smb
     import comfy.text_encoders.flux as flux_te
 
-    with torch.inference_mode():
-        config = sm.Flux(dict(FLUX_TINY))
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    extra = {"txt_ids_dims": []} if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)} else {}
+    with torch.inference_mode():  # newer ComfyUIs (0.33) require txt_ids_dims; FLUX.1's detected value is []
+        config = sm.Flux({**FLUX_TINY, **extra})
         config.set_inference_dtype(torch.float32, None)
         base = config.get_model({})
         base.load_state_dict(random_state(base, seed), strict=False)
