@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "truncated_bp": ("truncated_bp", {"truncation": 2}),
     "full_bp + ckpt": ("full_bp", {"gradient_checkpointing": True}),
     "rlr + kl": ("rlr", {"kl_weight": KL_WEIGHT}),
+    "rlr + step baseline": ("rlr", {"step_baseline": True}),
 }
 #: variants trained at another variant's chosen learning rate instead of their own sweep
 SHARES_LR = {"rlr + kl": "rlr"}
@@ -79,17 +80,22 @@ def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | No
 
 
 def run_suite(quick: bool, *, done: list | None = None, save=None, variants: list[str] | None = None,
-              flow: bool = False, others: list | None = None) -> dict:
+              flow: bool = False, others: list | None = None, lrs: list[float] | None = None) -> dict:
     """Train what is not in ``done``; ``variants`` restricts the suite to some variants, so two processes can
     share the work (their result files are merged by the page); ``others``: runs other processes saved, which
     are neither trained again nor saved here (a variant may take its rate from another's sweep there);
-    ``flow``: on ``default-flow``."""
+    ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in parallel)."""
     cfg = settings(quick, flow)
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
         cfg["variants"] = [v for v in cfg["variants"] if v in variants]
+    if lrs:
+        unknown = [lr for lr in lrs if lr not in cfg["lrs"]]
+        if unknown:
+            raise ValueError(f"rates {unknown} are not in the sweep {cfg['lrs']}")
+        cfg["lrs"] = [lr for lr in cfg["lrs"] if lr in lrs]
     runs = list(done or [])
     known = runs + list(others or [])  # for the sweep's choice of rate; only ``runs`` is saved
     have = {_key(r) for r in known}

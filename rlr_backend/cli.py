@@ -128,6 +128,7 @@ def train_parser() -> argparse.ArgumentParser:
     option("fo_steps", type=int)
     option("zo_mode", choices=ZO_MODES)
     option("nu", type=float)
+    option("step_baseline", action=argparse.BooleanOptionalAction)
     option("prompt_split", type=_fractions, metavar="A,B,C")
     option("ho_range", type=_pair, metavar="A,B")
     option("truncation", type=int)

@@ -45,6 +45,7 @@ from .notes import describe
 from .partition import J_DISTRIBUTIONS, JSampler, check_h, likelihood_ratio_steps, split_chain
 from .problem import ChainProblem, Estimate, batch_advantages, evaluate_reward, reward_metrics, valid_row_scale
 from .rlr_terms import ZO_TERMS, SampledBatch, first_order_term, grad_norm, half_order_term, perturbation_context
+from .step_baseline import STEP_BASELINE_KINDS, step_advantages
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class RLRConfig(EstimatorConfig):
     adv_clip: float | None = None  # clip |A|; biased when it bites
     recompute_atol: float = 1e-4  # tolerance of the recomputation check of every recomputed step (relative to max |x| + 1)
     use_checkpoint: bool = False  # recompute each FO/HO step's activations in backward: ~1 step held, +1 forward each
+    step_baseline: bool = False  # subtract R(x0_hat(x_k)) at each likelihood-ratio step k (``step_baseline``)
 
     def __post_init__(self) -> None:
         check_h(self.h, self.h + self.fo_steps, self.fo_steps)
@@ -86,6 +88,8 @@ class RLRConfig(EstimatorConfig):
             raise ValueError("weights must be three non-negative numbers (FO, HO, ZO)")
         if self.j_dist not in J_DISTRIBUTIONS:
             raise ValueError(f"unknown j_dist {self.j_dist!r}; choose one of {list(J_DISTRIBUTIONS)}")
+        if self.step_baseline and self.baseline not in STEP_BASELINE_KINDS:
+            raise ValueError(f"step_baseline needs baseline in {list(STEP_BASELINE_KINDS)}, got {self.baseline!r}")
         if self.j_dist == "range" and self.j_range is None:
             raise ValueError("j_dist='range' needs j_range=(a, b) (paper order, 1 = last step)")
 
@@ -95,7 +99,8 @@ class RLRConfig(EstimatorConfig):
         return cls(h=s.h, fo_steps=s.fo_steps, zo_mode=s.zo_mode, nu=s.nu,
                    baseline="ema" if s.zo_mode == "param_1pt" else "loo",
                    j_dist="range" if s.ho_range else "uniform", j_range=s.ho_range,
-                   use_checkpoint=s.gradient_checkpointing)
+                   use_checkpoint=s.gradient_checkpointing,
+                   step_baseline=getattr(s, "step_baseline", False) and s.zo_mode != "param_1pt")
 
     def j_sampler(self) -> JSampler:
         return JSampler(self.j_dist, self.j_range)
@@ -168,6 +173,11 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     grads = problem.gradients(metrics)
     batch = SampledBatch(problem, config, x_T, traj, valid, adv, all_valid, valid_row_scale(all_rewards), grads,
                          metrics, generator, seeds)
+    if config.step_baseline:  # the likelihood-ratio steps: HO's end, and C with latent_lr
+        ratio_steps = ([split.ho[-1]] if w_ho else []) + (list(split.zo) if w_zo and config.zo_mode == "latent_lr" else [])
+        batch.step_adv, failed = step_advantages(problem, traj, rewards, ratio_steps, config.baseline, config.adv_clip)
+        metrics["step_baseline_rewards"] = float(len(batch.step_adv))
+        metrics["step_baseline_nonfinite"] = float(failed)
     # 2. the terms, in this order; a zero-weight term is skipped, not computed
     if split.fo and w_fo:
         first_order_term(batch, split.fo, w_fo)

@@ -43,6 +43,11 @@ class SampledBatch:
     metrics: dict[str, float]
     generator: torch.Generator | None = None
     seeds: dict[int, int] = field(default_factory=dict)  # param_1pt: the perturbation seed of each ZO step
+    step_adv: dict[int, Tensor] = field(default_factory=dict)  # per-step advantages (``step_baseline``)
+
+    def adv_at(self, k: int) -> Tensor:
+        """The advantages of a likelihood ratio at sampler step k: the step's own with ``step_baseline``."""
+        return self.step_adv.get(k, self.adv)
 
     def recompute(self, k: int, x: Tensor, what: str, use_checkpoint: bool = False) -> StepOutput:
         """Step k from ``x`` with its stored noise, checked to reproduce the sampled x_{k+1}."""
@@ -81,7 +86,8 @@ def half_order_term(s: SampledBatch, steps: Sequence[int], weight: float) -> tup
         x = s.recompute(k, x, "the half-order sub-chain", ckpt).prev_sample
     k_end = steps[-1]
     step = s.recompute(k_end, x, "the half-order term", ckpt)
-    loss = weight * likelihood_ratio_loss(step.mean, s.traj.latents[k_end + 1], step.std, s.adv, s.row_scale)
+    loss = weight * likelihood_ratio_loss(step.mean, s.traj.latents[k_end + 1], step.std, s.adv_at(k_end),
+                                          s.row_scale)
     value, grads = s.grads.of_loss(loss, "half-order")
     s.grads.write(value, grads)
     s.count_calls(len(steps) * (2 if ckpt else 1), len(steps))
@@ -95,7 +101,7 @@ def latent_lr_term(s: SampledBatch, steps: Sequence[int], weight: float) -> floa
     total = 0.0
     for k in steps:
         step = s.recompute(k, s.traj.latents[k], "a zeroth-order term")
-        loss = weight * likelihood_ratio_loss(step.mean, s.traj.latents[k + 1], step.std, s.adv, s.row_scale)
+        loss = weight * likelihood_ratio_loss(step.mean, s.traj.latents[k + 1], step.std, s.adv_at(k), s.row_scale)
         total += s.grads.add_loss(loss, "zeroth-order")
     s.count_calls(len(steps), len(steps))
     return total

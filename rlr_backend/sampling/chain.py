@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, ContextManager
 
 import torch
@@ -43,6 +43,7 @@ class Trajectory:
     schedule: Schedule
     prompts: PromptSchedule
     final: Tensor  # x_0, with graph if any grad step ran
+    x0_hats: list[Tensor] = field(default_factory=list)  # T tensors; the model's x_0 estimate at step k's input
 
     @property
     def num_steps(self) -> int:
@@ -102,7 +103,7 @@ def sample_chain(
     n = schedule.num_steps
     grad_set = set(grad_steps)
     x = x_T.detach()
-    latents, eps_list, logps = [x], [], []
+    latents, eps_list, logps, x0_hats = [x], [], [], []
     stds = schedule.stds
     for k in range(n):
         std = float(stds[k])
@@ -114,13 +115,14 @@ def sample_chain(
             else:
                 eps = torch.zeros(x.shape, dtype=step_dtype(x, out), device=x.device)
             step = schedule.step(k, out, x, eps)
+            x0_hats.append(schedule.predicted_x0(k, out.detach(), x.detach()))
         logps.append(step.log_prob.detach())
         eps_list.append(eps.detach())
         latents.append(step.prev_sample.detach())
         if callback is not None:
             callback({"i": k, "x": step.prev_sample.detach(), "sigma": std, "t": schedule.timesteps[k]})
         x = step.prev_sample
-    return Trajectory(latents, eps_list, torch.stack(logps, dim=1), schedule, prompts, x)
+    return Trajectory(latents, eps_list, torch.stack(logps, dim=1), schedule, prompts, x, x0_hats)
 
 
 def check_noise_shard(noise_shard: tuple[int, int], rows: int) -> None:

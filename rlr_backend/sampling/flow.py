@@ -211,6 +211,10 @@ class FlowSchedule:
         return flow_step(model_output, sample, float(self.sigmas[k]), float(self.sigmas[k + 1]), noise,
                          kind=self.kind, eta=self.etas[k])
 
+    def predicted_x0(self, k: int, model_output: Tensor, sample: Tensor) -> Tensor:
+        """x0_hat = x - sigma v."""
+        return sample - float(self.sigmas[k]) * model_output
+
     def with_eta(self, eta: float | Sequence[float]) -> "FlowSchedule":
         """The same chain with another eta (a scalar, or one value per step; 0 makes a step an ODE step)."""
         etas = (float(eta),) * self.num_steps if isinstance(eta, (int, float)) else tuple(map(float, eta))

@@ -27,7 +27,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
-from .ddim import ddim_step
+from .ddim import ddim_step, predicted_x0_and_eps
 from .step import StepOutput
 
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -64,6 +64,10 @@ class Schedule(Protocol):
 
     def step(self, k: int, model_output: Tensor, sample: Tensor, noise: Tensor | None) -> StepOutput:
         """Step k from ``sample`` given the model's output there (``noise`` None: the mean only)."""
+        ...
+
+    def predicted_x0(self, k: int, model_output: Tensor, sample: Tensor) -> Tensor:
+        """The model's estimate of x_0 from ``sample`` at step k (E[x_0 | x_k] for a perfect model)."""
         ...
 
 
@@ -116,6 +120,10 @@ class DDIMSchedule:
         """DDIM step k (``ddim_step`` with this schedule's coefficients)."""
         return ddim_step(model_output, sample, float(self.alpha_t[k]), float(self.alpha_prev[k]), float(self.sigma[k]),
                          noise, self.prediction_type, self.clip_sample_range)
+
+    def predicted_x0(self, k: int, model_output: Tensor, sample: Tensor) -> Tensor:
+        return predicted_x0_and_eps(model_output, sample, float(self.alpha_t[k]), self.prediction_type,
+                                    self.clip_sample_range)[0]
 
     def with_eta(self, eta: float | Sequence[float]) -> "DDIMSchedule":
         """The same chain with another eta (a scalar, or one value per step)."""
