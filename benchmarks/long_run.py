@@ -80,11 +80,13 @@ def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | No
 
 
 def run_suite(quick: bool, *, done: list | None = None, save=None, variants: list[str] | None = None,
-              flow: bool = False, others: list | None = None, lrs: list[float] | None = None) -> dict:
+              flow: bool = False, others: list | None = None, lrs: list[float] | None = None,
+              seeds: list[int] | None = None) -> dict:
     """Train what is not in ``done``; ``variants`` restricts the suite to some variants, so two processes can
     share the work (their result files are merged by the page); ``others``: runs other processes saved, which
     are neither trained again nor saved here (a variant may take its rate from another's sweep there);
-    ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in parallel)."""
+    ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in parallel); ``seeds``: only these seeds
+    after the sweep (the sweep is on the first seed whatever ``seeds`` says)."""
     cfg = settings(quick, flow)
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
@@ -126,7 +128,7 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
                 for variant in variants:
                     if variant not in SHARES_LR:
                         ensure(reward, T, variant, lr, cfg["seeds"][0], tmp)
-            for seed in cfg["seeds"]:
+            for seed in [s for s in cfg["seeds"] if not seeds or s in seeds]:
                 for variant in variants:
                     lr = chosen_lr(known, reward, T, variant)
                     if lr is None:  # the variant whose rate it shares is swept by another process: not yet done
