@@ -30,7 +30,9 @@ from rlr_backend.train.report import diversity
 
 logger = logging.getLogger(__name__)
 
-ESTIMATORS = ("rlr", "code_compat", "ddpo", "truncated_bp", "zo")
+ESTIMATORS = ("rlr", "code_compat", "ddpo", "truncated_bp", "zo", "rlr_sb")
+#: rows that are an estimator with other settings: row name -> (estimator, TrainConfig overrides)
+VARIANTS: dict[str, tuple[str, dict]] = {"rlr_sb": ("rlr", {"step_baseline": True})}
 REWARDS = ("prompt_alignment", "jpeg_compressibility")
 EVAL_SEEDS = 4
 
@@ -122,9 +124,11 @@ def run_suite(quick: bool, done: list[dict] | None = None, save=None, rewards: t
     def ensure(reward: str, est: str, lr: float, seed: int, tmp: Path) -> None:
         if (reward, est, lr, seed) in have:
             return
-        run = train_curve(est, reward, seed, steps, every, batch, per_prompt, T, tmp, lr=lr)
+        base, overrides = VARIANTS.get(est, (est, None))
+        run = train_curve(base, reward, seed, steps, every, batch, per_prompt, T, tmp, lr=lr, overrides=overrides,
+                          tag=f"-{est}" if est in VARIANTS else "")
         name = run.pop("run_name")
-        runs.append(run)
+        runs.append({**run, "estimator": est})
         have.add((reward, est, lr, seed))
         if save is not None:
             save({"settings": cfg, "runs": runs})
