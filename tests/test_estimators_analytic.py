@@ -174,9 +174,10 @@ def test_nan_rewards_leave_every_term_on_one_scale(chain, exact, name, fn, cfg):
     assert z_scores(est, exact.sum(0)).max() < 4
 
 
-@pytest.mark.parametrize("j", range(2, T - H + 2))
-def test_rlr_step_baseline_is_unbiased_for_every_j(chain, exact, j):
-    """The per-step baseline R(x0_hat(x_k)) depends only on the step's input, so RLR stays unbiased."""
+@pytest.mark.parametrize("j", [2, 4, T - H + 1])
+def test_rlr_step_baseline_is_unbiased(chain, exact, j):
+    """The per-step baseline c R(x0_hat(x_k)) depends only on the step's input and the other samples, so RLR
+    stays unbiased (first, middle and last start j)."""
     est = collect_estimates(chain, rlr_estimate, n_calls=300, batch=128, seed=j,
                             config=RLRConfig(h=H, step_baseline=True), j=j)
     assert z_scores(est, exact.sum(0)).max() < 4

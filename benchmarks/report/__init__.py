@@ -39,6 +39,11 @@ def render(results: Path, out: Path) -> None:
 
         lines += ["## What the structure rewards and the KL guard cost", "",
                   *guard_cost_lines(json.loads(guard.read_text())), ""]
+    step = results / "step-baseline.json"
+    if step.is_file():
+        from ..step_baseline import render as step_baseline_lines
+
+        lines += ["## RLR's step baseline: the noise it removes", "", *step_baseline_lines(json.loads(step.read_text())), ""]
     from ..gpu_check.report import benchmarks_doc_section
 
     lines += benchmarks_doc_section(results)
