@@ -28,7 +28,7 @@ from rlr_backend.train.distributed import check_batch_split
 REPO = Path(__file__).resolve().parents[1]
 # the TINY settings of test_trainer.py with a batch of two prompt groups, one per process
 TINY = dict(batch_size=4, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_every=0, eval_seeds=1,
-            ckpt_every=2, lr=1e-2)
+            ckpt_every=2, lr=1e-2, step_baseline=False)  # refused in data-parallel runs (tests/test_step_baseline.py)
 STEPS = 3
 # 3 updates of lr 1e-2 move the LoRA by ~3e-2; a wrong split (noise, prompts or baselines not those of the
 # 1-process batch) moves it differently by about that much. Float rounding differs (the UNet's kernels on a
@@ -38,7 +38,9 @@ TOLERANCE = 1e-3
 
 def cli_args(config: dict, **extra) -> list[str]:
     merged = {**config, **extra}
-    return [a for k, v in merged.items() for a in ("--" + k.replace("_", "-"), str(v))] + ["--quiet", "--threads", "1"]
+    flags = [("--" if v else "--no-") + k.replace("_", "-") for k, v in merged.items() if isinstance(v, bool)]
+    return [a for k, v in merged.items() if not isinstance(v, bool) for a in ("--" + k.replace("_", "-"), str(v))] + \
+        flags + ["--quiet", "--threads", "1"]
 
 
 def free_port() -> int:

@@ -47,3 +47,13 @@ def test_a_baseline_that_explains_the_reward_removes_it_and_a_useless_one_is_sca
     noise = 10 * torch.randn(16, generator=g, dtype=torch.float64)  # b unrelated to R, far larger
     plain = r - (r.sum() - r) / 15
     assert scaled_advantages(r, noise, groups).var() < 1.5 * plain.var()  # c near 0: not 100x the variance
+
+
+def test_a_data_parallel_run_refuses_the_step_baseline_in_one_line(monkeypatch, tmp_path):
+    """Its 2-process run drifts from the 1-process one (tests/test_distributed.py's check fails by 2e-2): refused."""
+    from rlr_backend.choices import ConfigError
+    from rlr_backend.train import TrainConfig, trainer
+
+    monkeypatch.setattr(trainer.DataParallel, "from_environment", classmethod(lambda cls, *a: type("DP", (), {"enabled": True})()))
+    with pytest.raises(ConfigError, match="step-baseline does not yet give the 1-process result"):
+        trainer.Trainer(TrainConfig(output_dir=tmp_path, estimator="rlr", step_baseline=True), progress=False)

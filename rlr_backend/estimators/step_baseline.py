@@ -49,7 +49,7 @@ def step_advantages(problem: ChainProblem, traj: Trajectory, rewards: Tensor, st
         for k in sorted(set(steps)):
             b, ok = evaluate_reward(problem, traj.x0_hats[k])
             b = problem.gather(torch.where(ok, b.detach(), torch.zeros_like(b))).double()
-            failed += int((~problem.gather(ok)).sum())
+            failed += int((1 - problem.gather(ok.to(r.dtype))).sum())  # a float all_gather: gloo and bool tensors
             adv = scaled_advantages(r, b, groups, kind)
             out[k] = problem.local((adv.clamp(-clip, clip) if clip is not None else adv).to(rewards.dtype))
     return out, failed

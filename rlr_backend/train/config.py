@@ -82,7 +82,7 @@ class TrainConfig:
                        min=1)
     zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
     nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
-    step_baseline: bool = _f(False, "rlr: at each likelihood-ratio step subtract the reward of the model's x0 "
+    step_baseline: bool = _f(True, "rlr: at each likelihood-ratio step subtract the reward of the model's x0 "
                                     "estimate there (unbiased, less noise; one decode + reward per step)")
     prompt_split: tuple[float, float, float] = _f(DEFAULT_PROMPT_SPLIT, "fractions of the sampling steps for the "
                                                  "coarse / mid / fine versions of a prompt")

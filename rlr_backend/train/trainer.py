@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ..choices import ConfigError
 from ..estimators import ChainProblem, describe_estimator, get_estimator
 from ..estimators.kl import draw_steps, kl_to_base
 from ..lora import save_kohya
@@ -79,6 +80,9 @@ class Trainer:
         ``model`` trains any ``TrainableModel`` instead (``config.model`` is then only a label)."""
         self.config = config
         self.dp = DataParallel.from_environment(config.batch_size, config.images_per_prompt)  # no-op alone
+        if self.dp.enabled and config.step_baseline and config.estimator in ("rlr", "auto"):
+            raise ConfigError("step_baseline", "--step-baseline does not yet give the 1-process result in a data-parallel "
+                                               "run (tested: it drifts by 2e-2 in 3 updates); pass --no-step-baseline")
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
         self.progress = progress
         device = config.device
