@@ -107,7 +107,9 @@ def _fake_curve(finals: dict):
     """A train_curve stand-in: a straight line to ``finals[(estimator, lr)]`` from 0.5, in 4 evaluations."""
     calls = []
 
-    def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=efficiency.DEFAULT_LR):
+    def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=efficiency.DEFAULT_LR, overrides=None,
+              tag=""):
+        est = tag[1:] or est  # a variant row (``efficiency.VARIANTS``) trains its estimator under its own name
         calls.append((est, lr, seed))
         end = finals[(est, lr)] + 0.001 * seed
         return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0, "run_name": "r",
@@ -123,11 +125,13 @@ def test_swept_estimators_train_their_other_seeds_at_the_best_rate(monkeypatch, 
               ("zo", 3e-4): 0.55, ("zo", 1e-3): 0.52, ("zo", lr0): 0.3}
     curve, calls = _fake_curve(finals)
     monkeypatch.setattr(efficiency, "train_curve", curve)
-    monkeypatch.setattr(efficiency, "ESTIMATORS", ("rlr", "ddpo", "zo"))
+    finals[("rlr_sb", lr0)] = 0.95
+    monkeypatch.setattr(efficiency, "ESTIMATORS", ("rlr", "ddpo", "zo", "rlr_sb"))
     result = efficiency.run_suite(False, done=[], rewards=("jpeg_compressibility",))
     assert ("ddpo", 1e-3, 1) in calls and ("ddpo", 1e-3, 2) in calls and ("zo", 3e-4, 2) in calls
     assert not any(est == "ddpo" and lr != 1e-3 and seed > 0 for est, lr, seed in calls)
-    assert len(calls) == 3 + (3 + 2) * 2  # rlr 3 seeds; ddpo and zo: 3 rates on seed 0 + 2 more seeds
+    assert len(calls) == 3 + (3 + 2) * 2 + 3  # rlr, rlr_sb 3 seeds; ddpo and zo: 3 rates on seed 0 + 2 more seeds
+    assert {r["estimator"] for r in result["runs"]} == {"rlr", "ddpo", "zo", "rlr_sb"}  # the variant keeps its name
     summary = {s["estimator"]: s for s in efficiency.summarize(result)}
     assert summary["ddpo"]["lr"] == 1e-3 and summary["zo"]["lr"] == 3e-4
     assert summary["ddpo"]["final_mean"] == pytest.approx(0.701)
