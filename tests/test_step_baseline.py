@@ -56,4 +56,5 @@ def test_a_data_parallel_run_refuses_the_step_baseline_in_one_line(monkeypatch, 
 
     monkeypatch.setattr(trainer.DataParallel, "from_environment", classmethod(lambda cls, *a: type("DP", (), {"enabled": True})()))
     with pytest.raises(ConfigError, match="step-baseline does not yet give the 1-process result"):
-        trainer.Trainer(TrainConfig(output_dir=tmp_path, estimator="rlr", step_baseline=True), progress=False)
+        trainer.Trainer(TrainConfig(output_dir=tmp_path, reward="jpeg_compressibility"), progress=False)  # auto: rlr
+    assert trainer.Trainer(TrainConfig(output_dir=tmp_path), progress=False).config.estimator == "truncated_bp"  # not RLR

@@ -80,9 +80,6 @@ class Trainer:
         ``model`` trains any ``TrainableModel`` instead (``config.model`` is then only a label)."""
         self.config = config
         self.dp = DataParallel.from_environment(config.batch_size, config.images_per_prompt)  # no-op alone
-        if self.dp.enabled and config.step_baseline and config.estimator in ("rlr", "auto"):
-            raise ConfigError("step_baseline", "--step-baseline does not yet give the 1-process result in a data-parallel "
-                                               "run (tested: it drifts by 2e-2 in 3 updates); pass --no-step-baseline")
         self.on_step, self.on_preview, self.should_stop = on_step, on_preview, should_stop
         self.progress = progress
         device = config.device
@@ -94,6 +91,9 @@ class Trainer:
             reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
         self.reward = reward
         config = self.config = config.resolve_estimator(self.reward.differentiable)  # "auto" -> one estimator
+        if self.dp.enabled and config.step_baseline and config.estimator == "rlr":
+            raise ConfigError("step_baseline", "--step-baseline does not yet give the 1-process result in a data-parallel "
+                                               "run (tested: it drifts by 2e-2 in 3 updates); pass --no-step-baseline")
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
