@@ -43,7 +43,7 @@ COSINE_OK, SHARE_OK = 0.9, 0.5
 #: candidate -> TrainConfig changes; "full_bp + ckpt" is full backprop with gradient checkpointing
 CANDIDATES: dict[str, dict] = {
     "rlr": {"estimator": "rlr"},
-    "rlr paper (fo_steps=1)": {"estimator": "rlr", "fo_steps": 1},
+    "rlr paper (fo_steps=1)": {"estimator": "rlr", "fo_steps": 1, "step_baseline": False},  # the paper's estimator
     "ddpo": {"estimator": "ddpo"},
     "truncated_bp (K=2)": {"estimator": "truncated_bp", "truncation": 2},
     "full_bp + ckpt": {"estimator": "full_bp", "gradient_checkpointing": True},
