@@ -54,7 +54,8 @@ def test_a_data_parallel_run_refuses_the_step_baseline_in_one_line(monkeypatch, 
     from rlr_backend.choices import ConfigError
     from rlr_backend.train import TrainConfig, trainer
 
-    monkeypatch.setattr(trainer.DataParallel, "from_environment", classmethod(lambda cls, *a: type("DP", (), {"enabled": True})()))
+    two = trainer.DataParallel(rank=0, world_size=2)  # what process 0 of 2 gets (no process group needed here)
+    monkeypatch.setattr(trainer.DataParallel, "from_environment", classmethod(lambda cls, *a: two))
     with pytest.raises(ConfigError, match="step-baseline does not yet give the 1-process result"):
         trainer.Trainer(TrainConfig(output_dir=tmp_path, reward="jpeg_compressibility"), progress=False)  # auto: rlr
     assert trainer.Trainer(TrainConfig(output_dir=tmp_path), progress=False).config.estimator == "truncated_bp"  # not RLR

@@ -100,7 +100,7 @@ class RLRConfig(EstimatorConfig):
                    baseline="ema" if s.zo_mode == "param_1pt" else "loo",
                    j_dist="range" if s.ho_range else "uniform", j_range=s.ho_range,
                    use_checkpoint=s.gradient_checkpointing,
-                   step_baseline=getattr(s, "step_baseline", False) and s.zo_mode != "param_1pt")
+                   step_baseline=s.step_baseline and s.zo_mode != "param_1pt")
 
     def j_sampler(self) -> JSampler:
         return JSampler(self.j_dist, self.j_range)

@@ -71,3 +71,12 @@ def diversity(images, per_prompt: int) -> float:
     groups = images.reshape(-1, per_prompt, *images.shape[1:]).flatten(2).float()
     d = torch.cdist(groups, groups) / groups.shape[-1] ** 0.5
     return float(d.sum() / (groups.shape[0] * per_prompt * (per_prompt - 1)))
+
+
+def progress_bar(total: int, start: int, enabled: bool):
+    """rlr-train's tqdm bar over the updates (None when disabled)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="rlr-train", unit="update")

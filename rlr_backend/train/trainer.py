@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 
-from ..choices import ConfigError
 from ..estimators import ChainProblem, describe_estimator, get_estimator
 from ..estimators.kl import draw_steps, kl_to_base
 from ..lora import save_kohya
@@ -36,7 +35,7 @@ from .distributed import DataParallel
 from .memory import (DynamicLossScale, autocast, load_dtypes, make_optimizer, prepare_model, resolve_device,
                      reward_models_in_precision)
 from .prompts import schedule_metadata
-from .report import diversity, save_before_after, save_grid, save_reward_curve
+from .report import diversity, progress_bar, save_before_after, save_grid, save_reward_curve
 from .run_folder import append_metrics, open_run_folder, read_metrics, rewrite_metrics
 from .state import TrainState
 from .stopping import StopCheckingDenoiser, StopRequested
@@ -91,9 +90,7 @@ class Trainer:
             reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
         self.reward = reward
         config = self.config = config.resolve_estimator(self.reward.differentiable)  # "auto" -> one estimator
-        if self.dp.enabled and config.step_baseline and config.estimator == "rlr":
-            raise ConfigError("step_baseline", "--step-baseline does not yet give the 1-process result in a data-parallel "
-                                               "run (tested: it drifts by 2e-2 in 3 updates); pass --no-step-baseline")
+        self.dp.check_estimator(config.estimator, config.step_baseline)
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
@@ -212,7 +209,7 @@ class Trainer:
             history.append(first)
             dp.on_main(lambda: append_metrics(metrics_path, first))
             dp.on_main(lambda: self._keep_if_best(0, state.eval_rewards[0]))
-        bar = _progress(cfg.steps, state.step, self.progress and dp.is_main)
+        bar = progress_bar(cfg.steps, state.step, self.progress and dp.is_main)
         stopped, bad_run, reported = False, 0, set()
         for step in range(state.step + 1, cfg.steps + 1):
             fault_point("step:begin")
@@ -397,11 +394,3 @@ class Trainer:
         agg["grad_norm"] = float(norm)
         state.optimizer.step()
         return agg
-
-
-def _progress(total: int, start: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="rlr-train", unit="update")
