@@ -28,12 +28,17 @@ from rlr_backend.train.distributed import check_batch_split
 REPO = Path(__file__).resolve().parents[1]
 # the TINY settings of test_trainer.py with a batch of two prompt groups, one per process
 TINY = dict(batch_size=4, images_per_prompt=2, fo_steps=1, num_inference_steps=4, eval_every=0, eval_seeds=1,
-            ckpt_every=2, lr=1e-2, step_baseline=False)  # refused in data-parallel runs (tests/test_step_baseline.py)
+            ckpt_every=2, lr=1e-2, step_baseline=False)  # the step baseline: its own run (see SB_SHARE)
 STEPS = 3
 # 3 updates of lr 1e-2 move the LoRA by ~3e-2; a wrong split (noise, prompts or baselines not those of the
 # 1-process batch) moves it differently by about that much. Float rounding differs (the UNet's kernels on a
 # batch of 2 vs 4 differ by ~1e-6) and Adam enlarges it on elements whose gradient is near 0: ~1e-5 measured.
 TOLERANCE = 1e-3
+# RLR with the step baseline, 1 update: its gradient is ~10x smaller than without it (0.49 vs 5.0 in norm)
+# while the 2-process rounding is the same (~3e-5 on that norm), and Adam's first step is lr * sign(grad):
+# an element whose gradient is within rounding of 0 moves by +-lr either way (4 of 15360 measured, by 2e-2).
+# So the gradient norms must agree (relative 5e-5 measured) and all but SB_SHARE of the elements as above.
+SB_SHARE = 1e-3
 
 
 def cli_args(config: dict, **extra) -> list[str]:
@@ -97,7 +102,8 @@ def test_two_processes_train_the_lora_of_one(tmp_path):
     two = tmp_path / "two"
     runs = [cli_args(dict(TINY, estimator="rlr"), steps=2, output_dir=two, run_name="rlr"),
             cli_args(dict(TINY, estimator="rlr"), steps=STEPS, output_dir=two, run_name="rlr") + ["--resume"],
-            cli_args(dict(TINY, estimator="ddpo"), steps=STEPS, output_dir=two, run_name="ddpo")]
+            cli_args(dict(TINY, estimator="ddpo"), steps=STEPS, output_dir=two, run_name="ddpo"),
+            cli_args(dict(TINY, estimator="rlr", step_baseline=True), steps=1, output_dir=two, run_name="rlr-sb")]
     t0 = time.perf_counter()
     launch = accelerate_launch([str(REPO / "tests" / "distributed_worker.py"), json.dumps(runs)], tmp_path)
     one_seconds = {}
@@ -107,6 +113,8 @@ def test_two_processes_train_the_lora_of_one(tmp_path):
             Trainer(TrainConfig(steps=STEPS, estimator=estimator, output_dir=tmp_path / "one", run_name=estimator,
                                 **TINY), progress=False).run()
             one_seconds[estimator] = time.perf_counter() - t1
+        Trainer(TrainConfig(steps=1, estimator="rlr", output_dir=tmp_path / "one", run_name="rlr-sb",
+                            **dict(TINY, step_baseline=True)), progress=False).run()
     finally:
         wait(launch)
     two_seconds = time.perf_counter() - t0
@@ -129,6 +137,15 @@ def test_two_processes_train_the_lora_of_one(tmp_path):
                 "steps": 2 if estimator == "rlr" else STEPS}
         assert json.loads((got_dir / "config.json").read_text()) == same  # the CLI options are the reference's
         assert (got_dir / "lora.safetensors").is_file() and (got_dir / "grids" / f"step-{STEPS:06d}.png").is_file()
+    ref_dir, got_dir = tmp_path / "one" / "rlr-sb", two / "rlr-sb"  # the step baseline, whole-batch statistics
+    assert metric(got_dir, "step_baseline_rewards") == metric(ref_dir, "step_baseline_rewards") != [0.0]
+    torch.testing.assert_close(metric(got_dir, "grad_norm"), metric(ref_dir, "grad_norm"), rtol=1e-3, atol=0)
+    ref, got = checkpoint_lora(ref_dir, 1), checkpoint_lora(got_dir, 1)
+    off = sum(int(((ref[k] - got[k]).abs() > TOLERANCE).sum()) for k in ref)
+    total = sum(v.numel() for v in ref.values())
+    print(f"rlr + step baseline: 2 processes vs 1 after 1 update, {off} of {total} LoRA elements differ by more "
+          f"than {TOLERANCE:g}; gradient norm {metric(got_dir, 'grad_norm')[0]:.6g} vs {metric(ref_dir, 'grad_norm')[0]:.6g}")
+    assert off <= SB_SHARE * total
 
 
 def test_python_m_cli_is_rlr_train(monkeypatch, capsys):

@@ -1,9 +1,14 @@
-"""The step baseline's advantages: the leave-one-out scale and means, without a loop over rows."""
+"""The step baseline's advantages: the leave-one-out scale and means, without a loop over rows; a batch split
+over processes gets the unsplit batch's."""
+
+import threading
 
 import pytest
 import torch
 
-from rlr_backend.estimators.step_baseline import scaled_advantages
+from rlr_backend.estimators.problem import BatchShard, ChainProblem
+from rlr_backend.estimators.step_baseline import scaled_advantages, step_advantages
+from rlr_backend.sampling import DDIMSchedule, PromptSchedule, sample_chain
 
 
 def _by_rows(r, b, groups, kind):
@@ -49,13 +54,61 @@ def test_a_baseline_that_explains_the_reward_removes_it_and_a_useless_one_is_sca
     assert scaled_advantages(r, noise, groups).var() < 1.5 * plain.var()  # c near 0: not 100x the variance
 
 
-def test_a_data_parallel_run_refuses_the_step_baseline_in_one_line(monkeypatch, tmp_path):
-    """Its 2-process run drifts from the 1-process one (tests/test_distributed.py's check fails by 2e-2): refused."""
-    from rlr_backend.choices import ConfigError
-    from rlr_backend.train import TrainConfig, trainer
+class Collective:
+    """``n`` shards run in threads; ``gather`` concatenates their tensors in rank order, as gloo's all_gather."""
 
-    two = trainer.DataParallel(rank=0, world_size=2)  # what process 0 of 2 gets (no process group needed here)
-    monkeypatch.setattr(trainer.DataParallel, "from_environment", classmethod(lambda cls, *a: two))
-    with pytest.raises(ConfigError, match="step-baseline does not yet give the 1-process result"):
-        trainer.Trainer(TrainConfig(output_dir=tmp_path, reward="jpeg_compressibility"), progress=False)  # auto: rlr
-    assert trainer.Trainer(TrainConfig(output_dir=tmp_path), progress=False).config.estimator == "truncated_bp"  # not RLR
+    def __init__(self, n: int):
+        self.slots, self.barrier = [None] * n, threading.Barrier(n, timeout=30)
+
+    def gather(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+        self.slots[rank] = t
+        self.barrier.wait()
+        out = torch.cat(self.slots, 0)
+        self.barrier.wait()  # nobody overwrites a slot before every shard has read it
+        return out
+
+
+class Scale(torch.nn.Module):
+    def forward(self, x, t, cond):
+        return 0.5 * x * (t + 1) / 1000 + cond
+
+
+def test_shards_get_the_rows_of_the_whole_batch_step_advantages():
+    """A batch split over 3 processes (threads here, gathering as the trainer's processes do) gets, at every
+    step, the rows of the unsplit batch's advantages: the scale c and the means are fitted on the whole batch."""
+    sched = DDIMSchedule.from_alphas_cumprod(torch.linspace(0.999, 0.01, 1000), 5, eta=1.0)
+    prompts, x_T = PromptSchedule.constant(0.0, 5), torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    groups = torch.tensor([0, 0, 1, 1, 0, 0])  # prompt 0 in two shards
+
+    def reward(x):
+        return torch.tanh(x).sum(1) + x[:, 0] ** 2
+
+    def problem(shard=None, rows=slice(None)):
+        return ChainProblem(Scale(), sched, prompts, reward, [], groups=groups[rows], shard=shard)
+
+    whole = problem()
+    traj = sample_chain(whole.model, sched, prompts, x_T, generator=torch.Generator().manual_seed(3))
+    rewards = reward(traj.final)
+    rewards[4] = float("nan")  # a failed reward is left out of every shard's statistics alike
+    steps = [0, 2, 4]
+    want, want_failed = step_advantages(whole, traj, rewards, steps, "loo")
+    assert all(want[k].abs().max() > 1e-3 for k in steps)  # not trivially equal
+    got, comm = {}, Collective(3)
+
+    def run(rank: int) -> None:
+        rows = slice(2 * rank, 2 * rank + 2)
+        shard = BatchShard(rows.start, 2, 6, lambda t: comm.gather(rank, t), lambda t: t)
+        part = sample_chain(whole.model, sched, prompts, x_T[rows], generator=torch.Generator().manual_seed(3),
+                            noise_shard=(rows.start, 6))
+        got[rank] = step_advantages(problem(shard, rows), part, rewards[rows], steps, "loo")
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank in range(3):
+        adv, failed = got[rank]
+        assert failed == want_failed
+        for k in steps:
+            torch.testing.assert_close(adv[k], want[k][2 * rank:2 * rank + 2], rtol=0, atol=1e-6)

@@ -30,7 +30,6 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import Tensor
 
-from ..choices import ConfigError
 from ..estimators.problem import BatchShard
 
 logger = logging.getLogger(__name__)
@@ -119,13 +118,6 @@ class DataParallel:
             logging.getLogger("rlr_backend").setLevel(logging.WARNING)
         logger.info("data-parallel training: %d processes, %d samples each", world, batch_size // world)
         return cls(rank, world, local)
-
-    def check_estimator(self, estimator: str, step_baseline: bool) -> None:
-        """Refuse what does not yet train in N processes what 1 process trains: RLR's step baseline (a 2-process
-        run drifts by 2e-2 from the 1-process one in 3 updates; not understood yet)."""
-        if self.enabled and step_baseline and estimator == "rlr":
-            raise ConfigError("step_baseline", "--step-baseline does not yet give the 1-process result in a data-parallel "
-                                               "run (tested: it drifts by 2e-2 in 3 updates); pass --no-step-baseline")
 
     # -- the batch ---------------------------------------------------------------------------------
     def shard(self, batch_size: int) -> BatchShard | None:

@@ -90,7 +90,6 @@ class Trainer:
             reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
         self.reward = reward
         config = self.config = config.resolve_estimator(self.reward.differentiable)  # "auto" -> one estimator
-        self.dp.check_estimator(config.estimator, config.step_baseline)
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
