@@ -157,14 +157,18 @@ class Estimator(io.ComfyNode):
                                    tooltip=logic.config_field("zo_mode")["tooltip"], **ADVANCED),
                     _float("nu", min=1e-6, max=1.0, step=1e-4, advanced=True),
                     _int("truncation", max=100, min=1, advanced=True),
-                    _int("chain_len", max=100, min=1, advanced=True)],
+                    _int("chain_len", max=100, min=1, advanced=True),
+                    io.Boolean.Input("step_baseline", default=logic.config_field("step_baseline")["default"],
+                                     tooltip=logic.config_field("step_baseline")["tooltip"] + "; off: the paper's "
+                                     "estimator", **ADVANCED)],
             outputs=[ESTIMATOR.Output(display_name="estimator")])
 
     @classmethod
     def execute(cls, estimator: str, h: int, fo_steps: int, zo_mode: str, nu: float, truncation: int,
-                chain_len: int) -> io.NodeOutput:
+                chain_len: int, step_baseline: bool = True) -> io.NodeOutput:
         return io.NodeOutput(logic.estimator_settings(estimator, h=h, fo_steps=fo_steps, zo_mode=zo_mode, nu=nu,
-                                                      truncation=truncation, chain_len=chain_len))
+                                                      truncation=truncation, chain_len=chain_len,
+                                                      step_baseline=bool(step_baseline)))
 
 
 class PromptSchedule(io.ComfyNode):

@@ -27,7 +27,7 @@ CFG_FIELDS = {f.name: f for f in fields(TrainConfig)}
 MAIN_FIELDS = ("steps", "lr", "lora_rank", "seed", "eval_every")
 ADVANCED_FIELDS = ("batch_size", "images_per_prompt", "num_inference_steps", "eta", "guidance_scale", "h",
                    "fo_steps", "zo_mode", "nu", "truncation", "chain_len", "grad_clip", "grad_accum", "lora_alpha",
-                   "eval_seeds", "ckpt_every", "kl_weight", "kl_steps", "early_stop_drop")
+                   "eval_seeds", "ckpt_every", "kl_weight", "kl_steps", "early_stop_drop", "step_baseline")
 #: the options of flow-matching models (shown for them only); the SDE window is ``sde_start``/``sde_size``
 FLOW_FIELDS = ("image_size", "flow_step", "flow_eta")
 #: the DDIM options (SD1.x/SD2.x/SDXL only)
@@ -39,7 +39,8 @@ FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), 
                               "sde_start", "sde_size")
 LABELS = {"steps": "Steps (optimizer updates)", "lr": "Learning rate", "lora_rank": "LoRA rank",
           "eval_every": "Refresh the gallery every N updates", "lora_alpha": "LoRA alpha (0: the rank)",
-          "image_size": "Image size in pixels (0: the model's, at most 512)", "eta": "Eta (DDIM)"}
+          "image_size": "Image size in pixels (0: the model's, at most 512)", "eta": "Eta (DDIM)",
+          "step_baseline": "RLR step baseline"}
 APP_DEFAULTS = {"eval_every": 5}  # the app evaluates more often than the CLI so the gallery moves
 # Held while models or rewards are built: diffusers' loaders patch torch.nn globally for a moment (new
 # parameters land on the "meta" device) and its lazy imports are not thread-safe, so two threads must
@@ -76,6 +77,10 @@ def _plain(path: Path) -> bool:
 
 def is_int_field(name: str) -> bool:
     return CFG_FIELDS[name].type in ("int", "int | None")
+
+
+def is_bool_field(name: str) -> bool:
+    return CFG_FIELDS[name].type == "bool"
 
 
 def model_is_flow(label: str | None, settings: Settings) -> bool:
@@ -215,6 +220,11 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
         if "choices" in CFG_FIELDS[name].metadata:
             if values.get(name) not in CFG_FIELDS[name].metadata["choices"]:
                 errors[name] = f"choose one of {list(CFG_FIELDS[name].metadata['choices'])}"
+            kw[name] = values.get(name)
+            continue
+        if is_bool_field(name):  # a checkbox: True/False only (an API caller may send anything)
+            if not isinstance(values.get(name), bool):
+                errors[name] = f"must be true or false, got {values.get(name)!r}"
             kw[name] = values.get(name)
             continue
         x, err = number(values.get(name), is_int_field(name))

@@ -355,3 +355,20 @@ def test_a_run_trains_inside_its_sources_training_switch(tmp_path):
     assert seen == ["on", "load", "off"]
     with pytest.raises(ValueError, match="not an RLR model"):
         logic.check_source(type("NoSwitch", (), {"load": lambda self: None})(), "RLR Trainer")
+
+
+def test_the_estimator_nodes_step_baseline_switch_reaches_the_run(pack):
+    """On by default (TrainConfig's); off gives the paper's estimator: the run's config and metrics say which."""
+    import json
+
+    nodes, base = pack
+    model, r, _, p = chain(nodes, reward="brightness")
+    knobs = dict(estimator="rlr", h=2, fo_steps=1, zo_mode="latent_lr", nu=1e-3, truncation=2, chain_len=2)
+    assert run(nodes.Estimator, **knobs).args[0]["step_baseline"] is True
+    for on in (True, False):
+        est = run(nodes.Estimator, **knobs, step_baseline=on).args[0]
+        run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est, **dict(FAST, run_name=f"sb-{on}"))
+        folder = next((base / "output" / "rlr_runs").glob(f"sb-{on}*"))
+        assert json.loads((folder / "config.json").read_text())["step_baseline"] is on
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [("step_baseline_rewards" in row) for row in rows if row["step"] > 0] == [on, on]

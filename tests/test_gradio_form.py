@@ -39,6 +39,19 @@ def test_default_form_is_valid_and_bad_fields_get_their_own_message(tmp_path):
     assert not any(tmp_path.iterdir())  # validating writes nothing
 
 
+def test_the_step_baseline_checkbox_reaches_the_config_and_only_takes_true_or_false(tmp_path):
+    from rlr_app.form import config_to_form
+
+    settings = ga.Settings(tmp_path)
+    assert ga.form_defaults()["step_baseline"] is True  # TrainConfig's default
+    for on in (True, False):
+        errors, kw = ga.check_form({**ga.form_defaults(), "step_baseline": on}, settings)
+        assert errors == {} and kw["step_baseline"] is on
+        assert config_to_form(ga.TrainConfig(**kw, output_dir=tmp_path), settings)["step_baseline"] is on
+    errors, _ = ga.check_form({**ga.form_defaults(), "step_baseline": "yes"}, settings)
+    assert errors == {"step_baseline": "must be true or false, got 'yes'"}
+
+
 def test_the_curve_overlays_every_run_of_a_job(tmp_path):
     from rlr_backend.train.runner import JobState
 

@@ -13,7 +13,8 @@ from rlr_backend.safe_io import refuse_symlinks
 from rlr_backend.train import TrainConfig
 from rlr_backend.train.runner import RunManager
 
-from ..form import CFG_FIELDS, FORM_KEYS, LABELS, MODEL_LOCK, Settings, check_form, form_defaults, is_int_field
+from ..form import (CFG_FIELDS, FORM_KEYS, LABELS, MODEL_LOCK, Settings, check_form, form_defaults, is_bool_field,
+                    is_int_field)
 
 
 @dataclass
@@ -60,6 +61,8 @@ def config_component(page: Page, name: str):
     info = None if info.lower() == label.lower() else info
     if "choices" in f.metadata:
         return gr.Dropdown(list(f.metadata["choices"]), value=page.defaults[name], label=label, info=info)
+    if is_bool_field(name):
+        return gr.Checkbox(value=page.defaults[name], label=label, info=info)
     return gr.Number(value=page.defaults[name], label=label, info=info, step=1 if is_int_field(name) else None)
 
 
