@@ -1,5 +1,6 @@
 """The default training run (`rlr-train` with no options) with RLR, DDPO and truncated backprop (what the
-default `--estimator auto` picks for the default reward), and truncated backprop with the KL guard.
+default `--estimator auto` picks for the default reward), truncated backprop with the KL guard, and RLR
+without its step baseline (the paper's estimator; `rlr` is the trainer's default, with it).
 
 Same prompts, reward, batch and number of updates (so the same number of generated samples) for
 each estimator and seed, and the same evaluation `rlr-train` prints (its fixed-seed images). Reports
@@ -33,7 +34,8 @@ from .common import machine_line
 
 ESTIMATORS = ("rlr", "ddpo", "truncated_bp")  # auto is truncated_bp for this (differentiable) reward
 #: variant label -> TrainConfig changes (an estimator name alone changes only the estimator)
-GUARDED = {"auto + kl": {"estimator": "auto", "kl_weight": 1e-3}, "auto + kl 1e-5": {"estimator": "auto", "kl_weight": 1e-5}}
+VARIANTS = {"auto + kl": {"estimator": "auto", "kl_weight": 1e-3}, "auto + kl 1e-5": {"estimator": "auto", "kl_weight": 1e-5},
+            "rlr, no step baseline": {"estimator": "rlr", "step_baseline": False}}  # rlr: with it (the default)
 RESULTS = Path(__file__).parent / "results" / "default-run.json"
 
 
@@ -77,9 +79,9 @@ def render(result: dict) -> str:
              f"Training: reward `{c.reward}`, {steps} updates x batch {c.batch_size} "
              f"({c.images_per_prompt} images per prompt), T={c.num_inference_steps}, eta {c.eta:g}, "
              f"guidance {c.guidance_scale:g}, lr {c.lr:g}, LoRA rank {c.lora_rank}; rlr with h={c.h}, "
-             f"fo_steps={c.fo_steps}, ZO {c.zo_mode}; truncated_bp backpropagates the last {c.truncation} steps (it is "
+             f"fo_steps={c.fo_steps}, ZO {c.zo_mode}, with the step baseline unless named; truncated_bp backpropagates the last {c.truncation} steps (it is "
              "what `--estimator auto`, the default, picks for this differentiable reward); `+ kl` adds the KL guard "
-             f"(weight {GUARDED['auto + kl']['kl_weight']:g} unless named). Every estimator sees the same number of generated samples.",
+             f"(weight {VARIANTS['auto + kl']['kl_weight']:g} unless named). Every estimator sees the same number of generated samples.",
              f"Evaluation: the {n_eval} fixed-seed images `rlr-train` evaluates and prints (the 4 training prompts x "
              f"{c.eval_seeds} seeds); reward = alignment + brightness, each also shown alone.", "",
              "| estimator | seed | eval reward before | after | change | alignment before -> after "
@@ -124,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=TrainConfig().steps)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS) + list(GUARDED),
-                    help=f"estimators, or guarded variants: {list(GUARDED)}")
+    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS) + list(VARIANTS),
+                    help=f"estimators, or variants: {list(VARIANTS)}")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--out", type=Path, default=Path("docs/results/default_run.md"))
     ap.add_argument("--threads", type=int, default=1)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             for est in args.estimators:
                 if any(r["estimator"] == est and r["seed"] == seed for r in result["runs"]):
                     continue
-                changes = GUARDED.get(est, {"estimator": est})
+                changes = VARIANTS.get(est, {"estimator": est})
                 row = train_one(replace(config, **changes, seed=seed, eval_every=0, output_dir=Path(tmp),
                                         run_name=f"{est.replace(' ', '').replace('+', '_')}-{seed}"), label=est)
                 result["runs"].append(row)

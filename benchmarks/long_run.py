@@ -108,7 +108,8 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
         estimator, overrides = VARIANTS[variant]
         model = {"model": cfg["model"]} if "model" in cfg else {}
         run = train_curve(estimator, reward, seed, cfg["updates"], cfg["eval_every"], cfg["batch"],
-                          cfg["images_per_prompt"], T, tmp, lr=lr, overrides={**overrides, **model}, tag=f"-{variant}",
+                          cfg["images_per_prompt"], T, tmp, lr=lr, overrides={**overrides, **model},
+                          tag=f"-{variant}" + (f"-T{T}" if T != 20 else ""),  # T=20 and T=50 runs: own folders
                           heldout_seed=HELDOUT_SEED, eval_seeds=cfg["eval_seeds"])
         name = run.pop("run_name")
         runs.append({**run, "variant": variant, "T": T})
