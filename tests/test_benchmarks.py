@@ -267,7 +267,8 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
 
     def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=1e-3, overrides=None, tag="",
               heldout_seed=None, eval_seeds=2):
-        variant = tag[1:]
+        assert tag.endswith(f"-T{T}") == (T != 20)  # a T=50 run does not resume a T=20 run's folder
+        variant = tag[1:].removesuffix(f"-T{T}")
         calls.append((variant, lr, seed))
         models.append((overrides or {}).get("model"))
         end = ends[(variant, lr)]
