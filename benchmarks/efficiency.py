@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("rlr", "code_compat", "ddpo", "truncated_bp", "zo", "rlr_sb")
 #: rows that are an estimator with other settings: row name -> (estimator, TrainConfig overrides)
-VARIANTS: dict[str, tuple[str, dict]] = {"rlr_sb": ("rlr", {"step_baseline": True})}
+#: row -> (estimator, TrainConfig overrides): "rlr" without the step baseline (its rows predate it), "rlr_sb" with it
+VARIANTS: dict[str, tuple[str, dict]] = {"rlr": ("rlr", {"step_baseline": False}), "rlr_sb": ("rlr", {"step_baseline": True})}
 REWARDS = ("prompt_alignment", "jpeg_compressibility")
 EVAL_SEEDS = 4
 
@@ -126,7 +127,7 @@ def run_suite(quick: bool, done: list[dict] | None = None, save=None, rewards: t
             return
         base, overrides = VARIANTS.get(est, (est, None))
         run = train_curve(base, reward, seed, steps, every, batch, per_prompt, T, tmp, lr=lr, overrides=overrides,
-                          tag=f"-{est}" if est in VARIANTS else "")
+                          tag=f"-{est}" if est != base else "")
         name = run.pop("run_name")
         runs.append({**run, "estimator": est})
         have.add((reward, est, lr, seed))

@@ -42,6 +42,18 @@ def test_a_checkpoint_of_the_earlier_trainer_resumes_to_its_uninterrupted_lora(t
     assert any(float(v.abs().max()) > 0 for k, v in got.items() if k.endswith("lora_up.weight"))  # it trained
 
 
+def test_an_rlr_run_saved_before_the_step_baseline_resumes_without_it(tmp_path):
+    """Its config.json has no step_baseline: it trained without, so it resumes without (the default is on)."""
+    saved = json.loads((DATA / "run" / "config.json").read_text())
+    assert "step_baseline" not in saved and saved["estimator"] == "rlr" and TrainConfig().step_baseline
+    assert TrainConfig.from_json(saved).step_baseline is False
+    assert TrainConfig.from_json({**saved, "estimator": "ddpo"}).step_baseline is True  # no RLR: the default
+    from rlr_backend.train.run_folder import config_differences
+
+    given = TrainConfig.from_json({**saved, "output_dir": str(tmp_path), "step_baseline": True})
+    assert config_differences(TrainConfig.from_json(saved), given) == ["step_baseline (run: False, now: True)"]
+
+
 def _state() -> TrainState:
     p = torch.nn.Parameter(torch.randn(3))
     state = TrainState([("p", p)], torch.optim.Adam([p], lr=1e-2), torch.Generator().manual_seed(0),

@@ -273,6 +273,8 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":
         d = dict(data)
+        if d.get("estimator") == "rlr":  # an RLR run saved before the option existed trained without it
+            d.setdefault("step_baseline", False)
         d["prompts"] = prompts_from_json(d["prompts"])
         d["output_dir"] = Path(d["output_dir"])
         for name in ("ho_range", "sde_window", "text_encoders"):
