@@ -30,10 +30,12 @@ from rlr_backend.train.report import diversity
 
 logger = logging.getLogger(__name__)
 
-ESTIMATORS = ("rlr", "code_compat", "ddpo", "truncated_bp", "zo", "rlr_sb")
+ESTIMATORS = ("rlr", "code_compat", "ddpo", "truncated_bp", "zo", "rlr_sb", "zo_sb")
 #: rows that are an estimator with other settings: row name -> (estimator, TrainConfig overrides)
-#: row -> (estimator, TrainConfig overrides): "rlr" without the step baseline (its rows predate it), "rlr_sb" with it
-VARIANTS: dict[str, tuple[str, dict]] = {"rlr": ("rlr", {"step_baseline": False}), "rlr_sb": ("rlr", {"step_baseline": True})}
+#: row -> (estimator, TrainConfig overrides): "rlr" and "zo" without the step baseline (their rows predate it),
+#: "rlr_sb" and "zo_sb" with it (REINFORCE with the step baseline: does RLR's split add anything to it?)
+VARIANTS: dict[str, tuple[str, dict]] = {"rlr": ("rlr", {"step_baseline": False}), "rlr_sb": ("rlr", {"step_baseline": True}),
+                                         "zo": ("zo", {"step_baseline": False}), "zo_sb": ("zo", {"step_baseline": True})}
 REWARDS = ("prompt_alignment", "jpeg_compressibility")
 EVAL_SEEDS = 4
 
@@ -154,7 +156,8 @@ def settings(quick: bool) -> dict:
         return {"seeds": [0], "updates": 4, "eval_every": 2, "batch": 4, "images_per_prompt": 2, "T": 8,
                 "lr_sweep": {"ddpo": [1e-3, DEFAULT_LR]}}
     return {"seeds": [0, 1, 2], "updates": 40, "eval_every": 5, "batch": 8, "images_per_prompt": 4, "T": 20,
-            "lr_sweep": {"ddpo": [3e-4, 1e-3, DEFAULT_LR], "zo": [3e-4, 1e-3, DEFAULT_LR]}}
+            "lr_sweep": {"ddpo": [3e-4, 1e-3, DEFAULT_LR], "zo": [3e-4, 1e-3, DEFAULT_LR],
+                         "zo_sb": [3e-4, 1e-3, DEFAULT_LR]}}
 
 
 def final_runs(result: dict, reward: str) -> dict[str, list[dict]]:

@@ -187,6 +187,14 @@ def test_rlr_step_baseline_is_unbiased(chain, exact, j):
         assert float(est.var(0).sum()) < 0.7 * float(plain.var(0).sum())
 
 
+def test_zo_step_baseline_is_unbiased_and_lowers_the_variance(chain, exact):
+    """REINFORCE on every step with each step's own baseline (as RLR's likelihood-ratio terms)."""
+    est = collect_estimates(chain, zo_estimate, n_calls=200, batch=128, seed=7, config=ZOConfig(step_baseline=True))
+    assert z_scores(est, exact.sum(0)).max() < 4
+    plain = collect_estimates(chain, zo_estimate, n_calls=200, batch=128, seed=7, config=ZOConfig())
+    assert float(est.var(0).sum()) < 0.7 * float(plain.var(0).sum())
+
+
 def test_a_step_baseline_that_sees_the_steps_own_noise_is_caught(chain, exact, monkeypatch):
     """The check above can fail: a baseline from the step's *output* x_{k+1} (it depends on eps_k) is biased."""
     from rlr_backend.estimators import rlr as rlr_module

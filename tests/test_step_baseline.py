@@ -112,3 +112,16 @@ def test_shards_get_the_rows_of_the_whole_batch_step_advantages():
         assert failed == want_failed
         for k in steps:
             torch.testing.assert_close(adv[k], want[k][2 * rank:2 * rank + 2], rtol=0, atol=1e-6)
+
+
+def test_the_trainers_switch_reaches_rlr_and_zo_only():
+    from rlr_backend.train import TrainConfig
+
+    for est in ("rlr", "zo"):
+        assert TrainConfig(estimator=est).estimator_config().step_baseline is True  # the trainer's default
+        assert TrainConfig(estimator=est, step_baseline=False).estimator_config().step_baseline is False
+    assert not hasattr(TrainConfig(estimator="ddpo").estimator_config(), "step_baseline")  # ddpo-pytorch's recipe
+    with pytest.raises(ValueError, match="step_baseline needs baseline"):
+        from rlr_backend.estimators import ZOConfig
+
+        ZOConfig(baseline="batch_norm", step_baseline=True)

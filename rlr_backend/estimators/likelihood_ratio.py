@@ -11,7 +11,8 @@
   has no likelihood ratio: DDPO refuses the chain, unless ``skip_deterministic`` trains the stochastic
   steps only (MixGRPO / Flow-GRPO-Fast window training; biased, the other steps' shares are dropped).
 * ``zo``: REINFORCE on every step, A (dmu_t/dtheta)^T eps_t/sigma_t summed over t (unbiased); refuses a chain
-  with a deterministic step.
+  with a deterministic step. ``step_baseline``: A_t is step t's own (``step_baseline.step_advantages``), as in
+  RLR's likelihood-ratio terms; still unbiased, one decode + reward per step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .notes import describe
 from .partition import JSampler
 from .problem import (ChainProblem, Estimate, batch_advantages, check_recomputed_step, evaluate_reward, reward_metrics,
                       valid_row_scale)
+from .step_baseline import STEP_BASELINE_KINDS, step_advantages
 from .terms import likelihood_ratio_loss, ppo_loss
 
 
@@ -148,10 +150,17 @@ def ddpo_estimate(problem: ChainProblem, x_T: Tensor, *, config: DDPOConfig = DD
 class ZOConfig(EstimatorConfig):
     name = "zo"
     baseline: str = "loo"
+    step_baseline: bool = False  # subtract R(x0_hat(x_t)) at each step t, as RLR does (``step_baseline``)
 
     def __post_init__(self) -> None:
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; choose one of {list(BASELINES)}")
+        if self.step_baseline and self.baseline not in STEP_BASELINE_KINDS:
+            raise ValueError(f"step_baseline needs baseline in {list(STEP_BASELINE_KINDS)}, got {self.baseline!r}")
+
+    @classmethod
+    def from_settings(cls, settings) -> "ZOConfig":
+        return cls(step_baseline=settings.step_baseline)
 
     def check(self, problem: ChainProblem) -> None:
         _check_stochastic(problem, range(problem.num_steps), "zo")
@@ -168,11 +177,16 @@ def zo_estimate(problem: ChainProblem, x_T: Tensor, *, config: ZOConfig = ZOConf
     describe(config).log()
     traj, rewards, adv, scale, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
                                                                 baseline_state, None)
+    step_adv: dict[int, Tensor] = {}
+    if config.step_baseline:
+        step_adv, failed = step_advantages(problem, traj, rewards, range(problem.num_steps), config.baseline)
+        metrics.update(step_baseline_rewards=float(len(step_adv)), step_baseline_nonfinite=float(failed))
     grads = problem.gradients(metrics)
     for k in range(problem.num_steps):
         step = model_step(problem.model, problem.schedule, problem.prompts, k, traj.latents[k], traj.noises[k])
         check_recomputed_step(step, traj, k, metrics, what="a likelihood-ratio term")
-        grads.add_loss(likelihood_ratio_loss(step.mean, traj.latents[k + 1], step.std, adv, scale), "lr")
+        grads.add_loss(likelihood_ratio_loss(step.mean, traj.latents[k + 1], step.std, step_adv.get(k, adv), scale),
+                       "lr")
     metrics["model_calls"] += problem.num_steps
     metrics["model_calls_with_grad"] = float(problem.num_steps)
     return Estimate(grads.total, metrics, rewards.detach(), traj)

@@ -82,7 +82,7 @@ class TrainConfig:
                        min=1)
     zo_mode: str = _f("latent_lr", "rlr: zeroth-order mode", choices=ZO_MODES)
     nu: float = _f(1e-3, "rlr param_1pt/param_2pt: perturbation scale")
-    step_baseline: bool = _f(True, "rlr: at each likelihood-ratio step subtract the reward of the model's x0 "
+    step_baseline: bool = _f(True, "rlr and zo: at each likelihood-ratio step subtract the reward of the model's x0 "
                                     "estimate there (unbiased, less noise; one decode + reward per step)")
     prompt_split: tuple[float, float, float] = _f(DEFAULT_PROMPT_SPLIT, "fractions of the sampling steps for the "
                                                  "coarse / mid / fine versions of a prompt")
@@ -273,7 +273,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":
         d = dict(data)
-        if d.get("estimator") == "rlr":  # an RLR run saved before the option existed trained without it
+        if d.get("estimator") in ("rlr", "zo"):  # a run saved before the option existed trained without it
             d.setdefault("step_baseline", False)
         d["prompts"] = prompts_from_json(d["prompts"])
         d["output_dir"] = Path(d["output_dir"])
