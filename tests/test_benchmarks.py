@@ -294,9 +294,11 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     assert calls == [("rlr + kl", 3e-3, 0), ("rlr + kl", 3e-3, 1)] and len(alone["runs"]) == 2  # RLR's rate
     calls.clear()
     assert long_run.run_suite(True, variants=["rlr + kl"])["runs"] == [] and calls == []  # no sweep: waits
-    one = long_run.run_suite(True, variants=["rlr"], lrs=[3e-3], seeds=[1])  # a process's share of the work
+    one = long_run.run_suite(True, variants=["rlr"], lrs=[3e-3], seeds=[1], Ts=[6])  # a process's share of the work
     assert calls == [("rlr", 3e-3, 0), ("rlr", 3e-3, 1)] and len(one["runs"]) == 2
     calls.clear()
+    with pytest.raises(ValueError, match=r"T \[7\] are not in the suite's \[6\]"):
+        long_run.run_suite(True, variants=["rlr"], Ts=[6, 7])
     rows = {x["variant"]: x for x in long_run.summarize(result)}
     assert rows["rlr"]["share_kept_min"] == pytest.approx(1.0)
     assert rows["truncated_bp"]["share_kept_mean"] == pytest.approx(0.5)
