@@ -17,7 +17,8 @@ rewards are not inflated by selection. Reported per reward and T:
     python -m benchmarks.run --suite full --only longrun --variants "rlr + step baseline" --lrs 0.001 --seeds 0 --Ts 20
 
 ``--only flowrun`` runs the same suite on the flow-matching default (``default-flow``): shorter (60 updates,
-T=20), the structure rewards, RLR / DDPO / truncated backprop, each at the best of two learning rates.
+T=20), the structure rewards, RLR (with and without the step baseline) / DDPO / truncated backprop, each at
+the best of two learning rates.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def settings(quick: bool, flow: bool = False) -> dict:
     if flow:  # an RLR update costs ~4x a sample on default-flow: the structure rewards at T=20, 60 updates
         return {"rewards": ["position:left", "size:0.4"], "Ts": [20], "updates": 60, "eval_every": 10, "batch": 8,
                 "images_per_prompt": 4, "eval_seeds": 2, "seeds": [0, 1, 2], "lrs": [1e-3, 3e-3],
-                "variants": ["rlr", "ddpo", "truncated_bp"], "model": FLOW_MODEL}
+                "variants": ["rlr", "ddpo", "truncated_bp", "rlr + step baseline"], "model": FLOW_MODEL}
     # the order runs are made in (a structure reward at both T, where truncation costs most at T=50, then the
     # late-step one): a partial suite has the most telling part first
     return {"rewards": ["position:left", "brightness", "size:0.4"], "Ts": [20, 50], "updates": 300,
