@@ -40,7 +40,7 @@ FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), 
 LABELS = {"steps": "Steps (optimizer updates)", "lr": "Learning rate", "lora_rank": "LoRA rank",
           "eval_every": "Refresh the gallery every N updates", "lora_alpha": "LoRA alpha (0: the rank)",
           "image_size": "Image size in pixels (0: the model's, at most 512)", "eta": "Eta (DDIM)",
-          "step_baseline": "RLR step baseline"}
+          "step_baseline": "Step baseline (rlr, zo)"}
 APP_DEFAULTS = {"eval_every": 5}  # the app evaluates more often than the CLI so the gallery moves
 # Held while models or rewards are built: diffusers' loaders patch torch.nn globally for a moment (new
 # parameters land on the "meta" device) and its lazy imports are not thread-safe, so two threads must
