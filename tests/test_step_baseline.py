@@ -87,7 +87,7 @@ def test_shards_get_the_rows_of_the_whole_batch_step_advantages():
         return ChainProblem(Scale(), sched, prompts, reward, [], groups=groups[rows], shard=shard)
 
     whole = problem()
-    traj = sample_chain(whole.model, sched, prompts, x_T, generator=torch.Generator().manual_seed(3))
+    traj = sample_chain(whole.model, sched, prompts, x_T, generator=torch.Generator().manual_seed(3), keep_x0_hats=True)
     rewards = reward(traj.final)
     rewards[4] = float("nan")  # a failed reward is left out of every shard's statistics alike
     steps = [0, 2, 4]
@@ -99,7 +99,7 @@ def test_shards_get_the_rows_of_the_whole_batch_step_advantages():
         rows = slice(2 * rank, 2 * rank + 2)
         shard = BatchShard(rows.start, 2, 6, lambda t: comm.gather(rank, t), lambda t: t)
         part = sample_chain(whole.model, sched, prompts, x_T[rows], generator=torch.Generator().manual_seed(3),
-                            noise_shard=(rows.start, 6))
+                            noise_shard=(rows.start, 6), keep_x0_hats=True)
         got[rank] = step_advantages(problem(shard, rows), part, rewards[rows], steps, "loo")
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in range(3)]
@@ -125,3 +125,18 @@ def test_the_trainers_switch_reaches_rlr_and_zo_only():
         from rlr_backend.estimators import ZOConfig
 
         ZOConfig(baseline="batch_norm", step_baseline=True)
+
+
+def test_the_sampler_keeps_x0_estimates_only_when_asked():
+    """They cost as much memory as the latents: kept for the step baseline only, and it says when they are missing."""
+    sched = DDIMSchedule.from_alphas_cumprod(torch.linspace(0.999, 0.01, 1000), 4, eta=1.0)
+    prompts, x_T = PromptSchedule.constant(0.0, 4), torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    plain = sample_chain(Scale(), sched, prompts, x_T, generator=torch.Generator().manual_seed(1))
+    kept = sample_chain(Scale(), sched, prompts, x_T, generator=torch.Generator().manual_seed(1), keep_x0_hats=True)
+    assert plain.x0_hats == [] and len(kept.x0_hats) == 4
+    for k in range(4):  # the estimate at step k's input, from the model's output there
+        x = kept.latents[k]
+        torch.testing.assert_close(kept.x0_hats[k], sched.predicted_x0(k, Scale()(x, sched.timesteps[k], 0.0), x))
+    problem = ChainProblem(Scale(), sched, prompts, lambda x: x.sum(1), [])
+    with pytest.raises(ValueError, match="keep_x0_hats=True"):
+        step_advantages(problem, plain, plain.final.sum(1), [0], "loo")

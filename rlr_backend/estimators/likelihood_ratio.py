@@ -121,13 +121,13 @@ def ddpo_update(problem: ChainProblem, traj: Trajectory, advantages: Tensor, con
 
 
 def _sample_and_advantages(problem: ChainProblem, x_T: Tensor, generator: torch.Generator | None, baseline: str,
-                           state: BaselineState | None, adv_clip: float | None
+                           state: BaselineState | None, adv_clip: float | None, keep_x0_hats: bool = False
                            ) -> tuple[Trajectory, Tensor, Tensor, float, dict[str, float]]:
     """Sample the (shard of the) batch without grad; advantages, the valid-row scale and reward metrics
     over the whole batch."""
     with torch.no_grad():
         traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
-                            noise_shard=problem.noise_shard)
+                            noise_shard=problem.noise_shard, keep_x0_hats=keep_x0_hats)
         rewards, _ = evaluate_reward(problem, traj.final)
     adv, all_rewards = batch_advantages(problem, rewards, baseline, state=state, clip=adv_clip)
     metrics = {**reward_metrics(all_rewards), "model_calls": float(problem.num_steps), "steps_in_memory": 1.0}
@@ -176,7 +176,7 @@ def zo_estimate(problem: ChainProblem, x_T: Tensor, *, config: ZOConfig = ZOConf
     config.check(problem)
     describe(config).log()
     traj, rewards, adv, scale, metrics = _sample_and_advantages(problem, x_T, generator, config.baseline,
-                                                                baseline_state, None)
+                                                                baseline_state, None, config.step_baseline)
     step_adv: dict[int, Tensor] = {}
     if config.step_baseline:
         step_adv, failed = step_advantages(problem, traj, rewards, range(problem.num_steps), config.baseline)

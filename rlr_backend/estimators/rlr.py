@@ -164,7 +164,7 @@ def rlr_estimate(problem: ChainProblem, x_T: Tensor, *, config: RLRConfig = RLRC
     with torch.no_grad():
         traj = sample_chain(problem.model, problem.schedule, problem.prompts, x_T, generator=generator,
                             step_context=perturbation_context(params, seeds, config.nu) if seeds else None,
-                            noise_shard=problem.noise_shard)
+                            noise_shard=problem.noise_shard, keep_x0_hats=config.step_baseline)
         rewards, valid = evaluate_reward(problem, traj.final)
     # batch statistics over the whole batch (gathered from every process when it is split)
     adv, all_rewards = batch_advantages(problem, rewards, config.baseline, state=baseline_state, clip=config.adv_clip)

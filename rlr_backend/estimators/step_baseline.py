@@ -15,7 +15,7 @@ samples and clamped to [0, 1]:
 
 (``kind="none"``: without the second term). Everything but R_i depends on other samples or on x_k,i only, so
 the term stays unbiased (tested on the analytic chain, where a baseline that sees eps_k is caught). The sampler
-records x0_hat at every step, so the baseline costs no model call: one decode + reward of the batch per
+records x0_hat at every step (``keep_x0_hats``), so the baseline costs no model call: one decode + reward of the batch per
 likelihood-ratio step, without grad. A row whose baseline reward is not finite gets b = 0; a row whose reward
 is not finite keeps A = 0.
 """
@@ -40,7 +40,7 @@ def step_advantages(problem: ChainProblem, traj: Trajectory, rewards: Tensor, st
     if kind not in STEP_BASELINE_KINDS:
         raise ValueError(f"the step baseline takes baseline kinds {list(STEP_BASELINE_KINDS)}, got {kind!r}")
     if len(traj.x0_hats) != traj.num_steps:
-        raise ValueError("the trajectory has no x_0 estimates (sample it with sample_chain)")
+        raise ValueError("the trajectory has no x_0 estimates (sample it with sample_chain(..., keep_x0_hats=True))")
     r = problem.gather(rewards.detach()).double()
     groups = problem.gather(problem.groups) if problem.groups is not None else torch.zeros(len(r), dtype=torch.long)
     out: dict[int, Tensor] = {}

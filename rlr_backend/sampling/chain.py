@@ -43,7 +43,7 @@ class Trajectory:
     schedule: Schedule
     prompts: PromptSchedule
     final: Tensor  # x_0, with graph if any grad step ran
-    x0_hats: list[Tensor] = field(default_factory=list)  # T tensors; the model's x_0 estimate at step k's input
+    x0_hats: list[Tensor] = field(default_factory=list)  # the model's x_0 estimate at step k's input (keep_x0_hats)
 
     @property
     def num_steps(self) -> int:
@@ -84,6 +84,7 @@ def sample_chain(
     use_checkpoint: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
     noise_shard: tuple[int, int] | None = None,
+    keep_x0_hats: bool = False,
 ) -> Trajectory:
     """Sample x_0 from x_T. ``noises`` (T tensors) replays given noises instead of drawing new ones.
 
@@ -93,6 +94,8 @@ def sample_chain(
     ``noise_shard = (start, full_batch)``: ``x_T`` holds rows ``start .. start+B`` of a batch of
     ``full_batch``; each step draws (full_batch, ...) noise from ``generator`` and keeps those rows,
     so every process of a data-parallel run consumes the generator identically (None: draw (B, ...)).
+    ``keep_x0_hats``: record the model's x_0 estimate at every step's input (the step baseline reads them;
+    as much memory again as ``latents``, so off unless asked for).
     """
     if prompts.num_steps != schedule.num_steps:
         raise ValueError(f"prompt schedule has {prompts.num_steps} steps, the sampler {schedule.num_steps}")
@@ -115,7 +118,8 @@ def sample_chain(
             else:
                 eps = torch.zeros(x.shape, dtype=step_dtype(x, out), device=x.device)
             step = schedule.step(k, out, x, eps)
-            x0_hats.append(schedule.predicted_x0(k, out.detach(), x.detach()))
+            if keep_x0_hats:
+                x0_hats.append(schedule.predicted_x0(k, out.detach(), x.detach()))
         logps.append(step.log_prob.detach())
         eps_list.append(eps.detach())
         latents.append(step.prev_sample.detach())
