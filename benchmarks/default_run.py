@@ -69,6 +69,13 @@ def train_one(cfg: TrainConfig, label: str = "") -> dict:
             "cpu_s": time.process_time() - cpu0, "load": os.getloadavg()[0]}
 
 
+def shared_settings(cfg_json: dict) -> dict:
+    """What every run of the file shares (each run sets its own estimator); options added to TrainConfig since
+    the file was saved take their defaults, which those runs had, so saved runs are kept."""
+    full = json.loads(json.dumps(TrainConfig.from_json(cfg_json).to_json())) if cfg_json else {}
+    return {k: v for k, v in full.items() if k not in ("estimator", "output_dir")}
+
+
 def render(result: dict) -> str:
     c = TrainConfig.from_json(result["config"])
     rows, steps = result["runs"], result["config"]["steps"]
@@ -136,10 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     config = TrainConfig(steps=args.steps)
     result = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    def settings(cfg_json: dict) -> dict:  # what every run shares (each run sets its own estimator)
-        return {k: v for k, v in cfg_json.items() if k != "estimator"}
-
-    if settings(result.get("config", {})) != settings(json.loads(json.dumps(config.to_json()))):
+    if shared_settings(result.get("config", {})) != shared_settings(config.to_json()):
         result = {"config": config.to_json(), "machine": machine_line(), "runs": []}  # new settings: start over
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

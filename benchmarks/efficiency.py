@@ -31,7 +31,6 @@ from rlr_backend.train.report import diversity
 logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("rlr", "code_compat", "ddpo", "truncated_bp", "zo", "rlr_sb", "zo_sb")
-#: rows that are an estimator with other settings: row name -> (estimator, TrainConfig overrides)
 #: row -> (estimator, TrainConfig overrides): "rlr" and "zo" without the step baseline (their rows predate it),
 #: "rlr_sb" and "zo_sb" with it (REINFORCE with the step baseline: does RLR's split add anything to it?)
 VARIANTS: dict[str, tuple[str, dict]] = {"rlr": ("rlr", {"step_baseline": False}), "rlr_sb": ("rlr", {"step_baseline": True}),

@@ -160,7 +160,7 @@ class Estimator(io.ComfyNode):
                     _int("chain_len", max=100, min=1, advanced=True),
                     io.Boolean.Input("step_baseline", default=logic.config_field("step_baseline")["default"],
                                      tooltip=logic.config_field("step_baseline")["tooltip"] + "; off: the paper's "
-                                     "estimator", **ADVANCED)],
+                                     "estimator", optional=True, **ADVANCED)],  # optional: older API graphs lack it
             outputs=[ESTIMATOR.Output(display_name="estimator")])
 
     @classmethod

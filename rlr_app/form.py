@@ -32,11 +32,13 @@ ADVANCED_FIELDS = ("batch_size", "images_per_prompt", "num_inference_steps", "et
 FLOW_FIELDS = ("image_size", "flow_step", "flow_eta")
 #: the DDIM options (SD1.x/SD2.x/SDXL only)
 DDIM_FIELDS = ("eta",)
+#: fields added to the form later: last in FORM_KEYS, so a positional API caller's earlier values keep their slots
+LATER_KEYS = ("step_baseline",)
 #: Form keys in the order of the Train event's inputs (gradio_client callers pass them positionally).
 #: ``w:<reward>`` is a reward's weight, ``a:<reward>`` the argument of a reward that takes one (position, size).
 FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), *(f"a:{r}" for r in REWARD_ARGS),
-                              "estimator", *MAIN_FIELDS, *ADVANCED_FIELDS, "ho_from", "ho_to", *FLOW_FIELDS,
-                              "sde_start", "sde_size")
+                              "estimator", *MAIN_FIELDS, *(k for k in ADVANCED_FIELDS if k not in LATER_KEYS),
+                              "ho_from", "ho_to", *FLOW_FIELDS, "sde_start", "sde_size", *LATER_KEYS)
 LABELS = {"steps": "Steps (optimizer updates)", "lr": "Learning rate", "lora_rank": "LoRA rank",
           "eval_every": "Refresh the gallery every N updates", "lora_alpha": "LoRA alpha (0: the rank)",
           "image_size": "Image size in pixels (0: the model's, at most 512)", "eta": "Eta (DDIM)",

@@ -239,6 +239,20 @@ def test_readme_timings_measure_a_command_and_render(tmp_path):
     assert f"| `x` | {out['wall_s']:.0f} s |" in page
 
 
+def test_default_run_keeps_saved_runs_when_only_new_options_appeared():
+    import json
+
+    from benchmarks.default_run import RESULTS, shared_settings
+    from rlr_backend.train import TrainConfig
+
+    now = TrainConfig(steps=60).to_json()
+    saved = json.loads(RESULTS.read_text())["config"]
+    assert shared_settings(saved) == shared_settings(now)  # the committed results resume
+    older = {k: v for k, v in now.items() if k not in ("flow_eta", "text_encoders")}  # saved before those existed
+    assert shared_settings(older) == shared_settings(now)
+    assert shared_settings({**now, "lr": 1e-4}) != shared_settings(now)  # another setting: start over
+
+
 def test_default_run_background_colour_and_page():
     """The background measure reads a shape's surroundings, not the shape, and the page reports the drift."""
     from benchmarks.default_run import border_colour, render

@@ -37,7 +37,8 @@ TOLERANCE = 1e-3
 # RLR with the step baseline, 1 update: its gradient is ~10x smaller than without it (0.49 vs 5.0 in norm)
 # while the 2-process rounding is the same (~3e-5 on that norm), and Adam's first step is lr * sign(grad):
 # an element whose gradient is within rounding of 0 moves by +-lr either way (4 of 15360 measured, by 2e-2).
-# So the gradient norms must agree (relative 5e-5 measured) and all but SB_SHARE of the elements as above.
+# So the gradient norms must agree (relative 5e-5 measured; 3e-4 allowed) and all but SB_SHARE of the elements
+# as above.
 SB_SHARE = 1e-3
 
 
@@ -139,7 +140,7 @@ def test_two_processes_train_the_lora_of_one(tmp_path):
         assert (got_dir / "lora.safetensors").is_file() and (got_dir / "grids" / f"step-{STEPS:06d}.png").is_file()
     ref_dir, got_dir = tmp_path / "one" / "rlr-sb", two / "rlr-sb"  # the step baseline, whole-batch statistics
     assert metric(got_dir, "step_baseline_rewards") == metric(ref_dir, "step_baseline_rewards") != [0.0]
-    torch.testing.assert_close(metric(got_dir, "grad_norm"), metric(ref_dir, "grad_norm"), rtol=1e-3, atol=0)
+    torch.testing.assert_close(metric(got_dir, "grad_norm"), metric(ref_dir, "grad_norm"), rtol=3e-4, atol=0)
     ref, got = checkpoint_lora(ref_dir, 1), checkpoint_lora(got_dir, 1)
     off = sum(int(((ref[k] - got[k]).abs() > TOLERANCE).sum()) for k in ref)
     total = sum(v.numel() for v in ref.values())

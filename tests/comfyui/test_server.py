@@ -133,8 +133,11 @@ def test_example_workflow_runs_in_both_formats(server, name):
     api = workflow(server, name)
     ui = ui_to_api(json.loads((UI_DIR / f"{name}.json").read_text()), info)
     assert ui == api, {k: (ui.get(k), api.get(k)) for k in set(ui) | set(api) if ui.get(k) != api.get(k)}
+    old_api = shrunk(name, api)
+    if name == "rlr_embedded_default":  # an API graph saved before the Estimator's step_baseline input existed
+        del old_api["4"]["inputs"]["step_baseline"]
     with PeakRSS(server.proc.pid) as mem:
-        run, diff, seconds = run_and_check(server, name, shrunk(name, api))
+        run, diff, seconds = run_and_check(server, name, old_api)
     run_ui, diff_ui, seconds_ui = run_and_check(server, name, shrunk(name, ui, seed_shift=1))
     figures = {"seconds": round(seconds, 1), "ui_run_seconds": round(seconds_ui, 1),
                "lora_changes_image_by_255": round(diff * 255, 2), "ui_run_changes_by_255": round(diff_ui * 255, 2),
