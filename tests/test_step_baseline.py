@@ -140,3 +140,18 @@ def test_the_sampler_keeps_x0_estimates_only_when_asked():
     problem = ChainProblem(Scale(), sched, prompts, lambda x: x.sum(1), [])
     with pytest.raises(ValueError, match="keep_x0_hats=True"):
         step_advantages(problem, plain, plain.final.sum(1), [0], "loo")
+
+
+def test_the_run_line_says_when_the_step_baseline_is_on(tmp_path, caplog):
+    import logging
+
+    from rlr_backend.train import TrainConfig, Trainer
+
+    tiny = dict(estimator="rlr", steps=1, batch_size=2, images_per_prompt=2, num_inference_steps=6, fo_steps=1,
+                eval_every=0, output_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="rlr_backend.train.trainer"):
+        for on in (True, False):
+            Trainer(TrainConfig(**tiny, step_baseline=on, run_name=f"sb-{on}"), progress=False).run()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run ")]
+    assert [": rlr with the step baseline, 1 updates" in line for line in lines] == [True, False]
+    assert ": rlr, 1 updates" in lines[1]

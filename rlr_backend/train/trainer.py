@@ -177,8 +177,9 @@ class Trainer:
             state.load_shared(dp.broadcast(state.shared() if dp.is_main else None))
             dp.sync_parameters(self.params)
         start = state.step
-        logger.info("run %s: %s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
-                    cfg.estimator, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
+        sb = " with the step baseline" if getattr(self.est_config, "step_baseline", False) else ""
+        logger.info("run %s: %s%s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
+                    cfg.estimator, sb, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
                     sum(p.numel() for p in self.params))
         try:
             stopped = self._loop(history, metrics_path)
