@@ -14,7 +14,8 @@ rewards are not inflated by selection. Reported per reward and T:
     python -m benchmarks.run --only longrun [--suite full]     # resumable: a killed run continues from its
                                                                # last evaluation (see efficiency.work_dir)
     # share the work between processes (each saves its own results file; the page merges them):
-    python -m benchmarks.run --suite full --only longrun --variants "rlr + step baseline" --lrs 0.001 --seeds 0 --Ts 20
+    python -m benchmarks.run --suite full --only longrun --variants "rlr + step baseline" --lrs 0.001 --seeds 0 --Ts 20 \
+        --longrun-rewards position:left
 
 ``--only flowrun`` runs the same suite on the flow-matching default (``default-flow``): shorter (60 updates,
 T=20), the structure rewards, RLR (with and without the step baseline) / DDPO / truncated backprop, each at
@@ -86,12 +87,12 @@ def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | No
 
 def run_suite(quick: bool, *, done: list | None = None, save=None, variants: list[str] | None = None,
               flow: bool = False, others: list | None = None, lrs: list[float] | None = None,
-              seeds: list[int] | None = None, Ts: list[int] | None = None) -> dict:
+              seeds: list[int] | None = None, Ts: list[int] | None = None, rewards: list[str] | None = None) -> dict:
     """Train what is not in ``done``; ``variants`` restricts the suite to some variants, so two processes can
     share the work (their result files are merged by the page); ``others``: runs other processes saved, which
     are neither trained again nor saved here (a variant may take its rate from another's sweep there);
     ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in parallel); ``seeds``: only these seeds
-    after the sweep (the sweep is on the first seed whatever ``seeds`` says); ``Ts``: only these T."""
+    after the sweep (the sweep is on the first seed whatever ``seeds`` says); ``Ts``, ``rewards``: only these."""
     cfg = settings(quick, flow)
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
@@ -108,6 +109,11 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
         if unknown:
             raise ValueError(f"T {unknown} are not in the suite's {cfg['Ts']}")
         cfg["Ts"] = [T for T in cfg["Ts"] if T in Ts]
+    if rewards:
+        unknown = [r for r in rewards if r not in cfg["rewards"]]
+        if unknown:
+            raise ValueError(f"rewards {unknown} are not in the suite's {cfg['rewards']}")
+        cfg["rewards"] = [r for r in cfg["rewards"] if r in rewards]
     runs = list(done or [])
     known = runs + list(others or [])  # for the sweep's choice of rate; only ``runs`` is saved
     have = {_key(r) for r in known}

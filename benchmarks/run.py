@@ -46,7 +46,7 @@ def run_memory_model(budget: str, threads: int) -> Path:
 
 def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
         variants: tuple[str, ...] = (), lrs: tuple[float, ...] = (), seeds: tuple[int, ...] = (),
-        Ts: tuple[int, ...] = ()) -> Path:
+        Ts: tuple[int, ...] = (), long_rewards: tuple[str, ...] = ()) -> Path:
     """Run one suite and save its JSON; the efficiency suite saves one file per reward (two processes can
     share the work: ``--only efficiency --rewards prompt_alignment`` and ``... jpeg_compressibility``)."""
     if suite == "efficiency" and len(rewards) == 1:
@@ -59,6 +59,8 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
             path = path.with_name(path.stem + "-seed" + "-".join(map(str, seeds)) + ".json")
         if Ts:
             path = path.with_name(path.stem + "-T" + "-".join(map(str, Ts)) + ".json")
+        if long_rewards:
+            path = path.with_name(path.stem + "-" + "-".join(r.replace(":", "_") for r in long_rewards) + ".json")
     else:
         path = RESULTS / f"{suite}-{budget}.json"
     meta = {"suite": suite, "budget": budget, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
@@ -79,7 +81,7 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
                       for run in json.loads(q.read_text()).get("runs", [])]  # other processes' finished runs
             data = long_run.run_suite(quick, done=saved.get("runs", []), save=save, variants=list(variants),
                                       flow=suite == "flowrun", others=others, lrs=list(lrs),
-                                      seeds=list(seeds), Ts=list(Ts))
+                                      seeds=list(seeds), Ts=list(Ts), rewards=list(long_rewards))
         else:
             done = saved.get("runs", [])
             data = (efficiency.run_suite(quick, done=done, save=save, rewards=rewards) if suite == "efficiency"
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="longrun suite: only these rates of the sweep (with --variants; two processes can sweep in parallel)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[],
                     help="longrun suite: only these seeds after the sweep (with --variants; processes can split seeds)")
+    ap.add_argument("--longrun-rewards", nargs="+", default=[],
+                    help="longrun/flowrun suites: only these rewards (with --variants)")
     ap.add_argument("--Ts", nargs="+", type=int, default=[],
                     help="longrun suite: only these numbers of sampling steps (with --variants)")
     ap.add_argument("--report-only", action="store_true", help="only re-render docs/benchmarks.md")
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_memory_model(args.suite, args.threads)
             else:
                 run(suite, args.suite, tuple(args.rewards), tuple(args.variants), tuple(args.lrs),
-                    tuple(args.seeds), tuple(args.Ts))
+                    tuple(args.seeds), tuple(args.Ts), tuple(args.longrun_rewards))
     report.render(RESULTS, args.out)
 
 

@@ -313,6 +313,8 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     calls.clear()
     with pytest.raises(ValueError, match=r"T \[7\] are not in the suite's \[6\]"):
         long_run.run_suite(True, variants=["rlr"], Ts=[6, 7])
+    with pytest.raises(ValueError, match=r"rewards \['size:0.4'\] are not in the suite's \['position:left'\]"):
+        long_run.run_suite(True, variants=["rlr"], rewards=["size:0.4"])
     rows = {x["variant"]: x for x in long_run.summarize(result)}
     assert rows["rlr"]["share_kept_min"] == pytest.approx(1.0)
     assert rows["truncated_bp"]["share_kept_mean"] == pytest.approx(0.5)
