@@ -35,7 +35,8 @@ from .common import machine_line
 ESTIMATORS = ("rlr", "ddpo", "truncated_bp")  # auto is truncated_bp for this (differentiable) reward
 #: variant label -> TrainConfig changes (an estimator name alone changes only the estimator)
 VARIANTS = {"auto + kl": {"estimator": "auto", "kl_weight": 1e-3}, "auto + kl 1e-5": {"estimator": "auto", "kl_weight": 1e-5},
-            "rlr, no step baseline": {"estimator": "rlr", "step_baseline": False}}  # rlr: with it (the default)
+            "rlr, no step baseline": {"estimator": "rlr", "step_baseline": False},  # rlr: with it (the default)
+            "rlr lr 1e-3": {"estimator": "rlr", "lr": 1e-3}}
 RESULTS = Path(__file__).parent / "results" / "default-run.json"
 
 
