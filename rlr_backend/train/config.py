@@ -106,7 +106,7 @@ class TrainConfig:
     skip_deterministic: bool = _f(False, "ddpo: train only the stochastic steps (a flow chain's SDE window, cps's "
                                          "last step to sigma 0); biased: the deterministic steps' shares are dropped")
     guidance_scale: float = _f(4.0, "classifier-free guidance scale")
-    lr: float = _f(3e-3, "Adam learning rate")
+    lr: float = _f(3e-3, "Adam learning rate (with rlr use 1e-3: the rate its sweeps chose)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
     grad_accum: int = _f(1, "updates accumulated per optimizer step", min=1)
     lora_rank: int = _f(4, "LoRA rank", min=1)
