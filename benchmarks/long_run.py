@@ -99,21 +99,12 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
         if unknown:
             raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
         cfg["variants"] = [v for v in cfg["variants"] if v in variants]
-    if lrs:
-        unknown = [lr for lr in lrs if lr not in cfg["lrs"]]
-        if unknown:
-            raise ValueError(f"rates {unknown} are not in the sweep {cfg['lrs']}")
-        cfg["lrs"] = [lr for lr in cfg["lrs"] if lr in lrs]
-    if Ts:
-        unknown = [T for T in Ts if T not in cfg["Ts"]]
-        if unknown:
-            raise ValueError(f"T {unknown} are not in the suite's {cfg['Ts']}")
-        cfg["Ts"] = [T for T in cfg["Ts"] if T in Ts]
-    if rewards:
-        unknown = [r for r in rewards if r not in cfg["rewards"]]
-        if unknown:
-            raise ValueError(f"rewards {unknown} are not in the suite's {cfg['rewards']}")
-        cfg["rewards"] = [r for r in cfg["rewards"] if r in rewards]
+    for key, wanted, label in (("lrs", lrs, "rates"), ("Ts", Ts, "T"), ("rewards", rewards, "rewards")):
+        if wanted:  # this process's share: a subset of the suite's values
+            unknown = [x for x in wanted if x not in cfg[key]]
+            if unknown:
+                raise ValueError(f"{label} {unknown} are not in the suite's {cfg[key]}")
+            cfg[key] = [x for x in cfg[key] if x in wanted]
     runs = list(done or [])
     known = runs + list(others or [])  # for the sweep's choice of rate; only ``runs`` is saved
     have = {_key(r) for r in known}
