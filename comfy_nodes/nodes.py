@@ -216,7 +216,10 @@ class Trainer(io.ComfyNode):
                     REWARD.Input("reward", tooltip="from RLR Reward"),
                     PROMPTS.Input("prompts", tooltip="from RLR Prompt Schedule"),
                     ESTIMATOR.Input("estimator", optional=True, tooltip="from RLR Estimator (default: RLR)"),
-                    _int("steps", max=100_000), _float("lr", min=1e-6, max=1.0, step=1e-5),
+                    _int("steps", max=100_000),
+                    _float("lr", min=0.0, max=1.0, step=1e-5, default=0.0,
+                           tooltip="Adam learning rate; 0: the rate the sweeps chose for the estimator (1e-3 for "
+                                   "RLR with the step baseline, 3e-3 for the others)"),
                     _int("lora_rank", max=256, advanced=True),
                     _int("seed", max=BIG, min=0, control_after_generate=False,
                          tooltip="seed of the run (sampling noise, prompt order, LoRA init); fixed, so the same "
@@ -256,7 +259,7 @@ class Trainer(io.ComfyNode):
 
         out = comfy_glue.run_training(
             rlr_model, reward, prompts, estimator, node_id=cls.hidden.unique_id, run_name=run_name,
-            options=dict(steps=steps, lr=lr, lora_rank=lora_rank, seed=seed, batch_size=batch_size,
+            options=dict(steps=steps, lr=lr or None, lora_rank=lora_rank, seed=seed, batch_size=batch_size,
                          images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, eta=eta, eval_every=preview_every, kl_weight=kl_weight,
                          early_stop_drop=early_stop_drop, flow_step=flow_step, flow_eta=flow_eta,

@@ -39,7 +39,7 @@ LATER_KEYS = ("step_baseline",)
 FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), *(f"a:{r}" for r in REWARD_ARGS),
                               "estimator", *MAIN_FIELDS, *(k for k in ADVANCED_FIELDS if k not in LATER_KEYS),
                               "ho_from", "ho_to", *FLOW_FIELDS, "sde_start", "sde_size", *LATER_KEYS)
-LABELS = {"steps": "Steps (optimizer updates)", "lr": "Learning rate", "lora_rank": "LoRA rank",
+LABELS = {"steps": "Steps (optimizer updates)", "lr": "Learning rate (0: the estimator's measured rate)", "lora_rank": "LoRA rank",
           "eval_every": "Refresh the gallery every N updates", "lora_alpha": "LoRA alpha (0: the rank)",
           "image_size": "Image size in pixels (0: the model's, at most 512)", "eta": "Eta (DDIM)",
           "step_baseline": "Step baseline (rlr, zo)"}
@@ -119,6 +119,7 @@ def config_to_form(cfg: TrainConfig, settings: "Settings") -> dict[str, object]:
     for name in (*MAIN_FIELDS, *ADVANCED_FIELDS):
         values[name] = getattr(cfg, name)
     values["lora_alpha"] = cfg.lora_alpha or 0
+    values["lr"] = cfg.lr or 0
     values["ho_from"], values["ho_to"] = cfg.ho_range or (0, 0)
     for name in FLOW_FIELDS:
         values[name] = getattr(cfg, name)
@@ -236,7 +237,7 @@ def check_form(values: dict, settings: Settings, estimator: str | None = None) -
         if err:
             errors[name] = err
         kw[name] = x
-    for name in ("lora_alpha", "image_size"):  # 0: the default
+    for name in ("lora_alpha", "image_size", "lr"):  # 0: the default
         if name in kw and name not in errors:
             kw[name] = kw[name] or None
     if flow:

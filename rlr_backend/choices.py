@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 
 ESTIMATOR_NAMES: tuple[str, ...] = ("code_compat", "ddpo", "full_bp", "rlr", "truncated_bp", "zo")
 #: what a user may ask for: a registered estimator, or ``auto``, the measured choice for the reward
-#: (TrainConfig.resolve_estimator says which; docs/estimators.md has the measurements behind it)
+#: (TrainConfig.resolve says which; docs/estimators.md has the measurements behind it)
 ESTIMATOR_CHOICES: tuple[str, ...] = ("auto", *ESTIMATOR_NAMES)
 ZO_MODES: tuple[str, ...] = ("latent_lr", "param_1pt", "param_2pt")
 PRECISION_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")

@@ -117,6 +117,7 @@ def test_train_save_sample_chain(pack):
     from rlr_backend.models.default_model import BASE_MODEL_VERSION
 
     assert lora.metadata["ss_base_model_version"] == BASE_MODEL_VERSION and lora.metadata["rlr_steps"] == "2"
+    assert lora.metadata["ss_learning_rate"] == "0.01"  # a rate given is the rate used
     assert all(k.startswith("lora_unet_") for k in lora) and any(v.abs().sum() > 0 for k, v in lora.items()
                                                                   if k.endswith("lora_up.weight"))
     for img in (curve, grid):
@@ -358,7 +359,8 @@ def test_a_run_trains_inside_its_sources_training_switch(tmp_path):
 
 
 def test_the_estimator_nodes_step_baseline_switch_reaches_the_run(pack):
-    """On by default (TrainConfig's); off gives the paper's estimator: the run's config and metrics say which."""
+    """On by default (TrainConfig's); off gives the paper's estimator: the run's config and metrics say which.
+    The learning rate 0 is the estimator's measured rate: 1e-3 with the step baseline, 3e-3 without."""
     import json
 
     nodes, base = pack
@@ -367,8 +369,11 @@ def test_the_estimator_nodes_step_baseline_switch_reaches_the_run(pack):
     assert run(nodes.Estimator, **knobs).args[0]["step_baseline"] is True
     for on in (True, False):
         est = run(nodes.Estimator, **knobs, step_baseline=on).args[0]
-        run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est, **dict(FAST, run_name=f"sb-{on}"))
+        lora = run(nodes.Trainer, rlr_model=model, reward=r, prompts=p, estimator=est,
+                   **dict(FAST, run_name=f"sb-{on}", lr=0.0)).args[0]
         folder = next((base / "output" / "rlr_runs").glob(f"sb-{on}*"))
-        assert json.loads((folder / "config.json").read_text())["step_baseline"] is on
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["step_baseline"] is on and saved["lr"] == (1e-3 if on else 3e-3)
+        assert lora.metadata["ss_learning_rate"] == ("0.001" if on else "0.003")
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         assert [("step_baseline_rewards" in row) for row in rows if row["step"] > 0] == [on, on]

@@ -54,6 +54,24 @@ def test_the_step_baseline_checkbox_reaches_the_config_and_only_takes_true_or_fa
     assert ga.FORM_KEYS[:-1].index("sde_size") == len(ga.FORM_KEYS) - 2
 
 
+def test_learning_rate_0_is_the_estimators_measured_rate(tmp_path):
+    """The form shows 0 (the default: the rate resolved per estimator when the run starts), sends None for 0,
+    keeps a typed rate, refuses a negative one, and shows a saved run's resolved rate."""
+    from rlr_app.form import LABELS, config_to_form
+
+    settings = ga.Settings(tmp_path)
+    assert ga.form_defaults()["lr"] == 0 and "0:" in LABELS["lr"]
+    errors, kw = ga.check_form(ga.form_defaults(), settings)
+    assert errors == {} and kw["lr"] is None
+    errors, kw = ga.check_form({**ga.form_defaults(), "lr": 2e-4}, settings)
+    assert errors == {} and kw["lr"] == 2e-4
+    assert config_to_form(ga.TrainConfig(**kw, output_dir=tmp_path), settings)["lr"] == 2e-4
+    errors, _ = ga.check_form({**ga.form_defaults(), "lr": -1e-3}, settings)
+    assert list(errors) == ["lr"] and "positive" in errors["lr"]
+    resolved = ga.TrainConfig(estimator="rlr", output_dir=tmp_path).resolve(reward_differentiable=True)
+    assert config_to_form(resolved, settings)["lr"] == 1e-3
+
+
 def test_the_curve_overlays_every_run_of_a_job(tmp_path):
     from rlr_backend.train.runner import JobState
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlr_backend.choices import ConfigError
 from rlr_backend.cli import train_main
 from rlr_backend.rewards import CallableReward, make_reward
 from rlr_backend.safe_io import load_tensors
@@ -258,14 +259,34 @@ def test_cli_defaults_are_the_config_defaults():
     assert TrainConfig.from_json(json.loads(json.dumps(split.to_json()))) == split
 
 
+def test_the_default_learning_rate_is_the_one_the_sweeps_chose_for_the_estimator():
+    """lr None: 1e-3 for RLR with the step baseline (every sweep of it chose 1e-3), 3e-3 for the rest; a rate
+    given is kept; 0, negative and NaN rates are refused naming the option."""
+    assert TrainConfig().lr is None
+    cases = {("rlr", True): 1e-3, ("rlr", False): 3e-3, ("zo", True): 3e-3, ("truncated_bp", True): 3e-3,
+             ("ddpo", True): 3e-3, ("full_bp", True): 3e-3}
+    for (estimator, sb), lr in cases.items():
+        assert TrainConfig(estimator=estimator, step_baseline=sb).resolve(True).lr == lr, (estimator, sb)
+    assert TrainConfig(estimator="rlr", lr=5e-4).resolve(True).lr == 5e-4
+    assert TrainConfig().resolve(False) == TrainConfig(estimator="rlr", lr=1e-3)  # auto, a black-box reward
+    for bad in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="lr must be a positive number"):
+            TrainConfig(lr=bad)
+    from rlr_backend.cli import train_parser
+
+    assert "0.001 for rlr with the step baseline, 0.003 for the others" in " ".join(train_parser().format_help().split())
+
+
 def test_auto_estimator_is_truncated_backprop_for_differentiable_rewards_and_rlr_otherwise(tmp_path):
     from rlr_backend.cli import build_config, train_parser
 
     assert build_config(train_parser().parse_args(["--estimator", "auto"])).estimator == "auto"
-    for reward, expected in (("brightness", "truncated_bp"), ("jpeg_compressibility", "rlr")):
-        cfg = TrainConfig(steps=1, estimator="auto", reward=reward, output_dir=tmp_path, run_name=reward, **TINY)
+    for reward, expected, lr in (("brightness", "truncated_bp", 3e-3), ("jpeg_compressibility", "rlr", 1e-3)):
+        cfg = TrainConfig(steps=1, estimator="auto", reward=reward, output_dir=tmp_path, run_name=reward,
+                          **{**TINY, "lr": None})  # the learning rate the sweeps chose for the estimator
         trainer = Trainer(cfg, progress=False)
-        assert trainer.config.estimator == expected
+        assert trainer.config.estimator == expected and trainer.config.lr == lr
+        assert trainer.state.optimizer.param_groups[0]["lr"] == lr
         assert trainer.config.gradient_checkpointing is False  # auto changes the estimator only
         result = trainer.run()
         assert load_tensors(result.lora_path)[1]["rlr_estimator"] == expected

@@ -51,6 +51,19 @@ def check_run_name(name: str) -> None:
                                       f"'/', '\\', control characters, leading '.' or surrounding spaces), got {shown!r}")
 
 
+#: Adam learning rates the sweeps chose (docs/estimators.md, "Learning rates"): RLR with the step baseline took
+#: 1e-3 in every sweep it had (long runs on position:left, default-flow's position and size, the default run);
+#: the other estimators keep 3e-3, the rate most of their sweeps chose. ``TrainConfig.resolve`` applies them.
+DEFAULT_LR = 3e-3
+RLR_STEP_BASELINE_LR = 1e-3
+
+
+def measured_lr(estimator: str, step_baseline: bool) -> float:
+    """The default learning rate of a (resolved) estimator: :data:`RLR_STEP_BASELINE_LR` for RLR with the step
+    baseline, :data:`DEFAULT_LR` for everything else."""
+    return RLR_STEP_BASELINE_LR if estimator == "rlr" and step_baseline else DEFAULT_LR
+
+
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -106,7 +119,8 @@ class TrainConfig:
     skip_deterministic: bool = _f(False, "ddpo: train only the stochastic steps (a flow chain's SDE window, cps's "
                                          "last step to sigma 0); biased: the deterministic steps' shares are dropped")
     guidance_scale: float = _f(4.0, "classifier-free guidance scale")
-    lr: float = _f(3e-3, "Adam learning rate (with rlr use 1e-3: the rate its sweeps chose)")
+    lr: float | None = _f(None, "Adam learning rate (default: the rate the sweeps chose for the estimator: "
+                                f"{RLR_STEP_BASELINE_LR:g} for rlr with the step baseline, {DEFAULT_LR:g} for the others)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
     grad_accum: int = _f(1, "updates accumulated per optimizer step", min=1)
     lora_rank: int = _f(4, "LoRA rank", min=1)
@@ -175,7 +189,9 @@ class TrainConfig:
             raise ConfigError("lora_alpha", f"lora_alpha must be > 0, got {self.lora_alpha}")
         for name in ("lr", "nu"):
             value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
+            if value is None and name == "lr":  # the estimator's measured rate (``resolve``)
+                continue
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ConfigError(name, f"{name} must be a positive number, got {value}")
         if self.kl_weight > 0 and self.eta == 0:
             raise ConfigError("kl_weight", "kl_weight needs a stochastic sampler (the KL of two deterministic steps is "
@@ -205,18 +221,24 @@ class TrainConfig:
             raise ConfigError("max_nonfinite_batches", f"max_nonfinite_batches must be >= 0, got "
                                                        f"{self.max_nonfinite_batches}")
 
-    def resolve_estimator(self, reward_differentiable: bool) -> "TrainConfig":
-        """This config with ``estimator="auto"`` replaced by the measured choice for the reward: truncated
-        backprop (``truncation`` last steps) when the reward is differentiable, RLR when it is not (backprop
-        cannot run; RLR's half-order and likelihood-ratio terms can). Truncated backprop is biased (it recovers
-        4-10% of the full gradient on the embedded model, cosine 0.34-0.57), yet it reached the higher reward on
-        every differentiable task measured, short and long runs, at 0.37x RLR's CPU time per update; full
-        backprop with checkpointing is unbiased but 4.4x truncated's cost per update and has shown no gain in
-        runs so far (docs/estimators.md, "Which estimator for which reward"). Any other estimator is returned
-        unchanged. Deterministic, so a resumed run resolves the same."""
-        if self.estimator != "auto":
-            return self
-        return replace(self, estimator="truncated_bp" if reward_differentiable else "rlr")
+    def resolve(self, reward_differentiable: bool) -> "TrainConfig":
+        """This config with its automatic choices made, as the trainer runs it (and saves it in config.json):
+
+        * ``estimator="auto"``: the measured choice for the reward: truncated backprop (``truncation`` last
+          steps) when the reward is differentiable, RLR when it is not (backprop cannot run; RLR's half-order
+          and likelihood-ratio terms can). Truncated backprop is biased (it recovers 4-10% of the full gradient
+          on the embedded model, cosine 0.34-0.57), yet it reached the higher reward on every differentiable
+          task measured, short and long runs, at 0.37x RLR's CPU time per update; full backprop with
+          checkpointing is unbiased but 4.4x truncated's cost per update and has shown no gain in runs so far
+          (docs/estimators.md, "Which estimator for which reward").
+        * ``lr=None``: the estimator's measured rate (:func:`measured_lr`).
+
+        Deterministic, so a resumed run resolves the same."""
+        estimator = self.estimator
+        if estimator == "auto":
+            estimator = "truncated_bp" if reward_differentiable else "rlr"
+        lr = measured_lr(estimator, self.step_baseline) if self.lr is None else self.lr
+        return replace(self, estimator=estimator, lr=lr)
 
     def schedule_options(self, flow: bool) -> dict:
         """The keyword options of the model's ``schedule(num_steps, ...)``: DDIM's ``eta``, or a flow model's

@@ -89,7 +89,7 @@ class Trainer:
         if reward is None:
             reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
         self.reward = reward
-        config = self.config = config.resolve_estimator(self.reward.differentiable)  # "auto" -> one estimator
+        config = self.config = config.resolve(self.reward.differentiable)  # "auto" -> one estimator; lr None -> its rate
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
             raise ValueError(f"estimator {config.estimator!r} back-propagates the reward, but {self.reward.name!r} "
@@ -178,8 +178,8 @@ class Trainer:
             dp.sync_parameters(self.params)
         start = state.step
         sb = " with the step baseline" if getattr(self.est_config, "step_baseline", False) else ""
-        logger.info("run %s: %s%s, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
-                    cfg.estimator, sb, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
+        logger.info("run %s: %s%s, lr %g, %d updates x batch %d, T=%d, reward %s, %d LoRA parameters", run_dir,
+                    cfg.estimator, sb, cfg.lr, cfg.steps, cfg.batch_size, cfg.num_inference_steps, self.reward.name,
                     sum(p.numel() for p in self.params))
         try:
             stopped = self._loop(history, metrics_path)
@@ -343,7 +343,8 @@ class Trainer:
     def _save_lora(self, path: Path, metadata: dict[str, str]) -> Path:
         cfg = self.config
         sd, rank, alpha = self.t2i.lora_state_dict()
-        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, **self.estimator_notes.metadata(),
+        meta = {"rlr_estimator": cfg.estimator, "rlr_reward": self.reward.name, "ss_learning_rate": f"{cfg.lr:g}",
+                **self.estimator_notes.metadata(),
                 **schedule_metadata(cfg.prompts, self.prompt_split), **metadata}
         return save_kohya(sd, path, rank, alpha, base_model_version=self.t2i.base_model_version, metadata=meta)
 

@@ -49,7 +49,7 @@ WORKFLOWS: dict[str, dict[str, tuple[str, str, dict]]] = {
                                                              "mid_end": 0.67, "ho_start": 0, "ho_end": 0,
                                                              "add_to": ["5", 0]}),
         "7": ("RLR_Trainer", "RLR Trainer", {"rlr_model": ["1", 0], "reward": ["3", 0], "prompts": ["6", 0],
-                                             "estimator": ["4", 0], "steps": 60, "lr": 0.003, "lora_rank": 4,
+                                             "estimator": ["4", 0], "steps": 60, "lr": 0.0, "lora_rank": 4,
                                              "seed": 0, "batch_size": 8, "images_per_prompt": 4,
                                              "num_inference_steps": 20, "guidance_scale": 4.0, "eta": 1.0,
                                              "preview_every": 10, "run_name": "default"}),
