@@ -32,7 +32,7 @@ import torch
 
 from .estimators import BaselineState, get_estimator
 from .estimators.per_step import cosine_with_se, flat, per_step_gradients, projection_with_se
-from .train.config import TrainConfig
+from .train.config import TrainConfig, measured_lr
 from .train.memory import peak_allocated
 
 logger = logging.getLogger(__name__)
@@ -203,4 +203,20 @@ def format_advice(advice: Advice) -> str:
         lines += ["", f"the last {max(1, n // 10)} of {n} steps carry {last:.0%} of the full-backprop gradient "
                       f"(along its direction); the first half carries {sum(advice.step_share[:n // 2]):.0%}"]
     lines += ["", f"recommended: {advice.recommended}"] + [f"  - {r}" for r in advice.reasons]
+    lines += [f"train with: rlr-train (your options) {candidate_flags(advice.recommended, cfg)}"]
     return "\n".join(lines)
+
+
+def candidate_flags(name: str, config: TrainConfig) -> str:
+    """rlr-train's options for a candidate, and the learning rate it will train at: the one given, else the
+    estimator's measured rate (``TrainConfig.resolve``)."""
+    kw = CANDIDATES[name]
+    flags = [f"--estimator {kw['estimator']}"]
+    for key, value in kw.items():
+        if key == "estimator":
+            continue
+        option = "--" + key.replace("_", "-")
+        flags.append(option if value is True else f"--no-{option[2:]}" if value is False else f"{option} {value}")
+    sb = kw.get("step_baseline", config.step_baseline)
+    lr = config.lr if config.lr is not None else measured_lr(kw["estimator"], sb)
+    return " ".join(flags) + f" (lr {lr:g}{'' if config.lr is not None else ', its default'})"

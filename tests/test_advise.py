@@ -44,3 +44,21 @@ def test_recommendation_rule():
     assert recommend(nearly)[0] == "truncated_bp (K=2)"
     biased = nearly[:2] + [m("truncated_bp (K=2)", False, 1.0, 0.5, 0.5, 0.1)]
     assert recommend(biased)[0] == "full_bp + ckpt"
+
+
+def test_the_advice_names_rlr_train_options_that_give_each_candidate_and_its_learning_rate():
+    """Every candidate's printed options, parsed by rlr-train, give that candidate's settings; the learning rate
+    shown is the one the run will use (the estimator's measured rate unless --lr is given)."""
+    from rlr_backend.advise import candidate_flags
+    from rlr_backend.cli import build_config, train_parser
+    from rlr_backend.train import TrainConfig
+
+    for name, kw in CANDIDATES.items():
+        text = candidate_flags(name, TrainConfig())
+        flags, lr = text.split(" (lr ")
+        cfg = build_config(train_parser().parse_args(flags.split()))
+        assert all(getattr(cfg, k) == v for k, v in kw.items()), (name, flags)
+        assert float(lr.split(",")[0]) == cfg.resolve(True).lr, (name, text)
+    assert candidate_flags("rlr", TrainConfig()).endswith("--estimator rlr (lr 0.001, its default)")
+    assert "--fo-steps 1 --no-step-baseline (lr 0.003" in candidate_flags("rlr paper (fo_steps=1)", TrainConfig())
+    assert candidate_flags("ddpo", TrainConfig(lr=2e-4)).endswith("(lr 0.0002)")
