@@ -13,9 +13,10 @@ from .common import _load
 from .costs import _load_memory_model, cost_section, memory_model_section, scaling_section
 from .headline import headline_section
 from .learning import collapse_section, efficiency_section, quality_section
+from .overview import overview_section
 
 __all__ = ["collapse_section", "cost_section", "efficiency_section", "headline_section", "memory_model_section",
-           "quality_section", "render", "scaling_section"]
+           "overview_section", "quality_section", "render", "scaling_section"]
 
 
 def render(results: Path, out: Path) -> None:
@@ -24,6 +25,7 @@ def render(results: Path, out: Path) -> None:
              "(`--suite quick` in minutes, `--suite full` in about six hours on 2 CPU cores); the JSON behind it is in "
              "`benchmarks/results/`. Ratios are measured in one run, so load on a shared machine cancels out.", ""]
     lines += headline_section(results)
+    lines += overview_section(results, images)
     sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,
                 "collapse": collapse_section, "scaling": scaling_section, "bias": bias_map.section,
                 "longrun": long_run.section, "flowrun": long_run.flow_section}

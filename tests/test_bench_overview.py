@@ -1,0 +1,44 @@
+"""docs/benchmarks.md's "Which estimator wins where": the suites' names map to the right columns (the default
+run's "rlr" is RLR with the step baseline, the long runs' "rlr" is RLR without it) and each gain is a share of
+the task's best."""
+
+import json
+
+from benchmarks.report.overview import overview_section, tasks
+
+
+def _default_run(path, rows):
+    runs = [{"estimator": est, "seed": s, "before": 1.0, "after": 1.0 + gain} for est, gain in rows for s in (0, 1, 2)]
+    path.write_text(json.dumps({"config": {}, "machine": "", "runs": runs}))
+
+
+def _long_run(path, rows):
+    runs = []
+    for variant, lr, end in rows:
+        for seed in (0, 1, 2):
+            points = [{"step": 0, "samples": 0, "eval_reward": -0.2, "heldout_reward": -0.2, "diversity": 0.3,
+                       "train_cpu_seconds": 0.0},
+                      {"step": 300, "samples": 2400, "eval_reward": end, "heldout_reward": end, "diversity": 0.2,
+                       "train_cpu_seconds": 100.0}]
+            runs.append({"reward": "position:left", "T": 50, "variant": variant, "lr": lr, "seed": seed,
+                         "points": points})
+    path.write_text(json.dumps({"budget": "full", "seconds": 1.0, "command": "x", "settings": {}, "runs": runs}))
+
+
+def test_columns_and_shares_of_the_best(tmp_path):
+    _default_run(tmp_path / "default-run.json", [("rlr", 0.05), ("rlr lr 3e-3", 0.2), ("truncated_bp", 0.1),
+                                                 ("rlr, no step baseline", 0.06), ("ddpo", -0.01)])
+    _long_run(tmp_path / "longrun-full-a.json", [("rlr + step baseline", 1e-3, -0.02), ("rlr", 3e-3, -0.11),
+                                                 ("truncated_bp", 3e-4, -0.029)])
+    found = dict(tasks(tmp_path))
+    default = found["default run: alignment + brightness, 60 updates"]
+    assert set(default) == {"RLR", "RLR, no step baseline", "truncated backprop", "DDPO"}  # "rlr lr 3e-3": out
+    assert abs(default["RLR"]["gain"] - 0.05) < 1e-9 and abs(default["RLR, no step baseline"]["gain"] - 0.06) < 1e-9
+    long = found["position:left, T=50, 300 updates"]
+    assert abs(long["RLR"]["final"] + 0.02) < 1e-9 and abs(long["RLR, no step baseline"]["final"] + 0.11) < 1e-9
+    lines = overview_section(tmp_path, tmp_path / "images")
+    row = next(x for x in lines if x.startswith("| position:left, T=50"))
+    assert "**-0.020 (100%)**" in row and "-0.029 (95%)" in row and "-0.110 (50%)" in row
+    row = next(x for x in lines if x.startswith("| default run"))
+    assert "**1.100 (100%)**" in row and "1.050 (50%)" in row and "0.990 (-10%)" in row
+    assert (tmp_path / "images" / "bench_overview.png").stat().st_size > 1000
