@@ -36,7 +36,8 @@ ESTIMATORS = ("rlr", "ddpo", "truncated_bp")  # auto is truncated_bp for this (d
 #: variant label -> TrainConfig changes (an estimator name alone changes only the estimator)
 VARIANTS = {"auto + kl": {"estimator": "auto", "kl_weight": 1e-3}, "auto + kl 1e-5": {"estimator": "auto", "kl_weight": 1e-5},
             "rlr, no step baseline": {"estimator": "rlr", "step_baseline": False},  # rlr: with it (the default)
-            "rlr lr 3e-3": {"estimator": "rlr", "lr": 3e-3}}  # rlr: at its default, 1e-3 with the step baseline
+            "rlr lr 3e-3": {"estimator": "rlr", "lr": 3e-3},  # rlr: at its default, 1e-3 with the step baseline
+            "ddpo lr 3e-3": {"estimator": "ddpo", "lr": 3e-3}}  # ddpo: at its default, 1e-3
 RESULTS = Path(__file__).parent / "results" / "default-run.json"
 
 
@@ -82,7 +83,7 @@ def render(result: dict) -> str:
     rows, steps = result["runs"], result["config"]["steps"]
     n_eval = rows[0]["eval_images"] if rows else 0
     lr_text = (f"{c.lr:g}" if c.lr is not None else
-               "each estimator's default (rlr with the step baseline 1e-3, the others 3e-3) unless named")
+               "each estimator's default (1e-3 for rlr with the step baseline and ddpo, 3e-3 for the others) unless named")
     lines = [f"# Default run: `rlr-train` defaults, {steps} updates, seeds {sorted({r['seed'] for r in rows})}", "",
              f"Machine: {result['machine']}.",
              f"Command: `python -m benchmarks.default_run --steps {steps}` (results: benchmarks/results/default-run.json).",

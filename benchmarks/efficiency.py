@@ -156,7 +156,7 @@ def settings(quick: bool) -> dict:
                 "lr_sweep": {"ddpo": [1e-3, DEFAULT_LR]}}
     return {"seeds": [0, 1, 2], "updates": 40, "eval_every": 5, "batch": 8, "images_per_prompt": 4, "T": 20,
             "lr_sweep": {"ddpo": [3e-4, 1e-3, DEFAULT_LR], "zo": [3e-4, 1e-3, DEFAULT_LR],
-                         "zo_sb": [3e-4, 1e-3, DEFAULT_LR]}}
+                         "zo_sb": [3e-4, 1e-3, DEFAULT_LR], "rlr_sb": [3e-4, 1e-3, DEFAULT_LR]}}
 
 
 def final_runs(result: dict, reward: str) -> dict[str, list[dict]]:

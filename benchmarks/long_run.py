@@ -214,7 +214,7 @@ def _reach(values: list) -> str:
 def section(r: dict, images: Path, flow: bool = False) -> list[str]:
     rows = summarize(r)
     cfg = settings(r.get("budget") == "quick", flow)  # the suite's (a result file holds one process's share)
-    kl_note = " (the `+ kl` guard uses RLR's)" if any(v in SHARES_LR for v in cfg["variants"]) else ""
+    kl_note = " (the `+ kl` guard uses RLR's)" if any(x["variant"] in SHARES_LR for x in rows) else ""
     title = ("## The structure rewards on the flow-matching default (`default-flow`)" if flow else
              "## Long runs: rewards that need early changes, stability, guards")
     lines = [title, "",

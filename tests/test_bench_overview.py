@@ -9,7 +9,7 @@ from benchmarks.report.overview import overview_section, tasks
 
 def _default_run(path, rows):
     runs = [{"estimator": est, "seed": s, "before": 1.0, "after": 1.0 + gain} for est, gain in rows for s in (0, 1, 2)]
-    path.write_text(json.dumps({"config": {}, "machine": "", "runs": runs}))
+    path.write_text(json.dumps({"config": {"steps": 60}, "machine": "", "runs": runs}))
 
 
 def _long_run(path, rows):
@@ -42,3 +42,17 @@ def test_columns_and_shares_of_the_best(tmp_path):
     row = next(x for x in lines if x.startswith("| default run"))
     assert "**1.100 (100%)**" in row and "1.050 (50%)" in row and "0.990 (-10%)" in row
     assert (tmp_path / "images" / "bench_overview.png").stat().st_size > 1000
+
+
+def test_efficiency_rows_map_rlr_sb_to_rlr_and_rlr_to_no_step_baseline(tmp_path):
+    runs = []
+    for est, end in (("rlr_sb", -1.09), ("rlr", -1.185), ("zo_sb", -1.12), ("code_compat", -1.0)):
+        for seed in (0, 1, 2):
+            runs.append({"reward": "jpeg_compressibility", "estimator": est, "lr": 3e-3, "seed": seed,
+                         "wall_seconds": 1.0, "points": [{"samples": 0, "eval_reward": -1.2, "diversity": 0.3},
+                                                         {"samples": 320, "eval_reward": end, "diversity": 0.3}]})
+    (tmp_path / "efficiency-full.json").write_text(json.dumps(
+        {"budget": "full", "settings": {"updates": 40, "lr_sweep": {}}, "runs": runs}))
+    cells = dict(tasks(tmp_path))["JPEG compressibility (not differentiable), 40 updates"]
+    assert set(cells) == {"RLR", "RLR, no step baseline", "REINFORCE + step baseline"}  # code_compat: out
+    assert abs(cells["RLR"]["final"] + 1.09) < 1e-9 and abs(cells["RLR, no step baseline"]["final"] + 1.185) < 1e-9

@@ -125,15 +125,15 @@ def test_swept_estimators_train_their_other_seeds_at_the_best_rate(monkeypatch, 
               ("zo", 3e-4): 0.55, ("zo", 1e-3): 0.52, ("zo", lr0): 0.3}
     curve, calls = _fake_curve(finals)
     monkeypatch.setattr(efficiency, "train_curve", curve)
-    finals[("rlr_sb", lr0)] = 0.95
+    finals.update({("rlr_sb", 3e-4): 0.5, ("rlr_sb", 1e-3): 0.97, ("rlr_sb", lr0): 0.95})
     monkeypatch.setattr(efficiency, "ESTIMATORS", ("rlr", "ddpo", "zo", "rlr_sb"))
     result = efficiency.run_suite(False, done=[], rewards=("jpeg_compressibility",))
     assert ("ddpo", 1e-3, 1) in calls and ("ddpo", 1e-3, 2) in calls and ("zo", 3e-4, 2) in calls
     assert not any(est == "ddpo" and lr != 1e-3 and seed > 0 for est, lr, seed in calls)
-    assert len(calls) == 3 + (3 + 2) * 2 + 3  # rlr, rlr_sb 3 seeds; ddpo and zo: 3 rates on seed 0 + 2 more seeds
+    assert len(calls) == 3 + (3 + 2) * 3  # rlr: 3 seeds; ddpo, zo, rlr_sb: 3 rates on seed 0 + 2 more seeds
     assert {r["estimator"] for r in result["runs"]} == {"rlr", "ddpo", "zo", "rlr_sb"}  # the variant keeps its name
     summary = {s["estimator"]: s for s in efficiency.summarize(result)}
-    assert summary["ddpo"]["lr"] == 1e-3 and summary["zo"]["lr"] == 3e-4
+    assert summary["ddpo"]["lr"] == 1e-3 and summary["zo"]["lr"] == 3e-4 and summary["rlr_sb"]["lr"] == 1e-3
     assert summary["ddpo"]["final_mean"] == pytest.approx(0.701)
     # rlr's straight line from 0.5 to 0.901 crosses ddpo's 0.701 at the third of four evaluations
     assert summary["rlr"]["samples_to_ddpo_final"] == 2 * 8

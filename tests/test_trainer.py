@@ -67,6 +67,21 @@ def test_resume_reaches_the_same_lora(reference_run, tmp_path):
     assert steps == list(range(0, 7))
 
 
+def test_resume_without_lr_continues_at_the_runs_own_rate(tmp_path):
+    """A run saved at 3e-3 (RLR's default before the per-estimator rates) resumes without --lr at 3e-3, not at
+    today's default 1e-3; a rate given that differs from the run's is refused, naming both."""
+    old = TrainConfig(steps=2, output_dir=tmp_path, run_name="old", estimator="rlr", **{**TINY, "lr": 3e-3})
+    Trainer(old, progress=False).run()
+    later = Trainer(TrainConfig(**{**old.__dict__, "steps": 3, "lr": None}), progress=False)
+    assert later.config.lr == 1e-3  # today's default, until the run folder is read
+    result = later.run(resume=True)
+    assert later.config.lr == 3e-3 and later.state.optimizer.param_groups[0]["lr"] == 3e-3
+    assert load_tensors(result.lora_path)[1]["ss_learning_rate"] == "0.003" and result.steps_done == 3
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["lr"] == 3e-3
+    with pytest.raises(ValueError, match=r"lr \(run: 0.003, now: 0.001\)"):
+        Trainer(TrainConfig(**{**old.__dict__, "steps": 4, "lr": 1e-3}), progress=False).run(resume=True)
+
+
 # Runs the CLI in a child process whose 4th update hangs (after the step-2 checkpoint), so the kill
 # always lands mid-run however slow or fast the machine is.
 HANG_AT_UPDATE_4 = """
@@ -260,11 +275,12 @@ def test_cli_defaults_are_the_config_defaults():
 
 
 def test_the_default_learning_rate_is_the_one_the_sweeps_chose_for_the_estimator():
-    """lr None: 1e-3 for RLR with the step baseline (every sweep of it chose 1e-3), 3e-3 for the rest; a rate
-    given is kept; 0, negative and NaN rates are refused naming the option."""
+    """lr None: the rate the sweeps chose (1e-3 for RLR with the step baseline, DDPO and zo without it; 3e-3 for
+    the others); a rate given is kept; 0, negative and NaN rates are refused naming the option."""
     assert TrainConfig().lr is None
-    cases = {("rlr", True): 1e-3, ("rlr", False): 3e-3, ("zo", True): 3e-3, ("truncated_bp", True): 3e-3,
-             ("ddpo", True): 3e-3, ("full_bp", True): 3e-3}
+    cases = {("rlr", True): 1e-3, ("rlr", False): 3e-3, ("zo", True): 3e-3, ("zo", False): 1e-3,
+             ("truncated_bp", True): 3e-3, ("ddpo", True): 1e-3, ("ddpo", False): 1e-3, ("full_bp", True): 3e-3,
+             ("code_compat", False): 3e-3}
     for (estimator, sb), lr in cases.items():
         assert TrainConfig(estimator=estimator, step_baseline=sb).resolve(True).lr == lr, (estimator, sb)
     assert TrainConfig(estimator="rlr", lr=5e-4).resolve(True).lr == 5e-4
@@ -274,7 +290,8 @@ def test_the_default_learning_rate_is_the_one_the_sweeps_chose_for_the_estimator
             TrainConfig(lr=bad)
     from rlr_backend.cli import train_parser
 
-    assert "0.001 for rlr with the step baseline, 0.003 for the others" in " ".join(train_parser().format_help().split())
+    assert "1e-3 for rlr with the step baseline, ddpo, and zo without it; 3e-3 for the others" in \
+        " ".join(train_parser().format_help().split())
 
 
 def test_auto_estimator_is_truncated_backprop_for_differentiable_rewards_and_rlr_otherwise(tmp_path):

@@ -51,17 +51,24 @@ def check_run_name(name: str) -> None:
                                       f"'/', '\\', control characters, leading '.' or surrounding spaces), got {shown!r}")
 
 
-#: Adam learning rates the sweeps chose (docs/estimators.md, "Learning rates"): RLR with the step baseline took
-#: 1e-3 in every sweep it had (long runs on position:left, default-flow's position and size, the default run);
-#: the other estimators keep 3e-3, the rate most of their sweeps chose. ``TrainConfig.resolve`` applies them.
+#: Adam learning rates the sweeps chose (docs/estimators.md, "Defaults, and the measurements behind them"):
+#: (estimator, step baseline on; None where it does not apply) -> rate. ``TrainConfig.resolve`` applies them.
+MEASURED_LR: dict[tuple[str, bool | None], float] = {
+    ("rlr", True): 1e-3,  # every sweep: position:left over 300 updates, default-flow position and size, the default run
+    ("rlr", False): 3e-3,  # position:left over 300 updates, default-flow position (1e-3 on default-flow size)
+    ("zo", True): 3e-3,  # JPEG compressibility
+    ("zo", False): 1e-3,  # prompt alignment, JPEG compressibility
+    ("ddpo", None): 1e-3,  # prompt alignment, JPEG, default-flow size (3e-3 on default-flow position)
+    ("truncated_bp", None): 3e-3,  # position:left T=20, default-flow position (1e-3 on default-flow size, 3e-4 at T=50)
+}
+#: estimators never swept (full_bp, code_compat): the rate every estimator had before the sweeps
 DEFAULT_LR = 3e-3
-RLR_STEP_BASELINE_LR = 1e-3
 
 
 def measured_lr(estimator: str, step_baseline: bool) -> float:
-    """The default learning rate of a (resolved) estimator: :data:`RLR_STEP_BASELINE_LR` for RLR with the step
-    baseline, :data:`DEFAULT_LR` for everything else."""
-    return RLR_STEP_BASELINE_LR if estimator == "rlr" and step_baseline else DEFAULT_LR
+    """The default learning rate of a (resolved) estimator: the rate its sweeps chose (:data:`MEASURED_LR`;
+    the step baseline counts for rlr and zo only), :data:`DEFAULT_LR` for an estimator never swept."""
+    return MEASURED_LR.get((estimator, step_baseline if estimator in ("rlr", "zo") else None), DEFAULT_LR)
 
 
 def _f(default, help: str, **kw):
@@ -119,8 +126,8 @@ class TrainConfig:
     skip_deterministic: bool = _f(False, "ddpo: train only the stochastic steps (a flow chain's SDE window, cps's "
                                          "last step to sigma 0); biased: the deterministic steps' shares are dropped")
     guidance_scale: float = _f(4.0, "classifier-free guidance scale")
-    lr: float | None = _f(None, "Adam learning rate (default: the rate the sweeps chose for the estimator: "
-                                f"{RLR_STEP_BASELINE_LR:g} for rlr with the step baseline, {DEFAULT_LR:g} for the others)")
+    lr: float | None = _f(None, "Adam learning rate (default: the rate the benchmark sweeps chose for the estimator: "
+                                "1e-3 for rlr with the step baseline, ddpo, and zo without it; 3e-3 for the others)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
     grad_accum: int = _f(1, "updates accumulated per optimizer step", min=1)
     lora_rank: int = _f(4, "LoRA rank", min=1)

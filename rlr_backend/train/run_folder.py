@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..safe_io import TEMP_PREFIX, append_line, child, dumps_json, one_line, refuse_symlinks, write_bytes
@@ -67,6 +67,21 @@ def config_differences(saved: TrainConfig, given: TrainConfig) -> list[str]:
             show = (lambda v: [p.fine for p in v]) if f.name == "prompts" else (lambda v: v)
             out.append(f"{f.name} (run: {show(a)!r}, now: {show(b)!r})")
     return out
+
+
+def resume_lr(config: TrainConfig, resume: bool, lr_given: bool) -> TrainConfig:
+    """``--resume`` without ``--lr``: ``config`` at the rate in the run's config.json (its estimator's default
+    when it started may differ from today's: runs saved before the per-estimator defaults trained at 3e-3);
+    else ``config`` unchanged. A damaged config.json is named here as ``open_run_folder`` would."""
+    run_dir = config.run_dir
+    if lr_given or not resume or run_dir.is_symlink() or not run_dir.is_dir():
+        return config
+    saved = read_config(run_dir)
+    if saved is None or saved.lr is None or saved.lr == config.lr:
+        return config
+    logger.info("--resume without --lr: the run's learning rate %g (config.json), not today's default %g",
+                saved.lr, config.lr)
+    return replace(config, lr=saved.lr)
 
 
 def _only_temporary(run_dir: Path) -> bool:

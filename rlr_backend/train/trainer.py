@@ -36,7 +36,7 @@ from .memory import (DynamicLossScale, autocast, load_dtypes, make_optimizer, pr
                      reward_models_in_precision)
 from .prompts import schedule_metadata
 from .report import diversity, progress_bar, save_before_after, save_grid, save_reward_curve
-from .run_folder import append_metrics, open_run_folder, read_metrics, rewrite_metrics
+from .run_folder import append_metrics, open_run_folder, read_metrics, resume_lr, rewrite_metrics
 from .state import TrainState
 from .stopping import StopCheckingDenoiser, StopRequested
 
@@ -89,6 +89,7 @@ class Trainer:
         if reward is None:
             reward = make_reward(config.reward, device=resolve_device(device))  # fails before loading
         self.reward = reward
+        self.lr_given = config.lr is not None  # a resume without it continues at the run's own rate
         config = self.config = config.resolve(self.reward.differentiable)  # "auto" -> one estimator; lr None -> its rate
         self.spec = get_estimator(config.estimator)
         if self.spec.needs_differentiable_reward and not self.reward.differentiable:
@@ -273,7 +274,9 @@ class Trainer:
         those rows. Everything is checked before the folder changes (see ``run_folder.open_run_folder``);
         a refused start writes nothing.
         """
-        cfg = self.config
+        cfg = self.config = resume_lr(self.config, resume, self.lr_given)
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = cfg.lr
         folder = open_run_folder(cfg, resume)
         run_dir, metrics_path = folder.path, folder.path / "metrics.jsonl"
         history: list[dict] = []
