@@ -83,7 +83,8 @@ def render(result: dict) -> str:
     rows, steps = result["runs"], result["config"]["steps"]
     n_eval = rows[0]["eval_images"] if rows else 0
     lr_text = (f"{c.lr:g}" if c.lr is not None else
-               "each estimator's default (1e-3 for rlr with the step baseline and ddpo, 3e-3 for the others) unless named")
+               "each estimator's default for this differentiable reward (1e-3 for rlr with the step baseline and ddpo, "
+               "3e-3 for the others) unless named")
     lines = [f"# Default run: `rlr-train` defaults, {steps} updates, seeds {sorted({r['seed'] for r in rows})}", "",
              f"Machine: {result['machine']}.",
              f"Command: `python -m benchmarks.default_run --steps {steps}` (results: benchmarks/results/default-run.json).",

@@ -219,8 +219,8 @@ class Trainer(io.ComfyNode):
                     _int("steps", max=100_000),
                     _float("lr", min=0.0, max=1.0, step=1e-5, default=0.0,
                            tooltip="Adam learning rate; 0: the rate the benchmark sweeps chose for the estimator "
-                                   "(1e-3 for RLR with the step baseline, DDPO, and zo without it; 3e-3 for the "
-                                   "others)"),
+                                   "(1e-3 for RLR with the step baseline on a differentiable reward, DDPO, and zo "
+                                   "without the step baseline; 3e-3 for the others)"),
                     _int("lora_rank", max=256, advanced=True),
                     _int("seed", max=BIG, min=0, control_after_generate=False,
                          tooltip="seed of the run (sampling noise, prompt order, LoRA init); fixed, so the same "

@@ -74,6 +74,7 @@ class Advice:
     recommended: str
     reasons: list[str] = field(default_factory=list)
     step_share: list[float] = field(default_factory=list)  # where the gradient lives, sampler order
+    reward_differentiable: bool = True
 
 
 def _timer(device: torch.device) -> Callable[[], float]:
@@ -157,7 +158,7 @@ def advise(config: TrainConfig, *, batches: int = 4, progress: Callable[[int, in
         mean_full = full.mean(0)
         step_share = ((s.mean(0) @ mean_full) / float(mean_full @ mean_full)).tolist()
     recommended, reasons = recommend(measured)
-    return Advice(config, batches, measured, recommended, reasons, step_share)
+    return Advice(config, batches, measured, recommended, reasons, step_share, bool(reward.differentiable))
 
 
 def recommend(measured: list[Measured]) -> tuple[str, list[str]]:
@@ -203,11 +204,12 @@ def format_advice(advice: Advice) -> str:
         lines += ["", f"the last {max(1, n // 10)} of {n} steps carry {last:.0%} of the full-backprop gradient "
                       f"(along its direction); the first half carries {sum(advice.step_share[:n // 2]):.0%}"]
     lines += ["", f"recommended: {advice.recommended}"] + [f"  - {r}" for r in advice.reasons]
-    lines += [f"train with: rlr-train (your options) {candidate_flags(advice.recommended, cfg)}"]
+    lines += [f"train with: rlr-train (your options) "
+              f"{candidate_flags(advice.recommended, cfg, advice.reward_differentiable)}"]
     return "\n".join(lines)
 
 
-def candidate_flags(name: str, config: TrainConfig) -> str:
+def candidate_flags(name: str, config: TrainConfig, reward_differentiable: bool) -> str:
     """rlr-train's options for a candidate, and the learning rate it will train at: the one given, else the
     estimator's measured rate (``TrainConfig.resolve``)."""
     kw = CANDIDATES[name]
@@ -218,5 +220,5 @@ def candidate_flags(name: str, config: TrainConfig) -> str:
         option = "--" + key.replace("_", "-")
         flags.append(option if value is True else f"--no-{option[2:]}" if value is False else f"{option} {value}")
     sb = kw.get("step_baseline", config.step_baseline)
-    lr = config.lr if config.lr is not None else measured_lr(kw["estimator"], sb)
+    lr = config.lr if config.lr is not None else measured_lr(kw["estimator"], sb, reward_differentiable)
     return " ".join(flags) + f" (lr {lr:g}{'' if config.lr is not None else ', its default'})"

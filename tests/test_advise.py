@@ -54,11 +54,12 @@ def test_the_advice_names_rlr_train_options_that_give_each_candidate_and_its_lea
     from rlr_backend.train import TrainConfig
 
     for name, kw in CANDIDATES.items():
-        text = candidate_flags(name, TrainConfig())
+        text = candidate_flags(name, TrainConfig(), True)
         flags, lr = text.split(" (lr ")
         cfg = build_config(train_parser().parse_args(flags.split()))
         assert all(getattr(cfg, k) == v for k, v in kw.items()), (name, flags)
         assert float(lr.split(",")[0]) == cfg.resolve(True).lr, (name, text)
-    assert candidate_flags("rlr", TrainConfig()).endswith("--estimator rlr (lr 0.001, its default)")
-    assert "--fo-steps 1 --no-step-baseline (lr 0.003" in candidate_flags("rlr paper (fo_steps=1)", TrainConfig())
-    assert candidate_flags("ddpo", TrainConfig(lr=2e-4)).endswith("(lr 0.0002)")
+    assert candidate_flags("rlr", TrainConfig(), True).endswith("--estimator rlr (lr 0.001, its default)")
+    assert candidate_flags("rlr", TrainConfig(), False).endswith("--estimator rlr (lr 0.003, its default)")
+    assert "--fo-steps 1 --no-step-baseline (lr 0.003" in candidate_flags("rlr paper (fo_steps=1)", TrainConfig(), True)
+    assert candidate_flags("ddpo", TrainConfig(lr=2e-4), False).endswith("(lr 0.0002)")

@@ -275,22 +275,26 @@ def test_cli_defaults_are_the_config_defaults():
 
 
 def test_the_default_learning_rate_is_the_one_the_sweeps_chose_for_the_estimator():
-    """lr None: the rate the sweeps chose (1e-3 for RLR with the step baseline, DDPO and zo without it; 3e-3 for
-    the others); a rate given is kept; 0, negative and NaN rates are refused naming the option."""
+    """lr None: the rate the sweeps chose (1e-3 for RLR with the step baseline on a differentiable reward, DDPO
+    and zo without the step baseline; 3e-3 for the others); a rate given is kept; 0, negative and NaN rates
+    are refused naming the option."""
     assert TrainConfig().lr is None
-    cases = {("rlr", True): 1e-3, ("rlr", False): 3e-3, ("zo", True): 3e-3, ("zo", False): 1e-3,
-             ("truncated_bp", True): 3e-3, ("ddpo", True): 1e-3, ("ddpo", False): 1e-3, ("full_bp", True): 3e-3,
-             ("code_compat", False): 3e-3}
-    for (estimator, sb), lr in cases.items():
-        assert TrainConfig(estimator=estimator, step_baseline=sb).resolve(True).lr == lr, (estimator, sb)
+    cases = {("rlr", True, True): 1e-3, ("rlr", True, False): 3e-3, ("rlr", False, True): 3e-3,
+             ("rlr", False, False): 3e-3, ("zo", True, False): 3e-3, ("zo", False, False): 1e-3,
+             ("truncated_bp", True, True): 3e-3, ("ddpo", True, True): 1e-3, ("ddpo", False, False): 1e-3,
+             ("full_bp", True, True): 3e-3, ("code_compat", False, True): 3e-3}
+    for (estimator, sb, differentiable), lr in cases.items():
+        got = TrainConfig(estimator=estimator, step_baseline=sb).resolve(differentiable).lr
+        assert got == lr, (estimator, sb, differentiable, got)
     assert TrainConfig(estimator="rlr", lr=5e-4).resolve(True).lr == 5e-4
-    assert TrainConfig().resolve(False) == TrainConfig(estimator="rlr", lr=1e-3)  # auto, a black-box reward
+    assert TrainConfig().resolve(False) == TrainConfig(estimator="rlr", lr=3e-3)  # auto, a black-box reward (JPEG)
     for bad in (0.0, -1e-3, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="lr must be a positive number"):
             TrainConfig(lr=bad)
     from rlr_backend.cli import train_parser
 
-    assert "1e-3 for rlr with the step baseline, ddpo, and zo without it; 3e-3 for the others" in \
+    assert "1e-3 for rlr with the step baseline on a differentiable reward, ddpo, and zo without the step " \
+        "baseline; 3e-3 for the others" in \
         " ".join(train_parser().format_help().split())
 
 
@@ -298,7 +302,7 @@ def test_auto_estimator_is_truncated_backprop_for_differentiable_rewards_and_rlr
     from rlr_backend.cli import build_config, train_parser
 
     assert build_config(train_parser().parse_args(["--estimator", "auto"])).estimator == "auto"
-    for reward, expected, lr in (("brightness", "truncated_bp", 3e-3), ("jpeg_compressibility", "rlr", 1e-3)):
+    for reward, expected, lr in (("brightness", "truncated_bp", 3e-3), ("jpeg_compressibility", "rlr", 3e-3)):
         cfg = TrainConfig(steps=1, estimator="auto", reward=reward, output_dir=tmp_path, run_name=reward,
                           **{**TINY, "lr": None})  # the learning rate the sweeps chose for the estimator
         trainer = Trainer(cfg, progress=False)

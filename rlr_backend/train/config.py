@@ -52,23 +52,30 @@ def check_run_name(name: str) -> None:
 
 
 #: Adam learning rates the sweeps chose (docs/estimators.md, "Defaults, and the measurements behind them"):
-#: (estimator, step baseline on; None where it does not apply) -> rate. ``TrainConfig.resolve`` applies them.
-MEASURED_LR: dict[tuple[str, bool | None], float] = {
-    ("rlr", True): 1e-3,  # every sweep: position:left over 300 updates, default-flow position and size, the default run
-    ("rlr", False): 3e-3,  # position:left over 300 updates, default-flow position (1e-3 on default-flow size)
-    ("zo", True): 3e-3,  # JPEG compressibility
-    ("zo", False): 1e-3,  # prompt alignment, JPEG compressibility
-    ("ddpo", None): 1e-3,  # prompt alignment, JPEG, default-flow size (3e-3 on default-flow position)
-    ("truncated_bp", None): 3e-3,  # position:left T=20, default-flow position (1e-3 on default-flow size, 3e-4 at T=50)
+#: (estimator, step baseline on, reward differentiable) -> rate; None: either. ``TrainConfig.resolve`` applies them.
+MEASURED_LR: dict[tuple[str, bool | None, bool | None], float] = {
+    # differentiable rewards, every sweep: position:left over 300 updates, default-flow position and size, the
+    # default run (3e-3 collapsed there); JPEG compressibility (not differentiable) chose 3e-3, still rising at 40
+    ("rlr", True, True): 1e-3,
+    ("rlr", True, False): 3e-3,
+    ("rlr", False, None): 3e-3,  # position:left over 300 updates, default-flow position (1e-3 on default-flow size)
+    ("zo", True, None): 3e-3,  # JPEG compressibility
+    ("zo", False, None): 1e-3,  # prompt alignment, JPEG compressibility
+    ("ddpo", None, None): 1e-3,  # prompt alignment, JPEG, default-flow size (3e-3 on default-flow position)
+    ("truncated_bp", None, None): 3e-3,  # position:left T=20, default-flow position (1e-3: default-flow size; 3e-4: T=50)
 }
 #: estimators never swept (full_bp, code_compat): the rate every estimator had before the sweeps
 DEFAULT_LR = 3e-3
 
 
-def measured_lr(estimator: str, step_baseline: bool) -> float:
+def measured_lr(estimator: str, step_baseline: bool, reward_differentiable: bool) -> float:
     """The default learning rate of a (resolved) estimator: the rate its sweeps chose (:data:`MEASURED_LR`;
     the step baseline counts for rlr and zo only), :data:`DEFAULT_LR` for an estimator never swept."""
-    return MEASURED_LR.get((estimator, step_baseline if estimator in ("rlr", "zo") else None), DEFAULT_LR)
+    sb = step_baseline if estimator in ("rlr", "zo") else None
+    for key in ((estimator, sb, reward_differentiable), (estimator, sb, None)):
+        if key in MEASURED_LR:
+            return MEASURED_LR[key]
+    return DEFAULT_LR
 
 
 def _f(default, help: str, **kw):
@@ -127,7 +134,8 @@ class TrainConfig:
                                          "last step to sigma 0); biased: the deterministic steps' shares are dropped")
     guidance_scale: float = _f(4.0, "classifier-free guidance scale")
     lr: float | None = _f(None, "Adam learning rate (default: the rate the benchmark sweeps chose for the estimator: "
-                                "1e-3 for rlr with the step baseline, ddpo, and zo without it; 3e-3 for the others)")
+                                "1e-3 for rlr with the step baseline on a differentiable reward, ddpo, and zo without "
+                                "the step baseline; 3e-3 for the others)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
     grad_accum: int = _f(1, "updates accumulated per optimizer step", min=1)
     lora_rank: int = _f(4, "LoRA rank", min=1)
@@ -244,7 +252,7 @@ class TrainConfig:
         estimator = self.estimator
         if estimator == "auto":
             estimator = "truncated_bp" if reward_differentiable else "rlr"
-        lr = measured_lr(estimator, self.step_baseline) if self.lr is None else self.lr
+        lr = measured_lr(estimator, self.step_baseline, reward_differentiable) if self.lr is None else self.lr
         return replace(self, estimator=estimator, lr=lr)
 
     def schedule_options(self, flow: bool) -> dict:
