@@ -25,6 +25,8 @@ import torch
 from rlr_backend.rewards import make_reward
 from rlr_backend.safe_io import save_json
 from rlr_backend.train import TrainConfig, Trainer
+# every variant's rate unless swept (the saved runs were trained at it): the rate before the per-estimator defaults
+from rlr_backend.train.config import DEFAULT_LR
 from rlr_backend.train.checkpoint import latest_checkpoint
 from rlr_backend.train.report import diversity
 
@@ -39,7 +41,6 @@ REWARDS = ("prompt_alignment", "jpeg_compressibility")
 EVAL_SEEDS = 4
 
 
-DEFAULT_LR = 3e-3  # every variant's rate unless swept (the saved runs were trained at it)
 
 
 def work_dir(suite: str) -> Path:
