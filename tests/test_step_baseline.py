@@ -153,5 +153,5 @@ def test_the_run_line_says_when_the_step_baseline_is_on(tmp_path, caplog):
         for on in (True, False):
             Trainer(TrainConfig(**tiny, step_baseline=on, run_name=f"sb-{on}"), progress=False).run()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run ")]
-    assert [": rlr with the step baseline, 1 updates" in line for line in lines] == [True, False]
-    assert ": rlr, 1 updates" in lines[1]
+    assert [": rlr with the step baseline, lr 0.001, 1 updates" in line for line in lines] == [True, False]
+    assert ": rlr, lr 0.003, 1 updates" in lines[1]  # each at its measured default rate
