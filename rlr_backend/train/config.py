@@ -54,8 +54,9 @@ def check_run_name(name: str) -> None:
 #: Adam learning rates the sweeps chose (docs/estimators.md, "Defaults, and the measurements behind them"):
 #: (estimator, step baseline on, reward differentiable) -> rate; None: either. ``TrainConfig.resolve`` applies them.
 MEASURED_LR: dict[tuple[str, bool | None, bool | None], float] = {
-    # differentiable rewards, every sweep: position:left over 300 updates, default-flow position and size, the
-    # default run (3e-3 collapsed there); JPEG compressibility (not differentiable) chose 3e-3, still rising at 40
+    # differentiable rewards: position:left over 300 updates, default-flow position and size, the default run (3e-3
+    # collapsed there), size:0.4 at T=50 (3e-3 collapsed); only brightness (a late-step reward) chose 3e-3.
+    # JPEG compressibility (not differentiable) chose 3e-3, still rising at 40
     ("rlr", True, True): 1e-3,
     ("rlr", True, False): 3e-3,
     ("rlr", False, None): 3e-3,  # position:left over 300 updates, default-flow position (1e-3 on default-flow size)
@@ -243,7 +244,8 @@ class TrainConfig:
           steps) when the reward is differentiable, RLR when it is not (backprop cannot run; RLR's half-order
           and likelihood-ratio terms can). Truncated backprop is biased (it recovers 4-10% of the full gradient
           on the embedded model, cosine 0.34-0.57), yet it reached the higher reward on every differentiable
-          task measured, short and long runs, at 0.37x RLR's CPU time per update; full backprop with
+          task measured at T = 20, short and long runs, at 0.37x RLR's CPU time per update, and on one of the
+          two structure rewards at T = 50 (RLR won the other, ``position:left``); full backprop with
           checkpointing is unbiased but 4.4x truncated's cost per update and has shown no gain in runs so far
           (docs/estimators.md, "Which estimator for which reward").
         * ``lr=None``: the estimator's measured rate (:func:`measured_lr`).
