@@ -146,6 +146,7 @@ def test_the_run_line_says_when_the_step_baseline_is_on(tmp_path, caplog):
     import logging
 
     from rlr_backend.train import TrainConfig, Trainer
+    from rlr_backend.train.config import measured_lr
 
     tiny = dict(estimator="rlr", steps=1, batch_size=2, images_per_prompt=2, num_inference_steps=6, fo_steps=1,
                 eval_every=0, output_dir=tmp_path)
@@ -153,5 +154,6 @@ def test_the_run_line_says_when_the_step_baseline_is_on(tmp_path, caplog):
         for on in (True, False):
             Trainer(TrainConfig(**tiny, step_baseline=on, run_name=f"sb-{on}"), progress=False).run()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run ")]
-    assert [": rlr with the step baseline, lr 0.001, 1 updates" in line for line in lines] == [True, False]
-    assert ": rlr, lr 0.003, 1 updates" in lines[1]  # each at its measured default rate
+    sb_lr, plain_lr = measured_lr("rlr", True, True), measured_lr("rlr", False, True)  # each at its own default rate
+    assert [f": rlr with the step baseline, lr {sb_lr:g}, 1 updates" in line for line in lines] == [True, False]
+    assert f": rlr, lr {plain_lr:g}, 1 updates" in lines[1]
