@@ -77,10 +77,20 @@ def _key(r: dict) -> tuple:
     return (r["reward"], r["T"], r["variant"], r["lr"], r["seed"])
 
 
+#: the sweep scores a rate by the mean set-A reward of its seed-0 run's last this-many evaluations: one 8-image
+#: evaluation is noisy enough that a run which collapsed and half-recovered at the last one can win on it
+SELECT_LAST = 3
+
+
+def sweep_score(run: dict) -> float:
+    """A seed-0 run's score in the sweep: the mean set-A reward of its last ``SELECT_LAST`` evaluations."""
+    return statistics.mean(p["eval_reward"] for p in run["points"][-SELECT_LAST:])
+
+
 def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | None:
-    """The rate whose seed-0 run ended with the best set-A reward (None before the sweep is done)."""
+    """The rate whose seed-0 run scored best (``sweep_score``; None before the sweep is done)."""
     source = SHARES_LR.get(variant, variant)
-    tried = {r["lr"]: r["points"][-1]["eval_reward"] for r in runs
+    tried = {r["lr"]: sweep_score(r) for r in runs
              if (r["reward"], r["T"], r["variant"], r["seed"]) == (reward, T, source, 0)}
     return max(tried, key=tried.get) if tried else None
 
@@ -221,7 +231,7 @@ def section(r: dict, images: Path, flow: bool = False) -> list[str]:
              f"`python -m benchmarks.run --only {'flowrun' if flow else 'longrun'}` ({r.get('budget', '?')}; "
              f"{r.get('seconds', 0) / 3600:.1f} h so far). {'`default-flow`' if flow else 'Embedded default model'}, "
              f"{cfg['updates']} updates x batch {cfg['batch']}, learning rate the best of "
-             f"{cfg['lrs']} on seed 0{kl_note}, evaluations every {cfg['eval_every']} updates. "
+             f"{cfg['lrs']} on seed 0 (the mean set-A reward of its last {SELECT_LAST} evaluations){kl_note}, evaluations every {cfg['eval_every']} updates. "
              "Rewards are measured on held-out seed set B; the best-LoRA guard selects on set A. "
              "*kept*: the set-B reward of the LoRA the guard keeps. *share of peak kept*: (end - start) / (peak - start) "
              "per seed; *guard keeps*: the same share for the LoRA the guard keeps. *lr*: the chosen rate, with how "

@@ -269,6 +269,22 @@ def test_default_run_background_colour_and_page():
     assert "(0.05, 0.06, 0.05) -> (0.05, 0.16, 0.05)" in page and "the 8 fixed-seed images" in page
 
 
+def test_the_long_run_sweep_does_not_pick_a_rate_on_one_lucky_last_evaluation():
+    """A seed-0 run that collapsed and half-recovered at its last evaluation (the size:0.4 T=50 RLR sweep)
+    ends a hair above a steady one; the sweep scores the last three evaluations, so the steady rate wins."""
+    from benchmarks import long_run
+
+    def run(lr, evals, seed=0):
+        return {"reward": "size:0.4", "T": 50, "variant": "rlr", "lr": lr, "seed": seed,
+                "points": [{"eval_reward": e} for e in evals]}
+
+    steady, collapsed = run(1e-3, [-0.09, -0.04, -0.03, -0.03, -0.032]), run(3e-3, [-0.09, -0.03, -0.12, -0.09, -0.030])
+    assert collapsed["points"][-1]["eval_reward"] > steady["points"][-1]["eval_reward"]
+    assert long_run.chosen_lr([collapsed, steady], "size:0.4", 50, "rlr") == 1e-3
+    assert long_run.sweep_score(collapsed) == pytest.approx((-0.12 - 0.09 - 0.03) / 3)
+    assert long_run.chosen_lr([run(1e-3, [-0.09, -0.2, -0.01], seed=1)], "size:0.4", 50, "rlr") is None  # seed 0 only
+
+
 def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_path):
     """Orchestration with a stand-in trainer: every variant's rate is swept on seed 0, the other seeds train
     at the best rate, the guard variant borrows RLR's, a resumed suite trains nothing again, and the page
