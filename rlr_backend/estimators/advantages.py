@@ -117,7 +117,7 @@ def compute_advantages(rewards: Tensor, kind: str = "loo", *, groups: Tensor | N
                 buf.extend(vals.tolist())
                 while len(buf) > state.per_prompt_buffer:
                     buf.popleft()
-                hist = torch.tensor(list(buf), dtype=r.dtype)
+                hist = torch.tensor(list(buf), dtype=r.dtype, device=r.device)
             else:
                 hist = vals
             mean = hist.mean() if hist.numel() else 0.0

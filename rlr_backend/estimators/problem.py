@@ -119,6 +119,7 @@ def evaluate_reward(problem: ChainProblem, x0: Tensor) -> tuple[Tensor, Tensor]:
         raise RewardOutputError(
             f"the reward must return a tensor of shape ({x0.shape[0]},), one value per image; got {shape}"
         )
+    r = r.to(x0.device)  # a reward scored elsewhere (ComfyUI's VAE on the CPU): masks and losses follow the latents
     return r, torch.isfinite(r.detach())
 
 

@@ -42,7 +42,8 @@ def step_advantages(problem: ChainProblem, traj: Trajectory, rewards: Tensor, st
     if len(traj.x0_hats) != traj.num_steps:
         raise ValueError("the trajectory has no x_0 estimates (sample it with sample_chain(..., keep_x0_hats=True))")
     r = problem.gather(rewards.detach()).double()
-    groups = problem.gather(problem.groups) if problem.groups is not None else torch.zeros(len(r), dtype=torch.long)
+    groups = (problem.gather(problem.groups) if problem.groups is not None
+              else torch.zeros(len(r), dtype=torch.long, device=r.device))
     out: dict[int, Tensor] = {}
     failed = 0
     with torch.no_grad():
@@ -77,10 +78,11 @@ def scaled_advantages(r: Tensor, b: Tensor, groups: Tensor, kind: str = "loo") -
     rz, bz = torch.where(valid, r, zero), torch.where(valid, b, zero)
     adv = rz - c * bz  # "none"; and "loo" for a row with no other valid row (b = 0 there: c is 0)
     if kind == "loo":
-        ids = torch.unique(groups, return_inverse=True)[1]
-        g_n = torch.zeros(int(ids.max()) + 1, dtype=r.dtype).index_add_(0, ids, v)[ids] - v  # same-prompt others
-        g_r = torch.zeros(len(g_n), dtype=r.dtype).index_add_(0, ids, rc)[ids] - rc
-        g_b = torch.zeros(len(g_n), dtype=r.dtype).index_add_(0, ids, bc)[ids] - bc
+        ids = torch.unique(groups.to(r.device), return_inverse=True)[1]  # prompt ids may live on the CPU
+        sums = torch.zeros(int(ids.max()) + 1, dtype=r.dtype, device=r.device)
+        g_n = sums.index_add(0, ids, v)[ids] - v  # same-prompt others
+        g_r = sums.index_add(0, ids, rc)[ids] - rc
+        g_b = sums.index_add(0, ids, bc)[ids] - bc
         use_g = g_n >= 1
         pool_n = torch.where(use_g, g_n, m).clamp_min(1)
         pool = torch.where(use_g, g_r - c * g_b, s_r - c * s_b)
