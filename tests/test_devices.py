@@ -5,6 +5,7 @@ per-prompt sums (every RLR update failed on CUDA) and the finite-reward mask of 
 (the ComfyUI trainer on CUDA). No GPU here: the first test refuses factories without a device, the second
 puts the latents on the meta device, where mixing with a CPU tensor raises as it does on CUDA."""
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -19,11 +20,17 @@ FACTORIES = {torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, tor
 
 
 class NoDefaultDevice(TorchFunctionMode):
-    """Raises when a tensor is made without naming its device (it would land on the CPU whatever the inputs)."""
+    """Raises when a tensor is made without naming its device (it would land on the CPU whatever the inputs);
+    ``only``: police calls made from files whose path ends so (the tokenizer's CPU tensors are fine)."""
+
+    def __init__(self, only: str | None = None):
+        super().__init__()
+        self.only = only
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in FACTORIES and kwargs.get("device") is None:
+        caller = sys._getframe(1).f_code.co_filename
+        if func in FACTORIES and kwargs.get("device") is None and (self.only is None or caller.endswith(self.only)):
             raise AssertionError(f"torch.{func.__name__} without a device")
         return func(*args, **kwargs)
 
@@ -52,6 +59,18 @@ def test_the_per_prompt_baseline_history_is_on_the_rewards_device():
     with NoDefaultDevice():
         adv = compute_advantages(r, "per_prompt_norm", groups=torch.tensor([0, 0, 1, 1], device="cpu"), state=state)
     assert torch.isfinite(adv).all()
+
+
+def test_the_trainer_makes_its_prompt_ids_on_its_device(tmp_path):
+    """The trainer made the prompt ids on the CPU; with rewards on CUDA every RLR update with a prompt list
+    failed in the baseline (the GPU check's ComfyUI run). ``compute_advantages`` also moves ids it is given."""
+    from rlr_backend.train import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(estimator="rlr", steps=1, batch_size=2, images_per_prompt=1, num_inference_steps=6, eval_every=0,
+                                  output_dir=tmp_path), progress=False)
+    with NoDefaultDevice(only="rlr_backend/train/trainer.py"):
+        problem = trainer.problem([0, 1])
+    assert problem.groups.device == trainer.device and problem.groups.tolist() == [0, 1]
 
 
 def test_a_reward_scored_on_another_device_comes_back_on_the_latents_device():

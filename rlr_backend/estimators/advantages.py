@@ -79,6 +79,7 @@ def compute_advantages(rewards: Tensor, kind: str = "loo", *, groups: Tensor | N
     valid = torch.isfinite(r)
     r = torch.where(valid, r, torch.zeros_like(r))
     zeros = torch.zeros_like(r)
+    groups = groups.to(r.device) if groups is not None else None  # prompt ids may be made on the CPU
     group_ids = groups if groups is not None else torch.zeros_like(r, dtype=torch.long)
     if kind == "none":
         adv = r

@@ -145,7 +145,7 @@ class Trainer:
 
         return ChainProblem(self.model, self.schedule, prompts, reward, self.params,
                             reward_differentiable=self.reward.differentiable,
-                            groups=torch.tensor(prompt_ids))
+                            groups=torch.tensor(prompt_ids, device=self.device))
 
     # -- evaluation -------------------------------------------------------------------------------
     @property
