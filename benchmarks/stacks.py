@@ -38,17 +38,23 @@ class Stack:
     pixels: int
     unet: torch.nn.Module | None = None
     decode: dict = field(default_factory=lambda: {"one_at_a_time": False})
+    vae: torch.nn.Module | None = None  # the full-size stacks' (the GPU check): checkpointed as the trainer does
 
     @contextmanager
     def gradient_checkpointing(self):
         """The trainer's ``--gradient-checkpointing`` minus the step part (an estimator option): UNet
-        blocks recompute their activations in backward and the reward decodes one image at a time."""
-        self.unet.enable_gradient_checkpointing()
+        blocks recompute their activations in backward and the reward decodes one image at a time; with
+        ``vae`` the decoder's own up-block checkpointing too (``rlr_backend.train.memory``; the cost suite's
+        stacks have none, so its measured rows keep their meaning)."""
+        modules = [m for m in (self.unet, self.vae) if m is not None]
+        for m in modules:
+            m.enable_gradient_checkpointing()
         self.decode["one_at_a_time"] = True
         try:
             yield
         finally:
-            self.unet.disable_gradient_checkpointing()
+            for m in modules:
+                m.disable_gradient_checkpointing()
             self.decode["one_at_a_time"] = False
 
 
@@ -213,4 +219,4 @@ def build_arch_stack(arch: str, *, tiny: bool = False, batch: int = 1, num_steps
     lat = spec.resolution // 2 ** (len(spec.vae["block_out_channels"]) - 1)
     return Stack(f"{arch}{'-tiny' if tiny else ''}", problem, (batch, unet.config.in_channels, lat, lat),
                  _weights(unet, vae, aesthetic), sum(p.numel() for p in unet.parameters()), spec.resolution, unet,
-                 decode)
+                 decode, vae)

@@ -71,6 +71,16 @@ def test_tiny_sdxl_stack_samples_with_its_added_conditioning():
         updates.build_arch_stack("sd3", tiny=True)
 
 
+def test_the_checks_checkpointing_is_the_trainers_the_decoder_included():
+    """The first GPU run checkpointed the UNet only, so its checkpointed decode + reward kept a whole image's
+    decoder graph (SDXL at batch 1: 20.3 GB against the 1.9 GB the trainer's setting predicts)."""
+    stack = updates.build_arch_stack("sd15", tiny=True, batch=2, num_steps=3, dtype=torch.float32)
+    decoder, unet = stack.vae.decoder, stack.unet
+    with stack.gradient_checkpointing():
+        assert decoder.gradient_checkpointing and unet.is_gradient_checkpointing
+    assert not decoder.gradient_checkpointing and not unet.is_gradient_checkpointing
+
+
 def test_budget_guards_and_failures_are_recorded_and_the_run_goes_on(tmp_path):
     checks = runner.Checks(runner.Budget(100.0), {"x": 1}, tmp_path / "r.json", tmp_path / "r.md", report.render,
                            guard_min_s=0.5, guard_factor=1.0)
