@@ -63,11 +63,13 @@ def test_the_per_prompt_baseline_history_is_on_the_rewards_device():
 
 def test_the_trainer_makes_its_prompt_ids_on_its_device(tmp_path):
     """The trainer made the prompt ids on the CPU; with rewards on CUDA every RLR update with a prompt list
-    failed in the baseline (the GPU check's ComfyUI run). ``compute_advantages`` also moves ids it is given."""
+    failed in the baseline (the GPU check's ComfyUI run). (``compute_advantages`` also moves ids it is given to
+    the rewards' device; with one device here that line cannot be tested on the CPU.)"""
     from rlr_backend.train import TrainConfig, Trainer
 
-    trainer = Trainer(TrainConfig(estimator="rlr", steps=1, batch_size=2, images_per_prompt=1, num_inference_steps=6, eval_every=0,
-                                  output_dir=tmp_path), progress=False)
+    config = TrainConfig(estimator="rlr", steps=1, batch_size=2, images_per_prompt=1, num_inference_steps=6,
+                         eval_every=0, output_dir=tmp_path)
+    trainer = Trainer(config, progress=False)
     with NoDefaultDevice(only="rlr_backend/train/trainer.py"):
         problem = trainer.problem([0, 1])
     assert problem.groups.device == trainer.device and problem.groups.tolist() == [0, 1]
