@@ -69,9 +69,9 @@ def test_prediction_rows_carry_the_model_figures(page):
         p = mm.predict(fits, s, opts, COUNTS, "rlr")
         row = next(line for line in text.splitlines() if line.startswith(f"| SD1.5 512 px | 1 | 1 | {opts.label} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[9] == f"**{p['bytes'] / G:.2f}**"
-        assert cells[10] == f"{mm.with_margin(p['bytes']) / G:.2f}"
-        assert cells[11] == mm.smallest_card(p["bytes"])
+        assert cells[9] == f"{p['bytes'] / G:.2f}" and cells[10] == "-"  # no GPU check: no correction
+        assert cells[11] == f"{mm.with_margin(p['bytes']) / G:.2f}"
+        assert cells[12] == f"**{mm.smallest_card(p['bytes'])}**"
         assert cells[8].endswith(f"({p['binding_phase'].replace('_', '-')})")
     # one table row per prediction: rlr (2 archs x 2 batches x 2 FO windows x 5 option sets) and the other
     # estimators (FO 1 only, without 8-bit Adam or an fp32 reward: 3 option sets)
@@ -85,7 +85,7 @@ def test_verdicts_name_the_first_option_set_that_fits(page):
     by = {p["options"]["label"]: p for p in analysis["predictions"] if p["estimator"] == "rlr"
           and p["scenario"]["arch"] == "sd15" and p["scenario"]["batch"] == 1 and p["scenario"]["fo_steps"] == 1}
     first = next(o.label for o in mm.OPTION_SETS if mm.with_margin(by[o.label]["bytes"]) <= 8 * G)
-    assert f"batch 1: **yes**" in line and first in line.split(";")[0]
+    assert "batch 1: **yes**" in line and first in line.split(";")[0]
 
 
 def test_fit_measurement_and_validation_tables(page):
@@ -117,6 +117,38 @@ def test_full_size_and_gpu_sections_come_from_results_dir(tmp_path):
     assert "## Validation against whole updates" not in text  # no stack validation in the data
     assert "2026-01-02, Test GPU" in text and "Not measured on a GPU yet" not in text
     assert "| sd15 | 1 | rlr fo=1 | 5.00 | 4.00 | +25.0% | pass |" in text and "- sd15, rlr fo=1: +25.0%" in text
+
+
+def test_gpu_correction_scales_the_activations_by_the_measured_ratio_and_sets_the_verdicts(tmp_path):
+    data = {**_data(), "validation": []}
+    fits = mm.fit_components(data["points"])
+    vision = {**COUNTS, "reward": COUNTS["reward_vision_only"]}
+    opts = mm.Options.from_config(mm.gpu_config(gradient_checkpointing=True, offload_text_encoders=True))
+    measured = mm.predict(fits, mm.Scenario("sd15", 512, 4, h=2, fo_steps=1, eval_images=0), opts, vision, "rlr")
+    pers = sum(measured["persistent"].values())
+    row = {"group": "update", "name": "SD1.5: rlr ckpt", "arch": "sd15", "batch": 4, "T": 50, "h": 2, "window": 1,
+           "checkpointing": True, "estimator": "rlr", "model": "SD1.5 512 px fp16", "variant": "rlr ckpt",
+           "measured_bytes": pers + 3.0 * (measured["bytes"] - pers), "predicted_bytes": measured["bytes"]}
+    low = {**row, "name": "SD1.5: ddpo ckpt", "estimator": "ddpo", "measured_bytes": 0.5 * measured["bytes"]}
+    analysis = mm.analyse(data, {"checks": [row, low]})
+    assert analysis["gpu_ratios"]["sd15/ckpt"]["ratio"] == pytest.approx(3.0)  # the larger of the two rows
+    assert set(analysis["gpu_ratios"]) == {"sd15/ckpt"}
+    for p in analysis["predictions"]:
+        if p["scenario"]["arch"] == "sd15" and p["options"]["checkpointing"]:
+            base = sum(p["persistent"].values())
+            assert p["gpu_bytes"] == pytest.approx(base + 3.0 * (p["bytes"] - base))
+        else:
+            assert p["gpu_bytes"] is None
+    text = mm.render(data, analysis, tmp_path / "memory.md", [], results_dir=tmp_path)
+    assert "SD1.5 checkpointed x3.00 (rlr ckpt:" in text
+    p = next(p for p in analysis["predictions"] if p["estimator"] == "rlr" and p["scenario"]["arch"] == "sd15"
+             and p["scenario"]["batch"] == 1 and p["scenario"]["fo_steps"] == 1
+             and p["options"]["label"] == mm.OPTION_SETS[1].label)
+    line = next(line for line in text.splitlines() if line.startswith(f"| SD1.5 512 px | 1 | 1 | {p['options']['label']} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[10] == f"{p['gpu_bytes'] / G:.2f}" and cells[12] == f"**{mm.smallest_card(p['gpu_bytes'])}**"
+    verdict = next(line for line in text.splitlines() if line.startswith("- SD1.5 512x512 in 8 GB"))
+    assert "(RLR, FO 1 step, CPU fits)" in verdict  # the no-options rows have no GPU ratio
 
 
 def test_missing_fits_say_so_instead_of_predicting(tmp_path):

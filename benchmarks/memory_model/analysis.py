@@ -6,11 +6,13 @@ from dataclasses import asdict, replace
 
 from ..sd_archs import ARCHS
 from .fit import fit_bytes, fit_components
+from .gpu_correction import activation_ratios, corrected_bytes
 from .model import OPTION_SETS, Scenario, model_counts, predict
 
 
-def analyse(data: dict) -> dict:
-    """Fits, holdout checks and predictions from the saved measurements (no measuring)."""
+def analyse(data: dict, gpu: dict | None = None) -> dict:
+    """Fits, holdout checks and predictions from the saved measurements (no measuring); with a GPU check's
+    record ``gpu``, each prediction also gets its GPU-corrected bytes (``gpu_bytes``, or None)."""
     rows = data.get("points", [])
     fits = fit_components(rows)
     counts = data.get("counts") or model_counts()
@@ -55,6 +57,10 @@ def analyse(data: dict) -> dict:
                         preds.append(predict(fits, replace(s, fo_steps=2), opts, counts, "truncated_bp"))
                         preds.append(predict(fits, s, opts, counts, "ddpo"))
                         preds.append(predict(fits, s, opts, counts, "zo"))
+    ratios = activation_ratios(fits, counts, gpu) if not missing else {}
+    for p in preds:
+        p["gpu_bytes"] = corrected_bytes(p, ratios)
+    out["gpu_ratios"] = ratios
     out["predictions"] = preds
     out["missing_fits"] = ["/".join(k) for k in missing]
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..gpu_check.report import load_result
 from .analysis import analyse
 from .measure import plan, run_measurements
 from .model import model_counts, with_margin
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 logger.info("%-58s measured %7.1f MB predicted %7.1f MB (%+.1f%%)", case.key, v["measured"] / 1e6,
                             v["predicted"] / 1e6, 100 * v["rel_error"])
         run_measurements(points[n_small:], data["points"], save, deadline)
-    analysis = analyse(data)
+    analysis = analyse(data, load_result(path.parent))
     data["analysis"] = analysis
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))

@@ -177,7 +177,7 @@ def doc_section(data: dict | None = None) -> list[str]:
                      f"{r['update_seconds']:.0f} |")
     worst = max(rows, key=lambda r: abs(r["error"]))
     held = [r for r in rows if not r["fitted_on"]]
-    lines += ["", f"**Tensor bytes: the composition holds.** " + (
+    lines += ["", "**Tensor bytes: the composition holds.** " + (
         "Largest error of the predicted tensor peak against the traced update: "
         f"{max((r['tensor_error'] for r in traced), key=abs):+.1%} "
         f"({'; '.join(r['case'] for r in traced)})." if traced else "No run traced yet."),

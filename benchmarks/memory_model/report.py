@@ -76,6 +76,11 @@ def _doc_intro(counts: dict) -> list[str]:
         "`torch.cuda.max_memory_allocated`), not the process RSS.", ""]
 
 
+def _best(p: dict) -> float:
+    """A prediction's best estimate of a GPU's peak: GPU-corrected where a GPU check measured its kind."""
+    return p["gpu_bytes"] if p.get("gpu_bytes") is not None else p["bytes"]
+
+
 def _options_table(preds: list[dict], estimator: str) -> list[str]:
     lines = []
     for p in preds:
@@ -88,8 +93,8 @@ def _options_table(preds: list[dict], estimator: str) -> list[str]:
                      f"{o['label']} | {_gb(w)} | {_gb(pers['reward weights'])} | "
                      f"{_gb(pers['lora + grad'] + pers['adam moments'])} | {_gb(p['step']['peak'])} / "
                      f"{_gb(p['decode_reward']['peak'])} | {_gb(p['activations'] + p['chain_store'])} "
-                     f"({p['binding_phase'].replace('_', '-')}) | **{_gb(p['bytes'])}** | "
-                     f"{_gb(with_margin(p['bytes']))} | {smallest_card(p['bytes'])} |")
+                     f"({p['binding_phase'].replace('_', '-')}) | {_gb(p['bytes'])} | "
+                     f"{_gb(p.get('gpu_bytes'))} | {_gb(with_margin(_best(p)))} | **{smallest_card(_best(p))}** |")
     return lines
 
 def _doc_predictions(analysis: dict, full_size_data: dict) -> list[str]:
@@ -97,8 +102,9 @@ def _doc_predictions(analysis: dict, full_size_data: dict) -> list[str]:
     if not preds:
         return ["**Predictions**: not available (missing fits: " + ", ".join(analysis["missing_fits"]) + ").", ""]
     head = ["| model | B | FO steps | options | UNet + VAE + text weights | reward weights | LoRA + grad + Adam | "
-            "one step / decode + reward peak | activations (binding phase) | predicted peak | + margin | fits a card of |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "one step / decode + reward peak | activations (binding phase) | predicted peak (CPU fits) | GPU-corrected | "
+            "+ margin | fits a card of |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rlr1 = [p for p in preds if p["estimator"] == "rlr" and p["scenario"]["fo_steps"] == 1]
     rlr4 = [p for p in preds if p["estimator"] == "rlr" and p["scenario"]["fo_steps"] == 4]
     verdict = _verdicts(preds)
@@ -109,7 +115,8 @@ def _doc_predictions(analysis: dict, full_size_data: dict) -> list[str]:
              f"\"evaluation\"). GB = 1e9 bytes. \"+ margin\" adds "
              f"{MARGIN_FRACTION:.0%} (caching-allocator fragmentation, kernel workspaces) and "
              f"{MARGIN_FIXED / GB:.1f} GB (CUDA context); compare that column with a card's memory.", "",
-             *verdict, *_dominant(preds), "", *_validation_summary(full_size_data),
+             *_gpu_correction(analysis.get("gpu_ratios", {})), *verdict, *_dominant(preds), "",
+             *_validation_summary(full_size_data),
              "**RLR, first-order window of 1 step (the paper's FO):**", "", *head, *_options_table(rlr1, "rlr"), "",
              "**RLR with the project's default recipe `fo_steps=4`:**", "", *head, *_options_table(rlr4, "rlr"), "",
              "**The other estimators: full backprop through all 50 steps, truncated backprop (the last K = 2 steps, "
@@ -134,6 +141,24 @@ def _doc_predictions(analysis: dict, full_size_data: dict) -> list[str]:
              "for an extra forward per step (see the cost table in docs/benchmarks.md), not the other way round.", ""]
     lines += ["![predicted peaks](images/memory_predictions.png)", ""]
     return lines
+
+
+def _gpu_correction(ratios: dict) -> list[str]:
+    """What the GPU-corrected column is and the ratios behind it (nothing without a GPU check)."""
+    if not ratios:
+        return ["No GPU check has been run: the figures are the CPU fits' (read them as lower bounds: on the one "
+                "GPU measured so far they were low).", ""]
+    names = {"sd15": "SD1.5", "sdxl": "SDXL", "plain": "no options", "ckpt": "checkpointed"}
+    parts = [f"{names[k.split('/')[0]]} {names[k.split('/')[1]]} x{v['ratio']:.2f} ({v['row'].split(': ', 1)[-1]}: "
+             f"{v['measured'] / GB:.2f} GB measured, {v['predicted'] / GB:.2f} GB predicted)"
+             for k, v in sorted(ratios.items())]
+    return ["**GPU-corrected.** On a GPU the CPU fits are low (see [Measured on a GPU](#measured-on-a-gpu)): CUDA "
+            "keeps more bytes for backward than the CPU kernels the components were measured with, while the "
+            "composition is right. The GPU-corrected column scales each prediction's activations (its peak minus "
+            "weights and optimizer state) by the largest measured / predicted activation ratio of the GPU check's "
+            "updates of the same model and option (`benchmarks/memory_model/gpu_correction.py`): "
+            + "; ".join(parts) + ". The ratio measured at one batch (SD1.5: 4, SDXL: 1) is assumed for the other; "
+            "the card column and the verdicts below use the GPU-corrected figure where there is one.", ""]
 
 
 def _validation_summary(full_size_data: dict) -> list[str]:
@@ -168,18 +193,20 @@ def _verdicts(preds: list[dict]) -> list[str]:
         parts = []
         for b in sorted({p["scenario"]["batch"] for p in mine}):
             by = {p["options"]["label"]: p for p in mine if p["scenario"]["batch"] == b}
-            fit = next((o for o in OPTION_SETS if o.label in by and with_margin(by[o.label]["bytes"]) <= budget * GB),
+            fit = next((o for o in OPTION_SETS if o.label in by and with_margin(_best(by[o.label])) <= budget * GB),
                        None)
-            none = with_margin(by[OPTION_SETS[0].label]["bytes"]) / GB
+            none = with_margin(_best(by[OPTION_SETS[0].label])) / GB
             if fit is None:
-                best = min(with_margin(p["bytes"]) for p in by.values()) / GB
+                best = min(with_margin(_best(p)) for p in by.values()) / GB
                 parts.append(f"batch {b}: **no** (best {best:.1f} GB with the margin; no options {none:.1f} GB)")
             elif fit is OPTION_SETS[0]:
                 parts.append(f"batch {b}: **yes**, with no options ({none:.1f} GB with the margin)")
             else:
-                parts.append(f"batch {b}: **yes** with {fit.label} ({with_margin(by[fit.label]['bytes']) / GB:.1f} GB "
+                parts.append(f"batch {b}: **yes** with {fit.label} ({with_margin(_best(by[fit.label])) / GB:.1f} GB "
                              f"with the margin; no options {none:.1f} GB)")
-        out.append(f"- {ARCHS[arch]['label']} {res}x{res} in {budget} GB (RLR, FO 1 step): " + "; ".join(parts) + ".")
+        how = "GPU-corrected" if all(p.get("gpu_bytes") is not None for p in mine) else "CPU fits"
+        out.append(f"- {ARCHS[arch]['label']} {res}x{res} in {budget} GB (RLR, FO 1 step, {how}): " + "; ".join(parts)
+                   + ".")
     return out
 
 

@@ -107,7 +107,9 @@ def memory_model_section(r: dict, images: Path) -> list[str]:
              f"{m['commit']}. Command: `{r['command']}`; details, fits and validation in [memory.md](memory.md).*", "",
              "The models above are too small to run out of memory. The memory model fitted to CPU measurements of the "
              "real SD1.5 and SDXL UNets, the SD VAE and a CLIP ViT-L/14 aesthetic reward predicts the peak of one "
-             "update at T=50, h=2, LoRA rank 4, fp16. Each cell is the predicted peak plus a 15% + 0.5 GB margin, in GB; "
+             "update at T=50, h=2, LoRA rank 4, fp16. Each cell is the predicted peak, corrected with the GPU check's "
+             "measurements where it measured that model and option ([memory.md](memory.md#predictions): the CPU fits "
+             "were 22-45% low on an H200), plus a 15% + 0.5 GB margin, in GB; "
              f"**bold** = fits {CARD_GB} GB. *checkpointing* = the trainer's `--gradient-checkpointing`; *+ offload* = "
              "text encoders on the CPU (the trainer's default).", "",
              "| model | batch | estimator | no options | checkpointing | checkpointing + offload |", "|---|---|---|---|---|---|"]
@@ -121,7 +123,8 @@ def memory_model_section(r: dict, images: Path) -> list[str]:
                 hit = [x for x in preds if (x["scenario"]["arch"], x["scenario"]["resolution"], x["scenario"]["batch"],
                                             x["estimator"], x["scenario"]["fo_steps"], x["options"]["label"])
                        == (arch, px, batch, est, fo, label)]
-                gb = with_margin(hit[0]["bytes"]) / GB if hit else None
+                best = hit and (hit[0].get("gpu_bytes") or hit[0]["bytes"])  # GPU-corrected where measured
+                gb = with_margin(best) / GB if hit else None
                 cells.append("-" if gb is None else (f"**{gb:.1f}**" if gb <= CARD_GB else f"{gb:.1f}"))
             if set(cells) == {"-"}:
                 continue
