@@ -17,6 +17,7 @@ from rlr_backend.lora import add_lora
 from rlr_backend.models.diffusers_unet import DiffusersUNetDenoiser, TextConditioning
 from rlr_backend.models.tiny import build_tiny_unet
 from rlr_backend.sampling import DDIMSchedule, PromptSchedule
+from rlr_backend.train.memory import set_decoder_checkpointing
 
 from . import sd_archs
 
@@ -46,15 +47,18 @@ class Stack:
         blocks recompute their activations in backward and the reward decodes one image at a time; with
         ``vae`` the decoder's own up-block checkpointing too (``rlr_backend.train.memory``; the cost suite's
         stacks have none, so its measured rows keep their meaning)."""
-        modules = [m for m in (self.unet, self.vae) if m is not None]
-        for m in modules:
-            m.enable_gradient_checkpointing()
+        if self.unet is not None:
+            self.unet.enable_gradient_checkpointing()
+        if self.vae is not None:
+            set_decoder_checkpointing(self.vae, True)
         self.decode["one_at_a_time"] = True
         try:
             yield
         finally:
-            for m in modules:
-                m.disable_gradient_checkpointing()
+            if self.unet is not None:
+                self.unet.disable_gradient_checkpointing()
+            if self.vae is not None:
+                set_decoder_checkpointing(self.vae, False)
             self.decode["one_at_a_time"] = False
 
 
@@ -196,10 +200,12 @@ def build_arch_stack(arch: str, *, tiny: bool = False, batch: int = 1, num_steps
         img = (vae.decode(4 * torch.tanh(latents / 4) / scale).sample + 1) / 2
         return aesthetic(img.clamp(0, 1))
 
-    def reward(latents: torch.Tensor) -> torch.Tensor:
-        if decode["one_at_a_time"] and torch.is_grad_enabled() and latents.shape[0] > 1:
+    def reward(latents: torch.Tensor) -> torch.Tensor:  # as rlr_backend.models.diffusers_model.decode_latents
+        if not decode["one_at_a_time"] or latents.shape[0] == 1:
+            return score(latents)
+        if torch.is_grad_enabled():
             return torch.cat([checkpoint(score, z, use_reentrant=False) for z in latents.split(1)])
-        return score(latents)
+        return torch.cat([score(z) for z in latents.split(1)])  # no grad: one image at a time too
 
     g = torch.Generator().manual_seed(seed + 4)
     text = torch.randn(1, spec.text_tokens, spec.text_dim, generator=g).to(device, dtype).expand(batch, -1, -1)

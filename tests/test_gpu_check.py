@@ -76,9 +76,20 @@ def test_the_checks_checkpointing_is_the_trainers_the_decoder_included():
     decoder graph (SDXL at batch 1: 20.3 GB against the 1.9 GB the trainer's setting predicts)."""
     stack = updates.build_arch_stack("sd15", tiny=True, batch=2, num_steps=3, dtype=torch.float32)
     decoder, unet = stack.vae.decoder, stack.unet
+    batches = []
+    decode = stack.vae.decode
+    stack.vae.decode = lambda z, *a, **k: (batches.append(z.shape[0]), decode(z, *a, **k))[1]
     with stack.gradient_checkpointing():
         assert decoder.gradient_checkpointing and unet.is_gradient_checkpointing
+        assert "forward" in decoder.up_blocks[0].resnets[0].__dict__  # the trainer's sub-block checkpoints
+        with torch.no_grad():  # the trainer decodes one image at a time without grad too (the second GPU
+            stack.problem.reward(torch.randn(stack.latent_shape))  # lease measured a batched no-grad decode)
+        assert batches == [1, 1]
     assert not decoder.gradient_checkpointing and not unet.is_gradient_checkpointing
+    assert "forward" not in decoder.up_blocks[0].resnets[0].__dict__
+    with torch.no_grad():
+        stack.problem.reward(torch.randn(stack.latent_shape))
+    assert batches == [1, 1, 2]
 
 
 def test_budget_guards_and_failures_are_recorded_and_the_run_goes_on(tmp_path):

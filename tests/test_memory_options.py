@@ -62,7 +62,9 @@ def test_gradient_checkpointing_covers_the_vae_decoder(tmp_path):
         trainer.decode(z).sum().backward()
     decode_backward()  # warm-up
     with_vae = peak_allocated(decode_backward)
-    trainer.t2i.vae.disable_gradient_checkpointing()
+    from rlr_backend.train.memory import set_decoder_checkpointing
+
+    set_decoder_checkpointing(trainer.t2i.vae, False)
     without_vae = peak_allocated(decode_backward)
     assert with_vae < 0.8 * without_vae, (with_vae, without_vae)
 
@@ -176,3 +178,61 @@ def test_reward_models_follow_the_precision_on_a_gpu_only():
     assert reward_models_in_precision(both, torch.device("cuda"), "fp16") == 1 and model.dtype == torch.float16
     alone = Scorer()
     assert reward_models_in_precision(alone, torch.device("cuda"), "bf16") == 1 and alone.dtype == torch.bfloat16
+
+
+def _small_kl_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=8,
+                         block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3).eval()
+
+
+def test_decoder_sub_block_checkpointing_lowers_the_decode_peak_with_the_same_gradient():
+    """`--gradient-checkpointing` puts every resnet, attention and upsampler of an AutoencoderKL decoder under
+    its own checkpoint inside diffusers' up-block checkpoints: the same gradient, a lower peak (the backward of
+    an up-block holds one sub-block's activations at a time), and off again restores the class's forward."""
+    import copy
+
+    from rlr_backend.train.memory import set_decoder_checkpointing
+
+    vae = _small_kl_vae()
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    grads, peaks = {}, {}
+    for mode in ("blocks", "sub-blocks"):
+        if mode == "blocks":
+            vae.enable_gradient_checkpointing()
+        else:
+            assert set_decoder_checkpointing(vae, True) == 2 + 1 + 3 * 3 + 2  # mid 2 resnets + 1 attention, 3 x 3 resnets, 2 upsamplers
+
+        def decode_backward():
+            z.grad = None
+            vae.decode(z).sample.square().mean().backward()
+        decode_backward()  # warm-up
+        peaks[mode] = peak_allocated(decode_backward)
+        grads[mode] = z.grad.clone()
+    torch.testing.assert_close(grads["blocks"], grads["sub-blocks"], atol=1e-6, rtol=1e-5)
+    assert peaks["sub-blocks"] < 0.8 * peaks["blocks"], peaks
+    twin = copy.deepcopy(vae)  # the partial rebinds to the copy's own modules
+    assert twin.decoder.up_blocks[0].resnets[0].forward.args[0] is twin.decoder.up_blocks[0].resnets[0]
+    assert set_decoder_checkpointing(vae, False) == 0 and not vae.is_gradient_checkpointing
+    assert "forward" not in vae.decoder.mid_block.resnets[0].__dict__
+
+
+def test_decoder_sub_block_checkpointing_leaves_other_vaes_to_diffusers():
+    from rlr_backend.train.memory import set_decoder_checkpointing
+
+    class VideoVAE(torch.nn.Module):  # stands for the cached-frame VAEs (Wan, Qwen-Image): only diffusers' switch
+        is_gradient_checkpointing = False
+
+        def enable_gradient_checkpointing(self):
+            self.is_gradient_checkpointing = True
+
+        def disable_gradient_checkpointing(self):
+            self.is_gradient_checkpointing = False
+
+    v = VideoVAE()
+    v.decoder = _small_kl_vae().decoder
+    assert set_decoder_checkpointing(v, True) == 0 and v.is_gradient_checkpointing
+    assert "forward" not in v.decoder.mid_block.resnets[0].__dict__

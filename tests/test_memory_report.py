@@ -119,36 +119,47 @@ def test_full_size_and_gpu_sections_come_from_results_dir(tmp_path):
     assert "| sd15 | 1 | rlr fo=1 | 5.00 | 4.00 | +25.0% | pass |" in text and "- sd15, rlr fo=1: +25.0%" in text
 
 
-def test_gpu_correction_scales_the_activations_by_the_measured_ratio_and_sets_the_verdicts(tmp_path):
+def test_gpu_correction_rescales_the_parts_the_gpu_measured_and_sets_the_verdicts(tmp_path):
+    """A GPU check whose SD1.5 parts are the CPU fits x known factors: the model recovers the factors, recomputes
+    every SD1.5 prediction with its parts scaled (not SDXL's: not measured) and the page's cards follow it."""
+    from benchmarks.memory_model.model import decode_and_reward, unet_call
+
     data = {**_data(), "validation": []}
     fits = mm.fit_components(data["points"])
-    vision = {**COUNTS, "reward": COUNTS["reward_vision_only"]}
-    opts = mm.Options.from_config(mm.gpu_config(gradient_checkpointing=True, offload_text_encoders=True))
-    measured = mm.predict(fits, mm.Scenario("sd15", 512, 4, h=2, fo_steps=1, eval_images=0), opts, vision, "rlr")
-    pers = sum(measured["persistent"].values())
-    row = {"group": "update", "name": "SD1.5: rlr ckpt", "arch": "sd15", "batch": 4, "T": 50, "h": 2, "window": 1,
-           "checkpointing": True, "estimator": "rlr", "model": "SD1.5 512 px fp16", "variant": "rlr ckpt",
-           "measured_bytes": pers + 3.0 * (measured["bytes"] - pers), "predicted_bytes": measured["bytes"]}
-    low = {**row, "name": "SD1.5: ddpo ckpt", "estimator": "ddpo", "measured_bytes": 0.5 * measured["bytes"]}
-    analysis = mm.analyse(data, {"checks": [row, low]})
-    assert analysis["gpu_ratios"]["sd15/ckpt"]["ratio"] == pytest.approx(3.0)  # the larger of the two rows
-    assert set(analysis["gpu_ratios"]) == {"sd15/ckpt"}
+    px = 64 * 64
+    parts = {}
+    for var, ckpt, f_step, f_dec in (("plain", False, 1.5, 2.0), ("ckpt", True, 1.25, 3.0)):
+        step, dec = unet_call(fits, "sd15", 8, px, ckpt), decode_and_reward(fits, 4, px, ckpt)
+        plain_step, plain_dec = unet_call(fits, "sd15", 8, px, False), decode_and_reward(fits, 4, px, False)
+        parts[var] = {"step_peak": f_step * step.peak, "step_retained": f_step * step.retained,
+                      "step_nograd": 1.1 * plain_step.nograd, "reward_peak": f_dec * dec.peak,
+                      "reward_retained": f_dec * dec.retained, "reward_nograd": 1.2 * plain_dec.nograd}
+    build = {"group": "update", "name": "SD1.5 512 px fp16: build", "model": "SD1.5 512 px fp16", "batch": 4,
+             "parts": parts}
+    analysis = mm.analyse(data, {"checks": [build]})
+    assert set(analysis["gpu_scales"]) == {"sd15/plain", "sd15/ckpt"}
+    ck = analysis["gpu_scales"]["sd15/ckpt"]
+    assert ck["step"] == pytest.approx([1.25, 1.25, 1.1]) and ck["decode"] == pytest.approx([3.0, 3.0, 1.2])
+    scale = mm.PartScale(step=(1.25, 1.25, 1.1), decode=(3.0, 3.0, 1.2))
     for p in analysis["predictions"]:
-        if p["scenario"]["arch"] == "sd15" and p["options"]["checkpointing"]:
-            base = sum(p["persistent"].values())
-            assert p["gpu_bytes"] == pytest.approx(base + 3.0 * (p["bytes"] - base))
-        else:
+        if p["scenario"]["arch"] == "sdxl":
             assert p["gpu_bytes"] is None
+        elif p["options"]["checkpointing"]:
+            want = mm.predict(fits, mm.Scenario(**p["scenario"]), mm.Options(**p["options"]), COUNTS, p["estimator"],
+                              scale)["bytes"]
+            assert p["gpu_bytes"] == pytest.approx(want) and p["gpu_bytes"] > p["bytes"]
     text = mm.render(data, analysis, tmp_path / "memory.md", [], results_dir=tmp_path)
-    assert "SD1.5 checkpointed x3.00 (rlr ckpt:" in text
+    assert "SD1.5 checkpointed: denoiser call x1.25 (peak) / x1.25 (kept), decode + reward x3.00 / x3.00" in text
     p = next(p for p in analysis["predictions"] if p["estimator"] == "rlr" and p["scenario"]["arch"] == "sd15"
              and p["scenario"]["batch"] == 1 and p["scenario"]["fo_steps"] == 1
              and p["options"]["label"] == mm.OPTION_SETS[1].label)
     line = next(line for line in text.splitlines() if line.startswith(f"| SD1.5 512 px | 1 | 1 | {p['options']['label']} |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[10] == f"{p['gpu_bytes'] / G:.2f}" and cells[12] == f"**{mm.smallest_card(p['gpu_bytes'])}**"
-    verdict = next(line for line in text.splitlines() if line.startswith("- SD1.5 512x512 in 8 GB"))
-    assert "(RLR, FO 1 step, CPU fits)" in verdict  # the no-options rows have no GPU ratio
+    assert next(line for line in text.splitlines() if line.startswith("- SD1.5 512x512 in 8 GB")).startswith(
+        "- SD1.5 512x512 in 8 GB (RLR, FO 1 step, GPU-corrected)")
+    assert next(line for line in text.splitlines() if line.startswith("- SDXL 1024x1024 in 16 GB")).startswith(
+        "- SDXL 1024x1024 in 16 GB (RLR, FO 1 step, CPU fits)")
 
 
 def test_missing_fits_say_so_instead_of_predicting(tmp_path):

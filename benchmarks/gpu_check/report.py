@@ -62,7 +62,8 @@ def updates_table(rows: list[dict]) -> list[str]:
             continue
         measured = r.get("measured_bytes")
         ref = r.get("predicted_bytes")
-        note = r.get("reason", "") if r["status"] != "pass" else ""
+        note = "; ".join(x for x in (r.get("reason", "") if r["status"] != "pass" else "",
+                                     f"superseded: {r['superseded']}" if r.get("superseded") else "") if x)
         out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['status']} | {_gb(measured)} | {_gb(ref)} | "
                    f"{_pct(measured / ref) if measured and ref else '-'} | {_gb(r.get('composed_bytes'))} | "
                    f"{_pct(r.get('composed_ratio'))} | {(r.get('binding_phase') or r.get('composed_phase') or '-')} | "
@@ -130,9 +131,10 @@ def memory_doc_section(results_dir) -> list[str]:
     for r in rows:
         m, p = r.get("measured_bytes"), r.get("predicted_bytes")
         why = f": {r['reason']}" if r.get("reason") else ""
+        why += f" (superseded: {r['superseded']})" if r.get("superseded") else ""
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {_gb(m)} | {_gb(p)} | "
                      f"{_pct(m / p) if m and p else '-'} | {r['status']}{why} |")
-        if m and p and abs(m / p - 1) > 0.10:
+        if m and p and abs(m / p - 1) > 0.10 and not r.get("superseded"):
             gaps.append(f"- {r['model']}, {r['variant']}: {m / p - 1:+.1%} (composed from this GPU's own parts: "
                         f"{_pct(r.get('composed_ratio'))}).")
     lines += ["", "Gaps over 10% (a gap in *composed* too means the composition is wrong; only in the prediction, a "

@@ -42,7 +42,7 @@ from .cli import machine, main, summary
 from .fit import FIT_TERMS, Fit, Fits, fit_bytes, fit_components
 from .measure import (MARK, Measurer, Point, SegmentMemory, available_bytes, guess_need, live_bytes_trace,
                       measure_nograd, measure_segment, plan, run_measurements, weight_bytes)
-from .model import (CARDS, MARGIN_FIXED, MARGIN_FRACTION, OPTION_SETS, PHASE_ESTIMATORS, Options, Scenario,
+from .model import (CARDS, MARGIN_FIXED, MARGIN_FRACTION, OPTION_SETS, PHASE_ESTIMATORS, Options, PartScale, Scenario,
                     UpdatePhases, chain_peak, chain_store_bytes, checkpointed, ddpo_phases, evaluation_bytes,
                     full_bp_phases, gpu_config, model_counts, persistent_bytes, predict, rlr_phases, sequential,
                     smallest_card, truncated_bp_phases, update_phases, with_margin)
@@ -54,7 +54,7 @@ from .validation import ValidationCase, stack_components, validate, validate_pro
 __all__ = [
     "AESTHETIC_HEAD_PARAMS", "ARCHS", "CARDS", "CLIP_L_TEXT", "CLIP_VIT_L14_VISION", "DOC", "FIT_TERMS", "GB",
     "LORA_TARGETS", "MARGIN_FIXED", "MARGIN_FRACTION", "MARK", "MEASURE_DTYPE", "OPENCLIP_BIGG_TEXT",
-    "OPTION_SETS", "PHASE_ESTIMATORS", "QUICK_RESULTS", "RESULTS", "SD15_UNET", "SDXL_UNET", "SD_VAE",
+    "OPTION_SETS", "PHASE_ESTIMATORS", "PartScale", "QUICK_RESULTS", "RESULTS", "SD15_UNET", "SDXL_UNET", "SD_VAE",
     "AestheticReward", "Fit", "Fits", "Measurer", "Options", "Point", "Scenario", "SegmentMemory",
     "UpdatePhases", "ValidationCase", "analyse", "available_bytes", "build_reward", "build_unet", "build_vae",
     "chain_peak", "chain_store_bytes", "checkpointed", "ddpo_phases", "evaluation_bytes", "fit_bytes",

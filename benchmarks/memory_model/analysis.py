@@ -6,7 +6,7 @@ from dataclasses import asdict, replace
 
 from ..sd_archs import ARCHS
 from .fit import fit_bytes, fit_components
-from .gpu_correction import activation_ratios, corrected_bytes
+from .gpu_correction import check_rows, corrected_bytes, part_scales
 from .model import OPTION_SETS, Scenario, model_counts, predict
 
 
@@ -57,10 +57,11 @@ def analyse(data: dict, gpu: dict | None = None) -> dict:
                         preds.append(predict(fits, replace(s, fo_steps=2), opts, counts, "truncated_bp"))
                         preds.append(predict(fits, s, opts, counts, "ddpo"))
                         preds.append(predict(fits, s, opts, counts, "zo"))
-    ratios = activation_ratios(fits, counts, gpu) if not missing else {}
+    scales = part_scales(fits, gpu) if not missing else {}
     for p in preds:
-        p["gpu_bytes"] = corrected_bytes(p, ratios)
-    out["gpu_ratios"] = ratios
+        p["gpu_bytes"] = corrected_bytes(fits, p, counts, scales)
+    out["gpu_scales"] = {k: asdict(v) for k, v in scales.items()}
+    out["gpu_check_rows"] = check_rows(fits, counts, gpu, scales) if scales else []
     out["predictions"] = preds
     out["missing_fits"] = ["/".join(k) for k in missing]
     return out

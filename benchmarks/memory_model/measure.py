@@ -14,6 +14,8 @@ from typing import Callable, Iterable
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from rlr_backend.train.memory import set_decoder_checkpointing
+
 from ..sd_archs import ARCHS, MEASURE_DTYPE, build_reward, build_unet, build_vae, param_count
 from .store import GB
 
@@ -194,7 +196,7 @@ class Measurer:
                     return m(x, t, encoder_hidden_states=text, **extra).sample
             return fwd
         if p.component == "vae":
-            (m.enable_gradient_checkpointing if p.variant == "ckpt" else m.disable_gradient_checkpointing)()
+            set_decoder_checkpointing(m, p.variant == "ckpt")  # as the trainer's --gradient-checkpointing
             z = torch.randn(p.n, 4, p.lat, p.lat, generator=g, dtype=self.dtype).requires_grad_(True)
 
             def fwd() -> torch.Tensor:

@@ -152,17 +152,42 @@ OPTION_SETS: tuple[Options, ...] = (
 )
 
 
-def _unet_step(fits: Fits, arch: str, n: int, px: int, ckpt: bool, channels: int = 4) -> SegmentMemory:
-    """One UNet (or flow transformer) step as a segment (a call of batch n: 2B with CFG); checkpointed: block-level
-    checkpointing inside the call plus a step-level checkpoint (keeps only its inputs: n latents of ``channels``)."""
+@dataclass(frozen=True)
+class PartScale:
+    """Multipliers (peak, retained, no-grad peak) of the two CPU-fitted parts an update is composed of, one
+    denoiser call and the decode + reward, as a GPU measured them (``gpu_correction``); 1 = the CPU fit."""
+
+    step: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    decode: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+def _scaled(seg: SegmentMemory, f: tuple[float, float, float]) -> SegmentMemory:
+    return SegmentMemory(seg.peak * f[0], seg.retained * f[1], seg.nograd * f[2])
+
+
+def unet_call(fits: Fits, arch: str, n: int, px: int, ckpt: bool) -> SegmentMemory:
+    """One denoiser call of batch n as fitted (block-level checkpointing inside it when ``ckpt``)."""
     var = "ckpt" if ckpt else "plain"
     nograd = fits.get("unet", arch, "plain", "nograd_peak")(n, px) if fits.has("unet", arch, "plain", "nograd_peak") \
         else 0.0
-    seg = SegmentMemory(fits.get("unet", arch, var, "peak")(n, px), fits.get("unet", arch, var, "retained")(n, px),
-                        nograd)
+    return SegmentMemory(fits.get("unet", arch, var, "peak")(n, px), fits.get("unet", arch, var, "retained")(n, px),
+                         nograd)
+
+
+def _unet_step(fits: Fits, arch: str, n: int, px: int, ckpt: bool, channels: int = 4,
+               scale: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> SegmentMemory:
+    """One UNet (or flow transformer) step as a segment (a call of batch n: 2B with CFG); checkpointed: block-level
+    checkpointing inside the call plus a step-level checkpoint (keeps only its inputs: n latents of ``channels``)."""
+    seg = _scaled(unet_call(fits, arch, n, px, ckpt), scale)
     if ckpt:
         seg = checkpointed(seg, input_bytes=n * channels * px * 4.0)
     return seg
+
+
+def decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward: bool = True,
+                      reward_scale: float = 1.0, channels: int = 4,
+                      scale: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> SegmentMemory:
+    return _scaled(_decode_and_reward(fits, batch, px, ckpt, with_reward, reward_scale, channels), scale)
 
 
 def _decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward: bool = True,
@@ -224,21 +249,24 @@ def persistent_bytes(arch: str, opts: Options, lora_rank: int, counts: dict[str,
             "lora + grad": 8.0 * lora, "adam moments": (2.0 if opts.adam_8bit else 8.0) * lora}
 
 
-def predict(fits: Fits, s: Scenario, opts: Options, counts: dict[str, int], estimator: str = "rlr") -> dict:
+def predict(fits: Fits, s: Scenario, opts: Options, counts: dict[str, int], estimator: str = "rlr",
+            parts: PartScale | None = None) -> dict:
     """Predicted peak bytes of one update of ``estimator`` (one of PHASE_ESTIMATORS; truncated_bp
-    backpropagates the last ``s.fo_steps`` steps) with a breakdown."""
+    backpropagates the last ``s.fo_steps`` steps) with a breakdown; ``parts`` scales the CPU-fitted parts
+    to what a GPU measured (``gpu_correction``)."""
     if estimator not in PHASE_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(PHASE_ESTIMATORS)}")
+    parts = parts or PartScale()
     px = (s.resolution // 8) ** 2
-    step = _unet_step(fits, s.arch, s.call_batch, px, opts.checkpointing, s.channels)
+    step = _unet_step(fits, s.arch, s.call_batch, px, opts.checkpointing, s.channels, parts.step)
     scale = 2.0 if opts.reward_fp32 else 1.0
-    dec = _decode_and_reward(fits, s.batch, px, opts.checkpointing, with_reward=opts.reward_model, reward_scale=scale,
-                             channels=s.channels)
+    dec = decode_and_reward(fits, s.batch, px, opts.checkpointing, with_reward=opts.reward_model, reward_scale=scale,
+                            channels=s.channels, scale=parts.decode)
     phases = update_phases(estimator, step, dec, T=s.T, h=s.h, fo_steps=s.fo_steps)
     act, phase = phases.peak()
     pers = persistent_bytes(s.arch, opts, s.lora_rank, counts)
     store = chain_store_bytes(s.T, s.batch, px, s.channels)
-    evaluation = evaluation_bytes(fits, s, opts, px)
+    evaluation = evaluation_bytes(fits, s, opts, px, parts)
     if s.eval_images and evaluation > store + act:  # the evaluation between updates binds
         act, phase, store = evaluation, "evaluation", 0.0
     total = sum(pers.values()) + store + act
@@ -248,15 +276,17 @@ def predict(fits: Fits, s: Scenario, opts: Options, counts: dict[str, int], esti
             "decode_reward": asdict(dec)}
 
 
-def evaluation_bytes(fits: Fits, s: Scenario, opts: Options, px: int) -> float:
+def evaluation_bytes(fits: Fits, s: Scenario, opts: Options, px: int, parts: PartScale | None = None) -> float:
     """The trainer's evaluation (``Trainer.evaluate``, at the start and every eval_every updates): the
     ``eval_images`` sampled together without grad (their chain stored), decoded (one at a time with
     checkpointing on) and scored."""
     if not s.eval_images:
         return 0.0
+    parts = parts or PartScale()
     e = s.eval_images
-    step = _unet_step(fits, s.arch, 2 * e if s.cfg else e, px, False, s.channels)
-    dec = _decode_and_reward(fits, e, px, opts.checkpointing, with_reward=opts.reward_model, channels=s.channels)
+    step = _unet_step(fits, s.arch, 2 * e if s.cfg else e, px, False, s.channels, parts.step)
+    dec = decode_and_reward(fits, e, px, opts.checkpointing, with_reward=opts.reward_model, channels=s.channels,
+                            scale=parts.decode)
     return chain_store_bytes(s.T, e, px, s.channels) + max(step.nograd, dec.nograd)
 
 

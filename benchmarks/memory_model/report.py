@@ -115,7 +115,7 @@ def _doc_predictions(analysis: dict, full_size_data: dict) -> list[str]:
              f"\"evaluation\"). GB = 1e9 bytes. \"+ margin\" adds "
              f"{MARGIN_FRACTION:.0%} (caching-allocator fragmentation, kernel workspaces) and "
              f"{MARGIN_FIXED / GB:.1f} GB (CUDA context); compare that column with a card's memory.", "",
-             *_gpu_correction(analysis.get("gpu_ratios", {})), *verdict, *_dominant(preds), "",
+             *_gpu_correction(analysis.get("gpu_scales", {}), analysis.get("gpu_check_rows", [])), *verdict, *_dominant(preds), "",
              *_validation_summary(full_size_data),
              "**RLR, first-order window of 1 step (the paper's FO):**", "", *head, *_options_table(rlr1, "rlr"), "",
              "**RLR with the project's default recipe `fo_steps=4`:**", "", *head, *_options_table(rlr4, "rlr"), "",
@@ -143,22 +143,38 @@ def _doc_predictions(analysis: dict, full_size_data: dict) -> list[str]:
     return lines
 
 
-def _gpu_correction(ratios: dict) -> list[str]:
-    """What the GPU-corrected column is and the ratios behind it (nothing without a GPU check)."""
-    if not ratios:
+def _gpu_correction(scales: dict, rows: list[dict]) -> list[str]:
+    """What the GPU-corrected column is, the part scales behind it and how it compares with the GPU's
+    measured updates (nothing but a caveat without a GPU check)."""
+    if not scales:
         return ["No GPU check has been run: the figures are the CPU fits' (read them as lower bounds: on the one "
                 "GPU measured so far they were low).", ""]
     names = {"sd15": "SD1.5", "sdxl": "SDXL", "plain": "no options", "ckpt": "checkpointed"}
-    parts = [f"{names[k.split('/')[0]]} {names[k.split('/')[1]]} x{v['ratio']:.2f} ({v['row'].split(': ', 1)[-1]}: "
-             f"{v['measured'] / GB:.2f} GB measured, {v['predicted'] / GB:.2f} GB predicted)"
-             for k, v in sorted(ratios.items())]
-    return ["**GPU-corrected.** On a GPU the CPU fits are low (see [Measured on a GPU](#measured-on-a-gpu)): CUDA "
-            "keeps more bytes for backward than the CPU kernels the components were measured with, while the "
-            "composition is right. The GPU-corrected column scales each prediction's activations (its peak minus "
-            "weights and optimizer state) by the largest measured / predicted activation ratio of the GPU check's "
-            "updates of the same model and option (`benchmarks/memory_model/gpu_correction.py`): "
-            + "; ".join(parts) + ". The ratio measured at one batch (SD1.5: 4, SDXL: 1) is assumed for the other; "
-            "the card column and the verdicts below use the GPU-corrected figure where there is one.", ""]
+
+    def one(k: str, v: dict) -> str:
+        a, o = k.split("/")
+        return (f"{names[a]} {names[o]}: denoiser call x{v['step'][0]:.2f} (peak) / x{v['step'][1]:.2f} (kept), "
+                f"decode + reward x{v['decode'][0]:.2f} / x{v['decode'][1]:.2f}")
+
+    lines = ["**GPU-corrected.** On a GPU the CPU-fitted parts are low (see [Measured on a GPU](#measured-on-a-gpu)): "
+             "CUDA keeps more bytes for backward than the CPU kernels the parts were measured with, while the "
+             "composition is right. The GPU check measures the two parts of each model (one CFG denoiser call, one "
+             "decode + reward of its batch) with and without checkpointing, and the GPU-corrected column recomputes "
+             "each prediction with its parts scaled by GPU / CPU fit (`benchmarks/memory_model/gpu_correction.py`): "
+             + "; ".join(one(k, v) for k, v in sorted(scales.items())) + ". The scale measured at the check's "
+             "batch (SD1.5: 4, SDXL: 1) is assumed at the other; the card column and the verdicts below use the "
+             "GPU-corrected figure where there is one.", ""]
+    if rows:
+        lines += ["The GPU check's updates against the model (one update, no evaluation; GB):", "",
+                  "| update | measured | CPU fits | GPU-corrected (binding phase) | corrected / measured |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            c = r["corrected"]
+            off = "-" if c is None else f"{c / r['measured'] - 1:+.1%}"
+            lines.append(f"| {r['name']} | {_gb(r['measured'])} | {_gb(r['cpu'])} | "
+                         f"{_gb(c)} ({(r['phase'] or '-').replace('_', '-')}) | {off} |")
+        lines.append("")
+    return lines
 
 
 def _validation_summary(full_size_data: dict) -> list[str]:
