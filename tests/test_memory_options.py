@@ -204,7 +204,8 @@ def test_decoder_sub_block_checkpointing_lowers_the_decode_peak_with_the_same_gr
         if mode == "blocks":
             vae.enable_gradient_checkpointing()
         else:
-            assert set_decoder_checkpointing(vae, True) == 2 + 1 + 3 * 3 + 2  # mid 2 resnets + 1 attention, 3 x 3 resnets, 2 upsamplers
+            # mid block: 2 resnets + 1 attention; 3 up-blocks of 3 resnets; 2 upsamplers
+            assert set_decoder_checkpointing(vae, True) == 2 + 1 + 3 * 3 + 2
 
         def decode_backward():
             z.grad = None

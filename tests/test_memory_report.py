@@ -153,8 +153,8 @@ def test_gpu_correction_rescales_the_parts_the_gpu_measured_and_sets_the_verdict
     p = next(p for p in analysis["predictions"] if p["estimator"] == "rlr" and p["scenario"]["arch"] == "sd15"
              and p["scenario"]["batch"] == 1 and p["scenario"]["fo_steps"] == 1
              and p["options"]["label"] == mm.OPTION_SETS[1].label)
-    line = next(line for line in text.splitlines() if line.startswith(f"| SD1.5 512 px | 1 | 1 | {p['options']['label']} |"))
-    cells = [c.strip() for c in line.strip("|").split("|")]
+    head = f"| SD1.5 512 px | 1 | 1 | {p['options']['label']} |"
+    cells = [c.strip() for c in next(x for x in text.splitlines() if x.startswith(head)).strip("|").split("|")]
     assert cells[10] == f"{p['gpu_bytes'] / G:.2f}" and cells[12] == f"**{mm.smallest_card(p['gpu_bytes'])}**"
     assert next(line for line in text.splitlines() if line.startswith("- SD1.5 512x512 in 8 GB")).startswith(
         "- SD1.5 512x512 in 8 GB (RLR, FO 1 step, GPU-corrected)")

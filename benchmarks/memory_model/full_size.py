@@ -138,7 +138,8 @@ def summary_line(data: dict | None = None) -> str:
             "profiler does not see; "
             "the largest ratio with checkpointing), so the uncorrected CPU prediction was low by up to "
             f"{-min(r['error'] for r in rows):.0%}; the corrected CPU model below adds it. The GPU figures here are "
-            "tensor bytes plus the margin for the CUDA caching allocator; they have not been measured on a GPU.")
+            "tensor bytes plus the margin for the CUDA caching allocator, corrected with what a GPU measured "
+            "(GPU-corrected, above).")
 
 
 def doc_section(data: dict | None = None) -> list[str]:
