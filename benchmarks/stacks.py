@@ -45,8 +45,8 @@ class Stack:
     def gradient_checkpointing(self):
         """The trainer's ``--gradient-checkpointing`` minus the step part (an estimator option): UNet
         blocks recompute their activations in backward and the reward decodes one image at a time; with
-        ``vae`` the decoder's own up-block checkpointing too (``rlr_backend.train.memory``; the cost suite's
-        stacks have none, so its measured rows keep their meaning)."""
+        ``vae`` the trainer's decoder checkpointing too (``rlr_backend.train.memory.set_decoder_checkpointing``;
+        the cost suite's stacks have none, so its measured rows keep their meaning)."""
         if self.unet is not None:
             self.unet.enable_gradient_checkpointing()
         if self.vae is not None:
