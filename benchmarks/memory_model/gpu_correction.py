@@ -64,6 +64,11 @@ def corrected_bytes(fits, pred: dict, counts: dict, scales: dict[str, PartScale]
     return predict(fits, s, opts, counts, pred["estimator"], scales[key])["bytes"]
 
 
+def best_bytes(pred: dict) -> float:
+    """A prediction's best estimate of a GPU's peak: GPU-corrected where a GPU check measured its kind."""
+    return pred["gpu_bytes"] if pred.get("gpu_bytes") is not None else pred["bytes"]
+
+
 def check_rows(fits, counts: dict, gpu: dict | None, scales: dict[str, PartScale]) -> list[dict]:
     """The GPU check's measured updates against the corrected model (one update: no evaluation; the check's
     reward is the image tower), so the page shows how far the correction is from what was measured."""

@@ -187,12 +187,8 @@ def _unet_step(fits: Fits, arch: str, n: int, px: int, ckpt: bool, channels: int
 def decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward: bool = True,
                       reward_scale: float = 1.0, channels: int = 4,
                       scale: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> SegmentMemory:
-    return _scaled(_decode_and_reward(fits, batch, px, ckpt, with_reward, reward_scale, channels), scale)
-
-
-def _decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward: bool = True,
-                       reward_scale: float = 1.0, channels: int = 4) -> SegmentMemory:
-    """VAE decode (+ the aesthetic reward) as one segment, as ``DiffusersModel.decode`` runs it.
+    """VAE decode (+ the aesthetic reward) as one segment, as ``DiffusersModel.decode`` runs it, its bytes
+    multiplied by ``scale`` (peak, retained, no-grad peak; a GPU's measured ratios, ``gpu_correction``).
     Checkpointed (diffusers' up-block checkpointing in the decoder): one image at a time, each under a
     checkpoint when B > 1 (peak of one checkpointed image + the B decoded images; kept until backward:
     the latents and images); at B = 1 the decoder's own checkpointing alone. Without grad, one image
@@ -209,11 +205,11 @@ def _decode_and_reward(fits: Fits, batch: int, px: int, ckpt: bool, with_reward:
         vae = SegmentMemory(fits.get("vae", "sd-vae", "plain", "peak")(batch, px),
                             fits.get("vae", "sd-vae", "plain", "retained")(batch, px), nograd)
     if not with_reward:
-        return vae
+        return _scaled(vae, scale)
     # measured on 512 px inputs; at 1024 px the reward's input and its gradient grow by ~10 MB per image
     rew = SegmentMemory(*(reward_scale * fits.get("reward", "clip-vit-l14", "plain", q)(batch, 0)
                           for q in ("peak", "retained", "nograd_peak")))
-    return sequential(vae, rew)
+    return _scaled(sequential(vae, rew), scale)
 
 
 @dataclass(frozen=True)

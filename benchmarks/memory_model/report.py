@@ -8,6 +8,7 @@ from typing import Sequence
 from ..gpu_check.report import memory_doc_section
 from ..sd_archs import ARCHS
 from .fit import Fit
+from .gpu_correction import best_bytes
 from .flow import flow_doc_section
 from .full_size import RESULTS as FULL_SIZE_RESULTS
 from .full_size import doc_section, summary_line
@@ -76,11 +77,6 @@ def _doc_intro(counts: dict) -> list[str]:
         "`torch.cuda.max_memory_allocated`), not the process RSS.", ""]
 
 
-def _best(p: dict) -> float:
-    """A prediction's best estimate of a GPU's peak: GPU-corrected where a GPU check measured its kind."""
-    return p["gpu_bytes"] if p.get("gpu_bytes") is not None else p["bytes"]
-
-
 def _options_table(preds: list[dict], estimator: str) -> list[str]:
     lines = []
     for p in preds:
@@ -94,7 +90,7 @@ def _options_table(preds: list[dict], estimator: str) -> list[str]:
                      f"{_gb(pers['lora + grad'] + pers['adam moments'])} | {_gb(p['step']['peak'])} / "
                      f"{_gb(p['decode_reward']['peak'])} | {_gb(p['activations'] + p['chain_store'])} "
                      f"({p['binding_phase'].replace('_', '-')}) | {_gb(p['bytes'])} | "
-                     f"{_gb(p.get('gpu_bytes'))} | {_gb(with_margin(_best(p)))} | **{smallest_card(_best(p))}** |")
+                     f"{_gb(p.get('gpu_bytes'))} | {_gb(with_margin(best_bytes(p)))} | **{smallest_card(best_bytes(p))}** |")
     return lines
 
 def _doc_predictions(analysis: dict, full_size_data: dict) -> list[str]:
@@ -210,16 +206,16 @@ def _verdicts(preds: list[dict]) -> list[str]:
         parts = []
         for b in sorted({p["scenario"]["batch"] for p in mine}):
             by = {p["options"]["label"]: p for p in mine if p["scenario"]["batch"] == b}
-            fit = next((o for o in OPTION_SETS if o.label in by and with_margin(_best(by[o.label])) <= budget * GB),
+            fit = next((o for o in OPTION_SETS if o.label in by and with_margin(best_bytes(by[o.label])) <= budget * GB),
                        None)
-            none = with_margin(_best(by[OPTION_SETS[0].label])) / GB
+            none = with_margin(best_bytes(by[OPTION_SETS[0].label])) / GB
             if fit is None:
-                best = min(with_margin(_best(p)) for p in by.values()) / GB
+                best = min(with_margin(best_bytes(p)) for p in by.values()) / GB
                 parts.append(f"batch {b}: **no** (best {best:.1f} GB with the margin; no options {none:.1f} GB)")
             elif fit is OPTION_SETS[0]:
                 parts.append(f"batch {b}: **yes**, with no options ({none:.1f} GB with the margin)")
             else:
-                parts.append(f"batch {b}: **yes** with {fit.label} ({with_margin(_best(by[fit.label])) / GB:.1f} GB "
+                parts.append(f"batch {b}: **yes** with {fit.label} ({with_margin(best_bytes(by[fit.label])) / GB:.1f} GB "
                              f"with the margin; no options {none:.1f} GB)")
         how = "GPU-corrected" if all(p.get("gpu_bytes") is not None for p in mine) else "CPU fits"
         out.append(f"- {ARCHS[arch]['label']} {res}x{res} in {budget} GB (RLR, FO 1 step, {how}): " + "; ".join(parts)

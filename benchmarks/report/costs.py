@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from ..memory_model import with_margin
+from ..memory_model.gpu_correction import best_bytes
 from .common import _about, _plt, _save
 
 
@@ -123,8 +124,7 @@ def memory_model_section(r: dict, images: Path) -> list[str]:
                 hit = [x for x in preds if (x["scenario"]["arch"], x["scenario"]["resolution"], x["scenario"]["batch"],
                                             x["estimator"], x["scenario"]["fo_steps"], x["options"]["label"])
                        == (arch, px, batch, est, fo, label)]
-                best = hit and (hit[0].get("gpu_bytes") or hit[0]["bytes"])  # GPU-corrected where measured
-                gb = with_margin(best) / GB if hit else None
+                gb = with_margin(best_bytes(hit[0])) / GB if hit else None  # GPU-corrected where measured
                 cells.append("-" if gb is None else (f"**{gb:.1f}**" if gb <= CARD_GB else f"{gb:.1f}"))
             if set(cells) == {"-"}:
                 continue
