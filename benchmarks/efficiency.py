@@ -52,9 +52,11 @@ def work_dir(suite: str) -> Path:
 
 def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: int, batch: int,
                 per_prompt: int, num_steps: int, out: Path, lr: float = DEFAULT_LR, overrides: dict | None = None,
-                tag: str = "", heldout_seed: int | None = None, eval_seeds: int = EVAL_SEEDS) -> dict:
+                tag: str = "", heldout_seed: int | None = None, eval_seeds: int = EVAL_SEEDS,
+                check: tuple[int, int] | None = None) -> dict:
     """Train one run and record, at every evaluation: samples so far, training wall and CPU seconds, the
-    fixed-seed eval reward, diversity, and (``heldout_seed``) the reward on a second held-out seed set.
+    fixed-seed eval reward, diversity, (``heldout_seed``) the reward on a second held-out seed set and
+    (``check``: (seed, images per prompt)) the reward on a third, larger one (``check_reward``).
 
     Checkpointed at every evaluation with the points so far in ``points.json``: called again on the same
     ``out`` after a kill, it resumes from the last evaluation (the trainer's resume is bit for bit)."""
@@ -73,6 +75,8 @@ def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: 
         points[step] = {"step": step, "samples": step * batch, "diversity": diversity(images, eval_seeds)}
         if heldout_seed is not None:
             points[step]["heldout_reward"] = trainer.evaluate(seed=heldout_seed)[0]
+        if check is not None:
+            points[step]["check_reward"] = trainer.evaluate(seed=check[0], per_prompt=check[1])[0]
         save_json({str(k): v for k, v in sorted(points.items())}, points_path)
 
     t0 = time.perf_counter()

@@ -48,7 +48,8 @@ def test_diversity_is_zero_for_identical_images():
 
 def test_efficiency_run_and_page(cost_rows, tmp_path):
     run = efficiency.train_curve("rlr", "brightness", 0, steps=2, eval_every=1, batch=2, per_prompt=2,
-                                 num_steps=4, out=tmp_path, heldout_seed=7)
+                                 num_steps=4, out=tmp_path, heldout_seed=7, check=(11, 3))
+    assert all(math.isfinite(p["check_reward"]) for p in run["points"])  # a third, larger seed set
     other_rate = efficiency.train_curve("rlr", "brightness", 0, steps=1, eval_every=1, batch=2, per_prompt=2,
                                         num_steps=4, out=tmp_path, lr=1e-4)  # a sweep: same folder, new run
     assert other_rate["lr"] == 1e-4 and run["lr"] == efficiency.DEFAULT_LR
@@ -59,7 +60,7 @@ def test_efficiency_run_and_page(cost_rows, tmp_path):
                            out=tmp_path / "killed", heldout_seed=7)
     resumed = efficiency.train_curve("rlr", "brightness", 0, steps=2, eval_every=1, batch=2, per_prompt=2,
                                      num_steps=4, out=tmp_path / "killed", heldout_seed=7)
-    whole = run  # the same options, uninterrupted
+    whole = run  # the same options, uninterrupted (its extra set-C evaluations leave training as it is)
     same = ("step", "samples", "eval_reward", "heldout_reward", "diversity")
     assert [{k: p[k] for k in same} for p in resumed["points"]] == [{k: p[k] for k in same} for p in whole["points"]]
     cpu = [p["train_cpu_seconds"] for p in resumed["points"]]
@@ -382,3 +383,45 @@ def test_guard_cost_measures_every_case(tmp_path):
     report.render(tmp_path / "results", tmp_path / "docs" / "benchmarks.md")
     page = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## What the structure rewards and the KL guard cost" in page and "| rlr: size:0.4 |" in page
+
+
+def test_guard_check_retrains_the_long_run_rates_and_measures_the_guard_on_set_c(monkeypatch, tmp_path):
+    """The guard suite trains each cell at the long-run sweep's rate (skipping a cell with no sweep), records a
+    set-C reward at every evaluation, resumes without training again, and measures the share of the peak gain
+    the guard's pick keeps on set C (and on set B, as the long-run table does)."""
+    from benchmarks import guard_check
+
+    calls = []
+
+    def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=1e-3, overrides=None, tag="",
+              heldout_seed=None, eval_seeds=2, check=None):
+        calls.append((tag[1:], lr, seed, check))
+        a = [0.0, 0.9, 0.6, 0.7]  # set A: noisy, its best is update 1
+        b = [0.0, 1.0, 0.5, 0.8]  # set B: noisier still
+        c = [0.0, 0.5, 0.8, 1.0]  # set C: the LoRA keeps improving
+        return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0, "run_name": "r",
+                "points": [{"step": i, "samples": i * batch, "train_cpu_seconds": i, "eval_reward": a[i],
+                            "heldout_reward": b[i], "check_reward": c[i], "diversity": 0.3} for i in range(4)]}
+
+    monkeypatch.setattr(guard_check, "train_curve", curve)
+    monkeypatch.setenv("RLR_BENCH_WORK", str(tmp_path / "work"))
+    sweep = [{"reward": "position:left", "T": 6, "variant": "rlr", "lr": lr, "seed": 0,
+              "points": [{"eval_reward": e, "heldout_reward": 0.0}] * 3} for lr, e in ((1e-3, 0.1), (3e-3, 0.2))]
+    result = guard_check.run_suite(True, longrun=sweep)
+    assert calls == [("rlr-T6", 3e-3, 0, (guard_check.CHECK_SEED, 4)),  # rlr's sweep chose 3e-3
+                     ("rlr + kl-T6", 3e-3, 0, (guard_check.CHECK_SEED, 4))]  # borrows it; truncated_bp: no sweep
+    calls.clear()
+    assert guard_check.run_suite(True, done=result["runs"], longrun=sweep)["runs"] == result["runs"] and calls == []
+    row = guard_check.run_row(result["runs"][0], sweep)
+    assert row["pick_step"] == 1 and row["kept_c"] == 0.5 and row["guard_c"] == pytest.approx(0.5)
+    assert row["guard_b"] == pytest.approx(1.0) and row["end_share_c"] == pytest.approx(1.0)
+    assert row["longrun_diff"] == math.inf  # the long-run stand-in of that key has 3 evaluations, not 4
+    assert guard_check.run_row(result["runs"][0], sweep[:1])["longrun_diff"] is None  # no run of that key
+    twin = {**result["runs"][0], "points": [{**p, "heldout_reward": p["heldout_reward"] + 0.25}
+                                            for p in result["runs"][0]["points"]]}
+    assert guard_check.run_row(result["runs"][0], [twin])["longrun_diff"] == pytest.approx(0.25)
+    page = "\n".join(guard_check.section({**result, "budget": "quick", "seconds": 10}, tmp_path, [twin]))
+    assert "| `position:left` | 6 | rlr | 0.003 | 0 | 1 | 0.0000 -> 0.5000 (1.0000 at 3) | 0.50 | 1.00 | 1.00 | 0.80 | 0.2 |" in page
+    assert "keeps 0.50 of the peak gain on set C (min 0.50), against 1.00 (min 1.00) measured on set B" in page
+    with pytest.raises(ValueError, match=r"Ts \[7\] are not in the long-run suite's \[6\]"):
+        guard_check.run_suite(True, longrun=sweep, Ts=[7])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rlr_backend.safe_io import atomic_path
 
-from .. import bias_map, long_run
+from .. import bias_map, guard_check, long_run
 from .common import _load
 from .costs import _load_memory_model, cost_section, memory_model_section, scaling_section
 from .headline import headline_section
@@ -28,7 +28,8 @@ def render(results: Path, out: Path) -> None:
     lines += overview_section(results, images)
     sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,
                 "collapse": collapse_section, "scaling": scaling_section, "bias": bias_map.section,
-                "longrun": long_run.section, "flowrun": long_run.flow_section}
+                "longrun": long_run.section, "flowrun": long_run.flow_section,
+                "guardrun": lambda r, images: guard_check.section(r, images, (_load(results, "longrun") or {}).get("runs"))}
     for suite, fn in sections.items():
         r = _load(results, suite)
         lines += fn(r, images) if r else [f"## {suite}", "", f"(no results yet: `python -m benchmarks.run --only {suite}`)", ""]

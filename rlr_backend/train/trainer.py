@@ -154,11 +154,11 @@ class Trainer:
         return min(len(self.config.prompts), 4) * self.config.eval_seeds
 
     @torch.no_grad()
-    def evaluate(self, seed: int = EVAL_SEED) -> tuple[float, torch.Tensor]:
-        """(mean reward, images) of eval_seeds fixed-seed images for each of the first (up to) 4 prompts; the
-        seed's noise is never used in training (another ``seed`` gives a second held-out set)."""
+    def evaluate(self, seed: int = EVAL_SEED, per_prompt: int | None = None) -> tuple[float, torch.Tensor]:
+        """(mean reward, images) of eval_seeds (or ``per_prompt``) fixed-seed images for each of the first (up
+        to) 4 prompts; the seed's noise is never used in training (another ``seed`` gives a second held-out set)."""
         cfg = self.config
-        ids = [i for i in range(min(len(cfg.prompts), 4)) for _ in range(cfg.eval_seeds)]
+        ids = [i for i in range(min(len(cfg.prompts), 4)) for _ in range(per_prompt or cfg.eval_seeds)]
         g = torch.Generator().manual_seed(seed)
         x_T = torch.randn((len(ids), *self.latent_shape), generator=g).to(self.device)
         problem = self.problem(ids)
