@@ -2,9 +2,9 @@
 
 The long-run suite (``long_run``) scores every evaluation on two 8-image seed sets: set A, which the guard
 selects on (as a user's run does), and set B, which reports. On a reward with a small gain that is too noisy
-to measure the guard: on ``size:0.4`` one 8-image evaluation's noise is 14-17% of the whole gain, so the
-maximum of 13 noisy set-B points sits well above the true peak and a guard that kept the truly best LoRA
-would still read below 90% of "its peak" on most seeds. This suite retrains the long-run suite's runs (same
+to measure the guard: on ``size:0.4`` one 8-image evaluation's noise (0.007-0.009, ``long_run.eval_noise``)
+is 10-17% of the whole gain (0.05-0.07), so the maximum of 13 noisy set-B points sits above the true peak
+and a guard that kept the truly best LoRA would often read below 90% of "its peak". This suite retrains the long-run suite's runs (same
 variant, rate, seed and settings; the rate is the long-run sweep's choice) and also scores every evaluation
 on a third seed set, set C (``CHECK_SEED``), with 32 images per prompt (128 images). The guard still selects
 on set A; the share of the peak gain it keeps is measured on set C. Set B is recorded again, which checks

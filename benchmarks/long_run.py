@@ -205,6 +205,36 @@ def summarize(result: dict) -> list[dict]:
     return out
 
 
+def eval_noise(runs: list[dict], reward: str, T: int) -> float:
+    """The standard deviation of one evaluation's reward (one seed set of ``eval_seeds`` x 4 images), from the
+    difference between set A and set B at the same update: the two are independent draws of the same LoRA's
+    reward, so var(A - B) = 2 sigma^2 once each run's mean difference (the two seed sets' fixed offset) is
+    removed. NaN with fewer than 2 evaluations after the start."""
+    diffs = []
+    for r in runs:
+        if (r["reward"], r["T"]) != (reward, T):
+            continue
+        d = [p["eval_reward"] - p["heldout_reward"] for p in r["points"][1:]]
+        if len(d) >= 2:
+            m = statistics.mean(d)
+            diffs += [x - m for x in d]
+    return math.sqrt(statistics.fmean(x * x for x in diffs) / 2) if len(diffs) >= 2 else math.nan
+
+
+def _noise_line(r: dict, rows: list[dict], flow: bool = False) -> str:
+    """One line: each (reward, T)'s evaluation noise against the largest mean peak gain there."""
+    parts = []
+    for reward, T in dict.fromkeys((x["reward"], x["T"]) for x in rows):
+        gain = max(x["peak_mean"] - x["start"] for x in rows if (x["reward"], x["T"]) == (reward, T))
+        sigma = eval_noise(r["runs"], reward, T)
+        parts.append(f"`{reward}` T={T} {sigma:.4f} ({sigma / gain:.0%})" if gain > 0 else f"`{reward}` T={T} {sigma:.4f}")
+    return ("The noise of one evaluation (8 images; the standard deviation from set A - set B at the same update, "
+            "each run's mean difference removed), and in brackets its share of the largest mean peak gain: "
+            + ", ".join(parts) + ". Where it is a sizeable share of the gain, the peak of the set-B curve is a "
+            "maximum of noisy points and sits above the true peak, so the shares of the peak kept read low"
+            + ("." if flow else ": the guard suite below measures them on 128 images."))
+
+
 def _share(x: dict, what: str = "share_kept") -> str:
     """Mean (min) share of the peak gain kept (at the end, or by the guard's LoRA: ``what="guard_share"``);
     seeds that never rose above the start have no share."""
@@ -246,6 +276,8 @@ def section(r: dict, images: Path, flow: bool = False) -> list[str]:
                      f"{x['final_mean']:.3f} ({x['final_min']:.3f}, {x['final_max']:.3f}) | {x['kept_mean']:.3f} | "
                      f"{_share(x)} | {_share(x, 'guard_share')} | {_reach(x['images_to_level'])} | "
                      f"{_reach(x['cpu_to_level'])} | {x['cpu_per_run']:.0f} | {x['diversity_change']:+.0%} |")
+    if rows:
+        lines += ["", _noise_line(r, rows, flow)]
     plot = _plot(r, images, "flowrun" if flow else "longrun")
     return lines + ([""] + [f"![{p}](images/{p})" for p in plot] if plot else []) + [""]
 

@@ -425,3 +425,19 @@ def test_guard_check_retrains_the_long_run_rates_and_measures_the_guard_on_set_c
     assert "keeps 0.50 of the peak gain on set C (min 0.50), against 1.00 (min 1.00) measured on set B" in page
     with pytest.raises(ValueError, match=r"Ts \[7\] are not in the long-run suite's \[6\]"):
         guard_check.run_suite(True, longrun=sweep, Ts=[7])
+
+
+def test_eval_noise_is_the_spread_of_set_a_minus_set_b_without_each_runs_offset():
+    """var(A - B) = 2 sigma^2 for two independent evaluations of one LoRA; a run's constant offset between
+    the seed sets is not noise, and another (reward, T)'s runs do not count."""
+    from benchmarks import long_run
+
+    def run(offset, a, reward="size:0.4", T=20):
+        d = [offset + a * (-1) ** i for i in range(4)]
+        return {"reward": reward, "T": T, "points": [{"eval_reward": 0.0, "heldout_reward": 0.0}] +
+                [{"eval_reward": 0.5 + x, "heldout_reward": 0.5} for x in d]}
+
+    runs = [run(0.3, 0.02), run(-0.1, 0.02), run(0.0, 5.0, T=50)]
+    assert long_run.eval_noise(runs, "size:0.4", 20) == pytest.approx(0.02 / math.sqrt(2))
+    assert long_run.eval_noise(runs, "size:0.4", 50) == pytest.approx(5.0 / math.sqrt(2))
+    assert math.isnan(long_run.eval_noise(runs, "brightness", 20))
