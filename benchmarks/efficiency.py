@@ -94,7 +94,8 @@ def train_curve(estimator: str, reward: str, seed: int, steps: int, eval_every: 
     logger.info("%s %s%s lr %g seed %d: %s in %.0fs", reward, estimator, tag, lr, seed,
                 " ".join(f"{p['eval_reward']:.3f}" for _, p in sorted(points.items())), time.perf_counter() - t0)
     return {"estimator": estimator, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": time.perf_counter() - t0,
-            "points": [points[k] for k in sorted(points)], "run_name": cfg.run_name}
+            "points": [points[k] for k in sorted(points)], "run_name": cfg.run_name,
+            "guard_step": result.best_step}  # lora_best's update after the guard's final check
 
 
 def forget(out: Path, run_name: str) -> None:

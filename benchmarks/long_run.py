@@ -158,10 +158,17 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
 
 
 # -- summaries and the page ---------------------------------------------------------------------------------
+def guard_pick(run: dict) -> dict:
+    """The evaluation point of the LoRA the best-LoRA guard keeps: the trainer's ``lora_best`` after its final
+    check (``guard_step``), or, for runs recorded before that check existed, the best set-A evaluation."""
+    if run.get("guard_step") is not None:
+        return next(p for p in run["points"] if p["step"] == run["guard_step"])
+    return max(run["points"], key=lambda p: p["eval_reward"])
+
+
 def _kept(run: dict) -> float:
-    """Set-B reward of the LoRA the best-LoRA guard keeps (the evaluation with the best set-A reward)."""
-    best = max(run["points"], key=lambda p: p["eval_reward"])
-    return best["heldout_reward"]
+    """Set-B reward of the LoRA the best-LoRA guard keeps."""
+    return guard_pick(run)["heldout_reward"]
 
 
 def summarize(result: dict) -> list[dict]:

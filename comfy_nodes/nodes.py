@@ -243,7 +243,8 @@ class Trainer(io.ComfyNode):
                                  "stochastic sampler step of the SDE window (0 = the first step)", **ADVANCED),
                     io.Int.Input("sde_size", default=0, min=0, max=1000, tooltip="flow-matching models: stochastic "
                                  "steps in the window, ODE steps elsewhere (Flow-GRPO-Fast, MixGRPO); 0: every "
-                                 "step stochastic", **ADVANCED)],
+                                 "step stochastic", **ADVANCED),
+                    _int("best_recheck_seeds", max=1000, min=0, advanced=True)],
             outputs=[LORA.Output(display_name="lora", tooltip="LoRA (kohya keys; diffusers keys for flow models) (connect to RLR Save LoRA or "
                                                               "Load LoRA Model)"),
                      io.Image.Output(display_name="reward_curve", tooltip="batch and evaluation reward per update"),
@@ -255,7 +256,7 @@ class Trainer(io.ComfyNode):
                 images_per_prompt: int, num_inference_steps: int, guidance_scale: float, eta: float,
                 preview_every: int, run_name: str, estimator=None, kl_weight: float = 0.0,
                 early_stop_drop: float = 0.0, flow_step: str = "flow_sde", flow_eta: float = 0.7, sde_start: int = 0,
-                sde_size: int = 0) -> io.NodeOutput:
+                sde_size: int = 0, best_recheck_seeds: int = 8) -> io.NodeOutput:
         from . import comfy_glue
 
         out = comfy_glue.run_training(
@@ -264,7 +265,8 @@ class Trainer(io.ComfyNode):
                          images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, eta=eta, eval_every=preview_every, kl_weight=kl_weight,
                          early_stop_drop=early_stop_drop, flow_step=flow_step, flow_eta=flow_eta,
-                         sde_window=(sde_start, sde_size) if sde_size else None))
+                         sde_window=(sde_start, sde_size) if sde_size else None,
+                         best_recheck_seeds=best_recheck_seeds))
         return io.NodeOutput(out.lora, out.curve, out.grid)
 
 

@@ -27,13 +27,14 @@ CFG_FIELDS = {f.name: f for f in fields(TrainConfig)}
 MAIN_FIELDS = ("steps", "lr", "lora_rank", "seed", "eval_every")
 ADVANCED_FIELDS = ("batch_size", "images_per_prompt", "num_inference_steps", "eta", "guidance_scale", "h",
                    "fo_steps", "zo_mode", "nu", "truncation", "chain_len", "grad_clip", "grad_accum", "lora_alpha",
-                   "eval_seeds", "ckpt_every", "kl_weight", "kl_steps", "early_stop_drop", "step_baseline")
+                   "eval_seeds", "ckpt_every", "kl_weight", "kl_steps", "early_stop_drop", "step_baseline",
+                   "best_recheck_seeds")
 #: the options of flow-matching models (shown for them only); the SDE window is ``sde_start``/``sde_size``
 FLOW_FIELDS = ("image_size", "flow_step", "flow_eta")
 #: the DDIM options (SD1.x/SD2.x/SDXL only)
 DDIM_FIELDS = ("eta",)
 #: fields added to the form later: last in FORM_KEYS, so a positional API caller's earlier values keep their slots
-LATER_KEYS = ("step_baseline",)
+LATER_KEYS = ("step_baseline", "best_recheck_seeds")
 #: Form keys in the order of the Train event's inputs (gradio_client callers pass them positionally).
 #: ``w:<reward>`` is a reward's weight, ``a:<reward>`` the argument of a reward that takes one (position, size).
 FORM_KEYS: tuple[str, ...] = ("model", "prompts", *(f"w:{r}" for r in REWARDS), *(f"a:{r}" for r in REWARD_ARGS),

@@ -141,7 +141,8 @@ def train_parser() -> argparse.ArgumentParser:
                       ("eta", float), ("guidance_scale", float), ("lr", float), ("grad_clip", float),
                       ("grad_accum", int), ("lora_rank", int), ("lora_alpha", float), ("seed", int),
                       ("eval_every", int), ("eval_seeds", int), ("ckpt_every", int), ("kl_weight", float),
-                      ("kl_steps", int), ("early_stop_drop", float), ("max_nonfinite_batches", int)]:
+                      ("kl_steps", int), ("early_stop_drop", float), ("best_recheck_seeds", int),
+                      ("max_nonfinite_batches", int)]:
         option(name, type=typ)
     option("device")
     option("precision", choices=PRECISION_NAMES)

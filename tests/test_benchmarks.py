@@ -50,6 +50,7 @@ def test_efficiency_run_and_page(cost_rows, tmp_path):
     run = efficiency.train_curve("rlr", "brightness", 0, steps=2, eval_every=1, batch=2, per_prompt=2,
                                  num_steps=4, out=tmp_path, heldout_seed=7, check=(11, 3))
     assert all(math.isfinite(p["check_reward"]) for p in run["points"])  # a third, larger seed set
+    assert run["guard_step"] in {p["step"] for p in run["points"]}  # lora_best's update after the final check
     other_rate = efficiency.train_curve("rlr", "brightness", 0, steps=1, eval_every=1, batch=2, per_prompt=2,
                                         num_steps=4, out=tmp_path, lr=1e-4)  # a sweep: same folder, new run
     assert other_rate["lr"] == 1e-4 and run["lr"] == efficiency.DEFAULT_LR
@@ -421,8 +422,14 @@ def test_guard_check_retrains_the_long_run_rates_and_measures_the_guard_on_set_c
                                             for p in result["runs"][0]["points"]]}
     assert guard_check.run_row(result["runs"][0], [twin])["longrun_diff"] == pytest.approx(0.25)
     page = "\n".join(guard_check.section({**result, "budget": "quick", "seconds": 10}, tmp_path, [twin]))
-    assert "| `position:left` | 6 | rlr | 0.003 | 0 | 1 | 0.0000 -> 0.5000 (1.0000 at 3) | 0.50 | 1.00 | 1.00 | 0.80 | 0.2 |" in page
-    assert "keeps 0.50 of the peak gain on set C (min 0.50), against 1.00 (min 1.00) measured on set B" in page
+    assert "| `position:left` | 6 | rlr | 0.003 | 0 | 1 | - | 0.0000 -> 0.5000 (1.0000 at 3) | 0.50 | 0.50 | 1.00 | 1.00 | 0.2 |" in page
+    assert "(0 with the final check) the kept LoRA holds 0.50 of the peak gain on set C (min 0.50); the best on set A " \
+           "alone 0.50 (min 0.50); measured on set B, as the long-run table does, the kept LoRA holds 1.00 (min 1.00)" in page
+    checked = {**result["runs"][0], "guard_step": 3}  # the trainer's final check kept the last LoRA
+    row = guard_check.run_row(checked)
+    assert (row["best_a_step"], row["pick_step"], row["guard_a_c"], row["guard_c"]) == (1, 3, 0.5, 1.0)
+    page = "\n".join(guard_check.section({**result, "runs": [checked], "budget": "quick", "seconds": 10}, tmp_path))
+    assert "| 0 | 1 | 3 | 0.0000 -> 1.0000 (1.0000 at 3) | 0.50 | 1.00 | 1.00 | 0.80 | - |" in page
     with pytest.raises(ValueError, match=r"Ts \[7\] are not in the long-run suite's \[6\]"):
         guard_check.run_suite(True, longrun=sweep, Ts=[7])
 

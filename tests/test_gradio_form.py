@@ -50,8 +50,9 @@ def test_the_step_baseline_checkbox_reaches_the_config_and_only_takes_true_or_fa
         assert config_to_form(ga.TrainConfig(**kw, output_dir=tmp_path), settings)["step_baseline"] is on
     errors, _ = ga.check_form({**ga.form_defaults(), "step_baseline": "yes"}, settings)
     assert errors == {"step_baseline": "must be true or false, got 'yes'"}
-    assert ga.FORM_KEYS[-1] == "step_baseline"  # added last: positional API callers' values keep their slots
-    assert ga.FORM_KEYS[:-1].index("sde_size") == len(ga.FORM_KEYS) - 2
+    assert ga.FORM_KEYS[-2:] == ("step_baseline", "best_recheck_seeds")  # added last: positional API callers'
+    # values keep their slots
+    assert ga.FORM_KEYS.index("sde_size") == len(ga.FORM_KEYS) - 3
 
 
 def test_learning_rate_0_is_the_estimators_measured_rate(tmp_path):

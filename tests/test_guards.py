@@ -104,6 +104,44 @@ def test_best_lora_is_kept_and_early_stop_fires_when_the_eval_reward_falls(tmp_p
     assert all(r["eval_diversity"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("check,recheck_seeds", [((0.9, 0.5), 3), ((0.5, 0.9), 3), ((0.9, 0.5), 0)])
+def test_the_final_check_keeps_the_better_of_lora_best_and_the_last_lora(tmp_path, monkeypatch, check, recheck_seeds):
+    """The evaluations peak at update 2 (8 images, noisy); at the end both LoRAs are scored on a fresh seed set
+    (``check``: the last LoRA's then the best's score): the better becomes lora_best.safetensors, the last
+    LoRA's parameters are back in place for lora.safetensors, and ``best_recheck_seeds=0`` checks nothing."""
+    from rlr_backend.train.best_lora import RECHECK_SEED
+
+    script, checks, calls = iter([0.1, 0.2, 0.5, 0.3, 0.4]), iter(check), []
+    real = Trainer.evaluate
+
+    def evaluate(self, seed=None, per_prompt=None):
+        if seed == RECHECK_SEED:
+            calls.append((per_prompt, [p.detach().clone() for p in self.params]))
+            return next(checks), None
+        return next(script), real(self)[1]
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    snapshots = {}
+    cfg = TrainConfig(steps=4, eval_every=1, best_recheck_seeds=recheck_seeds, output_dir=tmp_path, run_name="c",
+                      **TINY)
+    trainer = Trainer(cfg, progress=False,
+                      on_step=lambda info: snapshots.update({info.step: dict(trainer.t2i.lora_state_dict()[0])}))
+    result = trainer.run()
+    best, meta = load_tensors(tmp_path / "c" / "lora_best.safetensors")
+    last, last_meta = load_tensors(result.lora_path)
+    assert all(torch.equal(last[k], snapshots[4][k]) for k in last)  # the last LoRA is back in place
+    if not recheck_seeds:
+        assert calls == [] and result.best_step == 2 and "rlr_best_recheck" not in meta
+        return
+    assert [n for n, _ in calls] == [recheck_seeds] * 2
+    assert not all(torch.equal(a, b) for a, b in zip(calls[0][1], calls[1][1]))  # two different LoRAs scored
+    last_wins = check[0] >= check[1]
+    assert result.best_step == (4 if last_wins else 2) and meta["rlr_best_update"] == str(result.best_step)
+    assert all(torch.equal(best[k], snapshots[result.best_step][k]) for k in best)
+    assert last_meta["rlr_best_recheck"] == f"update 4: {check[0]:g}, update 2: {check[1]:g} on {2 * recheck_seeds} images"
+    assert ("rlr_best_recheck" in meta) == last_wins  # lora_best is rewritten only when the last LoRA wins
+
+
 def test_kl_weight_keeps_the_lora_nearer_the_base_and_is_logged(tmp_path):
     runs = {}
     for w in (0.0, 1.0):

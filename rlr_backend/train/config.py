@@ -153,6 +153,9 @@ class TrainConfig:
                           "chain's KL is unbiased for any number; more steps: less noise, more time)", min=1)
     early_stop_drop: float = _f(0.0, "guard: stop when the evaluation reward falls this far below its best (0: "
                                      "never); lora_best.safetensors always keeps the best evaluated LoRA")
+    best_recheck_seeds: int = _f(8, "guard: when the best evaluation is not the last update's, score lora_best and "
+                                    "the last LoRA once more at the end on this many fresh images per evaluation "
+                                    "prompt and keep the better as lora_best (0: off)", min=0)
     max_nonfinite_batches: int = _f(3, "stop the run after N batches in a row whose rewards are all NaN/inf (such "
                                        "batches are skipped; 0: never stop)")
     device: str = _f("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N, mps")

@@ -29,6 +29,7 @@ from ..rewards import Reward, make_reward
 from ..rewards.models.local import load_weights
 from ..safe_io import clean_temp_files, fault_point, save_json
 from ..sampling import PromptSchedule, sample_chain
+from .best_lora import RECHECK_SEED, BestKeeper
 from .checkpoint import repair_latest
 from .config import TrainConfig
 from .distributed import DataParallel
@@ -128,6 +129,9 @@ class Trainer:
                                 torch.Generator().manual_seed(config.seed), j_sampler=self.est_config.j_sampler(),
                                 loss_scale=DynamicLossScale() if config.precision == "fp16" else None)
         self._update_start: tuple | None = None
+        self.best = BestKeeper(self.state.best, self.params,
+                               lambda meta: self._save_lora(self.config.run_dir / "lora_best.safetensors", meta),
+                               config.early_stop_drop, config.best_recheck_seeds)
         self.est_config.check(self.problem([0]))  # estimator settings against the chain, before any file is touched
 
     # -- model pieces ---------------------------------------------------------------------------
@@ -196,6 +200,10 @@ class Trainer:
             drift = dp.max_parameter_difference(self.params)
             if drift and dp.is_main:
                 logger.warning("the processes' LoRAs differ by up to %.3g; the main process's is saved", drift)
+        if not stopped:  # the best-LoRA guard's final check (best_lora.py)
+            images = min(len(cfg.prompts), 4) * cfg.best_recheck_seeds
+            dp.on_main(lambda: self.best.finish(state.step, state.eval_rewards.get(state.step),
+                                                lambda n: self.evaluate(RECHECK_SEED, n)[0], images))
         lora_path = dp.on_main(lambda: self._write_outputs(history, stopped))
         return TrainResult(run_dir, lora_path, state.eval_rewards, state.step, stopped, self.eval_images,
                            state.best.get("step"), state.best.get("reward"))
@@ -209,7 +217,7 @@ class Trainer:
             state.eval_rewards[0] = first.get("eval_reward")
             history.append(first)
             dp.on_main(lambda: append_metrics(metrics_path, first))
-            dp.on_main(lambda: self._keep_if_best(0, state.eval_rewards[0]))
+            dp.on_main(lambda: self.best.offer(0, state.eval_rewards[0]))
         bar = progress_bar(cfg.steps, state.step, self.progress and dp.is_main)
         stopped, bad_run, reported = False, 0, set()
         for step in range(state.step + 1, cfg.steps + 1):
@@ -229,7 +237,7 @@ class Trainer:
                     append_metrics(metrics_path, record)
                     raise
                 state.eval_rewards[step] = record.get("eval_reward")
-                early = bool(dp.on_main(lambda: self._keep_if_best(step, state.eval_rewards[step])))
+                early = bool(dp.on_main(lambda: self.best.offer(step, state.eval_rewards[step])))
             history.append(record)
             dp.on_main(lambda: append_metrics(metrics_path, record))
             bad_run = bad_run + 1 if metrics.get("skipped_batch") else 0
@@ -308,23 +316,6 @@ class Trainer:
             out["eval_diversity"] = diversity(images, self.config.eval_seeds)
         return out
 
-    def _keep_if_best(self, step: int, reward: float) -> bool:
-        """Save the LoRA as lora_best.safetensors when ``reward`` is the best evaluation so far (main
-        process); returns True when the early-stop guard says to stop."""
-        best = self.state.best.get("reward")
-        if best is None or reward > best:
-            self.state.best.update(step=step, reward=reward)
-            self._save_lora(self.config.run_dir / "lora_best.safetensors",
-                            {"rlr_best_update": str(step), "rlr_best_eval_reward": f"{reward:.6g}"})
-            return False
-        drop = self.config.early_stop_drop
-        if drop > 0 and reward < best - drop:
-            logger.warning("early stop at update %d: the evaluation reward %.4f fell more than %g below its best "
-                           "%.4f (update %d); lora_best.safetensors holds that LoRA", step, reward, drop, best,
-                           self.state.best["step"])
-            return True
-        return False
-
     def _write_outputs(self, history: list[dict], stopped: bool) -> Path:
         """The LoRA, the reward curve and the before/after grid of a finished run; returns the LoRA's path."""
         cfg, run_dir = self.config, self.config.run_dir
@@ -334,6 +325,8 @@ class Trainer:
             meta["rlr_interrupted_at_step"] = str(step)
         if self.state.best:
             meta.update(rlr_best_update=str(self.state.best["step"]), rlr_best_eval_reward=f"{self.state.best['reward']:.6g}")
+            if "recheck" in self.state.best:
+                meta["rlr_best_recheck"] = self.state.best["recheck"]
         lora_path = self._save_lora(run_dir / "lora.safetensors", meta)
         save_reward_curve(history, eval_rewards, run_dir / "reward_curve.png", title=f"{cfg.estimator} on {self.reward.name}")
         grids = run_dir / "grids"
