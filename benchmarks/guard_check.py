@@ -10,7 +10,11 @@ on a third seed set, set C (``CHECK_SEED``), with 32 images per prompt (128 imag
 on set A; the share of the peak gain it keeps is measured on set C. Set B is recorded again, which checks
 that the retrained run is the long-run suite's run (training is deterministic on the CPU).
 
+``--only flowguard`` does the same for the flow-matching suite (``--only flowrun``, ``default-flow``) at its
+sweep's rates; its rows are on the same page table, marked ``(default-flow)``.
+
     python -m benchmarks.run --suite full --only guardrun [--variants ...] [--seeds ...] [--Ts ...]
+    python -m benchmarks.run --suite full --only flowguard [--variants ...] [--seeds ...]
 """
 
 from __future__ import annotations
@@ -30,28 +34,33 @@ CHECK_SEED = 24680
 REWARDS, TS, VARIANTS = ["size:0.4"], [20, 50], ["rlr + step baseline", "truncated_bp"]
 
 
-def settings(quick: bool) -> dict:
-    cfg = dict(long_run.settings(quick))
+def settings(quick: bool, flow: bool = False) -> dict:
+    """The long-run suite's settings (``flow``: the flow-matching suite's) narrowed to the guard's cells."""
+    cfg = dict(long_run.settings(quick, flow))
     if quick:
         return {**cfg, "check_per_prompt": 4, "seeds": [0]}
-    return {**cfg, "rewards": REWARDS, "Ts": TS, "variants": VARIANTS, "check_per_prompt": 32}
+    return {**cfg, "rewards": REWARDS, "Ts": [T for T in TS if T in cfg["Ts"]], "variants": VARIANTS,
+            "check_per_prompt": 32}
 
 
 def run_suite(quick: bool, *, done: list | None = None, save=None, longrun: list | None = None,
               variants: list[str] | None = None, seeds: list[int] | None = None, Ts: list[int] | None = None,
-              rewards: list[str] | None = None) -> dict:
+              rewards: list[str] | None = None, flow: bool = False) -> dict:
     """Train every (reward, T, variant, seed) of the suite not in ``done`` at the rate the long-run suite's
-    sweep chose (``longrun``: its runs; a cell whose sweep is not done is skipped with a log line)."""
-    cfg = settings(quick)
+    sweep chose (``longrun``: its runs; a cell whose sweep is not done is skipped with a log line).
+    ``flow``: the flow-matching suite's cells on ``default-flow`` (``longrun`` then holds that suite's runs)."""
+    cfg = settings(quick, flow)
+    suite = long_run.settings(quick, flow)
     for key, wanted in (("variants", variants), ("seeds", seeds), ("Ts", Ts), ("rewards", rewards)):
         if wanted:
-            unknown = [x for x in wanted if x not in long_run.settings(quick)[key]]
+            unknown = [x for x in wanted if x not in suite[key]]
             if unknown:
-                raise ValueError(f"{key} {unknown} are not in the long-run suite's {long_run.settings(quick)[key]}")
+                raise ValueError(f"{key} {unknown} are not in the {'flow' if flow else 'long'}-run suite's {suite[key]}")
             cfg[key] = list(wanted)
     runs = list(done or [])
     have = {long_run._key(r) for r in runs}
-    tmp = work_dir("guardrun" + ("-quick" if quick else ""))
+    model = {"model": cfg["model"]} if "model" in cfg else {}
+    tmp = work_dir(("flowguard" if flow else "guardrun") + ("-quick" if quick else ""))
     for reward in cfg["rewards"]:
         for T in cfg["Ts"]:
             for variant in cfg["variants"]:
@@ -64,12 +73,12 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, longrun: list
                         continue
                     estimator, overrides = long_run.VARIANTS[variant]
                     run = train_curve(estimator, reward, seed, cfg["updates"], cfg["eval_every"], cfg["batch"],
-                                      cfg["images_per_prompt"], T, tmp, lr=lr, overrides=overrides,
+                                      cfg["images_per_prompt"], T, tmp, lr=lr, overrides={**overrides, **model},
                                       tag=f"-{variant}" + (f"-T{T}" if T != 20 else ""),
                                       heldout_seed=long_run.HELDOUT_SEED, eval_seeds=cfg["eval_seeds"],
                                       check=(CHECK_SEED, cfg["check_per_prompt"]))
                     name = run.pop("run_name")
-                    runs.append({**run, "variant": variant, "T": T})
+                    runs.append({**run, "variant": variant, "T": T, **model})
                     have.add((reward, T, variant, lr, seed))
                     if save is not None:
                         save({"settings": cfg, "runs": runs})
@@ -102,11 +111,15 @@ def run_row(run: dict, longrun: list | None = None) -> dict:
             "end_share_b": _share(b[-1], b[0], max(b)), "longrun_diff": same}
 
 
-def section(r: dict, images=None, longrun: list | None = None) -> list[str]:
+def section(r: dict, images=None, longrun: list | None = None, flowrun: list | None = None) -> list[str]:
+    """The page's section: ``r`` may hold runs of both suites (a flow run has ``model``); a run's twin is
+    looked up in ``longrun`` or, for a flow run, in ``flowrun``."""
     cfg = r.get("settings") or settings(r.get("budget") == "quick")
     lines = ["## What the best-LoRA guard keeps, measured on 128 images", "",
              f"`python -m benchmarks.run --only guardrun` ({r.get('budget', '?')}; {r.get('seconds', 0) / 3600:.1f} h "
-             f"so far). The long-run suite's runs trained again (same settings, its sweep's rate), each evaluation "
+             f"so far; `--only flowguard` for the rows marked `(default-flow)`). The long-run suite's runs (or the "
+             f"flow-matching suite's, `--only flowrun`: 60 updates, an evaluation every 10) trained again (same "
+             f"settings, its sweep's rate), each evaluation "
              f"also scored on seed set C: {cfg['check_per_prompt']} images for each of 4 prompts. The guard keeps the "
              "LoRA of the best evaluation on set A (8 images, as in a user's run: *best on A*), then, at the end, "
              "scores it and the last LoRA on 32 fresh images of its own and keeps the better (*kept*; `-`: a run "
@@ -118,17 +131,20 @@ def section(r: dict, images=None, longrun: list | None = None) -> list[str]:
              "update) | best on A keeps, set C | kept keeps, set C | end, set C | kept keeps, set B | same run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
-        y = run_row(x, longrun)
+        y = run_row(x, flowrun if x.get("model") else longrun)
         same = "-" if y["longrun_diff"] is None else f"{y['longrun_diff']:.1g}"
-        lines.append(f"| `{x['reward']}` | {x['T']} | {x['variant']} | {x['lr']:g} | {x['seed']} | {y['best_a_step']} | "
+        where = f" ({x['model']})" if x.get("model") else ""
+        lines.append(f"| `{x['reward']}`{where} | {x['T']} | {x['variant']} | {x['lr']:g} | {x['seed']} | {y['best_a_step']} | "
                      f"{y['pick_step'] if y['checked'] else '-'} | "
                      f"{y['start_c']:.4f} -> {y['kept_c']:.4f} ({y['peak_c']:.4f} at {y['peak_step_c']}) | "
                      f"{y['guard_a_c']:.2f} | {y['guard_c']:.2f} | {y['end_share_c']:.2f} | {y['guard_b']:.2f} | {same} |")
-    rows = [run_row(x) for x in r["runs"]]
-    if rows:
+    models = dict.fromkeys(x.get("model") for x in r["runs"])
+    for model in models:
+        rows = [run_row(x) for x in r["runs"] if x.get("model") == model]
         kept, first = [y["guard_c"] for y in rows], [y["guard_a_c"] for y in rows]
         checked = sum(y["checked"] for y in rows)
-        lines += ["", f"Across the {len(rows)} runs ({checked} with the final check) the kept LoRA holds "
+        where = f" on `{model}`" if model else (" on the embedded model" if len(models) > 1 else "")
+        lines += ["", f"Across the {len(rows)} runs{where} ({checked} with the final check) the kept LoRA holds "
                   f"{statistics.mean(kept):.2f} of the peak gain on set C (min {min(kept):.2f}); the best on set A "
                   f"alone {statistics.mean(first):.2f} (min {min(first):.2f}); measured on set B, as the long-run "
                   f"table does, the kept LoRA holds {statistics.mean(y['guard_b'] for y in rows):.2f} (min "

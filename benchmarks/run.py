@@ -32,7 +32,7 @@ from . import bias_map, cost, efficiency, guard_check, long_run, quality, report
 from .common import machine
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = ("cost", "quality", "efficiency", "collapse", "scaling", "bias", "longrun", "flowrun", "guardrun", "memory")
+SUITES = ("cost", "quality", "efficiency", "collapse", "scaling", "bias", "longrun", "flowrun", "guardrun", "flowguard", "memory")
 
 
 def run_memory_model(budget: str, threads: int) -> Path:
@@ -51,7 +51,7 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
     share the work: ``--only efficiency --rewards prompt_alignment`` and ``... jpeg_compressibility``)."""
     if suite == "efficiency" and len(rewards) == 1:
         path = RESULTS / f"{suite}-{budget}-{rewards[0]}.json"
-    elif suite in ("longrun", "flowrun", "guardrun") and (variants or suite == "guardrun"):
+    elif suite in ("longrun", "flowrun", "guardrun", "flowguard") and (variants or suite in ("guardrun", "flowguard")):
         path = RESULTS / f"{suite}-{budget}.json"
         if variants:
             path = path.with_name(f"{path.stem}-{'-'.join(v.replace(' ', '').replace('+', '_') for v in variants)}.json")
@@ -74,16 +74,17 @@ def run(suite: str, budget: str, rewards: tuple[str, ...] = efficiency.REWARDS,
     def save(data: dict) -> None:
         save_json({**meta, "seconds": time.perf_counter() - t0, "load_at_end": os.getloadavg()[0], **data}, path)
 
-    if suite in ("efficiency", "collapse", "bias", "longrun", "flowrun", "guardrun"):  # resumable: saved runs are kept
+    if suite in ("efficiency", "collapse", "bias", "longrun", "flowrun", "guardrun", "flowguard"):  # resumable: saved runs are kept
         saved = json.loads(path.read_text()) if path.is_file() else {}
         if suite == "bias":
             data = bias_map.run_suite(quick, done=saved.get("cells", []), save=save)
-        elif suite == "guardrun":
-            longrun = [run for q in sorted(RESULTS.glob(f"longrun-{budget}*.json"))
+        elif suite in ("guardrun", "flowguard"):
+            source = "flowrun" if suite == "flowguard" else "longrun"
+            longrun = [run for q in sorted(RESULTS.glob(f"{source}-{budget}*.json"))
                        for run in json.loads(q.read_text()).get("runs", [])]  # the rates come from its sweep
             data = guard_check.run_suite(quick, done=saved.get("runs", []), save=save, longrun=longrun,
                                          variants=list(variants), seeds=list(seeds), Ts=list(Ts),
-                                         rewards=list(long_rewards))
+                                         rewards=list(long_rewards), flow=suite == "flowguard")
         elif suite in ("longrun", "flowrun"):
             others = [run for q in sorted(RESULTS.glob(f"{suite}-{budget}*.json")) if q != path
                       for run in json.loads(q.read_text()).get("runs", [])]  # other processes' finished runs
@@ -108,11 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rewards", nargs="+", choices=efficiency.REWARDS, default=list(efficiency.REWARDS),
                     help="efficiency suite: the rewards to train on (one reward per process splits the work)")
     ap.add_argument("--variants", nargs="+", choices=tuple(long_run.VARIANTS), default=[],
-                    help="longrun/guardrun suites: only these variants (two processes can share the work; the page merges them)")
+                    help="longrun/guardrun/flowguard suites: only these variants (two processes can share the work; the page merges them)")
     ap.add_argument("--lrs", nargs="+", type=float, default=[],
                     help="longrun suite: only these rates of the sweep (with --variants; two processes can sweep in parallel)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[],
-                    help="longrun/guardrun suites: only these seeds after the sweep (with --variants; processes can split seeds)")
+                    help="longrun/guardrun/flowguard suites: only these seeds after the sweep (with --variants; processes can split seeds)")
     ap.add_argument("--longrun-rewards", nargs="+", default=[],
                     help="longrun/flowrun/guardrun suites: only these rewards (with --variants)")
     ap.add_argument("--Ts", nargs="+", type=int, default=[],

@@ -55,6 +55,39 @@ def test_guard_check_retrains_the_long_run_rates_and_measures_the_guard_on_set_c
         guard_check.run_suite(True, longrun=sweep, Ts=[7])
 
 
+def test_flow_guard_trains_on_default_flow_at_the_flow_sweeps_rate_and_shares_the_page_table(monkeypatch, tmp_path):
+    """``flow=True``: the flow-matching suite's cells, trained on its model at the rate its sweep chose, the run
+    marked with the model; on the page its row is labelled and its twin is looked up among the flow suite's runs
+    (not the embedded model's run of the same key), and each model gets its own summary line."""
+    from benchmarks import guard_check
+
+    seen = []
+
+    def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=1e-3, overrides=None, tag="",
+              heldout_seed=None, eval_seeds=2, check=None):
+        seen.append((tag[1:], lr, (overrides or {}).get("model"), out.name))
+        return {"estimator": est, "reward": reward, "seed": seed, "lr": lr, "wall_seconds": 1.0, "run_name": "r",
+                "points": [{"step": i, "samples": i, "eval_reward": x, "heldout_reward": x, "check_reward": x,
+                            "diversity": 0.3} for i, x in enumerate((0.0, 0.5, 1.0))]}
+
+    monkeypatch.setattr(guard_check, "train_curve", curve)
+    monkeypatch.setenv("RLR_BENCH_WORK", str(tmp_path / "work"))
+    sweep = [{"reward": "position:left", "T": 6, "variant": "truncated_bp", "lr": lr, "seed": 0,
+              "points": [{"eval_reward": e, "heldout_reward": 0.0}] * 3} for lr, e in ((1e-3, 0.3), (3e-3, 0.2))]
+    flow = guard_check.run_suite(True, longrun=sweep, flow=True)
+    assert seen == [("truncated_bp-T6", 1e-3, "default-flow", "flowguard-quick")]
+    assert flow["runs"][0]["model"] == "default-flow" and flow["settings"]["model"] == "default-flow"
+    embedded = {**flow["runs"][0], "model": None}
+    twin = {**flow["runs"][0], "points": [{**p, "heldout_reward": p["heldout_reward"] + 0.5} for p in flow["runs"][0]["points"]]}
+    page = "\n".join(guard_check.section({**flow, "runs": [embedded, flow["runs"][0]], "budget": "quick", "seconds": 1},
+                                         tmp_path, [], [twin]))
+    assert "| `position:left` (default-flow) | 6 | truncated_bp | 0.001 | 0 | 2 | - |" in page
+    assert page.count("| 0.5 |") == 1 and page.count("| - |\n") == 1  # the flow row found its flow twin only
+    assert "Across the 1 runs on `default-flow`" in page and "Across the 1 runs on the embedded model" in page
+    with pytest.raises(ValueError, match=r"Ts \[20\] are not in the flow-run suite's \[6\]"):
+        guard_check.run_suite(True, longrun=sweep, Ts=[20], flow=True)
+
+
 def test_eval_noise_is_the_spread_of_set_a_minus_set_b_without_each_runs_offset():
     """var(A - B) = 2 sigma^2 for two independent evaluations of one LoRA; a run's constant offset between
     the seed sets is not noise, and another (reward, T)'s runs do not count."""

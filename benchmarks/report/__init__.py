@@ -19,6 +19,13 @@ __all__ = ["collapse_section", "cost_section", "efficiency_section", "headline_s
            "overview_section", "quality_section", "render", "scaling_section"]
 
 
+def _merged(a: dict | None, b: dict | None) -> dict | None:
+    """Two suites' results as one: ``a``'s metadata, both suites' runs and seconds."""
+    if a is None or b is None:
+        return a or b
+    return {**a, "runs": a["runs"] + b["runs"], "seconds": a["seconds"] + b["seconds"]}
+
+
 def render(results: Path, out: Path) -> None:
     images = out.parent / "images"
     lines = ["# Benchmarks", "", "Every figure on this page comes from `python -m benchmarks.run` "
@@ -29,9 +36,12 @@ def render(results: Path, out: Path) -> None:
     sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,
                 "collapse": collapse_section, "scaling": scaling_section, "bias": bias_map.section,
                 "longrun": long_run.section, "flowrun": long_run.flow_section,
-                "guardrun": lambda r, images: guard_check.section(r, images, (_load(results, "longrun") or {}).get("runs"))}
+                "guardrun": lambda r, images: guard_check.section(r, images, (_load(results, "longrun") or {}).get("runs"),
+                                                                  (_load(results, "flowrun") or {}).get("runs"))}
     for suite, fn in sections.items():
         r = _load(results, suite)
+        if suite == "guardrun":  # the flow-matching suite's guard runs are rows of the same table
+            r = _merged(r, _load(results, "flowguard"))
         lines += fn(r, images) if r else [f"## {suite}", "", f"(no results yet: `python -m benchmarks.run --only {suite}`)", ""]
     mem = _load_memory_model(results)
     lines += memory_model_section(mem, images) if mem else [

@@ -15,7 +15,7 @@ def _load(results: Path, suite: str) -> dict | None:
     for budget in ("full", "quick"):
         p = results / f"{suite}-{budget}.json"
         parts = sorted(results.glob(f"{suite}-{budget}-*.json"))
-        if p.is_file() and not (suite in ("longrun", "flowrun", "guardrun") and parts):
+        if p.is_file() and not (suite in ("longrun", "flowrun", "guardrun", "flowguard") and parts):
             return json.loads(p.read_text())
         if p.is_file():
             parts = [p, *parts]  # the long-run suite may be split by variant across processes
