@@ -9,7 +9,7 @@ from pathlib import Path
 from rlr_backend.safe_io import atomic_path
 
 from .. import bias_map, guard_check, long_run
-from .common import _load
+from .common import _load, merged
 from .costs import _load_memory_model, cost_section, memory_model_section, scaling_section
 from .headline import headline_section
 from .learning import collapse_section, efficiency_section, quality_section
@@ -17,13 +17,6 @@ from .overview import overview_section
 
 __all__ = ["collapse_section", "cost_section", "efficiency_section", "headline_section", "memory_model_section",
            "overview_section", "quality_section", "render", "scaling_section"]
-
-
-def _merged(a: dict | None, b: dict | None) -> dict | None:
-    """Two suites' results as one: ``a``'s metadata, both suites' runs and seconds."""
-    if a is None or b is None:
-        return a or b
-    return {**a, "runs": a["runs"] + b["runs"], "seconds": a["seconds"] + b["seconds"]}
 
 
 def render(results: Path, out: Path) -> None:
@@ -41,7 +34,8 @@ def render(results: Path, out: Path) -> None:
     for suite, fn in sections.items():
         r = _load(results, suite)
         if suite == "guardrun":  # the flow-matching suite's guard runs are rows of the same table
-            r = _merged(r, _load(results, "flowguard"))
+            both = [x for x in (r, _load(results, "flowguard")) if x]
+            r = merged(both) if both else None
         lines += fn(r, images) if r else [f"## {suite}", "", f"(no results yet: `python -m benchmarks.run --only {suite}`)", ""]
     mem = _load_memory_model(results)
     lines += memory_model_section(mem, images) if mem else [

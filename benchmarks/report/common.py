@@ -20,13 +20,17 @@ def _load(results: Path, suite: str) -> dict | None:
         if p.is_file():
             parts = [p, *parts]  # the long-run suite may be split by variant across processes
         if parts:
-            loaded = [json.loads(q.read_text()) for q in parts]
-            merged = dict(loaded[0])
-            merged["runs"] = [run for r in loaded for run in r["runs"]]
-            merged["seconds"] = sum(r["seconds"] for r in loaded)
-            merged["command"] = "; ".join(r["command"] for r in loaded)
-            return merged
+            return merged([json.loads(q.read_text()) for q in parts])
     return None
+
+
+def merged(loaded: list[dict]) -> dict:
+    """Several result files as one: the first's metadata, all their runs, seconds and commands."""
+    out = dict(loaded[0])
+    out["runs"] = [run for r in loaded for run in r["runs"]]
+    out["seconds"] = sum(r["seconds"] for r in loaded)
+    out["command"] = "; ".join(r["command"] for r in loaded)
+    return out
 
 
 def _about(r: dict) -> str:
