@@ -29,16 +29,17 @@ def test_columns_and_shares_of_the_best(tmp_path):
     _default_run(tmp_path / "default-run.json", [("rlr", 0.05), ("rlr lr 3e-3", 0.2), ("truncated_bp", 0.1),
                                                  ("rlr, no step baseline", 0.06), ("ddpo", -0.01)])
     _long_run(tmp_path / "longrun-full-a.json", [("rlr + step baseline", 1e-3, -0.02), ("rlr", 3e-3, -0.11),
-                                                 ("truncated_bp", 3e-4, -0.029)])
+                                                 ("truncated_bp", 3e-4, -0.029), ("rlr paper", 3e-4, -0.17)])
     found = dict(tasks(tmp_path))
     default = found["default run: alignment + brightness, 60 updates"]
     assert set(default) == {"RLR", "RLR, no step baseline", "truncated backprop", "DDPO"}  # "rlr lr 3e-3": out
     assert abs(default["RLR"]["gain"] - 0.05) < 1e-9 and abs(default["RLR, no step baseline"]["gain"] - 0.06) < 1e-9
     long = found["position:left, T=50, 300 updates"]
     assert abs(long["RLR"]["final"] + 0.02) < 1e-9 and abs(long["RLR, no step baseline"]["final"] + 0.11) < 1e-9
+    assert abs(long["RLR as in the paper"]["final"] + 0.17) < 1e-9  # fo_steps=1: a column of its own
     lines = overview_section(tmp_path, tmp_path / "images")
     row = next(x for x in lines if x.startswith("| position:left, T=50"))
-    assert "**-0.020 (100%)**" in row and "-0.029 (95%)" in row and "-0.110 (50%)" in row
+    assert "**-0.020 (100%)**" in row and "-0.029 (95%)" in row and "-0.110 (50%)" in row and "-0.170 (17%)" in row
     row = next(x for x in lines if x.startswith("| default run"))
     assert "**1.100 (100%)**" in row and "1.050 (50%)" in row and "0.990 (-10%)" in row
     assert (tmp_path / "images" / "bench_overview.png").stat().st_size > 1000

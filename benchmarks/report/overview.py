@@ -12,13 +12,15 @@ from .. import efficiency, long_run
 from .common import _load, _plt, _save
 
 #: the page's columns: RLR as the product trains it first
-COLUMNS = ("RLR", "RLR, no step baseline", "truncated backprop", "full backprop + ckpt", "DDPO",
-           "REINFORCE + step baseline")
+COLUMNS = ("RLR", "RLR, no step baseline", "RLR as in the paper", "truncated backprop", "full backprop + ckpt",
+           "DDPO", "REINFORCE + step baseline")
+#: each column's bar colour, fixed so a column keeps its colour when columns are added
+COLOURS = dict(zip(COLUMNS, ("C0", "C1", "C8", "C2", "C3", "C4", "C5")))
 #: a suite's estimator or variant name -> column (names not listed are left out: code_compat, the KL variants,
-#: plain REINFORCE, the paper's fo_steps=1)
+#: plain REINFORCE). "RLR as in the paper": fo_steps=1, no step baseline
 NAMES = {"rlr_sb": "RLR", "rlr + step baseline": "RLR", "rlr": "RLR, no step baseline",
          "rlr, no step baseline": "RLR, no step baseline", "truncated_bp": "truncated backprop",
-         "full_bp + ckpt": "full backprop + ckpt", "ddpo": "DDPO", "zo_sb": "REINFORCE + step baseline"}
+         "rlr paper": "RLR as in the paper", "full_bp + ckpt": "full backprop + ckpt", "ddpo": "DDPO", "zo_sb": "REINFORCE + step baseline"}
 #: default_run's labels differ: there "rlr" is RLR as trained by default (with the step baseline)
 DEFAULT_RUN_NAMES = {**NAMES, "rlr": "RLR"}
 
@@ -105,7 +107,7 @@ def _plot(found: list[tuple[str, dict[str, dict]]], path: Path) -> None:
             if col in cells and best > 0:
                 ys.append(t + (i - (len(COLUMNS) - 1) / 2) * height)
                 xs.append(cells[col]["gain"] / best)
-        ax.barh(ys, xs, height=height, label=col)
+        ax.barh(ys, xs, height=height, label=col, color=COLOURS[col])
     ax.set_yticks(range(len(found)), [label for label, _ in found], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.6)
