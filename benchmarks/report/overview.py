@@ -20,7 +20,8 @@ COLOURS = dict(zip(COLUMNS, ("C0", "C1", "C8", "C2", "C3", "C4", "C5")))
 #: plain REINFORCE). "RLR as in the paper": fo_steps=1, no step baseline
 NAMES = {"rlr_sb": "RLR", "rlr + step baseline": "RLR", "rlr": "RLR, no step baseline",
          "rlr, no step baseline": "RLR, no step baseline", "truncated_bp": "truncated backprop",
-         "rlr paper": "RLR as in the paper", "full_bp + ckpt": "full backprop + ckpt", "ddpo": "DDPO", "zo_sb": "REINFORCE + step baseline"}
+         "rlr paper": "RLR as in the paper", "full_bp + ckpt": "full backprop + ckpt", "ddpo": "DDPO",
+         "zo_sb": "REINFORCE + step baseline"}
 #: default_run's labels differ: there "rlr" is RLR as trained by default (with the step baseline)
 DEFAULT_RUN_NAMES = {**NAMES, "rlr": "RLR"}
 
