@@ -174,9 +174,13 @@ def _kept(run: dict) -> float:
 def summarize(result: dict) -> list[dict]:
     out = []
     runs = result["runs"]
-    for reward, T in dict.fromkeys((r["reward"], r["T"]) for r in runs):
+    order = settings(False)["rewards"]  # tasks and variants in the suite's order, whatever order files merged in
+    tasks = sorted(dict.fromkeys((r["reward"], r["T"]) for r in runs),
+                   key=lambda k: (k[1], order.index(k[0]) if k[0] in order else len(order), k[0]))
+    for reward, T in tasks:
         finals = {}
-        for variant in dict.fromkeys(r["variant"] for r in runs if (r["reward"], r["T"]) == (reward, T)):
+        for variant in sorted(dict.fromkeys(r["variant"] for r in runs if (r["reward"], r["T"]) == (reward, T)),
+                              key=lambda v: (list(VARIANTS).index(v) if v in VARIANTS else len(VARIANTS), v)):
             lr = chosen_lr(runs, reward, T, variant)
             mine = [r for r in runs if (r["reward"], r["T"], r["variant"], r["lr"]) == (reward, T, variant, lr)]
             if mine:

@@ -351,6 +351,23 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     assert "flow-matching default" in page and (tmp_path / "bench_flowrun_position_left_T6.png").is_file()
 
 
+def test_long_run_summary_keeps_the_suite_order_whatever_order_files_merge_in():
+    """Result files merge in file-name order; the page lists tasks by T then the suite's reward order, and each
+    task's variants in ``VARIANTS`` order, so a new file does not reshuffle the tables."""
+    from benchmarks import long_run
+
+    def run(reward, T, variant):
+        return {"reward": reward, "T": T, "variant": variant, "lr": 1e-3, "seed": 0, "points": [
+            {"step": i, "samples": 8 * i, "train_cpu_seconds": 1.0 + i, "eval_reward": 0.1 * i,
+             "heldout_reward": 0.1 * i, "diversity": 0.3} for i in range(4)]}
+
+    runs = [run("size:0.4", 20, "ddpo"), run("brightness", 50, "rlr paper"), run("position:left", 20, "ddpo"),
+            run("size:0.4", 20, "truncated_bp"), run("brightness", 20, "rlr"), run("position:left", 20, "rlr")]
+    rows = [(x["reward"], x["T"], x["variant"]) for x in long_run.summarize({"runs": runs})]
+    assert rows == [("position:left", 20, "rlr"), ("position:left", 20, "ddpo"), ("brightness", 20, "rlr"),
+                    ("size:0.4", 20, "ddpo"), ("size:0.4", 20, "truncated_bp"), ("brightness", 50, "rlr paper")]
+
+
 def test_quality_page_names_its_bias_statistic(tmp_path):
     """New results show Hotelling's p-value; results measured before it keep mean z^2, marked as the old statistic."""
     row = {"estimator": "rlr", "trace_var": 1.0, "seconds": 1.0, "var_x_seconds": 1.0, "cos_to_truth": 0.5}
