@@ -3,7 +3,7 @@
 Each reward is checked against an independent computation: the transformers model it was saved
 from (CLIP score, PickScore, aesthetic) or a plain-torch forward of the original architecture on the
 original tensor names (HPSv2's open_clip layout, ImageReward's BLIP layout), so a wrong tensor
-mapping, activation or LayerNorm epsilon fails a test. Plus: shapes, gradients, the no-grad path and
+mapping, activation or LayerNorm epsilon fails a test (those computations: tests/reward_references.py). Plus: shapes, gradients, the no-grad path and
 the errors for missing, wrong-shape and pickled weights.
 """
 
@@ -22,16 +22,15 @@ from safetensors.torch import save_file
 from rlr_backend.rewards import REWARDS, MissingRewardWeights, find_reward_models, make_reward
 from rlr_backend.rewards.models import MODEL_REWARDS
 from rlr_backend.rewards.models.aesthetic import AestheticReward
-from rlr_backend.rewards.models.clip import PACKAGED_TOKENIZER
 from rlr_backend.rewards.models.clip_similarity import ClipScore, HPSv2
-from rlr_backend.rewards.models.image_reward import MEAN as IR_MEAN
-from rlr_backend.rewards.models.image_reward import STD as IR_STD
 from rlr_backend.rewards.models.preprocess import CLIP_MEAN, CLIP_STD, clip_pixels
 from rlr_backend.safe_io import InvalidModelFile
 
+from reward_references import (PATCH, PROJ, SIZE, WIDTH, hf_cos, image_reward_reference,
+                               open_clip_features)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a blue background", "a photo of a cat"]
-WIDTH, PATCH, SIZE, PROJ = 64, 8, 32, 16  # tiny: one 64-wide head per tower, 32 px images, 16-d embeddings
 
 
 @pytest.fixture(autouse=True)
@@ -151,101 +150,6 @@ def models(tmp_path_factory):
 def images(batch=2, size=SIZE, seed=0, requires_grad=False):
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     return x.requires_grad_(requires_grad)
-
-
-# ------------------------------------------------------------------------------ references
-def clip_tokens(prompts):
-    from transformers import CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(str(PACKAGED_TOKENIZER), local_files_only=True)
-    return [tok([p], truncation=True, max_length=77, return_tensors="pt") for p in prompts]
-
-
-def hf_cos(model, imgs, prompts):
-    pixels = clip_pixels(imgs, SIZE)
-    img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
-    txt = [model.text_projection(model.text_model(**t).pooler_output) for t in clip_tokens(prompts)]
-    return (img * F.normalize(torch.cat(txt), dim=-1)).sum(-1)
-
-
-def _mha(q_in, kv_in, wq, bq, wk, bk, wv, bv, heads, mask=None):
-    b, n, d = q_in.shape
-    split = lambda x: x.view(b, -1, heads, d // heads).transpose(1, 2)  # noqa: E731
-    q, k, v = split(q_in @ wq.T + bq), split(kv_in @ wk.T + bk), split(kv_in @ wv.T + bv)
-    att = q @ k.transpose(-1, -2) / math.sqrt(d // heads)
-    if mask is not None:
-        att = att + mask
-    return (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
-
-
-def open_clip_features(sd, imgs, prompts, layers=2):
-    """open_clip's CLIP.encode_image / encode_text (pre-LN blocks, GELU, EOT pooling), written out."""
-    def block(x, p, mask=None):
-        d = x.shape[-1]
-        h = F.layer_norm(x, (d,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
-        wq, wk, wv = sd[p + "attn.in_proj_weight"].chunk(3)
-        bq, bk, bv = sd[p + "attn.in_proj_bias"].chunk(3)
-        x = x + _mha(h, h, wq, bq, wk, bk, wv, bv, 1, mask) @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
-        h = F.layer_norm(x, (d,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
-        h = F.gelu(h @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"])
-        return x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
-
-    x = F.conv2d(clip_pixels(imgs, SIZE), sd["visual.conv1.weight"], stride=PATCH).flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, -1), x], 1) + sd["visual.positional_embedding"]
-    x = F.layer_norm(x, (WIDTH,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
-    for i in range(layers):
-        x = block(x, f"visual.transformer.resblocks.{i}.")
-    img = F.layer_norm(x[:, 0], (WIDTH,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
-    texts = []
-    for t in clip_tokens(prompts):
-        ids = torch.zeros(1, 77, dtype=torch.long)  # open_clip pads with 0 to 77
-        ids[:, : t["input_ids"].shape[1]] = t["input_ids"]
-        y = sd["token_embedding.weight"][ids] + sd["positional_embedding"]
-        causal = torch.full((77, 77), float("-inf")).triu(1)
-        for i in range(layers):
-            y = block(y, f"transformer.resblocks.{i}.", causal)
-        y = F.layer_norm(y, (WIDTH,), sd["ln_final.weight"], sd["ln_final.bias"])
-        texts.append(y[torch.arange(1), ids.argmax(-1)] @ sd["text_projection"])
-    return F.normalize(img, dim=-1), F.normalize(torch.cat(texts), dim=-1)
-
-
-def image_reward_reference(sd, imgs, prompts, vocab_dir, layers=2):
-    """ImageReward.score_gard written out: timm ViT (LayerNorm eps 1e-6) -> med.py BERT with cross-attention."""
-    from transformers import BertTokenizer
-
-    v, t = "blip.visual_encoder.", "blip.text_encoder."
-    x = F.conv2d(clip_pixels(imgs, SIZE), sd[v + "patch_embed.proj.weight"], sd[v + "patch_embed.proj.bias"], stride=PATCH)
-    x = torch.cat([sd[v + "cls_token"].expand(x.shape[0], 1, -1), x.flatten(2).transpose(1, 2)], 1) + sd[v + "pos_embed"]
-    ln6 = lambda y, p: F.layer_norm(y, (y.shape[-1],), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)  # noqa: E731
-    for i in range(layers):
-        p = f"{v}blocks.{i}."
-        h = ln6(x, p + "norm1")
-        wq, wk, wv = sd[p + "attn.qkv.weight"].chunk(3)
-        bq, bk, bv = sd[p + "attn.qkv.bias"].chunk(3)
-        x = x + _mha(h, h, wq, bq, wk, bk, wv, bv, 1) @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
-        h = F.gelu(ln6(x, p + "norm2") @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"])
-        x = x + h @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
-    enc = ln6(x, v + "norm")
-
-    tok = BertTokenizer.from_pretrained(str(vocab_dir), local_files_only=True)
-    ids = tok(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-    ln12 = lambda y, p: F.layer_norm(y, (y.shape[-1],), sd[p + ".weight"], sd[p + ".bias"], eps=1e-12)  # noqa: E731
-    lin = lambda y, p: y @ sd[p + ".weight"].T + sd[p + ".bias"]  # noqa: E731
-    y = sd[t + "embeddings.word_embeddings.weight"][ids["input_ids"]] + sd[t + "embeddings.position_embeddings.weight"][:35]
-    y = ln12(y, t + "embeddings.LayerNorm")
-    pad = (1.0 - ids["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
-    for i in range(layers):
-        q = f"{t}encoder.layer.{i}."
-        for block, kv, mask in (("attention", y, pad), ("crossattention", enc, None)):
-            s = q + block + ".self."
-            a = _mha(y, kv, *(sd[s + n + "." + w] for n in ("query", "key", "value") for w in ("weight", "bias")), 1, mask)
-            y = ln12(lin(a, q + block + ".output.dense") + y, q + block + ".output.LayerNorm")
-        h = F.gelu(lin(y, q + "intermediate.dense"))
-        y = ln12(lin(h, q + "output.dense") + y, q + "output.LayerNorm")
-    z = y[:, 0]
-    for i in (0, 2, 4, 6, 7):
-        z = lin(z, f"mlp.layers.{i}")
-    return ((z - IR_MEAN) / IR_STD).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------ values
