@@ -1,10 +1,10 @@
 """Model rewards from local weights, on tiny random-weight models of each architecture built here.
 
-Each reward is checked against an independent computation: the transformers model it was saved
-from (CLIP score, PickScore, aesthetic) or a plain-torch forward of the original architecture on the
-original tensor names (HPSv2's open_clip layout, ImageReward's BLIP layout), so a wrong tensor
-mapping, activation or LayerNorm epsilon fails a test (those computations: tests/reward_references.py). Plus: shapes, gradients, the no-grad path and
-the errors for missing, wrong-shape and pickled weights.
+Each reward is checked against an independent computation (tests/reward_references.py): the
+transformers model it was saved from (CLIP score, PickScore, aesthetic) or a plain-torch forward of the
+original architecture on the original tensor names (HPSv2's open_clip layout, ImageReward's BLIP
+layout), so a wrong tensor mapping, activation or LayerNorm epsilon fails a test. Plus: shapes,
+gradients, the no-grad path and the errors for missing, wrong-shape and pickled weights.
 """
 
 import math
