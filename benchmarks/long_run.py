@@ -1,7 +1,8 @@
 """Long runs on rewards that need early changes: sample efficiency, stability and what the guards keep.
 
 Every variant trains the embedded default model for the same number of updates and images. Each is
-trained at the best of a few learning rates (swept on seed 0), then on the other seeds at that rate.
+trained at the best of a few learning rates (swept on seed 0), then on the other seeds at that rate, once
+the whole sweep is done (a process given some of the rates leaves the other seeds to whoever ends the sweep).
 At every evaluation two fixed seed sets are scored: set A (the trainer's own evaluation, which the
 best-LoRA guard selects on) and set B (``HELDOUT_SEED``, never used for any choice), so the reported
 rewards are not inflated by selection. Reported per reward and T:
@@ -102,8 +103,9 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
     share the work (their result files are merged by the page); ``others``: runs other processes saved, which
     are neither trained again nor saved here (a variant may take its rate from another's sweep there);
     ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in parallel); ``seeds``: only these seeds
-    after the sweep (the sweep is on the first seed whatever ``seeds`` says); ``Ts``, ``rewards``: only these."""
+    after the sweep, which wait until every rate of it has a seed-0 run here or in ``others`` (the sweep is on the first seed whatever ``seeds`` says); ``Ts``, ``rewards``: only these."""
     cfg = settings(quick, flow)
+    grid = list(cfg["lrs"])  # the whole sweep: seeds 1+ wait for all of it, whichever rates this process tries
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
@@ -148,11 +150,14 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
                         ensure(reward, T, variant, lr, cfg["seeds"][0], tmp)
             for seed in [s for s in cfg["seeds"] if not seeds or s in seeds]:
                 for variant in variants:
-                    lr = chosen_lr(known, reward, T, variant)
-                    if lr is None:  # the variant whose rate it shares is swept by another process: not yet done
-                        logger.info("%s %s T=%d: waiting for %s's sweep; skipped", reward, variant, T,
-                                    SHARES_LR.get(variant, variant))
+                    source = SHARES_LR.get(variant, variant)
+                    swept = {r["lr"] for r in known if (r["reward"], r["T"], r["variant"], r["seed"]) ==
+                             (reward, T, source, cfg["seeds"][0])}
+                    if not set(grid) <= swept:  # rates still to try, here or in another process: no choice yet
+                        logger.info("%s %s T=%d: waiting for %s's sweep (%d of %d rates tried); skipped", reward,
+                                    variant, T, source, len(swept & set(grid)), len(grid))
                         continue
+                    lr = chosen_lr(known, reward, T, variant)
                     ensure(reward, T, variant, lr, seed, tmp)
     return {"settings": cfg, "runs": runs}
 

@@ -57,7 +57,11 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     calls.clear()
     assert long_run.run_suite(True, variants=["rlr + kl"])["runs"] == [] and calls == []  # no sweep: waits
     one = long_run.run_suite(True, variants=["rlr"], lrs=[3e-3], seeds=[1], Ts=[6])  # a process's share of the work
-    assert calls == [("rlr", 3e-3, 0), ("rlr", 3e-3, 1)] and len(one["runs"]) == 2
+    assert calls == [("rlr", 3e-3, 0)] and len(one["runs"]) == 1  # seed 1 waits for the rest of the sweep
+    calls.clear()
+    other = [r for r in split if (r["lr"], r["seed"]) == (1e-3, 0)]  # another process tried the other rate
+    two = long_run.run_suite(True, variants=["rlr"], lrs=[3e-3], seeds=[1], Ts=[6], done=one["runs"], others=other)
+    assert calls == [("rlr", 3e-3, 1)] and len(two["runs"]) == 2  # now seed 1 trains, at the sweep's choice
     calls.clear()
     with pytest.raises(ValueError, match=r"T \[7\] are not in the suite's \[6\]"):
         long_run.run_suite(True, variants=["rlr"], Ts=[6, 7])
