@@ -248,9 +248,11 @@ class TrainConfig:
           and likelihood-ratio terms can). Truncated backprop is biased (it recovers 4-10% of the full gradient
           on the embedded model, cosine 0.34-0.57), yet it reached the higher reward on every differentiable
           task measured at T = 20, short and long runs, at 0.37x RLR's CPU time per update, and on one of the
-          two structure rewards at T = 50 (RLR won the other, ``position:left``); full backprop with
-          checkpointing is unbiased but 4.4x truncated's cost per update and has shown no gain in runs so far
-          (docs/estimators.md, "Which estimator for which reward").
+          two structure rewards at T = 50 (RLR won the other, ``position:left``). Full backprop with
+          checkpointing is unbiased and was ahead of both on ``position:left`` (T = 20 by less than the
+          evaluations' noise; T = 50 on its first run) and level at the brightness ceiling, at 3-6x truncated
+          backprop's CPU time per run: not yet measured enough to be the default (docs/estimators.md, "Which
+          estimator for which reward").
         * ``lr=None``: the estimator's measured rate (:func:`measured_lr`).
 
         Deterministic, so a resumed run resolves the same."""
