@@ -102,8 +102,10 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
     """Train what is not in ``done``; ``variants`` restricts the suite to some variants, so two processes can
     share the work (their result files are merged by the page); ``others``: runs other processes saved, which
     are neither trained again nor saved here (a variant may take its rate from another's sweep there);
-    ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in parallel); ``seeds``: only these seeds
-    after the sweep, which wait until every rate of it has a seed-0 run here or in ``others`` (the sweep is on the first seed whatever ``seeds`` says); ``Ts``, ``rewards``: only these."""
+    ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in
+    parallel); ``seeds``: only these seeds after the sweep, which wait until every rate of it has a seed-0 run
+    here or in ``others`` (the sweep is on the first seed whatever ``seeds`` says); ``Ts``, ``rewards``: only
+    these."""
     cfg = settings(quick, flow)
     grid = list(cfg["lrs"])  # the whole sweep: seeds 1+ wait for all of it, whichever rates this process tries
     if variants:
