@@ -88,11 +88,15 @@ def sweep_score(run: dict) -> float:
     return statistics.mean(p["eval_reward"] for p in run["points"][-SELECT_LAST:])
 
 
-def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | None:
-    """The rate whose seed-0 run scored best (``sweep_score``; None before the sweep is done)."""
+def sweep_runs(runs: list[dict], reward: str, T: int, variant: str) -> list[dict]:
+    """The seed-0 runs of the sweep that sets ``variant``'s rate (its own, or the one it shares)."""
     source = SHARES_LR.get(variant, variant)
-    tried = {r["lr"]: sweep_score(r) for r in runs
-             if (r["reward"], r["T"], r["variant"], r["seed"]) == (reward, T, source, 0)}
+    return [r for r in runs if (r["reward"], r["T"], r["variant"], r["seed"]) == (reward, T, source, 0)]
+
+
+def chosen_lr(runs: list[dict], reward: str, T: int, variant: str) -> float | None:
+    """The rate whose seed-0 run scored best so far (``sweep_score``; None before any rate is tried)."""
+    tried = {r["lr"]: sweep_score(r) for r in sweep_runs(runs, reward, T, variant)}
     return max(tried, key=tried.get) if tried else None
 
 
@@ -152,12 +156,10 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
                         ensure(reward, T, variant, lr, cfg["seeds"][0], tmp)
             for seed in [s for s in cfg["seeds"] if not seeds or s in seeds]:
                 for variant in variants:
-                    source = SHARES_LR.get(variant, variant)
-                    swept = {r["lr"] for r in known if (r["reward"], r["T"], r["variant"], r["seed"]) ==
-                             (reward, T, source, cfg["seeds"][0])}
+                    swept = {r["lr"] for r in sweep_runs(known, reward, T, variant)}
                     if not set(grid) <= swept:  # rates still to try, here or in another process: no choice yet
                         logger.info("%s %s T=%d: waiting for %s's sweep (%d of %d rates tried); skipped", reward,
-                                    variant, T, source, len(swept & set(grid)), len(grid))
+                                    variant, T, SHARES_LR.get(variant, variant), len(swept & set(grid)), len(grid))
                         continue
                     lr = chosen_lr(known, reward, T, variant)
                     ensure(reward, T, variant, lr, seed, tmp)
@@ -203,8 +205,7 @@ def summarize(result: dict) -> list[dict]:
             kept_share = [(e - start) / (pk - start) if pk > start else float("nan") for e, pk in zip(ends, peaks)]
             guard_share = [(_kept(r) - start) / (pk - start) if pk > start else float("nan")
                            for r, pk in zip(mine, peaks)]
-            source = SHARES_LR.get(variant, variant)
-            tried = {r["lr"] for r in runs if (r["reward"], r["T"], r["variant"], r["seed"]) == (reward, T, source, 0)}
+            tried = {r["lr"] for r in sweep_runs(runs, reward, T, variant)}
             reach = [next((p for p in r["points"] if p["heldout_reward"] >= level), None) for r in mine]
             out.append({
                 "reward": reward, "T": T, "variant": variant, "lr": mine[0]["lr"], "seeds": len(mine), "start": start,
