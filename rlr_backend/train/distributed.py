@@ -22,6 +22,7 @@ never touches ``torch.distributed`` and behaves exactly as before.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -255,4 +256,16 @@ def _init_process_group() -> tuple[int, int, int]:
     if state.num_processes < 2:
         raise RuntimeError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but accelerate set up {state.num_processes} "
                            "process(es); launch with `accelerate launch --multi_gpu --num_processes N` or torchrun")
+    atexit.unregister(_destroy_process_group)  # once, however many runs this process trains
+    atexit.register(_destroy_process_group)
     return state.process_index, state.num_processes, state.local_process_index
+
+
+def _destroy_process_group() -> None:
+    """Tear the group down before the interpreter does: left to exit, gloo's threads were sometimes still
+    joinable and the process aborted ("terminate called without an active exception", exit code -6) after
+    its runs had finished and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
