@@ -107,10 +107,12 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
     share the work (their result files are merged by the page); ``others``: runs other processes saved, which
     are neither trained again nor saved here (a variant may take its rate from another's sweep there);
     ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in
-    parallel); ``seeds``: only these seeds after the sweep, which wait until every rate of it has a seed-0 run
+    parallel; a rate outside the grid extends it, for a choice that sat at the grid's edge); ``seeds``: only these seeds after the sweep, which wait until every rate of it has a seed-0 run
     here or in ``others`` (the sweep is on the first seed whatever ``seeds`` says); ``Ts``, ``rewards``: only
     these."""
     cfg = settings(quick, flow)
+    beyond = [lr for lr in lrs or [] if lr not in cfg["lrs"]]  # rates past the grid's edge extend this sweep
+    cfg["lrs"] = list(cfg["lrs"]) + beyond
     grid = list(cfg["lrs"])  # the whole sweep: seeds 1+ wait for all of it, whichever rates this process tries
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
@@ -270,6 +272,31 @@ def _reach(values: list) -> str:
     return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
 
 
+def sweep_table(runs: list[dict], rows: list[dict], grid: list[float]) -> list[str]:
+    """Each variant's sweep on seed 0, one column per rate tried anywhere (the grid and any rate added to it):
+    the score that picks the rate / the set-B reward at the end; the chosen rate in bold, and whether it sits at
+    the grid's edge, where a rate beyond it might do better."""
+    sweeps = {(x["reward"], x["T"], x["variant"]): {r["lr"]: r for r in sweep_runs(runs, x["reward"], x["T"], x["variant"])}
+              for x in rows if x["variant"] not in SHARES_LR}  # a variant that borrows a rate has no sweep
+    rates = sorted(set(grid).union(*sweeps.values()))
+    lines = [f"The sweeps, seed 0: the score that picks the rate (the mean set-A reward of the last {SELECT_LAST} "
+             "evaluations) / the set-B reward at the end, the chosen rate in bold. *edge*: the chosen rate is the "
+             "highest or lowest tried, so one beyond it might do better.", "",
+             "| reward | T | variant | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |",
+             "|---|---|---|" + "---|" * (len(rates) + 1)]
+    for (reward, T, variant), tried in sweeps.items():
+        best = chosen_lr(runs, reward, T, variant)
+        cells = [("**{}**" if lr == best else "{}").format(f"{sweep_score(tried[lr]):.3f} / "
+                                                            f"{tried[lr]['points'][-1]['heldout_reward']:.3f}")
+                 if lr in tried else "" for lr in rates]
+        edge = " (edge: highest)" if best == max(tried) and len(tried) > 1 else (
+            " (edge: lowest)" if best == min(tried) and len(tried) > 1 else "")
+        missing = len(set(grid) - set(tried))
+        lines.append(f"| `{reward}` | {T} | {variant} | " + " | ".join(cells) +
+                     f" | {best:g}{edge}{f', {missing} of the grid not tried' if missing else ''} |")
+    return lines
+
+
 def section(r: dict, images: Path, flow: bool = False) -> list[str]:
     rows = summarize(r)
     cfg = settings(r.get("budget") == "quick", flow)  # the suite's (a result file holds one process's share)
@@ -280,7 +307,9 @@ def section(r: dict, images: Path, flow: bool = False) -> list[str]:
              f"`python -m benchmarks.run --only {'flowrun' if flow else 'longrun'}` ({r.get('budget', '?')}; "
              f"{r.get('seconds', 0) / 3600:.1f} h so far). {'`default-flow`' if flow else 'Embedded default model'}, "
              f"{cfg['updates']} updates x batch {cfg['batch']}, learning rate the best of "
-             f"{cfg['lrs']} on seed 0 (the mean set-A reward of its last {SELECT_LAST} evaluations){kl_note}, evaluations every {cfg['eval_every']} updates. "
+             f"{cfg['lrs']} on seed 0 (the mean set-A reward of its last {SELECT_LAST} evaluations){kl_note}; where that "
+             "choice sat at the grid's edge and a comparison rests on it, one more rate beyond the edge (the sweeps "
+             f"table below). Evaluations every {cfg['eval_every']} updates. "
              "Rewards are measured on held-out seed set B; the best-LoRA guard selects on set A. "
              "*kept*: the set-B reward of the LoRA the guard keeps. *share of peak kept*: (end - start) / (peak - start) "
              "per seed; *guard keeps*: the same share for the LoRA the guard keeps. *lr*: the chosen rate, with how "
@@ -296,7 +325,7 @@ def section(r: dict, images: Path, flow: bool = False) -> list[str]:
                      f"{_share(x)} | {_share(x, 'guard_share')} | {_reach(x['images_to_level'])} | "
                      f"{_reach(x['cpu_to_level'])} | {x['cpu_per_run']:.0f} | {x['diversity_change']:+.0%} |")
     if rows:
-        lines += ["", _noise_line(r, rows, flow)]
+        lines += ["", _noise_line(r, rows, flow), ""] + sweep_table(r["runs"], rows, cfg["lrs"])
     plot = _plot(r, images, "flowrun" if flow else "longrun")
     return lines + ([""] + [f"![{p}](images/{p})" for p in plot] if plot else []) + [""]
 

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="+", choices=tuple(long_run.VARIANTS), default=[],
                     help="longrun/guardrun/flowguard suites: only these variants (two processes can share the work; the page merges them)")
     ap.add_argument("--lrs", nargs="+", type=float, default=[],
-                    help="longrun suite: only these rates of the sweep (with --variants; two processes can sweep in parallel)")
+                    help="longrun suite: only these rates of the sweep (with --variants; two processes can sweep in parallel); "
+                         "a rate outside the grid extends the sweep for these variants, rewards and T")
     ap.add_argument("--seeds", nargs="+", type=int, default=[],
                     help="longrun/guardrun/flowguard suites: only these seeds after the sweep (with --variants; processes can split seeds)")
     ap.add_argument("--longrun-rewards", nargs="+", default=[],

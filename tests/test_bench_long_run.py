@@ -25,7 +25,7 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     reports the peak-gain share from the held-out set (which rises then falls for truncated_bp here)."""
     calls, models = [], []
     ends = {("rlr", 1e-3): 0.8, ("rlr", 3e-3): 0.9, ("truncated_bp", 1e-3): 0.7, ("truncated_bp", 3e-3): 0.6,
-            ("rlr + kl", 3e-3): 0.85}
+            ("rlr + kl", 3e-3): 0.85, ("rlr", 1e-2): 0.95}
 
     def curve(est, reward, seed, steps, every, batch, per_prompt, T, out, lr=1e-3, overrides=None, tag="",
               heldout_seed=None, eval_seeds=2):
@@ -63,6 +63,12 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     two = long_run.run_suite(True, variants=["rlr"], lrs=[3e-3], seeds=[1], Ts=[6], done=one["runs"], others=other)
     assert calls == [("rlr", 3e-3, 1)] and len(two["runs"]) == 2  # now seed 1 trains, at the sweep's choice
     calls.clear()
+    beyond = long_run.run_suite(True, variants=["rlr"], lrs=[1e-2], seeds=[1], others=result["runs"])
+    assert calls == [("rlr", 1e-2, 0), ("rlr", 1e-2, 1)]  # a rate past the grid's edge extends the sweep, and wins
+    calls.clear()
+    page = "\n".join(long_run.section({**result, "runs": result["runs"] + beyond["runs"], "budget": "quick",
+                                       "seconds": 10}, tmp_path))
+    assert "| `position:left` | 6 | rlr | 0.650 / 0.800 | 0.700 / 0.900 | **0.725 / 0.950** | 0.01 (edge: highest) |" in page
     with pytest.raises(ValueError, match=r"T \[7\] are not in the suite's \[6\]"):
         long_run.run_suite(True, variants=["rlr"], Ts=[6, 7])
     with pytest.raises(ValueError, match=r"rewards \['size:0.4'\] are not in the suite's \['position:left'\]"):
@@ -75,8 +81,13 @@ def test_long_run_suite_sweeps_then_seeds_resumes_and_reports(monkeypatch, tmp_p
     partial = [r for r in result["runs"] if not (r["variant"] == "rlr" and r["lr"] == 3e-3)]
     page = "\n".join(long_run.section({**result, "runs": partial, "budget": "quick", "seconds": 10}, tmp_path))
     assert "| `position:left` | 6 | rlr | 0.001 (1/2 tried) | 1 |" in page  # a sweep not finished says so
+    assert "| `position:left` | 6 | rlr | **0.650 / 0.800** |  | 0.001, 1 of the grid not tried |" in page
     page = "\n".join(long_run.section({**result, "budget": "quick", "seconds": 10}, tmp_path))
     assert "| `position:left` | 6 | rlr | 0.003 | 2 |" in page
+    assert "| reward | T | variant | lr 0.001 | lr 0.003 | chosen |" in page  # the sweeps: score / end per rate
+    assert "| `position:left` | 6 | rlr | 0.650 / 0.800 | **0.700 / 0.900** | 0.003 (edge: highest) |" in page
+    assert "| `position:left` | 6 | truncated_bp | **0.600 / 0.600** | 0.550 / 0.550 | 0.001 (edge: lowest) |" in page
+    assert "| `position:left` | 6 | rlr + kl | 0." not in page.split("The sweeps")[1]  # it borrows RLR's rate
     assert (tmp_path / "bench_longrun_position_left_T6.png").is_file()
     assert set(models) == {None}
     flow = long_run.run_suite(True, flow=True)  # the same suite on default-flow: every run gets the model
