@@ -57,3 +57,23 @@ def test_efficiency_rows_map_rlr_sb_to_rlr_and_rlr_to_no_step_baseline(tmp_path)
     cells = dict(tasks(tmp_path))["JPEG compressibility (not differentiable), 40 updates"]
     assert set(cells) == {"RLR", "RLR, no step baseline", "REINFORCE + step baseline"}  # code_compat: out
     assert abs(cells["RLR"]["final"] + 1.09) < 1e-9 and abs(cells["RLR, no step baseline"]["final"] + 1.185) < 1e-9
+
+
+def test_the_estimators_page_shows_the_same_generated_table(tmp_path):
+    """``sync_block`` puts the generated table between a page's markers, leaves the rest alone, replaces it on the
+    next render, and leaves a page without markers untouched."""
+    from benchmarks.report.common import sync_block
+    from benchmarks.report.overview import overview_table
+
+    _long_run(tmp_path / "longrun-full-a.json", [("rlr + step baseline", 1e-3, -0.02), ("truncated_bp", 3e-4, -0.029)])
+    page = tmp_path / "estimators.md"
+    page.write_text("# Estimators\n\nbefore\n<!-- overview -->\n| stale |\n<!-- /overview -->\nafter\n")
+    assert sync_block(page, "overview", overview_table(tasks(tmp_path)))
+    text = page.read_text()
+    assert "| stale |" not in text and text.startswith("# Estimators\n\nbefore\n<!-- overview -->\n| task | start |")
+    assert "| position:left, T=50, 300 updates | -0.200 | **-0.020 (100%)** |" in text
+    assert text.endswith("<!-- /overview -->\nafter\n")
+    assert sync_block(page, "overview", ["| new |"]) and page.read_text().count("| new |") == 1
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers <!-- overview --> only one\n")
+    assert not sync_block(plain, "overview", ["| x |"]) and plain.read_text() == "no markers <!-- overview --> only one\n"

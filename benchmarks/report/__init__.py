@@ -9,11 +9,11 @@ from pathlib import Path
 from rlr_backend.safe_io import atomic_path
 
 from .. import bias_map, guard_check, long_run
-from .common import _load, merged
+from .common import _load, merged, sync_block
 from .costs import _load_memory_model, cost_section, memory_model_section, scaling_section
 from .headline import headline_section
 from .learning import collapse_section, efficiency_section, quality_section
-from .overview import overview_section
+from .overview import overview_section, overview_table, tasks
 
 __all__ = ["collapse_section", "cost_section", "efficiency_section", "headline_section", "memory_model_section",
            "overview_section", "quality_section", "render", "scaling_section"]
@@ -57,3 +57,6 @@ def render(results: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
+    estimators = out.parent / "estimators.md"  # its recommendation shows the same table, kept in step here
+    if estimators.is_file():
+        sync_block(estimators, "overview", overview_table(tasks(results)))

@@ -64,3 +64,19 @@ def _dims(rows: list[dict]) -> str:
     """The dimension(s) of the T^2 tests in the rows (one value, or a range)."""
     dims = sorted({x["t2_dims"] for x in rows if x.get("t2_dims") is not None})
     return "-".join(str(d) for d in (dims[:1] + dims[-1:] if len(dims) > 1 else dims)) or "?"
+
+
+def sync_block(page: Path, name: str, lines: list[str]) -> bool:
+    """Replace what ``page`` holds between the markers ``<!-- name -->`` and ``<!-- /name -->`` (each on a line
+    of its own) with ``lines``, so a hand-written page shows a generated table without a hand-copied one going
+    stale; False, and the page untouched, when it has no such markers."""
+    text = page.read_text()
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if begin not in text or end not in text.split(begin, 1)[1]:
+        return False
+    head, rest = text.split(begin, 1)
+    new = head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1]
+    if new != text:
+        with atomic_path(page) as tmp:
+            Path(tmp).write_text(new)
+    return True

@@ -68,16 +68,10 @@ def tasks(results: Path) -> list[tuple[str, dict[str, dict]]]:
     return out
 
 
-def overview_section(results: Path, images: Path) -> list[str]:
-    found = tasks(results)
-    if not found:
-        return []
-    lines = ["## Which estimator wins where", "",
-             "Every training task the suites below measured, on held-out or fixed evaluation seeds: the final reward "
-             "(mean over seeds) and, in brackets, the gain over the start as a share of the best estimator's gain on "
-             "that task (the best in bold). Each estimator at its chosen learning rate; fewer than 3 seeds are marked. "
-             "Empty: not run on that task.", "",
-             "| task | start | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+def overview_table(found: list[tuple[str, dict[str, dict]]]) -> list[str]:
+    """The table of ``tasks``: final reward and share of the best gain, per task and estimator (also kept in
+    docs/estimators.md, between markers, by ``report.render``)."""
+    lines = ["| task | start | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for label, cells in found:
         best = max(c["gain"] for c in cells.values())
         row = []
@@ -91,6 +85,18 @@ def overview_section(results: Path, images: Path) -> list[str]:
             row.append(f"**{text}**" if c["gain"] == best else text)
         start = statistics.mean(c["start"] for c in cells.values())
         lines.append(f"| {label} | {start:.3f} | " + " | ".join(row) + " |")
+    return lines
+
+
+def overview_section(results: Path, images: Path) -> list[str]:
+    found = tasks(results)
+    if not found:
+        return []
+    lines = ["## Which estimator wins where", "",
+             "Every training task the suites below measured, on held-out or fixed evaluation seeds: the final reward "
+             "(mean over seeds) and, in brackets, the gain over the start as a share of the best estimator's gain on "
+             "that task (the best in bold). Each estimator at its chosen learning rate; fewer than 3 seeds are marked. "
+             "Empty: not run on that task.", "", *overview_table(found)]
     lines += ["", f"![gain as a share of the best estimator's, per task]({images.name}/bench_overview.png)", "",
               "The plot leaves out tasks with one estimator so far; seed counts are in the table.", ""]
     _plot([t for t in found if len(t[1]) > 1], images / "bench_overview.png")
