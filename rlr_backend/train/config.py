@@ -64,8 +64,9 @@ MEASURED_LR: dict[tuple[str, bool | None, bool | None], float] = {
     ("zo", False, None): 1e-3,  # prompt alignment, JPEG compressibility
     ("ddpo", None, None): 1e-3,  # prompt alignment, JPEG, default-flow size (3e-3 on default-flow position)
     ("truncated_bp", None, None): 3e-3,  # position:left T=20, default-flow position (1e-3: default-flow size; 3e-4: T=50)
+    ("full_bp", None, None): 3e-3,  # position:left, size:0.4 and brightness at T=20 (1e-3: position:left at T=50)
 }
-#: estimators never swept (full_bp, code_compat): the rate every estimator had before the sweeps
+#: estimators never swept (code_compat): the rate every estimator had before the sweeps
 DEFAULT_LR = 3e-3
 
 
