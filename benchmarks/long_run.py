@@ -107,9 +107,9 @@ def run_suite(quick: bool, *, done: list | None = None, save=None, variants: lis
     share the work (their result files are merged by the page); ``others``: runs other processes saved, which
     are neither trained again nor saved here (a variant may take its rate from another's sweep there);
     ``flow``: on ``default-flow``; ``lrs``: only these rates of the sweep (two processes can sweep in
-    parallel; a rate outside the grid extends it, for a choice that sat at the grid's edge); ``seeds``: only these seeds after the sweep, which wait until every rate of it has a seed-0 run
-    here or in ``others`` (the sweep is on the first seed whatever ``seeds`` says); ``Ts``, ``rewards``: only
-    these."""
+    parallel; a rate outside the grid extends it, for a choice that sat at the grid's edge); ``seeds``: only
+    these seeds after the sweep, which wait until every rate of it has a seed-0 run here or in ``others`` (the
+    sweep is on the first seed whatever ``seeds`` says); ``Ts``, ``rewards``: only these."""
     cfg = settings(quick, flow)
     beyond = [lr for lr in lrs or [] if lr not in cfg["lrs"]]  # rates past the grid's edge extend this sweep
     cfg["lrs"] = list(cfg["lrs"]) + beyond
