@@ -251,7 +251,7 @@ class TrainConfig:
           task measured at T = 20, short and long runs, at 0.37x RLR's CPU time per update, and on one of the
           two structure rewards at T = 50 (RLR won the other, ``position:left``). Full backprop with
           checkpointing is unbiased and was ahead of both on ``position:left`` (T = 20 by less than the
-          evaluations' noise; T = 50 on seed 0) and on ``size:0.4`` at T = 20 (2 seeds), level at the
+          evaluations' noise; T = 50 on seed 0) and on ``size:0.4`` at T = 20 (3 seeds), level at the
           brightness ceiling, at 3-6x truncated backprop's CPU time per run: not yet measured enough to be
           the default (docs/estimators.md, "Which estimator for which reward").
         * ``lr=None``: the estimator's measured rate (:func:`measured_lr`).
