@@ -37,7 +37,7 @@ def test_columns_and_shares_of_the_best(tmp_path):
     long = found["position:left, T=50, 300 updates"]
     assert abs(long["RLR"]["final"] + 0.02) < 1e-9 and abs(long["RLR, no step baseline"]["final"] + 0.11) < 1e-9
     assert abs(long["RLR as in the paper"]["final"] + 0.17) < 1e-9  # fo_steps=1: a column of its own
-    lines = overview_section(tmp_path, tmp_path / "images")
+    lines = overview_section(tasks(tmp_path), tmp_path / "images")
     row = next(x for x in lines if x.startswith("| position:left, T=50"))
     assert "**-0.020 (100%)**" in row and "-0.029 (95%)" in row and "-0.110 (50%)" in row and "-0.170 (17%)" in row
     row = next(x for x in lines if x.startswith("| default run"))

@@ -25,7 +25,8 @@ def render(results: Path, out: Path) -> None:
              "(`--suite quick` in minutes, `--suite full` in about six hours on 2 CPU cores); the JSON behind it is in "
              "`benchmarks/results/`. Ratios are measured in one run, so load on a shared machine cancels out.", ""]
     lines += headline_section(results)
-    lines += overview_section(results, images)
+    found = tasks(results)  # the overview table, shown here and in docs/estimators.md
+    lines += overview_section(found, images)
     sections = {"cost": cost_section, "quality": quality_section, "efficiency": efficiency_section,
                 "collapse": collapse_section, "scaling": scaling_section, "bias": bias_map.section,
                 "longrun": long_run.section, "flowrun": long_run.flow_section,
@@ -59,4 +60,4 @@ def render(results: Path, out: Path) -> None:
         Path(tmp).write_text("\n".join(lines) + "\n")
     estimators = out.parent / "estimators.md"  # its recommendation shows the same table, kept in step here
     if estimators.is_file():
-        sync_block(estimators, "overview", overview_table(tasks(results)))
+        sync_block(estimators, "overview", overview_table(found))

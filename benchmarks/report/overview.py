@@ -88,8 +88,9 @@ def overview_table(found: list[tuple[str, dict[str, dict]]]) -> list[str]:
     return lines
 
 
-def overview_section(results: Path, images: Path) -> list[str]:
-    found = tasks(results)
+def overview_section(found: list[tuple[str, dict[str, dict]]], images: Path) -> list[str]:
+    """The page's section from :func:`tasks`' list (read once by ``render``, which shows the same table in
+    docs/estimators.md)."""
     if not found:
         return []
     lines = ["## Which estimator wins where", "",
