@@ -15,8 +15,9 @@ each candidate estimator:
 The recommendation: when truncated backprop is nearly unbiased for this reward (cosine and recovered
 share above the thresholds below), its low noise wins and it is recommended; otherwise the unbiased
 candidate with the lowest noise x cost. The thresholds come from docs/estimators.md's measurements.
-This rule answers "which gradient is right"; ``--estimator auto`` answers "which trained best so far"
-(truncated backprop on every differentiable task measured), and the advice says so when they differ.
+This rule answers "which gradient is right"; ``--estimator auto`` answers "which trains well for least
+cost" (truncated backprop: at least 90% of the best gain on every differentiable task measured, at a third
+or less of full backprop's CPU time), and the advice says so when they differ.
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ def recommend(measured: list[Measured]) -> tuple[str, list[str]]:
                            f"recovers {share:.0%} of it (thresholds {COSINE_OK} and {SHARE_OK:.0%}); it optimises "
                            "the last steps only")
             reasons.append(f"but on every differentiable task measured on the embedded model a biased {m.name} "
-                           "still trained to the higher reward (its noise is lower), which is why --estimator auto "
-                           "uses it; the bias matters when the reward needs early changes (docs/estimators.md)")
+                           "reached at least 90% of the best estimator's gain (its noise is lower) in a third or "
+                           "less of full backprop's CPU time, which is why --estimator auto uses it; unbiased "
+                           "estimators went further where the reward needs early changes and the chain is long "
+                           "(position:left at T=50; docs/estimators.md)")
     return best.name, reasons
 
 
