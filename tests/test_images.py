@@ -1,11 +1,13 @@
 """The one image-grid layout (rlr_backend.images) and the grids built on it."""
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
 
 from rlr_backend.images import grid_image, to_pil
-from rlr_backend.train.report import save_grid
+from rlr_backend.train.report import save_grid, save_reward_curve
 
 
 def colours(n, h=3, w=5):
@@ -41,3 +43,12 @@ def test_save_grid_frames_each_image_in_white(tmp_path):
     assert (grid[2:8, 2:12] == round(1 / 4 * 255)).all() and (grid[12:18, 2:12] == round(3 / 4 * 255)).all()
     assert (grid[8:12, :] == 255).all()  # frames of rows 0 and 1 meet
     assert (grid[10:, 14:] == 255).all()  # the empty fourth cell
+
+
+def test_reward_curve_of_a_run_without_updates_is_drawn_without_warnings(tmp_path):
+    """A run stopped before its first update still gets its chart (matplotlib warned about an empty legend)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_reward_curve([], {}, tmp_path / "empty.png")
+        save_reward_curve([{"step": 1, "reward_mean": 0.5}], {0: 0.4}, tmp_path / "curve.png")
+    assert Image.open(tmp_path / "empty.png").size == Image.open(tmp_path / "curve.png").size == (600, 350)

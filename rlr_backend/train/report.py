@@ -39,7 +39,10 @@ def save_reward_curve(history: list[dict], eval_rewards: dict[int, float], path:
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if steps or eval_rewards:
+        ax.legend(fontsize=8)
+    else:  # e.g. a run stopped before its first update: an empty chart that says why
+        ax.text(0.5, 0.5, "no updates yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
