@@ -183,10 +183,10 @@ def recommend(measured: list[Measured]) -> tuple[str, list[str]]:
                            f"recovers {share:.0%} of it (thresholds {COSINE_OK} and {SHARE_OK:.0%}); it optimises "
                            "the last steps only")
             reasons.append(f"but on every differentiable task measured on the embedded model a biased {m.name} "
-                           "reached at least 90% of the best estimator's gain (its noise is lower) in a third or "
-                           "less of full backprop's CPU time, which is why --estimator auto uses it; unbiased "
-                           "estimators went further where the reward needs early changes and the chain is long "
-                           "(position:left at T=50; docs/estimators.md)")
+                           "reached at least 90% of the best estimator's gain (its noise is lower), in a third "
+                           "or less of full backprop's CPU time where both ran, which is why --estimator auto uses "
+                           "it; unbiased estimators went further where the reward needs early changes and the "
+                           "chain is long (position:left at T=50; docs/estimators.md)")
     return best.name, reasons
 
 
