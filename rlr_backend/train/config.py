@@ -247,13 +247,13 @@ class TrainConfig:
         * ``estimator="auto"``: the measured choice for the reward: truncated backprop (``truncation`` last
           steps) when the reward is differentiable, RLR when it is not (backprop cannot run; RLR's half-order
           and likelihood-ratio terms can). Truncated backprop is biased (it recovers 4-10% of the full gradient
-          on the embedded model, cosine 0.34-0.57), yet it reached the higher reward on every differentiable
-          task measured at T = 20, short and long runs, at 0.37x RLR's CPU time per update, and on one of the
-          two structure rewards at T = 50 (RLR won the other, ``position:left``). Full backprop with
-          checkpointing is unbiased and was ahead of both on ``position:left`` (T = 20 by less than the
-          evaluations' noise; T = 50 on seed 0) and on ``size:0.4`` at T = 20 (3 seeds), level at the
-          brightness ceiling, at 3-6x truncated backprop's CPU time per run: not yet measured enough to be
-          the default (docs/estimators.md, "Which estimator for which reward").
+          on the embedded model, cosine 0.34-0.57), yet it reached at least 90% of the best estimator's gain on
+          every differentiable task measured (short and long runs, T = 20 and 50), at 0.37x RLR's CPU time per
+          update and a third or less of full backprop's per run. Full backprop with checkpointing is unbiased
+          and ended highest wherever it ran (``position:left`` at T = 20, by less than the evaluations' noise,
+          and at T = 50; ``size:0.4`` at T = 20; 3 seeds each; level at the brightness ceiling), and RLR with
+          the step baseline beat truncated backprop on ``position:left`` at T = 50: so ``auto`` is the
+          cheapest estimator within 10% of the best (docs/estimators.md, "Which estimator for which reward").
         * ``lr=None``: the estimator's measured rate (:func:`measured_lr`).
 
         Deterministic, so a resumed run resolves the same."""
