@@ -16,8 +16,8 @@ The recommendation: when truncated backprop is nearly unbiased for this reward (
 share above the thresholds below), its low noise wins and it is recommended; otherwise the unbiased
 candidate with the lowest noise x cost. The thresholds come from docs/estimators.md's measurements.
 This rule answers "which gradient is right"; ``--estimator auto`` answers "which trains well for least
-cost" (truncated backprop: at least 90% of the best gain on every differentiable task measured, at a third
-or less of full backprop's CPU time), and the advice says so when they differ.
+cost" (truncated backprop: about 90% or more of the best gain on every differentiable task measured, at a
+third or less of full backprop's CPU time), and the advice says so when they differ.
 """
 
 from __future__ import annotations
@@ -183,10 +183,10 @@ def recommend(measured: list[Measured]) -> tuple[str, list[str]]:
                            f"recovers {share:.0%} of it (thresholds {COSINE_OK} and {SHARE_OK:.0%}); it optimises "
                            "the last steps only")
             reasons.append(f"but on every differentiable task measured on the embedded model a biased {m.name} "
-                           "reached at least 90% of the best estimator's gain (its noise is lower), in a third "
+                           "reached about 90% or more of the best estimator's gain (its noise is lower), in a third "
                            "or less of full backprop's CPU time where both ran, which is why --estimator auto uses "
                            "it; unbiased estimators went further where the reward needs early changes and the "
-                           "chain is long (position:left at T=50; docs/estimators.md)")
+                           "chain is long (position:left and size:0.4 at T=50; docs/estimators.md)")
     return best.name, reasons
 
 
