@@ -248,14 +248,14 @@ class TrainConfig:
           steps) when the reward is differentiable, RLR when it is not (backprop cannot run; RLR's half-order
           and likelihood-ratio terms can). Truncated backprop is biased (it recovers 4-10% of the full gradient
           on the embedded model, cosine 0.34-0.57), yet it reached at least 90% of the best estimator's gain on
-          every differentiable task measured with 3 seeds (short and long runs, T = 20 and 50; 89.6% of full
-          backprop's first seed on ``size:0.4`` at T = 50), at 0.37x RLR's CPU time per update and a third or
-          less of full backprop's per run. Full backprop with checkpointing is unbiased and ended highest
-          wherever it ran (``position:left`` at T = 20, by less than the evaluations' noise, and at T = 50;
-          ``size:0.4`` at T = 20; 3 seeds each; ``size:0.4`` at T = 50 on one seed; level at the brightness
-          ceiling), and RLR with the step baseline beat truncated backprop on ``position:left`` at T = 50: so
-          ``auto`` is the cheapest estimator within about 10% of the best (docs/estimators.md, "Which
-          estimator for which reward").
+          every differentiable task measured with 3 seeds (short and long runs, T = 20 and 50; only just at
+          T = 50: 90.0% of full backprop's gain on ``size:0.4``, 90.1% on ``position:left``), at 0.37x RLR's
+          CPU time per update and a third or less of full backprop's per run. Full backprop with checkpointing
+          is unbiased and ended highest wherever it ran (``position:left`` at T = 20, by less than the
+          evaluations' noise, and at T = 50; ``size:0.4`` at T = 20 and 50; 3 seeds each; level at the
+          brightness ceiling), and RLR with the step baseline beat truncated backprop on ``position:left`` at
+          T = 50: so ``auto`` is the cheapest estimator within about 10% of the best (docs/estimators.md,
+          "Which estimator for which reward").
         * ``lr=None``: the estimator's measured rate (:func:`measured_lr`).
 
         Deterministic, so a resumed run resolves the same."""
