@@ -201,12 +201,14 @@ def summarize(result: dict) -> list[dict]:
         start = statistics.mean(r["points"][0]["heldout_reward"] for rs in finals.values() for r in rs)
         best_final = max(statistics.mean(r["points"][-1]["heldout_reward"] for r in rs) for rs in finals.values())
         level = start + 0.9 * (best_final - start)
+        noise = eval_noise(runs, reward, T)
+        floor = noise if noise > 0 else 0.0  # a peak within one evaluation's noise of the start: no share
         for variant, mine in finals.items():
             ends = [r["points"][-1]["heldout_reward"] for r in mine]
             peaks = [max(p["heldout_reward"] for p in r["points"]) for r in mine]
-            kept_share = [(e - start) / (pk - start) if pk > start else float("nan") for e, pk in zip(ends, peaks)]
-            guard_share = [(_kept(r) - start) / (pk - start) if pk > start else float("nan")
-                           for r, pk in zip(mine, peaks)]
+            rose = [pk - start > floor for pk in peaks]
+            kept_share = [(e - start) / (pk - start) for e, pk, up in zip(ends, peaks, rose) if up] or [math.nan]
+            guard_share = [(_kept(r) - start) / (pk - start) for r, pk, up in zip(mine, peaks, rose) if up] or [math.nan]
             tried = {r["lr"] for r in sweep_runs(runs, reward, T, variant)}
             reach = [next((p for p in r["points"] if p["heldout_reward"] >= level), None) for r in mine]
             out.append({
@@ -215,6 +217,7 @@ def summarize(result: dict) -> list[dict]:
                 "kept_mean": statistics.mean(_kept(r) for r in mine), "peak_mean": statistics.mean(peaks),
                 "share_kept_min": min(kept_share), "share_kept_mean": statistics.mean(kept_share),
                 "guard_share_min": min(guard_share), "guard_share_mean": statistics.mean(guard_share),
+                "seeds_rose": sum(rose),
                 "rates_tried": len(tried),
                 "images_to_level": [p["samples"] if p else None for p in reach],
                 "cpu_to_level": [p["train_cpu_seconds"] if p else None for p in reach],
@@ -257,11 +260,13 @@ def _noise_line(r: dict, rows: list[dict], flow: bool = False) -> str:
 
 
 def _share(x: dict, what: str = "share_kept") -> str:
-    """Mean (min) share of the peak gain kept (at the end, or by the guard's LoRA: ``what="guard_share"``);
-    seeds that never rose above the start have no share."""
-    if math.isnan(x[f"{what}_mean"]):
-        return "no gain on some seed"
-    return f"{x[f'{what}_mean']:.2f} ({x[f'{what}_min']:.2f})"
+    """Mean (min) share of the peak gain kept (at the end, or by the guard's LoRA: ``what="guard_share"``) over
+    the seeds whose peak rose more than one evaluation's noise above the start: for the others the share is a
+    ratio of noise (a peak 0.001 above the start turns a fall of 0.1 into "-100 times the peak gain")."""
+    if not x["seeds_rose"]:
+        return "no seed rose above noise"
+    text = f"{x[f'{what}_mean']:.2f} ({x[f'{what}_min']:.2f})"
+    return text if x["seeds_rose"] == x["seeds"] else f"{text}, {x['seeds_rose']} of {x['seeds']} seeds rose"
 
 
 def _reach(values: list) -> str:
@@ -312,7 +317,7 @@ def section(r: dict, images: Path, flow: bool = False) -> list[str]:
              f"table below). Evaluations every {cfg['eval_every']} updates. "
              "Rewards are measured on held-out seed set B; the best-LoRA guard selects on set A. "
              "*kept*: the set-B reward of the LoRA the guard keeps. *share of peak kept*: (end - start) / (peak - start) "
-             "per seed; *guard keeps*: the same share for the LoRA the guard keeps. *lr*: the chosen rate, with how "
+             "per seed, over the seeds whose peak rose more than one evaluation's noise (below) above the start; *guard keeps*: the same share for the LoRA the guard keeps. *lr*: the chosen rate, with how "
              "many of the rates its sweep has tried so far when not all. *to 90%*: images and training CPU seconds until the set-B reward first reaches 90% of the best "
              "variant's final gain.", "",
              "| reward | T | variant | lr | seeds | start -> end (min, max) | kept | share of peak kept (min) | "

@@ -109,3 +109,20 @@ def test_long_run_summary_keeps_the_suite_order_whatever_order_files_merge_in():
     rows = [(x["reward"], x["T"], x["variant"]) for x in long_run.summarize({"runs": runs})]
     assert rows == [("position:left", 20, "rlr"), ("position:left", 20, "ddpo"), ("brightness", 20, "rlr"),
                     ("size:0.4", 20, "ddpo"), ("size:0.4", 20, "truncated_bp"), ("brightness", 50, "rlr paper")]
+
+
+def test_share_of_peak_kept_counts_only_seeds_that_rose_above_one_evaluations_noise():
+    """A seed whose set-B peak is a hair above the start (the DDPO size:0.4 T=50 seed that collapsed) would
+    report "-50 times its peak gain": its share is left out and the page says how many seeds rose."""
+    def run(seed, heldout, wobble=0.01):
+        return {"reward": "size:0.4", "T": 50, "variant": "ddpo", "lr": 3e-3, "seed": seed, "points": [
+            {"step": 25 * i, "samples": 200 * i, "train_cpu_seconds": 100.0 * i, "diversity": 0.3,
+             "heldout_reward": h, "eval_reward": h + (wobble if i % 2 else -wobble)} for i, h in enumerate(heldout)]}
+
+    rose, flat = run(0, [-0.09, -0.05, -0.03, -0.06]), run(1, [-0.09, -0.089, -0.15, -0.26])
+    assert long_run.eval_noise([rose, flat], "size:0.4", 50) > 0.001  # flat's peak gain is within the noise
+    row = long_run.summarize({"runs": [rose, flat]})[0]
+    assert row["seeds_rose"] == 1 and row["share_kept_mean"] == pytest.approx(0.5)  # seed 0: 0.03 of 0.06
+    assert long_run._share(row) == "0.50 (0.50), 1 of 2 seeds rose"
+    row = long_run.summarize({"runs": [{**flat, "seed": 0}]})[0]  # the sweep's choice needs a seed-0 run
+    assert long_run._share(row, "guard_share") == "no seed rose above noise"
