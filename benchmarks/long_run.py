@@ -208,7 +208,8 @@ def summarize(result: dict) -> list[dict]:
             peaks = [max(p["heldout_reward"] for p in r["points"]) for r in mine]
             rose = [pk - start > floor for pk in peaks]
             kept_share = [(e - start) / (pk - start) for e, pk, up in zip(ends, peaks, rose) if up] or [math.nan]
-            guard_share = [(_kept(r) - start) / (pk - start) for r, pk, up in zip(mine, peaks, rose) if up] or [math.nan]
+            guard_share = ([(_kept(r) - start) / (pk - start) for r, pk, up in zip(mine, peaks, rose) if up]
+                           or [math.nan])
             tried = {r["lr"] for r in sweep_runs(runs, reward, T, variant)}
             reach = [next((p for p in r["points"] if p["heldout_reward"] >= level), None) for r in mine]
             out.append({
@@ -317,9 +318,10 @@ def section(r: dict, images: Path, flow: bool = False) -> list[str]:
              f"table below). Evaluations every {cfg['eval_every']} updates. "
              "Rewards are measured on held-out seed set B; the best-LoRA guard selects on set A. "
              "*kept*: the set-B reward of the LoRA the guard keeps. *share of peak kept*: (end - start) / (peak - start) "
-             "per seed, over the seeds whose peak rose more than one evaluation's noise (below) above the start; *guard keeps*: the same share for the LoRA the guard keeps. *lr*: the chosen rate, with how "
-             "many of the rates its sweep has tried so far when not all. *to 90%*: images and training CPU seconds until the set-B reward first reaches 90% of the best "
-             "variant's final gain.", "",
+             "per seed, over the seeds whose peak rose more than one evaluation's noise (below) above the start; "
+             "*guard keeps*: the same share for the LoRA the guard keeps. *lr*: the chosen rate, with how many of the "
+             "rates its sweep has tried so far when not all. *to 90%*: images and training CPU seconds until the "
+             "set-B reward first reaches 90% of the best variant's final gain.", "",
              "| reward | T | variant | lr | seeds | start -> end (min, max) | kept | share of peak kept (min) | "
              "guard keeps (min) | images to 90% | CPU s to 90% | CPU s per run | diversity change |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
