@@ -26,7 +26,8 @@ def quality_section(r: dict, images: Path) -> list[str]:
     hotelling = all("t2_p_value" in x for x in un["rows"])
     bias_text = ("T^2 p is the p-value of Hotelling's two-sample T^2 test of mean = truth against the full-backprop "
                  f"estimates, on a fixed random {_dims(un['rows'])}-dimensional subspace of the LoRA parameters "
-                 "(benchmarks/hotelling.py): uniform on [0, 1] when unbiased, small when biased." if hotelling else
+                 "(benchmarks/hotelling.py): uniform on [0, 1] when unbiased, small when biased; full_bp's own row "
+                 "is the test's null case." if hotelling else
                  "Mean z^2 is the squared bias over its variance averaged over the LoRA parameters: about 1 when "
                  "unbiased. These results predate the switch to Hotelling's T^2: mean z^2 is not calibrated for "
                  "correlated parameters (no threshold on it has a known false-alarm rate); re-run the suite for T^2. "
