@@ -60,7 +60,7 @@ def gradients(stack, fn, kw: dict, seeds: int, first_seed: int = TEST_SEED) -> t
 def unet_quality(num_steps: int, batch: int, seeds: int) -> list[dict]:
     logging.getLogger("rlr_backend.estimators.rlr").setLevel(logging.ERROR)
     stack = build_stack("default", num_steps=num_steps, batch=batch)
-    truth_est, truth_secs = gradients(stack, *UNET_CASES["full_bp"], seeds=4 * seeds, first_seed=TRUTH_SEED)
+    truth_est, _ = gradients(stack, *UNET_CASES["full_bp"], seeds=4 * seeds, first_seed=TRUTH_SEED)
     truth = truth_est.mean(0)
     rows = []
     for name, (fn, kw) in UNET_CASES.items():
